@@ -1,0 +1,25 @@
+"""ddpm: Denoising Diffusion Probabilistic Models in PyTorch.
+
+    import ddpm, torch
+    model = ddpm.UNet(ddpm.ModelConfig(image_size=32, in_channels=1, num_classes=10))
+    schedule = ddpm.NoiseSchedule.from_config(ddpm.DiffusionConfig())
+    loss = ddpm.training_loss(model, schedule, x0, labels)          # x0 in [-1, 1], labels int64
+    images = ddpm.sample(model, schedule, labels=[0, 1, 2], guidance=3.0, sampler="ddim", steps=50)
+"""
+from .checkpoint import from_pretrained, save_pretrained
+from .config import DiffusionConfig, ModelConfig, RunConfig, TrainConfig
+from .diffusion import drop_labels, posterior_mean, predict_eps, predict_x0, q_sample, training_loss, training_losses
+from .ema import EMA
+from .guidance import ClassifierFreeGuidance, make_denoiser
+from .pipeline import sample, save_grid, save_images
+from .samplers import ddim_sample, ddpm_sample
+from .schedule import NoiseSchedule, cosine_betas, linear_betas
+from .unet import UNet
+
+__all__ = [
+    "ClassifierFreeGuidance", "DiffusionConfig", "EMA", "ModelConfig", "NoiseSchedule", "RunConfig", "TrainConfig", "UNet",
+    "cosine_betas", "ddim_sample", "ddpm_sample", "drop_labels", "from_pretrained", "linear_betas", "make_denoiser",
+    "posterior_mean", "predict_eps", "predict_x0", "q_sample", "sample", "save_grid", "save_images", "save_pretrained",
+    "training_loss", "training_losses",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,116 @@
+"""Atomic writes; training checkpoints (resume); save_pretrained / from_pretrained (safetensors + config.json)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import DiffusionConfig, ModelConfig, from_dict, to_dict
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+MODEL_DIR = "model"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model folder cannot be used; the message says what is wrong and what to do."""
+
+
+def save_training_state(run_dir: Path, state: dict, step: int, keep: int = 3) -> Path:
+    """Write checkpoints/step_XXXXXXXX.pt atomically, point `latest` at it, keep the newest `keep` files."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    path = folder / f"step_{step:08d}.pt"
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(Path(run_dir) / LATEST, f"{CHECKPOINT_DIR}/{path.name}\n".encode())
+    for old in sorted(folder.glob("step_*.pt"))[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if pointer.is_file():
+        path = run_dir / pointer.read_text().strip()
+        if path.is_file():
+            return path
+    found = sorted((run_dir / CHECKPOINT_DIR).glob("step_*.pt"))
+    if not found:
+        raise CheckpointError(f"no checkpoint in {run_dir} (expected {CHECKPOINT_DIR}/step_*.pt); start a new run without --resume")
+    return found[-1]
+
+
+def load_training_state(path: Path, map_location="cpu") -> dict:
+    """Load a training checkpoint with `weights_only=True` (no arbitrary pickle)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure here means the file is unusable
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(error).__name__}: {error}); it may be truncated, use an older one") from error
+
+
+def save_pretrained(model: torch.nn.Module, folder: Path, diffusion: DiffusionConfig, extra: dict | None = None) -> None:
+    """Export weights as safetensors and the configs as JSON: all `from_pretrained` needs, no pickle."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write_bytes(folder / WEIGHTS, save(tensors))
+    config = {"model": to_dict(model.config), "diffusion": to_dict(diffusion), **(extra or {})}
+    atomic_write_bytes(folder / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """A run folder (its `model/` export) or a model folder itself."""
+    path = Path(path)
+    if (path / MODEL_DIR / WEIGHTS).is_file() or (path / MODEL_DIR / CONFIG).is_file():
+        return path / MODEL_DIR
+    return path
+
+
+def from_pretrained(path: Path, device: torch.device | str = "cpu"):
+    """Load (UNet in eval mode, NoiseSchedule, config dict) from a model folder or a run folder."""
+    from safetensors.torch import load_file
+
+    from .schedule import NoiseSchedule
+    from .unet import UNet
+
+    folder = resolve_model_dir(Path(path))
+    if not folder.is_dir():
+        raise CheckpointError(f"{path} is not a folder; give a run folder or a folder with {WEIGHTS} and {CONFIG}")
+    if not (folder / CONFIG).is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG}; it is not a ddpm model folder (export one with save_pretrained)")
+    if not (folder / WEIGHTS).is_file():
+        raise CheckpointError(f"{folder} has no {WEIGHTS}; the run has not exported weights yet (it does at each checkpoint)")
+    config = json.loads((folder / CONFIG).read_text())
+    model = UNet(from_dict(ModelConfig, config["model"]))
+    try:
+        model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(f"weights in {folder / WEIGHTS} do not fit the model in {CONFIG}: {error}") from error
+    schedule = NoiseSchedule.from_config(from_dict(DiffusionConfig, config["diffusion"]))
+    return model.to(device).eval(), schedule.to(device), config

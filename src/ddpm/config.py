@@ -1,0 +1,160 @@
+"""Configuration dataclasses, saved as JSON next to every checkpoint and exported model.
+
+A checkpoint (or a `model.safetensors` + `config.json` folder) carries its config, so it alone is enough to
+rebuild the network and the noise schedule for sampling.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field and the fix."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """The UNet's shape. Defaults are the seed: 64x64 RGB, widths 64-128-256-256, bottleneck 512."""
+
+    image_size: int = 64
+    in_channels: int = 3
+    out_channels: int | None = None  # None: same as in_channels (eps has the image's shape)
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 4, 4)
+    bottleneck_mult: int = 8  # bottleneck width = base_channels * bottleneck_mult (512 in the seed)
+    time_embed_dim: int = 256
+    num_heads: int = 4
+    num_classes: int | None = None  # None: unconditional
+    attention: bool = True
+
+    def __post_init__(self) -> None:
+        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        self.validate()
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mults) - 1)
+
+    def validate(self) -> None:
+        _check(len(self.channel_mults) >= 2, "channel_mults needs at least two levels, e.g. (1, 2, 4, 4)")
+        _check(all(m >= 1 for m in self.channel_mults), "channel_mults must be positive integers")
+        f = self.downsample_factor
+        _check(
+            self.image_size >= f and self.image_size % f == 0,
+            f"image_size={self.image_size} must be a positive multiple of {f} "
+            f"(the UNet halves it {len(self.channel_mults) - 1} times); try {max(f, round(self.image_size / f) * f)}",
+        )
+        _check(self.in_channels in (1, 3, 4) or self.in_channels >= 1, "in_channels must be >= 1")
+        _check(self.base_channels >= 1 and self.bottleneck_mult >= 1, "base_channels and bottleneck_mult must be >= 1")
+        _check(self.num_heads >= 1, "num_heads must be >= 1")
+        for m in self.channel_mults + (self.bottleneck_mult,):
+            _check(
+                (self.base_channels * m) % self.num_heads == 0,
+                f"every width (base_channels * mult = {self.base_channels * m}) must divide by num_heads={self.num_heads}",
+            )
+        _check(self.time_embed_dim >= 2 and self.time_embed_dim % 2 == 0, "time_embed_dim must be an even number >= 2")
+        _check(self.num_classes is None or self.num_classes >= 1, "num_classes must be None (unconditional) or >= 1")
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process. Defaults are Ho et al. 2020: linear betas 1e-4..0.02 over T=1000."""
+
+    timesteps: int = 1000
+    beta_schedule: str = "linear"  # "linear" or "cosine" (Nichol & Dhariwal 2021)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self) -> None:
+        _check(self.timesteps >= 2, f"timesteps={self.timesteps} must be >= 2")
+        _check(self.beta_schedule in ("linear", "cosine"), f"beta_schedule must be 'linear' or 'cosine', not {self.beta_schedule!r}")
+        _check(0 < self.beta_start <= self.beta_end < 1, "need 0 < beta_start <= beta_end < 1")
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Build a dataclass from a dict, rejecting unknown keys by name (a typo must not pass silently)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    _check(not unknown, f"unknown {cls.__name__} field(s): {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the seed's (AdamW lr 3e-4, EMA 0.995 after 2000 steps, p_uncond 0.1, w=3)."""
+
+    data: str = "mnist"
+    out_dir: str = "runs/ddpm"
+    conditional: bool = False
+    channels: int | None = None  # None: the dataset's natural count (1 for mnist, 3 otherwise)
+    hflip: bool | None = None  # None: flip image folders, CIFAR-10 and photos; never digits
+    batch_size: int = 12
+    steps: int | None = None  # optimizer steps; or
+    epochs: int | None = None  # passes over the data (used when steps is None)
+    lr: float = 3e-4
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    weight_decay: float = 0.01  # torch.optim.AdamW's default, as the seed
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.995
+    ema_warmup: int = 2000  # the EMA copies the weights for this many steps, then averages
+    p_uncond: float = 0.1  # per-sample label dropout for classifier-free guidance
+    guidance: float = 3.0  # w for the sample grids logged during training
+    seed: int = 0
+    device: str | None = None
+    amp: str = "auto"  # auto | bf16 | fp16 | none
+    num_workers: int = 0
+    log_every: int = 25
+    sample_every: int = 1000  # sample grids to TensorBoard (EMA weights); 0 disables
+    sample_steps: int = 50  # DDIM steps for those grids
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        _check(self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1")
+        _check(self.epochs is None or self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
+        _check(self.lr > 0, f"lr={self.lr} must be > 0")
+        _check(self.warmup_steps >= 0 and self.ema_warmup >= 0, "warm-up steps must be >= 0")
+        _check(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
+        _check(0 <= self.ema_decay < 1, f"ema_decay={self.ema_decay} must be in [0, 1)")
+        _check(0 <= self.p_uncond < 1, f"p_uncond (--guidance-dropout)={self.p_uncond} must be in [0, 1)")
+        _check(self.channels in (None, 1, 3), f"channels={self.channels} must be 1 (grayscale) or 3 (RGB)")
+        _check(self.amp in ("auto", "bf16", "fp16", "none"), f"amp={self.amp!r} must be auto, bf16, fp16 or none")
+        _check(self.log_every >= 1 and self.checkpoint_every >= 1, "log_every and checkpoint_every must be >= 1")
+        _check(self.sample_every >= 0 and self.sample_steps >= 1, "sample_every must be >= 0 and sample_steps >= 1")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        _check(self.num_workers >= 0, "num_workers must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, saved as RUN_DIR/config.json and inside every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        unknown = set(data) - {"model", "diffusion", "train"}
+        _check(not unknown, f"unknown config section(s): {sorted(unknown)}")
+        return cls(
+            from_dict(ModelConfig, data.get("model", {})),
+            from_dict(DiffusionConfig, data.get("diffusion", {})),
+            from_dict(TrainConfig, data.get("train", {})),
+        )

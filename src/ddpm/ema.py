@@ -1,0 +1,43 @@
+"""Exponential moving average of the weights (the seed's EMA: decay 0.995, copy during a warm-up)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Keeps `self.model`, a frozen copy whose parameters follow ema = decay * ema + (1 - decay) * param.
+
+    During the first `warmup_steps` updates the copy simply takes the weights (early weights are noise and
+    averaging them only slows the start). Buffers are copied, not averaged. `state_dict()` holds the averaged
+    weights and the update count, so a resumed run continues the same average.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.995, warmup_steps: int = 0):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+        self.num_updates = 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        ema_params = list(self.model.parameters())
+        params = [p.detach() for p in model.parameters()]
+        if self.num_updates <= self.warmup_steps:
+            torch._foreach_copy_(ema_params, params)
+        else:
+            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)  # ema += (1 - decay) * (p - ema)
+        for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
+            ema_buf.copy_(buf)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.num_updates = int(state["num_updates"])
