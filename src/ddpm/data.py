@@ -19,6 +19,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 BUNDLED = ("mnist", "photos")
+IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + (".gif",)
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 
 
@@ -45,22 +46,27 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def _pil_transform(image_size: int, channels: int, hflip: bool) -> transforms.Compose:
+def _convert_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Any mode (palette, RGBA, 16-bit, grayscale) -> "L" or "RGB"; 16-bit integer images are scaled down first."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert(mode) if image.mode != mode else image
+
+
+def _pil_transform(image_size: int, channels: int) -> transforms.Compose:
+    """Deterministic: random augmentation (flips) happens in the training loop, from its seeded generator."""
     mode = "L" if channels == 1 else "RGB"
-    steps = [
-        # any mode (palette, RGBA, 16-bit, grayscale) -> the model's channel count
-        transforms.Lambda(lambda im: im.convert(mode) if im.mode != mode else im),
+    return transforms.Compose([
+        transforms.Lambda(lambda im: _convert_mode(im, mode)),
         transforms.Resize(image_size, antialias=True),  # shorter side -> image_size, aspect kept
         transforms.CenterCrop(image_size),
-    ]
-    if hflip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Lambda(to_model_range)]
-    return transforms.Compose(steps)
+        transforms.ToTensor(),
+        transforms.Lambda(to_model_range),
+    ])
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 class ImageFiles(Dataset):
@@ -96,9 +102,9 @@ class ImageFiles(Dataset):
             return self.transform(im), label
 
 
-def image_folder(root: Path, image_size: int, channels: int, labelled: bool, hflip: bool = True) -> DataInfo:
+def image_folder(root: Path, image_size: int, channels: int, labelled: bool) -> DataInfo:
     """A folder of images. With `labelled`, each subfolder is a class (sorted names -> 0..K-1)."""
-    transform = _pil_transform(image_size, channels, hflip)
+    transform = _pil_transform(image_size, channels)
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if labelled:
         if not subdirs:
@@ -112,22 +118,34 @@ def image_folder(root: Path, image_size: int, channels: int, labelled: bool, hfl
             files += found
             labels += [k] * len(found)
         if not files:
-            raise DataError(f"no image files ({', '.join(IMG_EXTENSIONS)}) in the class folders of {root}")
+            raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
         return DataInfo(ImageFiles(files, labels, transform), channels, len(subdirs), [d.name for d in subdirs], f"image folder {root} ({len(subdirs)} classes)")
     files = sorted(p for p in root.rglob("*") if _is_image(p))
     if not files:
-        raise DataError(f"no image files ({', '.join(IMG_EXTENSIONS)}) found in {root}")
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {root}")
     return DataInfo(ImageFiles(files, [-1] * len(files), transform), channels, None, None, f"image folder {root}")
 
 
 class _CIFAR10Batches(CIFAR10):
-    """torchvision's CIFAR10 reader for a folder the user names; integrity is checked by presence only, so a
-    re-packed or partial copy (and the small batches the tests build) still loads. Reading it unpickles the
-    batch files: CIFAR-10's python format is pickle by definition, so only point this at data you trust."""
+    """torchvision's CIFAR10 reader for a folder the user names, checking the files' presence instead of their
+    md5 sums (so a re-packed copy, or the small batches the tests build, still loads). Reading it unpickles
+    the batch files: CIFAR-10's python format is pickle by definition, so only point it at data you trust."""
+
+    CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
     def _check_integrity(self) -> bool:
         folder = Path(self.root) / self.base_folder
         return all((folder / name).is_file() for name, _ in self.train_list)
+
+    def _load_meta(self) -> None:
+        import pickle  # noqa: S403 - the CIFAR-10 format itself; see the class docstring
+
+        path = Path(self.root) / self.base_folder / self.meta["filename"]
+        self.classes = list(self.CLASSES)
+        if path.is_file():
+            with open(path, "rb") as f:
+                self.classes = list(pickle.load(f, encoding="latin1")[self.meta["key"]])  # noqa: S301
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
 def _find_cifar(path: Path) -> Path | None:
@@ -139,21 +157,7 @@ def _find_cifar(path: Path) -> Path | None:
     return None
 
 
-class _TransformedTensorImages(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, hflip: bool):
-        self.images, self.labels, self.hflip = images, labels, hflip
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        x = self.images[index]
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, int(self.labels[index])
-
-
-def cifar10(root: Path, image_size: int, channels: int, hflip: bool = True) -> DataInfo:
+def cifar10(root: Path, image_size: int, channels: int) -> DataInfo:
     data = _CIFAR10Batches(str(root), train=True, download=False)
     images = torch.from_numpy(data.data).permute(0, 3, 1, 2).float() / 255  # [N, 3, 32, 32]
     if channels == 1:
@@ -161,7 +165,7 @@ def cifar10(root: Path, image_size: int, channels: int, hflip: bool = True) -> D
     if image_size != 32:
         images = F.interpolate(images, size=image_size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
     return DataInfo(
-        _TransformedTensorImages(to_model_range(images), torch.as_tensor(data.targets), hflip),
+        TensorDataset(to_model_range(images), torch.as_tensor(data.targets, dtype=torch.long)),
         channels, 10, list(data.classes), f"CIFAR-10 train ({len(images)} images) from {root}",
     )
 
@@ -212,12 +216,12 @@ def photos(image_size: int, channels: int = 3, num_crops: int = 2048, seed: int 
     if channels == 1:
         images = images.mean(1, keepdim=True)
     return DataInfo(
-        _TransformedTensorImages(to_model_range(images), torch.full((num_crops,), -1), hflip=True),
+        TensorDataset(to_model_range(images), torch.full((num_crops,), -1, dtype=torch.long)),
         channels, None, None, f"{num_crops} crops of {len(sources)} scikit-image photos",
     )
 
 
-def load_dataset(data: str, image_size: int, channels: int | None = None, conditional: bool = False, hflip: bool | None = None) -> DataInfo:
+def load_dataset(data: str, image_size: int, channels: int | None = None, conditional: bool = False) -> DataInfo:
     """Resolve DATA: a bundled name (mnist, photos), a CIFAR-10 folder, or a folder of images."""
     if data == "mnist":
         info = mnist(image_size, channels or 1)
@@ -231,9 +235,9 @@ def load_dataset(data: str, image_size: int, channels: int | None = None, condit
             raise DataError(f"{data!r} is a file; give a folder of images, a CIFAR-10 folder, or one of {', '.join(BUNDLED)}")
         cifar_root = _find_cifar(path)
         if cifar_root is not None:
-            info = cifar10(cifar_root, image_size, channels or 3, hflip=True if hflip is None else hflip)
+            info = cifar10(cifar_root, image_size, channels or 3)
         else:
-            info = image_folder(path, image_size, channels or 3, labelled=conditional, hflip=True if hflip is None else hflip)
+            info = image_folder(path, image_size, channels or 3, labelled=conditional)
     if conditional and info.num_classes is None:
         raise DataError(f"--conditional needs labels, but {info.description} has none; drop --conditional")
     if not conditional:

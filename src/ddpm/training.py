@@ -46,11 +46,17 @@ class EpochBatches(Sampler[list[int]]):
 def prepare(config: RunConfig) -> tuple[RunConfig, DataInfo]:
     """Load the data and make the model config agree with it (channels, classes)."""
     t = config.train
-    info = load_dataset(t.data, config.model.image_size, t.channels, t.conditional, t.hflip if t.hflip is not None else (False if t.data == "mnist" else None))
+    info = load_dataset(t.data, config.model.image_size, t.channels, t.conditional)
     if len(info.dataset) < t.batch_size:
         raise ConfigError(f"the dataset has {len(info.dataset)} images, fewer than --batch-size {t.batch_size}; lower --batch-size")
     model = dataclasses.replace(config.model, in_channels=info.channels, out_channels=None, num_classes=info.num_classes)
     return dataclasses.replace(config, model=model), info
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2, drawn from the training generator (so resume is exact)."""
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def total_steps(config: RunConfig, dataset_size: int) -> int:
@@ -68,7 +74,7 @@ def _lr_at(step: int, config: RunConfig) -> float:
 
 
 def _rng_state(noise_gen: torch.Generator) -> dict:
-    # torch's global RNG drives the data augmentation (flips); the noise generator drives t, eps and label dropout
+    # the noise generator draws t, eps, label dropout and flips; the global RNG is kept for user transforms
     state = {"torch": torch.get_rng_state(), "noise": noise_gen.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -131,6 +137,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Pat
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = EMA(model, t.ema_decay, t.ema_warmup)
     noise_gen = torch.Generator(device).manual_seed(t.seed + 1)
+    hflip = t.hflip if t.hflip is not None else t.data != "mnist"  # digits are not mirror-symmetric
     steps_per_epoch = len(info.dataset) // t.batch_size
     last_step = total_steps(config, len(info.dataset))
     step = 0
@@ -167,9 +174,12 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Pat
     while step < last_step:
         epoch, skip = divmod(step, steps_per_epoch)
         loader = DataLoader(info.dataset, batch_sampler=EpochBatches(len(info.dataset), t.batch_size, t.seed, epoch, skip),
-                            num_workers=t.num_workers, pin_memory=device.type == "cuda")
+                            num_workers=t.num_workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(t.seed))  # keeps the global RNG untouched
         for x0, labels in loader:
             x0 = x0.to(device, non_blocking=True)
+            if hflip:
+                x0 = random_hflip(x0, noise_gen)
             labels = labels.to(device, non_blocking=True) if config.model.num_classes else None
             lr = _lr_at(step, config)
             for group in optimizer.param_groups:
