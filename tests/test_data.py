@@ -10,13 +10,20 @@ from ddpm.data import DataError, load_dataset, to_uint8
 
 def test_mnist_is_bundled_offline_with_labels():
     info = load_dataset("mnist", 16, conditional=True)
-    assert len(info.dataset) == 5000 and info.channels == 1 and info.num_classes == 10
+    assert len(info.dataset) == 4000 and info.channels == 1 and info.num_classes == 10
     images, labels = info.dataset.tensors
-    assert images.shape == (5000, 1, 16, 16)
+    assert images.shape == (4000, 1, 16, 16)
     assert images.min().item() == pytest.approx(-1.0) and images.max().item() <= 1.0 and images.max().item() > 0.5
-    assert torch.equal(torch.bincount(labels), torch.full((10,), 500))
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 400))
+    held_images, held_labels = load_dataset("mnist", 16, split="holdout").dataset.tensors
+    assert torch.equal(torch.bincount(held_labels), torch.full((10,), 100))
+    # the held-out digits are none of the training digits
+    train_rows = {tuple(r) for r in images.flatten(1).mul(127.5).round().int().tolist()}
+    assert not any(tuple(r) in train_rows for r in held_images.flatten(1).mul(127.5).round().int().tolist())
+    everything = load_dataset("mnist", 16, split="all").dataset.tensors[1]
+    assert len(everything) == 5000
     padded = load_dataset("mnist", 32).dataset.tensors[0]
-    assert padded.shape == (5000, 1, 32, 32)
+    assert padded.shape == (4000, 1, 32, 32)
     assert padded[:, :, :2].max().item() == -1.0  # padding is background, digits keep their scale
 
 

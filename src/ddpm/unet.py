@@ -137,6 +137,14 @@ class UNet(nn.Module):
         self.ups = nn.ModuleList(ups)
         self.up_attns = nn.ModuleList(up_attns)
         self.outc = nn.Conv2d(ch, out_channels, kernel_size=1)
+        self.input_skip = None
+        if config.input_skip:  # see ModelConfig.input_skip: lets eps follow the scale of x_t
+            self.input_skip = nn.Conv2d(config.in_channels, out_channels, kernel_size=1)
+            with torch.no_grad():
+                self.input_skip.bias.zero_()
+                self.input_skip.weight.zero_()
+                if config.in_channels == out_channels:
+                    self.input_skip.weight[:, :, 0, 0] = torch.eye(out_channels)
         self.label_emb = nn.Embedding(config.num_classes + 1, emb) if config.num_classes else None
 
     @property
@@ -161,7 +169,8 @@ class UNet(nn.Module):
         h = self.bottleneck(skips.pop())
         for up, attn in zip(self.ups, self.up_attns):
             h = attn(up(h, skips.pop(), emb))
-        return self.outc(h)
+        out = self.outc(h)
+        return out if self.input_skip is None else out + self.input_skip(x)
 
 
 def attention_resolutions(model: UNet, image_size: int) -> list[int]:

@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine: `make demo` (the quickstart) and `make test`.
+# Each creates the virtual environment in .venv first if it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs/quickstart
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Train the class-conditional MNIST quickstart on the CPU, then draw a 10x8 grid (one row per digit, w=3).
+# Running it again continues the run from its latest checkpoint (and does nothing if it is finished).
+demo: install
+	if [ -f $(RUN)/latest ]; then $(BIN)/ddpm train --resume $(RUN); else $(BIN)/ddpm train --preset quickstart --out $(RUN); fi
+	$(BIN)/ddpm sample $(RUN) --out $(RUN)/samples --per-class 8 --guidance 3 --sampler ddim --sampling-steps 100
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
