@@ -112,6 +112,8 @@ class TrainConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up
     weight_decay: float = 0.01  # torch.optim.AdamW's default, as the seed
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is the global batch they add up to)
+    max_nonfinite_steps: int = 5  # a NaN/inf loss skips the step; this many in a row stops the run
     ema_decay: float = 0.995
     ema_warmup: int = 2000  # the EMA copies the weights for this many steps, then averages
     p_uncond: float = 0.1  # per-sample label dropout for classifier-free guidance
@@ -141,6 +143,8 @@ class TrainConfig:
         _check(self.sample_every >= 0 and self.sample_steps >= 1, "sample_every must be >= 0 and sample_steps >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         _check(self.num_workers >= 0, "num_workers must be >= 0")
+        _check(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1")
+        _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")
 
 
 @dataclass

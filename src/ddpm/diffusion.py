@@ -1,6 +1,7 @@
 """The forward process q(x_t | x_0), the eps <-> x0 conversions and the training objective (Ho et al. 2020)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -62,6 +63,33 @@ def drop_labels(
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 
+@dataclass
+class TrainingDraws:
+    """The random inputs of one training batch: timestep indices, noise, and which labels are dropped.
+
+    Drawn for a whole (global) batch and sliced per rank / micro-batch, so that distributed and accumulated
+    training see exactly the numbers a single process with the same global batch would.
+    """
+
+    t: torch.Tensor  # int64 [N]
+    noise: torch.Tensor  # [N, C, H, W]
+    drop: torch.Tensor  # bool [N]
+
+    def __getitem__(self, index: slice) -> "TrainingDraws":
+        return TrainingDraws(self.t[index], self.noise[index], self.drop[index])
+
+
+def draw_training_inputs(
+    schedule: NoiseSchedule, shape: tuple[int, ...], p_uncond: float = 0.0,
+    generator: torch.Generator | None = None, device: torch.device | str | None = None,
+) -> TrainingDraws:
+    device = device if device is not None else schedule.betas.device
+    t = sample_timesteps(schedule, shape[0], device, generator)
+    noise = torch.randn(shape, device=device, generator=generator)
+    drop = torch.rand(shape[0], device=device, generator=generator) < p_uncond
+    return TrainingDraws(t, noise, drop)
+
+
 def training_losses(
     model: Callable[..., torch.Tensor],
     schedule: NoiseSchedule,
@@ -70,21 +98,25 @@ def training_losses(
     *,
     p_uncond: float = 0.1,
     generator: torch.Generator | None = None,
+    draws: TrainingDraws | None = None,
+    null_class: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample eps-prediction MSE || eps - eps_theta(x_t, t[, y]) ||^2 (Ho et al. 2020, eq. 14) and the t used.
 
-    `model(x_t, t, y)` is the UNet; for a conditional model `labels` are given and dropped to the model's
-    `null_class` per sample with probability `p_uncond`. Returns (loss per sample [N], t [N]).
+    `model(x_t, t, y)` is the UNet; for a conditional model `labels` are given and replaced by its null class
+    (`null_class`, default `model.null_class`) per sample with probability `p_uncond`. The random inputs come
+    from `draws` when given, else are drawn from `generator`. Returns (loss per sample [N], t [N]).
     """
-    n = x0.shape[0]
-    t = sample_timesteps(schedule, n, x0.device, generator)
-    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    x_t = q_sample(schedule, x0, t, noise)
+    if draws is None:
+        draws = draw_training_inputs(schedule, tuple(x0.shape), p_uncond, generator, x0.device)
+    noise = draws.noise.to(x0.dtype)
+    x_t = q_sample(schedule, x0, draws.t, noise)
     if labels is not None:
-        labels = drop_labels(labels, model.null_class, p_uncond, generator)
-    eps = model(x_t, t, labels)
+        null = model.null_class if null_class is None else null_class
+        labels = torch.where(draws.drop, torch.full_like(labels, null), labels)
+    eps = model(x_t, draws.t, labels)
     per_sample = F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
-    return per_sample, t
+    return per_sample, draws.t
 
 
 def training_loss(model, schedule, x0, labels=None, *, p_uncond: float = 0.1, generator=None) -> torch.Tensor:
