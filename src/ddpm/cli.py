@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .config import DiffusionConfig, ModelConfig, RunConfig, TrainConfig
+from .evaluation import add_eval_parser
 from .presets import PRESETS
 
 # flag -> (config section, field); every one defaults to None so that presets and dataclass defaults apply
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--n", type=int, help="number of images (unconditional models; default 16)")
     sa.add_argument("--labels", type=_ints, help="class labels to draw, e.g. 0,1,2 (conditional models)")
     sa.add_argument("--per-class", type=int, help="K images of every class, one grid row per class (conditional default: 8)")
-    sa.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance w: 0 = unconditional, 1 = conditional, >1 = guided")
+    sa.add_argument("--guidance", type=float, help="classifier-free guidance w: 0 = unconditional, 1 = conditional, >1 = guided (default 3)")
     sa.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm: all T ancestral steps; ddim: --sampling-steps steps")
     sa.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
     sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--process", action="store_true", help="also write the denoising process as process.png and process.gif")
     sa.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     sa.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_eval_parser(sub)
     return parser
 
 
@@ -109,12 +111,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     if args.resume:
+        fixed = [flag for flag in TRAIN_FLAGS if flag not in ("steps", "epochs") and getattr(args, flag, None) is not None]
+        if args.data or args.preset or fixed:
+            given = ([args.data] if args.data else []) + (["--preset"] if args.preset else []) + ["--" + f.replace("_", "-") for f in fixed]
+            raise ValueError(f"--resume continues a run with its saved config; {', '.join(given)} cannot change it "
+                             "(only --steps/--epochs can extend it): start a new run with another --out instead")
         extend = TrainConfig(out_dir=args.resume, steps=args.steps, epochs=args.epochs)
-        run_dir = train(RunConfig(train=extend), resume=True, progress=not args.quiet)
+        run_dir = train(RunConfig(train=extend), resume=True, progress=not args.quiet).run_dir
     else:
         if not args.data and not (args.preset and "data" in PRESETS[args.preset]["train"]):
             raise ValueError("give DATA (an image folder, a CIFAR-10 folder, mnist or photos), a --preset with data, or --resume RUN_DIR")
-        run_dir = train(train_config_from_args(args), progress=not args.quiet)
+        run_dir = train(train_config_from_args(args), progress=not args.quiet).run_dir
     print(f"run folder: {run_dir}  (TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'})")
     print(f"sample it:  ddpm sample {run_dir} --out {run_dir / 'samples'}")
     return 0
@@ -139,7 +146,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if num_classes is None:
         if args.labels is not None or args.per_class is not None:
             raise ValueError("this model is unconditional: it takes --n, not --labels or --per-class")
-        if args.guidance != 3.0:
+        if args.guidance is not None:
             raise ValueError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance)")
         labels, n = None, 16 if args.n is None else args.n
         nrow = max(1, min(8, n))
@@ -162,6 +169,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         n = len(labels)
     if n < 1:
         raise ValueError(f"nothing to sample: --n must be >= 1, got {n}")
+    guidance = 3.0 if args.guidance is None else args.guidance
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
 
@@ -180,7 +188,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         batch_labels = labels[b : b + args.batch_size] if labels is not None else None
         count = len(batch_labels) if batch_labels is not None else min(args.batch_size, n - b)
         images.append(sample(model, schedule, None if batch_labels is not None else count, labels=batch_labels,
-                             guidance=args.guidance, sampler=args.sampler, steps=args.sampling_steps, eta=args.eta,
+                             guidance=guidance, sampler=args.sampler, steps=args.sampling_steps, eta=args.eta,
                              clip_x0=args.clip_x0, generator=generator, callback=record if b == 0 else None,
                              progress=not args.quiet))
     images = torch.cat(images)
@@ -189,7 +197,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     upscale = max(1, 64 // model.config.image_size)
     grid = save_grid(images, out / "grid.png", nrow=nrow, upscale=upscale)
     print(f"{len(paths)} images ({args.sampler}, {steps_total} steps"
-          + (f", guidance w={args.guidance}" if labels is not None else "") + f") in {elapsed:.1f}s on {device}")
+          + (f", guidance w={guidance}" if labels is not None else "") + f") in {elapsed:.1f}s on {device}")
     if args.process and frames:
         strip = torch.stack(frames, 1).flatten(0, 1)  # rows: images, columns: steps
         save_grid(strip, out / "process.png", nrow=len(frames), upscale=upscale)
@@ -208,13 +216,23 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .training import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     try:
-        return cmd_train(args) if args.command == "train" else cmd_sample(args)
+        from .evaluation import run_eval
+
+        return {"train": cmd_train, "sample": cmd_sample, "eval": run_eval}[args.command](args)
     except (ConfigError, DataError, CheckpointError, ValueError) as error:
         print(f"ddpm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"ddpm {args.command}: stopped: {error}", file=sys.stderr)
+        return 3
+    except OSError as error:  # disk full, permissions: earlier checkpoints are intact (writes are atomic)
+        print(f"ddpm {args.command}: error: cannot write {error.filename or ''}: {error.strerror or error}; "
+              "files written before are intact (free space or fix permissions, then --resume)", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print(f"ddpm {args.command}: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
         return 130

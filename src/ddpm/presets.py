@@ -5,9 +5,9 @@ PRESETS: dict[str, dict] = {
     # The quickstart: class-conditional digits on a laptop CPU in about a quarter of an hour (see README).
     "quickstart": {
         "model": {"image_size": 16, "base_channels": 32, "channel_mults": (1, 2, 2), "bottleneck_mult": 4},
-        "train": {"data": "mnist", "conditional": True, "batch_size": 64, "steps": 2400, "lr": 2e-3,
-                  "warmup_steps": 100, "ema_decay": 0.995, "ema_warmup": 100, "sample_every": 600,
-                  "sample_steps": 25, "checkpoint_every": 300},
+        "train": {"data": "mnist", "conditional": True, "batch_size": 64, "steps": 1500, "lr": 2e-3,
+                  "warmup_steps": 100, "ema_decay": 0.995, "ema_warmup": 100, "sample_every": 500,
+                  "sample_steps": 25, "checkpoint_every": 250},
     },
     # The seed's unconditional run: 64x64 RGB on a folder of landscape photos (give the folder as DATA).
     "landscape64": {

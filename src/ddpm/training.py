@@ -31,6 +31,14 @@ from .schedule import NoiseSchedule
 from .unet import UNet
 
 
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    model: torch.nn.Module  # the trained (raw) weights of this process
+    ema_model: torch.nn.Module | None  # rank 0 only
+    step: int
+
+
 class TrainingDiverged(RuntimeError):
     """The loss stayed NaN/inf; the message names the last good checkpoint."""
 
@@ -173,8 +181,8 @@ class _Logger:
         return {"loss": f"{loss:.4f}", "img_s": f"{ips:.0f}"}
 
 
-def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or, with `resume`, continue) the run in `config.train.out_dir`; returns the run folder.
+def train(config: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or, with `resume`, continue) the run in `config.train.out_dir`.
 
     Under `torchrun` (WORLD_SIZE > 1) it runs DistributedDataParallel: nccl on GPUs, gloo on CPUs; rank 0
     alone keeps the EMA, logs, draws grids and writes checkpoints; every rank resumes from the same file.
@@ -345,4 +353,4 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Pat
               f"parameters; EMA weights in {run_dir / ckpt.MODEL_DIR}")
     if ctx.enabled:
         dist.destroy_process_group()
-    return run_dir
+    return TrainResult(run_dir, model, ema.model if ema is not None else None, step)

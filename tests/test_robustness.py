@@ -1,0 +1,221 @@
+"""Distributed equivalence, crash safety, and bad input: each with a clear error and nothing lost."""
+import errno
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm import RunConfig, TrainConfig, ModelConfig
+from ddpm.checkpoint import CheckpointError, from_pretrained, latest_checkpoint, load_training_state
+from ddpm.cli import main
+from ddpm.training import TrainingDiverged, train
+
+TINY_MODEL = dict(image_size=8, base_channels=8, channel_mults=(1, 2), bottleneck_mult=2, time_embed_dim=16)
+TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--bottleneck-mult", "2",
+        "--batch-size", "8", "--sample-every", "0", "--quiet"]
+
+
+def tiny_run(out, **train):
+    base = dict(data="mnist", conditional=True, out_dir=str(out), batch_size=8, steps=3, sample_every=0, lr=1e-3, ema_warmup=0)
+    base.update(train)
+    return RunConfig(model=ModelConfig(**TINY_MODEL), train=TrainConfig(**base))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = train(tiny_run(out, device="cpu"), progress=False)
+    torch.save(result.model.state_dict(), Path(result_dir) / f"rank{rank}.pt")
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # DDP keeps the ranks identical
+    single = train(tiny_run(tmp_path / "single", device="cpu"), progress=False).model.state_dict()
+    for k in single:
+        torch.testing.assert_close(rank0[k], single[k], atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "ddp" / "latest").is_file()  # rank 0 wrote the checkpoint
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    one = train(tiny_run(tmp_path / "a"), progress=False).model.state_dict()
+    accumulated = train(tiny_run(tmp_path / "b", grad_accum=4), progress=False).model.state_dict()
+    for k in one:
+        torch.testing.assert_close(accumulated[k], one[k], atol=1e-5, rtol=1e-4)
+
+
+def test_torchrun_launch(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "ddpm", "train", "mnist", "--conditional", "--out", str(out), "--steps", "2", "--device", "cpu", *TINY]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_training_state(latest_checkpoint(out))["step"] == 2
+
+
+def test_kill_minus_9_always_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path):
+    run = tmp_path / "run"
+    steps = 40
+    cmd = [sys.executable, "-m", "ddpm", "train", "mnist", "--conditional", "--out", str(run), "--steps", str(steps),
+           "--checkpoint-every", "1", *TINY]
+    rng = random.Random(0)
+    for attempt in range(3):
+        proc = subprocess.Popen(cmd if attempt == 0 else [sys.executable, "-m", "ddpm", "train", "--resume", str(run), "--quiet"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (run / "latest").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.2, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = load_training_state(latest_checkpoint(run))  # always loadable
+        assert 1 <= state["step"] <= steps
+        assert not list(run.rglob("*.tmp")) or all(p.name.startswith(".") for p in run.rglob("*.tmp"))
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    straight = tmp_path / "straight"
+    assert main(["train", "mnist", "--conditional", "--out", str(straight), "--steps", str(steps), "--checkpoint-every", "1", *TINY]) == 0
+    a, b = load_training_state(latest_checkpoint(run)), load_training_state(latest_checkpoint(straight))
+    assert a["step"] == b["step"] == steps
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])  # bit-identical on CPU
+    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in b["ema"]["model"])
+
+
+def test_a_failing_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "2", *TINY]) == 0
+    before = latest_checkpoint(run)
+    before_bytes = before.read_bytes()
+    real_fsync = os.fsync
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    assert main(["train", "--resume", str(run), "--steps", "4", "--quiet"]) == 4
+    assert "No space left" in capsys.readouterr().err
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert latest_checkpoint(run) == before and before.read_bytes() == before_bytes
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]  # no half-written leftovers
+    assert main(["train", "--resume", str(run), "--steps", "4", "--quiet"]) == 0
+
+
+def test_nan_loss_skips_then_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import ddpm.training as training
+
+    real = training.training_losses
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        per_sample, t = real(*args, **kwargs)
+        if calls["n"] == 3 or calls["n"] >= 6:
+            per_sample = per_sample * float("nan")
+        return per_sample, t
+
+    monkeypatch.setattr(training, "training_losses", sometimes_nan)
+    with pytest.warns(UserWarning, match="non-finite"):
+        with pytest.raises(TrainingDiverged, match="last good checkpoint is step 5"):
+            train(tiny_run(tmp_path / "run", steps=50, checkpoint_every=1, max_nonfinite_steps=3), progress=False)
+    state = load_training_state(latest_checkpoint(tmp_path / "run"))
+    assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "4", "--checkpoint-every", "2", *TINY]) == 0
+    newest = latest_checkpoint(run)
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_training_state(newest)
+    with pytest.warns(UserWarning, match="older checkpoint"):
+        assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert load_training_state(latest_checkpoint(run))["step"] == 4
+
+
+def err(capsys):
+    return capsys.readouterr().err
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", str(empty), "--out", str(tmp_path / "r1"), "--steps", "1", *TINY]) == 2
+    assert "no image files" in err(capsys)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "readme.txt").write_text("hello")
+    assert main(["train", str(junk), "--out", str(tmp_path / "r2"), "--steps", "1", *TINY]) == 2
+    assert "no image files" in err(capsys)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((9, 9, 3), i * 30, np.uint8)).save(flat / f"{i}.png")
+    assert main(["train", str(flat), "--conditional", "--out", str(tmp_path / "r3"), "--steps", "1", *TINY]) == 2
+    assert "subfolder per class" in err(capsys)
+    assert main(["train", "mnist", "--out", str(tmp_path / "r4"), "--image-size", "20", "--steps", "1", "--quiet"]) == 2
+    assert "multiple of 8" in err(capsys)
+    assert main(["train", "mnist", "--out", str(tmp_path / "r5"), "--lr", "-1", "--steps", "1", "--quiet"]) == 2
+    assert "lr" in err(capsys)
+    assert main(["train", "mnist", "--out", str(tmp_path / "r5"), "--guidance-dropout", "1.5", "--steps", "1", "--quiet"]) == 2
+    assert "guidance-dropout" in err(capsys)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["train", "mnist", "--out", str(afile), "--steps", "1", *TINY]) == 2
+    assert "is a file" in err(capsys)
+    assert afile.read_text() == "x"
+    # a class folder with a single image is fine
+    classes = tmp_path / "classes"
+    for name, count in (("a", 7), ("b", 1)):
+        (classes / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((9, 9), i * 30, np.uint8)).save(classes / name / f"{i}.png")
+    assert main(["train", str(classes), "--conditional", "--out", str(tmp_path / "r6"), "--steps", "1", *TINY]) == 0
+
+
+def test_bad_sampling_and_model_inputs(tmp_path, capsys):
+    cond, uncond = tmp_path / "cond", tmp_path / "uncond"
+    assert main(["train", "mnist", "--conditional", "--out", str(cond), "--steps", "1", *TINY]) == 0
+    assert main(["train", "mnist", "--out", str(uncond), "--steps", "1", *TINY]) == 0
+    out = str(tmp_path / "s")
+    assert main(["sample", str(cond), "--out", out, "--labels", "3,10", "--quiet"]) == 2
+    assert "out of range" in err(capsys)
+    assert main(["sample", str(cond), "--out", out, "--labels=-1", "--quiet"]) == 2
+    assert "out of range" in err(capsys)
+    assert main(["sample", str(uncond), "--out", out, "--labels", "1", "--quiet"]) == 2
+    assert "unconditional" in err(capsys)
+    assert main(["sample", str(uncond), "--out", out, "--guidance", "2", "--quiet"]) == 2
+    assert "unconditional" in err(capsys)
+    assert main(["sample", str(uncond), "--out", out, "--n", "0", "--quiet"]) == 2
+    assert "--n" in err(capsys)
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert main(["sample", str(uncond), "--out", str(afile), "--quiet"]) == 2
+    assert "is a file" in err(capsys) and afile.read_text() == "keep me"
+    # a model folder without config.json, and weights that do not fit the config
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((uncond / "model" / "model.safetensors").read_bytes())
+    assert main(["sample", str(bare), "--out", out, "--quiet"]) == 2
+    assert "no config.json" in err(capsys)
+    config = (uncond / "model" / "config.json").read_text()
+    (uncond / "model" / "config.json").write_text(config.replace('"base_channels": 8', '"base_channels": 16'))
+    assert main(["sample", str(uncond), "--out", out, "--quiet"]) == 2
+    assert "do not fit" in err(capsys)
+    assert main(["train", "--resume", str(cond), "--image-size", "16", "--quiet"]) == 2
+    assert "--image-size" in err(capsys)
