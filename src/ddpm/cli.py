@@ -131,7 +131,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from . import checkpoint as ckpt
-    from .devices import pick_device
+    from .devices import configure_for_speed, pick_device
     from .pipeline import sample, save_grid, save_images
 
     out = Path(args.out)
@@ -142,6 +142,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not args.ema:
         state = ckpt.load_training_state(ckpt.latest_checkpoint(Path(args.model)))
         model.load_state_dict(state["model"])
+    model, _ = configure_for_speed(model)
     num_classes = model.config.num_classes
     if num_classes is None:
         if args.labels is not None or args.per_class is not None:

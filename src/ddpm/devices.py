@@ -36,3 +36,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_for_speed(model: torch.nn.Module, x: torch.Tensor | None = None):
+    """channels_last weights (and input): oneDNN's convolutions, above all their backward pass, run several
+    times faster in that layout on CPUs, and cuDNN's do under bf16 on GPUs. Results are unchanged (tested)."""
+    model = model.to(memory_format=torch.channels_last)
+    return model, (x.contiguous(memory_format=torch.channels_last) if x is not None else None)

@@ -1,0 +1,263 @@
+"""Speed and memory of ddpm against its peers, printed as tables (results go in benchmarks/RESULTS.md).
+
+    python benchmarks/bench.py train   [--rounds 5] [--batch 8] [--threads 2] [--compile]
+    python benchmarks/bench.py sample  [--rounds 5] [--batch 16]
+    python benchmarks/bench.py memory
+    python benchmarks/bench.py all
+
+Peers (`pip install -r benchmarks/requirements.txt`, done by `make bench`) are measured in the same process,
+interleaved round by round (A, B, C, A, B, C, ...) because this machine is noisy; tables report medians and
+ratios. FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on the same step that is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpm import DiffusionConfig, ModelConfig, NoiseSchedule, UNet, ddim_sample, ddpm_sample, make_denoiser
+from ddpm.diffusion import training_losses
+from ddpm.devices import configure_for_speed
+from ddpm.training import make_optimizer
+
+
+def seed_model(**overrides) -> UNet:
+    torch.manual_seed(0)
+    return UNet(ModelConfig(**overrides))
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+def ours_train_step(batch: int, fast: bool, compile_model: bool = False) -> tuple[Callable[[], None], torch.nn.Module]:
+    """One training step of the seed model as `ddpm train` runs it (fast=True) or on the plain NCHW path."""
+    model = seed_model()
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    x0 = torch.rand(batch, 3, 64, 64) * 2 - 1
+    if fast:
+        model, x0 = configure_for_speed(model, x0)
+    optimizer = make_optimizer(model, lr=3e-4, weight_decay=0.01, device=torch.device("cpu"))
+    net = torch.compile(model) if compile_model else model
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        loss = training_losses(net, schedule, x0, generator=generator, null_class=None)[0].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step, model
+
+
+def peer_train_step(model: torch.nn.Module, forward: Callable, batch: int) -> Callable[[], None]:
+    """The same eps-MSE step for a peer network (plain AdamW, as their training scripts use)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    x = torch.rand(batch, 3, 64, 64) * 2 - 1
+    t = torch.randint(0, 1000, (batch,))
+
+    def step():
+        noise = torch.randn_like(x)
+        loss = F.mse_loss(forward(x + noise, t), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def lucidrains_unet():
+    from denoising_diffusion_pytorch import Unet
+
+    torch.manual_seed(0)
+    model = Unet(dim=64)
+    return model, lambda x, t: model(x, t.float())
+
+
+def diffusers_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = UNet2DModel(
+        sample_size=64, in_channels=3, out_channels=3, block_out_channels=(64, 128, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )
+    return model, lambda x, t: model(x, t).sample
+
+
+def count_flops(step: Callable[[], None]) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def time_steps(step: Callable[[], None], repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - start) / repeats
+
+
+def interleaved(candidates: dict[str, Callable[[], None]], rounds: int, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    for step in candidates.values():
+        for _ in range(warmup):
+            step()
+    seconds = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, step in candidates.items():
+            seconds[name].append(time_steps(step, repeats))
+    return seconds
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    print(line(headers))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(line(row))
+
+
+def bench_train(args) -> None:
+    b = args.batch
+    candidates: dict[str, Callable[[], None]] = {}
+    flops: dict[str, float] = {}
+    params: dict[str, int] = {}
+    builders = [
+        ("ddpm (ours, as `ddpm train` runs)", lambda: ours_train_step(b, fast=True)),
+        ("ddpm, plain NCHW path", lambda: ours_train_step(b, fast=False)),
+    ]
+    if args.compile:
+        builders.append(("ddpm + torch.compile", lambda: ours_train_step(b, fast=True, compile_model=True)))
+    for name, build in builders:
+        step, model = build()
+        candidates[name], params[name] = step, sum(p.numel() for p in model.parameters())
+    for name, build in (("lucidrains Unet(dim=64)", lucidrains_unet), ("diffusers UNet2DModel 64-128-256-256", diffusers_unet)):
+        try:
+            model, forward = build()
+        except ImportError as error:
+            print(f"skipping {name}: {error} (pip install -r benchmarks/requirements.txt)")
+            continue
+        candidates[name], params[name] = peer_train_step(model, forward, b), sum(p.numel() for p in model.parameters())
+    if args.compile:
+        start = time.perf_counter()
+        candidates["ddpm + torch.compile"]()
+        print(f"torch.compile: first call {time.perf_counter() - start:.0f} s")
+    for name, step in candidates.items():
+        flops[name] = count_flops(step)
+    seconds = interleaved(candidates, args.rounds, args.repeats)
+    ours = statistics.median(seconds[next(iter(candidates))])
+    rows = []
+    for name, times in seconds.items():
+        med = statistics.median(times)
+        rows.append([name, f"{params[name] / 1e6:.1f}M", f"{flops[name] / b / 1e9:.1f}", f"{b / med:.2f}",
+                     f"{flops[name] / med / 1e9:.0f}", f"{med / ours:.2f}x", f"{min(times):.2f}-{max(times):.2f}"])
+    print(f"\nTraining step, 64x64 RGB, batch {b}, fp32, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds x {args.repeats} steps")
+    print_table(["model", "params", "GFLOP/img", "images/s", "GFLOP/s", "ours faster by", "s/step range"], rows)
+
+
+# --------------------------------------------------------------------------------------------------- sample
+
+def bench_sample(args) -> None:
+    n = args.batch
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    plain = seed_model().eval()
+    fast, _ = configure_for_speed(seed_model().eval(), None)
+    cond, _ = configure_for_speed(seed_model(num_classes=10).eval(), None)
+    x = torch.randn(n, 3, 64, 64)
+    t = torch.full((n,), 500)
+    labels = torch.arange(n) % 10
+    two_pass = make_denoiser(cond, labels, 3.0, batched=False)
+    one_batch = make_denoiser(cond, labels, 3.0, batched=True)
+
+    def inference(fn):
+        def run():
+            with torch.inference_mode():
+                fn(x, t)
+        return run
+
+    candidates = {
+        "unguided step, ours": inference(lambda x, t: fast(x, t)),
+        "unguided step, plain NCHW": inference(lambda x, t: plain(x, t)),
+        "guided step (w=3), two passes of N": inference(two_pass),
+        "guided step (w=3), one pass of 2N": inference(one_batch),
+    }
+    seconds = interleaved(candidates, args.rounds, 1, warmup=1)
+    unguided = statistics.median(seconds["unguided step, ours"])
+    rows = [[name, f"{statistics.median(s):.3f}", f"{statistics.median(s) / unguided:.2f}x"] for name, s in seconds.items()]
+    print(f"\nOne denoising step, seed model 64x64 RGB, batch N={n}, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
+    print_table(["step", "seconds", "vs unguided"], rows)
+
+    # End to end, DDIM 50 vs DDPM 1000 on the same batch; on the quickstart-size model so that DDPM's
+    # 1000 steps take seconds, not half an hour (overheads weigh more on a small model: a strict test).
+    small, _ = configure_for_speed(seed_model(image_size=16, in_channels=1, base_channels=32, channel_mults=(1, 2, 2), bottleneck_mult=4).eval(), None)
+    den = lambda x, t: small(x, t)
+    shape = (n, 1, 16, 16)
+    start = time.perf_counter()
+    ddpm_sample(den, schedule, shape, generator=torch.Generator().manual_seed(0))
+    ddpm_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ddim_sample(den, schedule, shape, steps=50, generator=torch.Generator().manual_seed(0))
+    ddim_s = time.perf_counter() - start
+    print(f"\nEnd to end, quickstart-size model (16x16, 1.46M params), batch {n}")
+    print_table(["sampler", "seconds", "speed-up"], [["DDPM, 1000 steps", f"{ddpm_s:.2f}", "1.0x"], ["DDIM, 50 steps", f"{ddim_s:.2f}", f"{ddpm_s / ddim_s:.1f}x"]])
+
+
+# --------------------------------------------------------------------------------------------------- memory
+
+def _rss_child(kind: str, batch: int) -> None:
+    """Runs in a fresh process: one training step or one sampling step, then prints the peak RSS in MiB."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    if kind == "train":
+        step, _ = ours_train_step(batch, fast=True)
+        step()
+    else:
+        model, _ = configure_for_speed(seed_model().eval(), None)
+        with torch.inference_mode():
+            model(torch.randn(batch, 3, 64, 64), torch.full((batch,), 500))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def bench_memory(args) -> None:
+    rows = []
+    for kind, batches in (("train", (4, 8, 16)), ("sample", (16, 32, 64))):
+        for batch in batches:
+            out = subprocess.run([sys.executable, __file__, "_rss", kind, str(batch)], capture_output=True, text=True, check=True)
+            rows.append([f"{kind} step", str(batch), f"{float(out.stdout.strip().splitlines()[-1]):.0f}"])
+    print("\nPeak RSS of one step of the seed model (64x64 RGB, fresh process each; includes ~0.4 GiB of torch itself)")
+    print_table(["what", "batch", "peak RSS MiB"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("train", "sample", "memory", "all", "_rss"))
+    parser.add_argument("rest", nargs="*")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2, help="training steps timed per round")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (first call takes about a minute)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.what == "_rss":
+        return _rss_child(args.rest[0], int(args.rest[1]))
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, {args.threads} threads")
+    if args.what in ("train", "all"):
+        bench_train(argparse.Namespace(**{**vars(args), "batch": args.batch or 8}))
+    if args.what in ("sample", "all"):
+        bench_sample(argparse.Namespace(**{**vars(args), "batch": args.batch or 16}))
+    if args.what in ("memory", "all"):
+        bench_memory(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+import torch
+
+from ddpm import UNet
+from ddpm.devices import configure_for_speed
+from ddpm.training import EpochBatches, make_optimizer, random_hflip
+
+
+def test_fused_adamw_matches_the_reference_adamw(tiny_config):
+    torch.manual_seed(0)
+    a = UNet(tiny_config())
+    b = UNet(tiny_config())
+    b.load_state_dict(a.state_dict())
+    fast = make_optimizer(a, 1e-2, 0.01, torch.device("cpu"))
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.01, foreach=False)
+    for step in range(3):
+        for model in (a, b):
+            for i, p in enumerate(model.parameters()):
+                p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32).view_as(p) + step + i)
+        fast.step()
+        plain.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+
+
+def test_epoch_batches_are_deterministic_and_split_across_ranks():
+    full = list(EpochBatches(40, 8, seed=3, epoch=2))
+    assert len(full) == 5 and full == list(EpochBatches(40, 8, seed=3, epoch=2))
+    assert sorted(i for b in full for i in b) == list(range(40))  # a permutation, drop_last exact here
+    assert full != list(EpochBatches(40, 8, seed=3, epoch=3))
+    ranks = [list(EpochBatches(40, 8, seed=3, epoch=2, rank=r, world_size=2)) for r in range(2)]
+    assert all(r0 + r1 == f for r0, r1, f in zip(ranks[0], ranks[1], full))  # rank shares tile each global batch
+    assert list(EpochBatches(40, 8, seed=3, epoch=2, skip=3)) == full[3:]  # resume mid-epoch
+
+
+def test_random_hflip_mirrors_exactly_the_flagged_images():
+    x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)
+    out = random_hflip(x, torch.tensor([True, False]))
+    assert torch.equal(out[0], x[0].flip(-1)) and torch.equal(out[1], x[1])
+
+
+def test_training_step_in_channels_last_matches_the_plain_layout(tiny_config):
+    torch.manual_seed(1)
+    plain = UNet(tiny_config(image_size=16, channel_mults=(1, 2, 2)))
+    fast = UNet(tiny_config(image_size=16, channel_mults=(1, 2, 2)))
+    fast.load_state_dict(plain.state_dict())
+    fast, _ = configure_for_speed(fast)
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([1, 400, 999])
+    for model in (plain, fast):
+        model(x.contiguous(memory_format=torch.channels_last) if model is fast else x, t).square().mean().backward()
+    for a, b in zip(plain.parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4)
