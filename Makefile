@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,metrics]'
 	touch $@
 
 # Train the class-conditional MNIST quickstart on the CPU, then draw a 10x8 grid (one row per digit, w=3).
@@ -24,6 +24,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Speed and memory against the peers (installs them into .venv only for this); see benchmarks/RESULTS.md.
+bench: install
+	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
+	$(BIN)/python benchmarks/bench.py all
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -100,3 +100,24 @@ def test_cifar10_python_batches_load(tmp_path):
         # the batch rows are CHW planes: pixel (c=0, y=0, x=1) is element 1 of the row
         assert to_uint8(images[-4:])[0, 0, 0, 1].item() == last["data"][0, 1]
     assert load_dataset(str(tmp_path), 16).dataset.tensors[0].shape == (20, 3, 16, 16)
+
+
+def test_holdout_splits(tmp_path):
+    folder, _ = write_fake_cifar(tmp_path)
+    with pytest.raises(DataError, match="no test_batch"):
+        load_dataset(str(tmp_path), 32, split="holdout")
+    rng = np.random.default_rng(1)
+    test = {"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), "labels": [7, 8, 9]}
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(test, f)
+    held = load_dataset(str(tmp_path), 32, conditional=True, split="holdout")
+    images, labels = held.dataset.tensors
+    assert labels.tolist() == [7, 8, 9] and "test_batch" in held.description
+    assert to_uint8(images)[2, 1, 0, 0].item() == test["data"][2, 1024]  # channel 1 starts at element 32*32
+    assert len(load_dataset(str(tmp_path), 32, split="train").dataset) == 20
+    assert len(load_dataset(str(tmp_path), 32, split="all").dataset) == 23
+    # sets that keep nothing out of training say so instead of handing back the training images
+    write_mixed_folder(tmp_path / "folder")
+    for data in ("photos", str(tmp_path / "folder")):
+        with pytest.raises(DataError, match="no held-out split"):
+            load_dataset(data, 16, split="holdout")

