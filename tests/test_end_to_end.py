@@ -21,12 +21,14 @@ def weights(run_dir):
 def test_cli_flags_reach_the_config():
     args = build_parser().parse_args(["train", "photos", "--out", "r", "--preset", "quickstart", "--lr", "0.01",
                                       "--guidance-dropout", "0.2", "--channel-mults", "1,2,4", "--ema-decay", "0.9",
-                                      "--image-size", "24", "--no-conditional", "--steps", "7", "--seed", "3"])
+                                      "--image-size", "24", "--no-conditional", "--steps", "7", "--seed", "3",
+                                      "--grad-accum", "2", "--val-every", "0"])
     config = train_config_from_args(args)
     assert config.train.data == "photos" and config.train.out_dir == "r"
     assert config.train.lr == 0.01 and config.train.p_uncond == 0.2 and config.train.ema_decay == 0.9
     assert config.model.channel_mults == (1, 2, 4) and config.model.image_size == 24
     assert config.train.conditional is False and config.train.steps == 7 and config.train.seed == 3
+    assert config.train.grad_accum == 2 and config.train.val_every == 0
     assert config.train.batch_size == 64  # from the preset, not overridden
     assert config.model.base_channels == 32
 

@@ -22,6 +22,7 @@ TRAIN_FLAGS = {
     "ema_warmup": ("train", "ema_warmup"), "guidance_dropout": ("train", "p_uncond"), "guidance": ("train", "guidance"),
     "seed": ("train", "seed"), "device": ("train", "device"), "amp": ("train", "amp"), "num_workers": ("train", "num_workers"),
     "sample_every": ("train", "sample_every"), "checkpoint_every": ("train", "checkpoint_every"), "hflip": ("train", "hflip"),
+    "grad_accum": ("train", "grad_accum"), "val_every": ("train", "val_every"),
 }
 
 
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--num-workers", type=int, help="data loading processes (default 0)")
     tr.add_argument("--sample-every", type=int, help="log a sample grid to TensorBoard every N steps, 0 = never (default 1000)")
     tr.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 500)")
+    tr.add_argument("--grad-accum", type=int, help="micro-batches per step; --batch-size stays the global batch (default 1)")
+    tr.add_argument("--val-every", type=int, help="held-out validation loss every N steps, 0 = never (default 250)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sa = sub.add_parser("sample", help="draw images from a trained model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

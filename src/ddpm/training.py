@@ -226,7 +226,9 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = UNet(config.model).to(device)
     schedule = NoiseSchedule.from_config(config.diffusion).to(device)
-    model, _ = configure_for_speed(model)
+    channels_last = device.type == "cuda"  # measured: a win for cuDNN, none for CPU training (benchmarks/RESULTS.md)
+    if channels_last:
+        model, _ = configure_for_speed(model)
     optimizer = make_optimizer(model, t.lr, t.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = EMA(model, t.ema_decay, t.ema_warmup) if ctx.is_main else None
@@ -294,7 +296,9 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
             loader = DataLoader(info.dataset, batch_sampler=sampler, num_workers=t.num_workers, pin_memory=device.type == "cuda",
                                 generator=torch.Generator().manual_seed(t.seed))  # keeps the global RNG untouched
             for x0, labels in loader:
-                x0 = x0.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                x0 = x0.to(device, non_blocking=True)
+                if channels_last:
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
                 labels = labels.to(device, non_blocking=True) if config.model.num_classes else None
                 # random inputs for the whole global batch, then this rank's slice (see the module docstring)
                 draws = draw_training_inputs(schedule, (t.batch_size, *x0.shape[1:]), t.p_uncond, noise_gen, device)[mine]
