@@ -57,7 +57,7 @@ class ModelConfig:
             f"image_size={self.image_size} must be a positive multiple of {f} "
             f"(the UNet halves it {len(self.channel_mults) - 1} times); try {max(f, round(self.image_size / f) * f)}",
         )
-        _check(self.in_channels in (1, 3, 4) or self.in_channels >= 1, "in_channels must be >= 1")
+        _check(self.in_channels >= 1, "in_channels must be >= 1")
         _check(self.base_channels >= 1 and self.bottleneck_mult >= 1, "base_channels and bottleneck_mult must be >= 1")
         _check(self.num_heads >= 1, "num_heads must be >= 1")
         for m in self.channel_mults + (self.bottleneck_mult,):
