@@ -42,7 +42,8 @@ def sample(
         labels = torch.as_tensor(labels, dtype=torch.long, device=device)
         num_classes = model.config.num_classes
         if num_classes and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"labels must be in 0..{num_classes - 1} for this model, got {labels.tolist()}")
+            bad = sorted({y for y in labels.tolist() if not 0 <= y < num_classes})
+            raise ValueError(f"labels {bad} are out of range: this model has classes 0..{num_classes - 1}")
         if n is not None and n != len(labels):
             raise ValueError(f"n={n} disagrees with the {len(labels)} labels given; give one of them")
         n = len(labels)
