@@ -1,5 +1,4 @@
 """train -> checkpoint -> resume -> sample through the command line, on tiny settings."""
-import json
 import subprocess
 import sys
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ddpm import RunConfig, TrainConfig, ModelConfig
-from ddpm.checkpoint import CheckpointError, from_pretrained, latest_checkpoint, load_training_state
+from ddpm.checkpoint import CheckpointError, latest_checkpoint, load_training_state
 from ddpm.cli import main
 from ddpm.training import TrainingDiverged, train
 

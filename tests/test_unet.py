@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ddpm import ModelConfig, UNet
 from ddpm.config import ConfigError

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metrics import (  # noqa: F401 - validation_set/validation_loss re-exported for the training loop
+from .metrics import (
     InceptionFeatures,
     MetricsError,
     cached_features,
@@ -34,8 +34,6 @@ from .metrics import (  # noqa: F401 - validation_set/validation_loss re-exporte
     default_inception_path,
     feature_statistics,
     frechet_distance,
-    validation_loss,
-    validation_set,
 )
 
 SPLIT_SEED = 0  # the fixed order of the real pool; not --seed, so that reference and floor never move
