@@ -3,6 +3,7 @@
     python benchmarks/bench.py train   [--rounds 5] [--batch 8] [--threads 2] [--compile]
     python benchmarks/bench.py sample  [--rounds 5] [--batch 16]
     python benchmarks/bench.py memory
+    python benchmarks/bench.py ceiling [--batch 8]   # the fastest these kernels allow, op by op
     python benchmarks/bench.py all
 
 Peers (`pip install -r benchmarks/requirements.txt`, done by `make bench`) are measured in the same process,
@@ -238,12 +239,113 @@ def bench_memory(args) -> None:
     print_table(["what", "batch", "peak RSS MiB"], rows)
 
 
+# -------------------------------------------------------------------------------------------------- ceiling
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def recorded_kernels(model: UNet, batch: int) -> tuple[list[tuple], list[tuple]]:
+    """Every convolution (input shape, weight shape, padding, input needs grad) and every attention
+    (q/k/v shape) that one training step of `model` runs, found with forward hooks."""
+    from ddpm.unet import SelfAttention
+
+    convs, attentions = [], []
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            hooks.append(module.register_forward_hook(
+                lambda m, inp, out: convs.append((tuple(inp[0].shape), tuple(m.weight.shape), m.padding, inp[0].requires_grad))))
+        elif isinstance(module, SelfAttention):
+            hooks.append(module.register_forward_hook(
+                lambda m, inp, out: attentions.append((inp[0].shape[0], m.num_heads, inp[0].shape[2] * inp[0].shape[3], inp[0].shape[1] // m.num_heads))))
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    training_losses(model, schedule, torch.rand(batch, 3, 64, 64) * 2 - 1, generator=torch.Generator().manual_seed(0), null_class=None)[0].mean().backward()
+    for hook in hooks:
+        hook.remove()
+    return convs, attentions
+
+
+def conv_kernel_seconds(x_shape, w_shape, padding, needs_input_grad: bool, repeats: int) -> dict[str, float]:
+    """Forward, backward-to-input and backward-to-weights of one convolution, each alone, in the faster of the
+    two memory formats (oneDNN picks different kernels for NCHW and channels_last)."""
+    best = {}
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(x_shape).contiguous(memory_format=memory_format)
+        w = (torch.randn(w_shape) * 0.05).contiguous(memory_format=memory_format)
+        y = F.conv2d(x, w, padding=padding)
+        grad_y = torch.randn_like(y)
+        backward = lambda mask: torch.ops.aten.convolution_backward(grad_y, x, w, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1, mask)
+        parts = {"forward": lambda: F.conv2d(x, w, padding=padding), "backward weights": lambda: backward([False, True, False])}
+        if needs_input_grad:
+            parts["backward input"] = lambda: backward([True, False, False])
+        for name, fn in parts.items():
+            best[name] = min(best.get(name, float("inf")), _time(fn, repeats))
+    return best
+
+
+def attention_kernel_seconds(shape, repeats: int) -> dict[str, float]:
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape)
+    forward = lambda: F.scaled_dot_product_attention(q, k, v)
+    both = _time(lambda: torch.autograd.backward(forward(), grad), repeats)
+    fwd = _time(lambda: forward().detach(), repeats)
+    return {"forward": fwd, "backward": max(both - fwd, 0.0)}
+
+
+def bench_ceiling(args) -> None:
+    """A bound from the kernels alone: time every convolution and attention of the step by itself, in its best
+    memory format, and add them up as if GroupNorm, GELU, the linear layers, copies and the optimizer were free.
+    No implementation built from these kernels can beat the bound; if it misses a target, the target needs
+    faster kernels, not a better model implementation."""
+    batch, sample_batch = args.batch, 16
+    convs, attentions = recorded_kernels(seed_model(), batch)
+    totals: dict[str, float] = {}
+    for kind, records, timer in (("conv", convs, lambda r: conv_kernel_seconds(*r, args.repeats_kernel)),
+                                 ("attention", attentions, lambda r: attention_kernel_seconds(r, args.repeats_kernel))):
+        cache: dict[tuple, dict[str, float]] = {}
+        for record in records:
+            if record not in cache:
+                cache[record] = timer(record)
+            for part, seconds in cache[record].items():
+                totals[f"{kind} {part}"] = totals.get(f"{kind} {part}", 0.0) + seconds
+    train_floor = sum(totals.values())
+    step, _ = ours_train_step(batch, fast=False)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    kernel_flops = sum(n for op, n in by_op.items() if "convolution" in op or "attention" in op)
+    rows = [[part, f"{seconds:.3f}"] for part, seconds in totals.items()] + [["sum", f"{train_floor:.3f}"]]
+    print(f"\nKernels of one training step of the seed model (64x64 RGB, batch {batch}), each timed alone in its faster "
+          f"memory format, {torch.get_num_threads()} threads ({len(convs)} convolutions, {len(attentions)} attentions, "
+          f"{kernel_flops / counter.get_total_flops():.0%} of the step's FLOPs)")
+    print_table(["kernels", "seconds per step"], rows)
+
+    sample_convs, sample_attentions = recorded_kernels(seed_model(), sample_batch)
+    sample_floor = sum(conv_kernel_seconds(x, w, p, False, args.repeats_kernel)["forward"] for x, w, p, _ in sample_convs)
+    sample_floor += sum(attention_kernel_seconds(shape, args.repeats_kernel)["forward"] for shape in sample_attentions)
+    print("\nWhat these kernels allow at best (everything else free) against the targets")
+    print_table(["quantity", "bound", "target"], [
+        [f"training images/s, batch {batch}", f"{batch / train_floor:.2f}", ">= 3.0"],
+        ["training GFLOP/s", f"{counter.get_total_flops() / train_floor / 1e9:.0f}", ">= 125"],
+        [f"sampling step, batch {sample_batch}, seconds", f"{sample_floor:.2f}", "<= 1.5"],
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("train", "sample", "memory", "all", "_rss"))
+    parser.add_argument("what", choices=("train", "sample", "memory", "ceiling", "all", "_rss"))
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="training steps timed per round")
+    parser.add_argument("--repeats-kernel", type=int, default=5, help="timings per kernel (median) for `ceiling`")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (first call takes about a minute)")
@@ -258,6 +360,8 @@ def main() -> None:
         bench_sample(argparse.Namespace(**{**vars(args), "batch": args.batch or 16}))
     if args.what in ("memory", "all"):
         bench_memory(args)
+    if args.what in ("ceiling", "all"):
+        bench_ceiling(argparse.Namespace(**{**vars(args), "batch": args.batch or 8}))
 
 
 if __name__ == "__main__":
