@@ -26,9 +26,10 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # Speed and memory against the peers (installs them into .venv only for this); see benchmarks/RESULTS.md.
+# `make bench BENCH_ARGS=--compile` also times torch.compile (minutes of compilation on a CPU).
 bench: install
 	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
-	$(BIN)/python benchmarks/bench.py all
+	$(BIN)/python benchmarks/bench.py all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -191,6 +191,12 @@ def bench_sample(args) -> None:
         "guided step (w=3), two passes of N": inference(two_pass),
         "guided step (w=3), one pass of 2N": inference(one_batch),
     }
+    if args.compile:
+        compiled = torch.compile(fast)
+        start = time.perf_counter()
+        inference(lambda x, t: compiled(x, t))()
+        print(f"torch.compile (sampling): first call {time.perf_counter() - start:.0f} s")
+        candidates["unguided step, torch.compile"] = inference(lambda x, t: compiled(x, t))
     seconds = interleaved(candidates, args.rounds, 1, warmup=1)
     unguided = statistics.median(seconds["unguided step, ours"])
     rows = [[name, f"{statistics.median(s):.3f}", f"{statistics.median(s) / unguided:.2f}x"] for name, s in seconds.items()]

@@ -219,3 +219,29 @@ def test_bad_sampling_and_model_inputs(tmp_path, capsys):
     assert "do not fit" in err(capsys)
     assert main(["train", "--resume", str(cond), "--image-size", "16", "--quiet"]) == 2
     assert "--image-size" in err(capsys)
+
+
+def test_compile_option_trains_the_same_weights_and_samples_the_same_images(tmp_path, monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_cheaply(model, **options):  # the wiring under test, not inductor's C++ code generation (minutes on CPU)
+        compiled.append(type(model).__name__)
+        return real_compile(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_cheaply)
+    eager = train(tiny_run(tmp_path / "eager"), progress=False).model.state_dict()
+    assert compiled == []
+    state = train(tiny_run(tmp_path / "compiled", compile=True), progress=False).model.state_dict()
+    assert compiled == ["UNet"]
+    assert state.keys() == eager.keys()  # checkpoints keep the plain parameter names
+    for k in eager:
+        torch.testing.assert_close(state[k], eager[k], atol=1e-5, rtol=1e-4)
+    assert load_training_state(latest_checkpoint(tmp_path / "compiled"))["model"].keys() == eager.keys()
+
+    args = ["--per-class", "1", "--sampler", "ddim", "--sampling-steps", "3", "--quiet"]
+    assert main(["sample", str(tmp_path / "compiled"), "--out", str(tmp_path / "plain"), *args]) == 0
+    assert main(["sample", str(tmp_path / "compiled"), "--out", str(tmp_path / "fast"), "--compile", *args]) == 0
+    assert compiled == ["UNet", "UNet"]
+    plain, fast = (np.asarray(Image.open(tmp_path / d / "grid.png"), dtype=int) for d in ("plain", "fast"))
+    assert np.abs(plain - fast).max() <= 1  # same images up to a rounding of the 8-bit pixels

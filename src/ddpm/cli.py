@@ -21,7 +21,7 @@ TRAIN_FLAGS = {
     "ema_warmup": ("train", "ema_warmup"), "guidance_dropout": ("train", "p_uncond"), "guidance": ("train", "guidance"),
     "seed": ("train", "seed"), "device": ("train", "device"), "amp": ("train", "amp"), "num_workers": ("train", "num_workers"),
     "sample_every": ("train", "sample_every"), "checkpoint_every": ("train", "checkpoint_every"), "hflip": ("train", "hflip"),
-    "grad_accum": ("train", "grad_accum"), "val_every": ("train", "val_every"),
+    "grad_accum": ("train", "grad_accum"), "val_every": ("train", "val_every"), "compile": ("train", "compile"),
 }
 
 
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 500)")
     tr.add_argument("--grad-accum", type=int, help="micro-batches per step; --batch-size stays the global batch (default 1)")
     tr.add_argument("--val-every", type=int, help="held-out validation loss every N steps, 0 = never (default 250)")
+    tr.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (first step compiles; may pay off on long GPU runs)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sa = sub.add_parser("sample", help="draw images from a trained model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
     sa.add_argument("--process", action="store_true", help="also write the denoising process as process.png and process.gif")
     sa.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    sa.add_argument("--compile", action="store_true", help="torch.compile the model (the first step compiles; worth it for many steps)")
     sa.add_argument("--quiet", action="store_true", help="no progress bar")
     add_eval_parser(sub)
     return parser
@@ -113,12 +115,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     if args.resume:
-        fixed = [flag for flag in TRAIN_FLAGS if flag not in ("steps", "epochs") and getattr(args, flag, None) is not None]
+        fixed = [flag for flag in TRAIN_FLAGS if flag not in ("steps", "epochs", "compile") and getattr(args, flag, None) is not None]
         if args.data or args.preset or fixed:
             given = ([args.data] if args.data else []) + (["--preset"] if args.preset else []) + ["--" + f.replace("_", "-") for f in fixed]
             raise ValueError(f"--resume continues a run with its saved config; {', '.join(given)} cannot change it "
                              "(only --steps/--epochs can extend it): start a new run with another --out instead")
-        extend = TrainConfig(out_dir=args.resume, steps=args.steps, epochs=args.epochs)
+        extend = TrainConfig(out_dir=args.resume, steps=args.steps, epochs=args.epochs, compile=bool(args.compile))
         run_dir = train(RunConfig(train=extend), resume=True, progress=not args.quiet).run_dir
     else:
         if not args.data and not (args.preset and "data" in PRESETS[args.preset]["train"]):
@@ -145,6 +147,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         state = ckpt.load_training_state(ckpt.latest_checkpoint(Path(args.model)))
         model.load_state_dict(state["model"])
     model, _ = configure_for_speed(model)
+    if args.compile:
+        model = torch.compile(model)  # attribute access (config, null_class) passes through to the UNet
     num_classes = model.config.num_classes
     if num_classes is None:
         if args.labels is not None or args.per_class is not None:
@@ -179,6 +183,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     keep_every = max(1, steps_total // 10)
 
     def record(i: int, index: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if args.compile and i == 0 and not args.quiet:
+            print(f"torch.compile: the first step took {time.perf_counter() - start:.0f}s (compilation included)", file=sys.stderr)
         if args.process and (i % keep_every == 0 or index == 0):
             frames.append(x[: min(len(x), 8)].detach().cpu().clone())
 

@@ -128,6 +128,7 @@ class TrainConfig:
     val_every: int = 250  # held-out validation loss (fixed noise and t) to TensorBoard; 0 disables
     val_size: int = 256  # held-out images used for it (mnist: holdout split; CIFAR-10: test_batch)
     keep_checkpoints: int = 3
+    compile: bool = False  # torch.compile the model: the first step compiles (a minute or more), later ones may run faster
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")

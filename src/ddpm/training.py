@@ -205,7 +205,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         saved = RunConfig.from_dict(state["config"])
         # a run continues with its saved config; only its length may be extended on resume
         saved.train = dataclasses.replace(saved.train, out_dir=str(run_dir), steps=config.train.steps or saved.train.steps,
-                                          epochs=config.train.epochs or saved.train.epochs)
+                                          epochs=config.train.epochs or saved.train.epochs, compile=config.train.compile)
         config = saved
     elif run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; give a folder path")
@@ -253,6 +253,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         noise_gen.set_state(state["rng"]["noise"].to(torch.uint8))
         torch.set_rng_state(state["rng"]["torch"])
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+    if t.compile:
+        net = torch.compile(net)  # `model` keeps the plain parameter names for checkpoints and the EMA
 
     writer = None
     if ctx.is_main:
@@ -365,6 +367,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
                     save(step)
                     last_saved = step
                 bar.update(1)
+                if t.compile and step == start_step + 1 and ctx.is_main and progress:
+                    bar.write(f"torch.compile: the first step took {time.perf_counter() - start_time:.0f}s (compilation included)")
                 if step >= last_step:
                     break
     finally:
