@@ -238,10 +238,13 @@ def test_compile_option_trains_the_same_weights_and_samples_the_same_images(tmp_
     for k in eager:
         torch.testing.assert_close(state[k], eager[k], atol=1e-5, rtol=1e-4)
     assert load_training_state(latest_checkpoint(tmp_path / "compiled"))["model"].keys() == eager.keys()
+    assert main(["train", "--resume", str(tmp_path / "eager"), "--steps", "4", "--compile", "--quiet"]) == 0  # allowed on resume
+    assert compiled == ["UNet", "UNet"]
+    assert load_training_state(latest_checkpoint(tmp_path / "eager"))["step"] == 4
 
     args = ["--per-class", "1", "--sampler", "ddim", "--sampling-steps", "3", "--quiet"]
     assert main(["sample", str(tmp_path / "compiled"), "--out", str(tmp_path / "plain"), *args]) == 0
     assert main(["sample", str(tmp_path / "compiled"), "--out", str(tmp_path / "fast"), "--compile", *args]) == 0
-    assert compiled == ["UNet", "UNet"]
+    assert compiled == ["UNet", "UNet", "UNet"]
     plain, fast = (np.asarray(Image.open(tmp_path / d / "grid.png"), dtype=int) for d in ("plain", "fast"))
     assert np.abs(plain - fast).max() <= 1  # same images up to a rounding of the 8-bit pixels

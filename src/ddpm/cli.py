@@ -119,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.data or args.preset or fixed:
             given = ([args.data] if args.data else []) + (["--preset"] if args.preset else []) + ["--" + f.replace("_", "-") for f in fixed]
             raise ValueError(f"--resume continues a run with its saved config; {', '.join(given)} cannot change it "
-                             "(only --steps/--epochs can extend it): start a new run with another --out instead")
+                             "(only --steps/--epochs, which extend it, and --compile may be given): start a new run with another --out instead")
         extend = TrainConfig(out_dir=args.resume, steps=args.steps, epochs=args.epochs, compile=bool(args.compile))
         run_dir = train(RunConfig(train=extend), resume=True, progress=not args.quiet).run_dir
     else:
