@@ -76,12 +76,14 @@ def main() -> None:
                 static_x, static_t = x.clone(), t.clone()
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream), torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                # autocast's cast cache must be off while capturing (its cached copies would not be in the graph's pool)
+                graph_autocast = lambda: torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
+                with torch.cuda.stream(stream), torch.no_grad(), graph_autocast():
                     for _ in range(3):
                         model(static_x, static_t)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph), torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                with torch.cuda.graph(graph), torch.no_grad(), graph_autocast():
                     model(static_x, static_t)
                 graph_s = timed(graph.replay, args.steps)
             except Exception as error:  # noqa: BLE001 - report, keep the other numbers

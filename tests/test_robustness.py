@@ -238,9 +238,11 @@ def test_compile_option_trains_the_same_weights_and_samples_the_same_images(tmp_
     for k in eager:
         torch.testing.assert_close(state[k], eager[k], atol=1e-5, rtol=1e-4)
     assert load_training_state(latest_checkpoint(tmp_path / "compiled"))["model"].keys() == eager.keys()
-    assert main(["train", "--resume", str(tmp_path / "eager"), "--steps", "4", "--compile", "--quiet"]) == 0  # allowed on resume
+    # --compile and --device say how and where a run continues, so --resume takes them (and records them)
+    assert main(["train", "--resume", str(tmp_path / "eager"), "--steps", "4", "--compile", "--device", "cpu", "--quiet"]) == 0
     assert compiled == ["UNet", "UNet"]
-    assert load_training_state(latest_checkpoint(tmp_path / "eager"))["step"] == 4
+    resumed = load_training_state(latest_checkpoint(tmp_path / "eager"))
+    assert resumed["step"] == 4 and resumed["config"]["train"]["device"] == "cpu" and resumed["config"]["train"]["compile"]
 
     args = ["--per-class", "1", "--sampler", "ddim", "--sampling-steps", "3", "--quiet"]
     assert main(["sample", str(tmp_path / "compiled"), "--out", str(tmp_path / "plain"), *args]) == 0

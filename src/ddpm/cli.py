@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# flags that --resume accepts: they lengthen the run or say where and how it runs, not what it computes
+RESUME_FLAGS = ("steps", "epochs", "device", "compile")
+
+
 def train_config_from_args(args: argparse.Namespace) -> RunConfig:
     """Preset (if any) -> dataclass defaults, then every flag the user gave on top."""
     sections: dict[str, dict] = {"model": {}, "diffusion": {}, "train": {}}
@@ -115,12 +119,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     if args.resume:
-        fixed = [flag for flag in TRAIN_FLAGS if flag not in ("steps", "epochs", "compile") and getattr(args, flag, None) is not None]
+        fixed = [flag for flag in TRAIN_FLAGS if flag not in RESUME_FLAGS and getattr(args, flag, None) is not None]
         if args.data or args.preset or fixed:
             given = ([args.data] if args.data else []) + (["--preset"] if args.preset else []) + ["--" + f.replace("_", "-") for f in fixed]
             raise ValueError(f"--resume continues a run with its saved config; {', '.join(given)} cannot change it "
-                             "(only --steps/--epochs, which extend it, and --compile may be given): start a new run with another --out instead")
-        extend = TrainConfig(out_dir=args.resume, steps=args.steps, epochs=args.epochs, compile=bool(args.compile))
+                             "(only --steps/--epochs, which extend it, --device and --compile may be given): start a new run with another --out instead")
+        extend = TrainConfig(out_dir=args.resume, steps=args.steps, epochs=args.epochs, compile=bool(args.compile), device=args.device)
         run_dir = train(RunConfig(train=extend), resume=True, progress=not args.quiet).run_dir
     else:
         if not args.data and not (args.preset and "data" in PRESETS[args.preset]["train"]):

@@ -203,9 +203,10 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     if resume:
         state = _resume_state(run_dir)
         saved = RunConfig.from_dict(state["config"])
-        # a run continues with its saved config; only its length may be extended on resume
+        # a run continues with its saved config; only its length, the device and compilation may change on resume
         saved.train = dataclasses.replace(saved.train, out_dir=str(run_dir), steps=config.train.steps or saved.train.steps,
-                                          epochs=config.train.epochs or saved.train.epochs, compile=config.train.compile)
+                                          epochs=config.train.epochs or saved.train.epochs, compile=config.train.compile,
+                                          device=config.train.device or saved.train.device)
         config = saved
     elif run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; give a folder path")
