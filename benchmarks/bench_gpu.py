@@ -29,12 +29,13 @@ def timed(fn, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
-    assert torch.cuda.is_available(), "this script needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        parser.error("no CUDA GPU is visible here; on a CPU run `python benchmarks/bench.py all` instead")
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
