@@ -243,6 +243,13 @@ def test_compile_option_trains_the_same_weights_and_samples_the_same_images(tmp_
     assert compiled == ["UNet", "UNet"]
     resumed = load_training_state(latest_checkpoint(tmp_path / "eager"))
     assert resumed["step"] == 4 and resumed["config"]["train"]["device"] == "cpu" and resumed["config"]["train"]["compile"]
+    # a run moved from a GPU: its noise generator state (CUDA's Philox, 16 bytes) cannot seed a CPU generator
+    path = latest_checkpoint(tmp_path / "eager")
+    resumed["rng"]["noise"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(resumed, path)
+    with pytest.warns(UserWarning, match="another kind of device"):
+        assert main(["train", "--resume", str(tmp_path / "eager"), "--steps", "5", "--device", "cpu", "--quiet"]) == 0
+    assert load_training_state(latest_checkpoint(tmp_path / "eager"))["step"] == 5
 
     args = ["--per-class", "1", "--sampler", "ddim", "--sampling-steps", "3", "--quiet"]
     assert main(["sample", str(tmp_path / "compiled"), "--out", str(tmp_path / "plain"), *args]) == 0

@@ -251,7 +251,12 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         if ema is not None:
             ema.load_state_dict(state["ema"])
         step = int(state["step"])
-        noise_gen.set_state(state["rng"]["noise"].to(torch.uint8))
+        try:
+            noise_gen.set_state(state["rng"]["noise"].to(torch.uint8))
+        except RuntimeError:  # saved by another kind of device (--device moved the run): CPU and CUDA states differ
+            noise_gen.manual_seed(t.seed + 1 + step)
+            warnings.warn(f"the checkpoint's noise generator comes from another kind of device; continuing on {device} with a "
+                          "fresh stream, so the run is no longer bit-identical to an uninterrupted one", stacklevel=2)
         torch.set_rng_state(state["rng"]["torch"])
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
     if t.compile:
