@@ -280,6 +280,21 @@ def recorded_kernels(model: UNet, batch: int) -> tuple[list[tuple], list[tuple]]
     return convs, attentions
 
 
+def _conv_parts(x: torch.Tensor, w: torch.Tensor, padding, needs_input_grad: bool, training: bool) -> dict[str, Callable[[], object]]:
+    """The kernels of one convolution on these tensors (their memory format picks oneDNN's kernel)."""
+    grad_y = torch.randn_like(F.conv2d(x, w, padding=padding))
+
+    def backward(mask):
+        return torch.ops.aten.convolution_backward(grad_y, x, w, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1, mask)
+
+    parts = {"conv forward": lambda: F.conv2d(x, w, padding=padding)}
+    if training:
+        parts["conv backward weights"] = lambda: backward([False, True, False])
+        if needs_input_grad:
+            parts["conv backward input"] = lambda: backward([True, False, False])
+    return parts
+
+
 def conv_kernels(x_shape, w_shape, padding, needs_input_grad: bool, training: bool) -> dict[str, Callable[[], object]]:
     """The kernels of one convolution, each runnable alone: forward, and for training backward-to-weights and
     backward-to-input, each in the faster of NCHW and channels_last (oneDNN picks different kernels for them)."""
@@ -287,15 +302,7 @@ def conv_kernels(x_shape, w_shape, padding, needs_input_grad: bool, training: bo
     for memory_format in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(x_shape).contiguous(memory_format=memory_format)
         w = (torch.randn(w_shape) * 0.05).contiguous(memory_format=memory_format)
-        grad_y = torch.randn_like(F.conv2d(x, w, padding=padding))
-        backward = lambda mask, x=x, w=w, g=grad_y: torch.ops.aten.convolution_backward(
-            g, x, w, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1, mask)
-        parts = {"conv forward": lambda x=x, w=w: F.conv2d(x, w, padding=padding)}
-        if training:
-            parts["conv backward weights"] = lambda: backward([False, True, False])
-            if needs_input_grad:
-                parts["conv backward input"] = lambda: backward([True, False, False])
-        for name, fn in parts.items():
+        for name, fn in _conv_parts(x, w, padding, needs_input_grad, training).items():
             seconds = _time(fn, 3)
             if seconds < best.get(name, (float("inf"),))[0]:
                 best[name] = (seconds, fn)
@@ -361,7 +368,8 @@ def bench_ceiling(args) -> None:
 
     rounds = {"train step": [], "train kernels": [], "sample step": [], "sample kernels": []}
     parts_per_round = []
-    step(), sample_step(), run_kernels(train_kernels), run_kernels(sample_kernels)
+    for warm_up in (step, sample_step, lambda: run_kernels(train_kernels), lambda: run_kernels(sample_kernels)):
+        warm_up()
     for _ in range(args.rounds):
         rounds["train step"].append(time_steps(step, 1))
         parts_per_round.append(run_kernels(train_kernels))
