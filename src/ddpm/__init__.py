@@ -4,20 +4,23 @@
     model = ddpm.UNet(ddpm.ModelConfig(image_size=32, in_channels=1, num_classes=10))
     schedule = ddpm.NoiseSchedule.from_config(ddpm.DiffusionConfig())
     loss = ddpm.training_loss(model, schedule, x0, labels)          # x0 in [-1, 1], labels int64
-    images = ddpm.sample(model, schedule, labels=[0, 1, 2], guidance=3.0, sampler="ddim", steps=50)
+    images = ddpm.sample(model, schedule, labels=[0, 1, 2], guidance=3.0, sampler="dpmpp2m", steps=20)
 """
 from .checkpoint import from_pretrained, save_pretrained
-from .config import DiffusionConfig, ModelConfig, RunConfig, TrainConfig
+from .config import DiffusionConfig, ModelConfig, RunConfig, RuntimeConfig, SamplingConfig, TrainConfig
 from .diffusion import drop_labels, posterior_mean, predict_eps, predict_x0, q_sample, training_loss, training_losses
 from .ema import EMA
 from .guidance import ClassifierFreeGuidance, make_denoiser
-from .pipeline import sample, save_grid, save_images
+from .errors import DdpmError
+from .files import save_grid, save_images
+from .pipeline import sample, sample_all, sample_batches
 from .samplers import ddim_sample, ddpm_sample
 from .schedule import NoiseSchedule, cosine_betas, linear_betas
 from .unet import UNet
 
 __all__ = [
-    "ClassifierFreeGuidance", "DiffusionConfig", "EMA", "ModelConfig", "NoiseSchedule", "RunConfig", "TrainConfig", "UNet",
+    "ClassifierFreeGuidance", "DdpmError", "DiffusionConfig", "EMA", "ModelConfig", "NoiseSchedule", "RunConfig", "RuntimeConfig",
+    "SamplingConfig", "TrainConfig", "UNet", "sample_all", "sample_batches",
     "cosine_betas", "ddim_sample", "ddpm_sample", "drop_labels", "from_pretrained", "linear_betas", "make_denoiser",
     "posterior_mean", "predict_eps", "predict_x0", "q_sample", "sample", "save_grid", "save_images", "save_pretrained",
     "training_loss", "training_losses",

@@ -1,36 +1,15 @@
-"""Atomic writes; training checkpoints (resume); save_pretrained / from_pretrained (safetensors + config.json)."""
+"""Training checkpoints (resume); save_pretrained / from_pretrained (safetensors + config.json)."""
 from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import DiffusionConfig, ModelConfig, from_dict, to_dict
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from .errors import DdpmError
+from .files import atomic_write_bytes, atomic_write_json
 
 
 CHECKPOINT_DIR = "checkpoints"
@@ -40,7 +19,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DdpmError):
     """A checkpoint or model folder cannot be used; the message says what is wrong and what to do."""
 
 
@@ -86,7 +65,7 @@ def save_pretrained(model: torch.nn.Module, folder: Path, diffusion: DiffusionCo
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write_bytes(folder / WEIGHTS, save(tensors))
     config = {"model": to_dict(model.config), "diffusion": to_dict(diffusion), **(extra or {})}
-    atomic_write_bytes(folder / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write_json(folder / CONFIG, config)
 
 
 def resolve_model_dir(path: Path) -> Path:

@@ -134,13 +134,13 @@ def save_classifier(model: SmallClassifier, stem: Path, info: dict) -> None:
     """stem.safetensors (weights) + stem.json (config and `info`), each written atomically."""
     from safetensors.torch import save
 
-    from .checkpoint import atomic_write_bytes
+    from .files import atomic_write_bytes, atomic_write_json
 
     stem = Path(stem)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write_bytes(stem.with_suffix(".safetensors"), save(tensors))
     record = {"config": asdict(model.config), **info}
-    atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write_json(stem.with_suffix(".json"), record)
 
 
 def load_classifier(stem: Path, device: torch.device | str = "cpu") -> tuple[SmallClassifier, dict]:

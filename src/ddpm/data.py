@@ -1,11 +1,18 @@
-"""Datasets: image folders, CIFAR-10 python batches, and two bundled sets that need no download.
+"""Datasets: image folders, CIFAR-10 python batches, prepared uint8 copies, and two bundled sets that need no download.
 
 Every dataset yields (image, label): image a float tensor [C, H, W] in [-1, 1], label an int (-1 when the
 set has no labels). Build one with `load_dataset(name_or_path, image_size, channels)`.
+
+Image folders scale to millions of files: listing them is one sorted directory walk, and each file is opened
+only when it is first loaded. A file that cannot be read then is replaced by the next readable one (see
+`ImageFiles`), its path appended to `bad_log`; `check_bad_files` stops a run when too many are bad.
 """
 from __future__ import annotations
 
 import functools
+import io
+import os
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +20,37 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
-from torchvision import transforms
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import DdpmError
+from .files import to_uint8  # noqa: F401  (re-exported: the data range's inverse)
+
+try:  # deprecated since torchvision 0.29 (superseded by TorchCodec); PIL decodes everything once it is gone
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as _torchvision_decode
+except ImportError:  # pragma: no cover - depends on the installed torchvision
+    _torchvision_decode = None
 
 BUNDLED = ("mnist", "photos")
 IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + (".gif",)
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 
+# What decoders raise on a missing, truncated or malformed file (PIL: OSError, SyntaxError, EOFError,
+# struct.error, DecompressionBombError; torchvision: RuntimeError). Anything else is a bug and propagates.
+UNREADABLE = (OSError, ValueError, SyntaxError, RuntimeError, EOFError, struct.error, Image.DecompressionBombError)
+# A run of this many unreadable files in a row (in sorted order) means the folder itself is gone or broken:
+# stop with an error instead of trying every remaining file for every item.
+MAX_SUBSTITUTES = 1000
+# check_bad_files' defaults: each bad file's place is taken by its neighbour, so 1% bad files duplicate at most
+# 1% of the draws, a negligible change of the data; at least 10 so that a few stray files never stop a small run.
+BAD_FRACTION, BAD_MIN_ALLOWED = 0.01, 10
 
-class DataError(ValueError):
+
+class DataError(DdpmError):
     """The data cannot be used as given; the message says what is wrong and how to fix it."""
 
 
@@ -42,89 +68,210 @@ def to_model_range(x: torch.Tensor) -> torch.Tensor:
     return x * 2 - 1
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8, rounded (not truncated) and clamped."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+def uint8_to_model_range(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [.., C, H, W] -> float in [-1, 1]; `to_uint8` gives the same uint8 back exactly."""
+    return to_model_range(image.float() / 255)
 
 
-def _convert_mode(image: Image.Image, mode: str) -> Image.Image:
-    """Any mode (palette, RGBA, 16-bit, grayscale) -> "L" or "RGB"; 16-bit integer images are scaled down first."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-        image = image.point(lambda v: v / 256).convert("L")
-    return image.convert(mode) if image.mode != mode else image
+# ---------------------------------------------------------------------------------------------- decoding
+
+def auto_workers(device: torch.device | str) -> int:
+    """DataLoader workers for `--num-workers auto`, per training process.
+
+    GPU (any accelerator): the cores this process may use (its CPU affinity, shared between the processes that
+    torchrun starts on the node), less one for the process itself, at most 8 (beyond that the loader outruns
+    any single GPU at 64x64: see benchmarks/RESULTS.md, "Data loading").
+    CPU: 0. The model's step uses every core; decoding an image costs ~1 ms against ~430 ms of training step
+    per image on the 2-core development machine (2.3 images/s), so a worker process can only take cores from
+    the step (measured with `python benchmarks/bench.py data`: one worker feeds 600-1000+ images/s).
+    """
+    if torch.device(device).type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_process - 1))
 
 
-def _pil_transform(image_size: int, channels: int) -> transforms.Compose:
-    """Deterministic: random augmentation (flips) happens in the training loop, from its seeded generator."""
-    mode = "L" if channels == 1 else "RGB"
-    return transforms.Compose([
-        transforms.Lambda(lambda im: _convert_mode(im, mode)),
-        transforms.Resize(image_size, antialias=True),  # shorter side -> image_size, aspect kept
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Lambda(to_model_range),
-    ])
+def _high_byte(image: torch.Tensor) -> torch.Tensor:
+    """16-bit (or wider integer) pixels -> uint8 by their high byte, as PIL reduces 16-bit RGB PNGs."""
+    return (image.to(torch.int64).clamp(0, 65535) >> 8).to(torch.uint8)
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+def rgb_to_grey(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 [3, H, W] -> [1, H, W] with PIL's convert("L"): ITU-R 601-2 luma in 16-bit fixed point, rounded."""
+    r, g, b = rgb.to(torch.int32)
+    return ((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16).to(torch.uint8)[None]
 
+
+def _decode_torchvision(data: bytes, channels: int) -> torch.Tensor | None:
+    """JPEG and PNG with torchvision's decoders (libjpeg-turbo, libpng) as uint8 [C, H, W]; None for other formats.
+
+    libjpeg's grey output is the Y channel, within 1 level of PIL's luma; libpng's grey conversion uses other
+    weights (2 levels off), so grey PNGs are decoded as RGB and reduced with PIL's formula (`rgb_to_grey`)."""
+    is_jpeg, is_png = data[:3] == b"\xff\xd8\xff", data[:8] == b"\x89PNG\r\n\x1a\n"
+    if _torchvision_decode is None or not (is_jpeg or is_png):
+        return None
+    mode = ImageReadMode.GRAY if is_jpeg and channels == 1 else ImageReadMode.RGB
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice, once per call otherwise
+        image = _torchvision_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = _high_byte(image)
+    return rgb_to_grey(image) if channels == 1 and image.shape[0] == 3 else image
+
+
+def _decode_pil(data: bytes, channels: int) -> torch.Tensor:
+    """Any format PIL reads (palette, RGBA, CMYK, 16-bit, GIF, BMP, TIFF, WebP...) as uint8 [C, H, W]."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode.startswith("I"):  # 16/32-bit integer grey: the high byte of the 16-bit range
+            image = Image.fromarray(_high_byte(torch.from_numpy(np.array(image, dtype=np.int64))).numpy(), "L")
+        array = np.array(image.convert("L" if channels == 1 else "RGB"))
+    return torch.from_numpy(array).reshape(array.shape[0], array.shape[1], channels).permute(2, 0, 1)
+
+
+def decode_image(data: bytes, channels: int) -> torch.Tensor:
+    """A file's bytes -> uint8 [channels, H, W] at full size; raises one of UNREADABLE if no decoder can read it.
+
+    torchvision for JPEG and PNG (faster, and within 1 grey level of PIL: benchmarks/RESULTS.md, "Data
+    loading"); PIL for every other format, and as a second opinion on files torchvision rejects."""
+    try:
+        image = _decode_torchvision(data, channels)
+    except UNREADABLE:
+        image = None
+    return image if image is not None else _decode_pil(data, channels)
+
+
+def resize_center_crop(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 [C, H, W] -> [C, size, size]: the shorter side to `image_size` (aspect kept; bilinear, antialiased:
+    torch's uint8 kernel, within 1 grey level of PIL's), then the centre square. Deterministic: random flips
+    happen in the training loop, from its seeded generator."""
+    image = TF.resize(image, [image_size], antialias=True)
+    return TF.center_crop(image, [image_size, image_size]).contiguous()
+
+
+# ------------------------------------------------------------------------------------------ bad files
+
+def _append_line(log_path: Path, line: str) -> None:
+    """One line appended with a single write to an O_APPEND file: DataLoader workers and ranks can share the
+    log without locks (POSIX appends of a few hundred bytes land whole on local file systems)."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, os.fsencode(line.replace("\n", " ")) + b"\n")
+    finally:
+        os.close(fd)
+
+
+def bad_files(log_path: Path | None) -> list[str]:
+    """The unique paths in a bad-file log, in the order first found ([] if there is no log yet)."""
+    if log_path is None or not Path(log_path).is_file():
+        return []
+    lines = os.fsdecode(Path(log_path).read_bytes()).splitlines()
+    return list(dict.fromkeys(line for line in lines if line))
+
+
+def raise_if_too_many_bad(bad: list[str], dataset_size: int, where: str, max_fraction: float = BAD_FRACTION,
+                          min_allowed: int = BAD_MIN_ALLOWED) -> None:
+    """DataError naming the bad files when more than max(min_allowed, max_fraction * dataset_size) are bad."""
+    allowed = max(min_allowed, int(max_fraction * dataset_size))
+    if len(bad) > allowed:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DataError(f"{len(bad)} of {dataset_size:,} image files cannot be read, more than the {allowed} tolerated "
+                        f"({max_fraction:.0%}, at least {min_allowed}): {shown} ({where}); fix or remove them")
+
+
+def check_bad_files(log_path: Path | None, dataset_size: int, max_fraction: float = BAD_FRACTION,
+                    min_allowed: int = BAD_MIN_ALLOWED) -> list[str]:
+    """The bad files logged so far; DataError listing them when more than max(min_allowed, max_fraction x
+    dataset_size) are bad (defaults: 1% or 10 files, whichever is more; see BAD_FRACTION)."""
+    bad = bad_files(log_path)
+    raise_if_too_many_bad(bad, dataset_size, f"all listed in {log_path}", max_fraction, min_allowed)
+    return bad
+
+
+# --------------------------------------------------------------------------------------- image folders
 
 class ImageFiles(Dataset):
-    """A list of image files with optional labels. Unreadable files are found up front, skipped and counted."""
+    """Image files with labels, decoded and resized when an item is loaded (nothing is opened up front).
 
-    def __init__(self, files: list[Path], labels: list[int], transform, max_bad_fraction: float = 0.5):
-        good, bad = [], []
-        for f, y in zip(files, labels):
-            try:
-                with Image.open(f) as im:
-                    im.verify()  # header and structure; cheap, catches truncated and non-image files
-                good.append((f, y))
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-                bad.append(f)
-        if bad:
-            warnings.warn(f"skipped {len(bad)} unreadable image file(s), e.g. {bad[0]}", stacklevel=2)
-        if not good:
-            raise DataError(f"none of the {len(files)} image file(s) could be read; check the folder's contents")
-        if len(bad) > max_bad_fraction * len(files):
-            raise DataError(
-                f"{len(bad)} of {len(files)} image files are unreadable (e.g. {bad[0]}); fix or remove them"
-            )
-        self.samples = good
-        self.transform = transform
+    A file that cannot be read is replaced by the next index (wrapping) whose file loads, with that file's
+    label: the choice depends only on which files are readable, so it is the same on every rank, in every
+    worker and after every resume, and batch shapes never change. Each bad path is appended to `bad_log`
+    (set by the trainer; one line per path, shared by worker processes) or, when None, warned about.
+    """
+
+    def __init__(self, files: list[Path], labels: list[int], image_size: int, channels: int, bad_log: Path | None = None):
+        self.samples = list(zip(files, labels))
+        self.image_size, self.channels = image_size, channels
+        self.bad_log = bad_log
+        self._known_bad: set[int] = set()  # per process: each bad file is tried (and reported) once
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        with Image.open(path) as im:
-            im.load()
-            return self.transform(im), label
+    def read(self, index: int) -> torch.Tensor:
+        """The file at `index` as uint8 [C, size, size], no substitution; raises one of UNREADABLE."""
+        data = Path(self.samples[index][0]).read_bytes()
+        return resize_center_crop(decode_image(data, self.channels), self.image_size)
+
+    def uint8_item(self, index: int) -> tuple[torch.Tensor, int]:
+        """(uint8 image, label) of `index`, or of its substitute when that file cannot be read (class docstring)."""
+        for step in range(min(len(self), MAX_SUBSTITUTES + 1)):
+            candidate = (index + step) % len(self)
+            if candidate in self._known_bad:
+                continue
+            try:
+                return self.read(candidate), self.samples[candidate][1]
+            except UNREADABLE as error:
+                self._record_bad(candidate, error)
+        raise DataError(f"{step + 1} image files in a row cannot be read, from {self.samples[index][0]} on; "
+                        "check that the folder is still there and readable")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.uint8_item(index)
+        return uint8_to_model_range(image), label
+
+    def _record_bad(self, index: int, error: Exception) -> None:
+        self._known_bad.add(index)
+        path = str(self.samples[index][0])
+        if self.bad_log is not None:
+            _append_line(Path(self.bad_log), path)
+        else:
+            warnings.warn(f"unreadable image file {path} ({error}); the next readable file takes its place", stacklevel=3)
+
+
+def list_images(root: Path) -> list[Path]:
+    """Every image file under `root`, sorted: one directory walk, no file opened (hidden files and folders and
+    symlinked folders are skipped, as pathlib's rglob did). A broken file shows up when it is loaded."""
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        found += [Path(folder, n) for n in names if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
 
 
 def image_folder(root: Path, image_size: int, channels: int, labelled: bool) -> DataInfo:
     """A folder of images. With `labelled`, each subfolder is a class (sorted names -> 0..K-1)."""
-    transform = _pil_transform(image_size, channels)
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if labelled:
-        if not subdirs:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
             raise DataError(
                 f"--conditional needs one subfolder per class in {root}, but it has none; "
                 "sort the images into class folders or train without --conditional"
             )
         files, labels = [], []
-        for k, d in enumerate(subdirs):
-            found = sorted(p for p in d.rglob("*") if _is_image(p))
+        for k, name in enumerate(classes):
+            found = list_images(root / name)
             files += found
             labels += [k] * len(found)
         if not files:
             raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
-        return DataInfo(ImageFiles(files, labels, transform), channels, len(subdirs), [d.name for d in subdirs], f"image folder {root} ({len(subdirs)} classes)")
-    files = sorted(p for p in root.rglob("*") if _is_image(p))
+        return DataInfo(ImageFiles(files, labels, image_size, channels), channels, len(classes), classes,
+                        f"image folder {root} ({len(files):,} files, {len(classes)} classes)")
+    files = list_images(root)
     if not files:
         raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {root}")
-    return DataInfo(ImageFiles(files, [-1] * len(files), transform), channels, None, None, f"image folder {root}")
+    return DataInfo(ImageFiles(files, [-1] * len(files), image_size, channels), channels, None, None,
+                    f"image folder {root} ({len(files):,} files)")
 
 
 class _CIFAR10Batches(CIFAR10):
@@ -260,10 +407,14 @@ _NO_HOLDOUT = "{data!r} has no held-out split: only mnist and CIFAR-10 (with its
 
 
 def load_dataset(data: str, image_size: int, channels: int | None = None, conditional: bool = False, split: str = "train") -> DataInfo:
-    """Resolve DATA: a bundled name (mnist, photos), a CIFAR-10 folder, or a folder of images.
+    """Resolve DATA: a bundled name (mnist, photos), a prepared folder (`ddpm prepare`), a CIFAR-10 folder, or a
+    folder of images.
 
     `split`: 'train' (what a diffusion model trains on), 'holdout' (images kept from training: MNIST's last 100
-    digits per class, CIFAR-10's test_batch; other sets have none and raise DataError) or 'all'."""
+    digits per class, CIFAR-10's test_batch, and their prepared copies; other sets have none and raise
+    DataError) or 'all'."""
+    from .prepared import is_prepared, load_prepared  # prepared.py builds on this module
+
     if split not in ("train", "holdout", "all"):
         raise ValueError(f"split must be 'train', 'holdout' or 'all', not {split!r}")
     if data == "mnist":
@@ -279,7 +430,9 @@ def load_dataset(data: str, image_size: int, channels: int | None = None, condit
         if not path.is_dir():
             raise DataError(f"{data!r} is a file; give a folder of images, a CIFAR-10 folder, or one of {', '.join(BUNDLED)}")
         cifar_root = _find_cifar(path)
-        if cifar_root is not None:
+        if is_prepared(path):
+            info = load_prepared(path, image_size, channels, conditional, split)
+        elif cifar_root is not None:
             info = cifar10(cifar_root, image_size, channels or 3, split)
         elif split == "holdout":
             raise DataError(_NO_HOLDOUT.format(data=data))

@@ -90,6 +90,30 @@ def draw_training_inputs(
     return TrainingDraws(t, noise, drop)
 
 
+def snr(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """SNR_t = abar_t / (1 - abar_t) (Kingma et al. 2021), from the float32 tables."""
+    abar = schedule.alphas_cumprod.gather(0, t)
+    return abar / (1 - abar)
+
+
+def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, prediction: str = "eps") -> torch.Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023, eq. 7 and its table of targets), per sample.
+
+    The x0 loss weighted by min(SNR, gamma) equals the eps loss weighted by min(SNR, gamma)/SNR and the v loss
+    weighted by min(SNR, gamma)/(SNR + 1), since ||eps - eps'||^2 = SNR ||x0 - x0'||^2 and
+    ||v - v'||^2 = (SNR + 1) ||x0 - x0'||^2 at fixed x_t."""
+    s = snr(schedule, t)
+    clipped = s.clamp(max=gamma)
+    return clipped / s if prediction == "eps" else clipped / (s + 1)
+
+
+def prediction_target(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str) -> torch.Tensor:
+    """What the network is trained to output: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)."""
+    if prediction == "eps":
+        return noise
+    return schedule.extract("sqrt_alphas_cumprod", t, x0.ndim) * noise - schedule.extract("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * x0
+
+
 def training_losses(
     model: Callable[..., torch.Tensor],
     schedule: NoiseSchedule,
@@ -100,12 +124,15 @@ def training_losses(
     generator: torch.Generator | None = None,
     draws: TrainingDraws | None = None,
     null_class: int | None = None,
+    prediction: str = "eps",
+    snr_gamma: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample eps-prediction MSE || eps - eps_theta(x_t, t[, y]) ||^2 (Ho et al. 2020, eq. 14) and the t used.
+    """Per-sample MSE between the network's output and its target (Ho et al. 2020, eq. 14 for eps), and the t used.
 
     `model(x_t, t, y)` is the UNet; for a conditional model `labels` are given and replaced by its null class
     (`null_class`, default `model.null_class`) per sample with probability `p_uncond`. The random inputs come
-    from `draws` when given, else are drawn from `generator`. Returns (loss per sample [N], t [N]).
+    from `draws` when given, else are drawn from `generator`. `prediction` is "eps" or "v"; `snr_gamma` turns
+    on min-SNR-gamma weighting. Returns (loss per sample [N], t [N]).
     """
     if draws is None:
         draws = draw_training_inputs(schedule, tuple(x0.shape), p_uncond, generator, x0.device)
@@ -114,11 +141,29 @@ def training_losses(
     if labels is not None:
         null = model.null_class if null_class is None else null_class
         labels = torch.where(draws.drop, torch.full_like(labels, null), labels)
-    eps = model(x_t, draws.t, labels)
-    per_sample = F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
+    output = model(x_t, draws.t, labels)
+    target = prediction_target(schedule, x0, draws.t, noise, prediction)
+    per_sample = F.mse_loss(output.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weight(schedule, draws.t, snr_gamma, prediction)
     return per_sample, draws.t
 
 
 def training_loss(model, schedule, x0, labels=None, *, p_uncond: float = 0.1, generator=None) -> torch.Tensor:
     """The mean of `training_losses`: the scalar to backpropagate."""
     return training_losses(model, schedule, x0, labels, p_uncond=p_uncond, generator=generator)[0].mean()
+
+
+def eps_from_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, prediction: str = "eps") -> torch.Tensor:
+    """The network's output as an eps prediction, whatever it was trained to predict.
+
+    v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022, sec. 4) and x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+    give eps = sqrt(abar) v + sqrt(1 - abar) x_t. The map is affine in the output with x_t fixed, so guidance
+    combines v predictions and eps predictions alike.
+    """
+    if prediction == "eps":
+        return output
+    if prediction == "v":
+        return (schedule.extract("sqrt_alphas_cumprod", t, x_t.ndim) * output
+                + schedule.extract("sqrt_one_minus_alphas_cumprod", t, x_t.ndim) * x_t)
+    raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")

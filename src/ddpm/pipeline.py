@@ -1,16 +1,45 @@
-"""High-level sampling: a model and its schedule in, images out (the notebook and CLI entry point)."""
+"""The one batched sampling path: a model and its schedule in, images out.
+
+`ddpm sample`, `ddpm eval`, the training preview grids and `ddpm serve` all draw through `sample_batches`, so
+one seed and one `SamplingConfig` give the same images everywhere: batch b is drawn from a generator seeded by
+(seed, b), which also lets an interrupted evaluation redraw exactly the batches it lacks.
+"""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Sequence
+from dataclasses import replace
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .config import SamplingConfig
+from .errors import DdpmError
 from .guidance import make_denoiser
-from .samplers import StepCallback, ddim_sample, ddpm_sample
+from .samplers import StepCallback, run_sampler
 from .schedule import NoiseSchedule
 
-SAMPLERS = ("ddpm", "ddim")
+
+def balanced_labels(n: int, num_classes: int | None) -> torch.Tensor | None:
+    """Classes 0, 1, ..., K-1, 0, 1, ... for n images (None for an unconditional model)."""
+    return torch.arange(n) % num_classes if num_classes else None
+
+
+def per_class_labels(per_class: int, num_classes: int) -> torch.Tensor:
+    """K images of class 0, then K of class 1, ...: one grid row per class."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def batch_generator(device: torch.device | str, seed: int, batch: int) -> torch.Generator:
+    """The generator of batch `batch`: seeded by (seed, batch), so any batch can be redrawn alone."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + batch)
+
+
+def _check_labels(model: torch.nn.Module, labels: torch.Tensor | None) -> None:
+    num_classes = model.config.num_classes
+    if labels is None or not num_classes or len(labels) == 0:
+        return
+    if labels.min() < 0 or labels.max() >= num_classes:
+        bad = sorted({y for y in labels.tolist() if not 0 <= y < num_classes})
+        raise DdpmError(f"labels {bad} are out of range: this model has classes 0..{num_classes - 1}")
 
 
 def sample(
@@ -19,80 +48,78 @@ def sample(
     n: int | None = None,
     *,
     labels: Sequence[int] | torch.Tensor | None = None,
-    guidance: float = 3.0,
-    sampler: str = "ddpm",
-    steps: int | None = None,
-    eta: float = 0.0,
-    clip_x0: bool = False,
     generator: torch.Generator | None = None,
-    batched_guidance: bool | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
+    sampling: SamplingConfig | None = None,
+    batched_guidance: bool | None = None,
+    **options,
 ) -> torch.Tensor:
-    """Draw images in [-1, 1] with shape [N, C, H, W] from `model` (on the model's device).
+    """Draw one batch of images in [-1, 1], shape [N, C, H, W], on the model's device.
 
-    Unconditional models take `n`; conditional ones take `labels` (n = len(labels)) and `guidance` w
-    (classifier-free guidance, see `guidance.py`). `sampler="ddpm"` runs all T ancestral steps;
-    `sampler="ddim"` runs `steps` (default 50) DDIM steps with `eta`.
+    Unconditional models take `n`; conditional ones take `labels` (n = len(labels)). The sampler and guidance
+    come from `sampling` and/or keyword options of `SamplingConfig` (sampler="dpmpp2m", steps=20, guidance=3, ...).
+    The network's output is read as `schedule.prediction` says (eps or v).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
+    sampling = replace(sampling or SamplingConfig(), **options)
     device = next(model.parameters()).device
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-        num_classes = model.config.num_classes
-        if num_classes and (labels.min() < 0 or labels.max() >= num_classes):
-            bad = sorted({y for y in labels.tolist() if not 0 <= y < num_classes})
-            raise ValueError(f"labels {bad} are out of range: this model has classes 0..{num_classes - 1}")
+        _check_labels(model, labels)
         if n is not None and n != len(labels):
-            raise ValueError(f"n={n} disagrees with the {len(labels)} labels given; give one of them")
+            raise DdpmError(f"n={n} disagrees with the {len(labels)} labels given; give one of them")
         n = len(labels)
     if n is None or n < 1:
-        raise ValueError(f"the number of images must be >= 1, got {n}")
+        raise DdpmError(f"the number of images must be >= 1, got {n}")
     c = model.config
     shape = (n, c.in_channels, c.image_size, c.image_size)
     was_training = model.training
     model.eval()
     try:
-        denoiser = make_denoiser(model, labels, guidance, batched_guidance)
-        common = dict(generator=generator, device=device, clip_x0=clip_x0, callback=callback, progress=progress)
-        if sampler == "ddpm":
-            return ddpm_sample(denoiser, schedule, shape, **common)
-        return ddim_sample(denoiser, schedule, shape, steps=steps or 50, eta=eta, **common)
+        denoiser = make_denoiser(model, labels, sampling, schedule=schedule, batched=batched_guidance)
+        return run_sampler(denoiser, schedule, shape, sampling, generator=generator, device=device, callback=callback, progress=progress)
     finally:
         model.train(was_training)  # leave the model as it was (an EMA copy stays in eval mode)
 
 
-def save_images(images: torch.Tensor, folder: Path, prefix: str = "sample", labels: Sequence[int] | None = None) -> list[Path]:
-    """Write each image in [-1, 1] as a PNG (rounded to uint8); returns the paths."""
-    from PIL import Image
+def sample_batches(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    *,
+    n: int | None = None,
+    labels: torch.Tensor | None = None,
+    sampling: SamplingConfig | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    skip: Callable[[range], bool] | None = None,
+    callback: StepCallback | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[range, torch.Tensor]]:
+    """Yield (indices, images) batch by batch; images in [-1, 1] on the CPU.
 
-    from .data import to_uint8
+    Give `labels` (conditional) or `n` (unconditional). Batch b covers indices [b*B, (b+1)*B) and is drawn with
+    `batch_generator(device, seed, b)`. `skip(indices)` returning True leaves a batch out (e.g. its files exist).
+    `callback` sees the steps of the first batch drawn.
+    """
+    if batch_size < 1:
+        raise DdpmError(f"--batch-size must be >= 1, got {batch_size}")
+    total = len(labels) if labels is not None else n
+    if total is None or total < 1:
+        raise DdpmError(f"nothing to sample: the number of images must be >= 1, got {total}")
+    device = next(model.parameters()).device
+    first = True
+    for b, start in enumerate(range(0, total, batch_size)):
+        indices = range(start, min(total, start + batch_size))
+        if skip is not None and skip(indices):
+            continue
+        part = labels[indices.start : indices.stop] if labels is not None else None
+        x = sample(model, schedule, None if part is not None else len(indices), labels=part, sampling=sampling,
+                   generator=batch_generator(device, seed, b), callback=callback if first else None, progress=progress)
+        first = False
+        yield indices, x.cpu()
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    pixels = to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()
-    paths = []
-    for i, array in enumerate(pixels):
-        name = f"{prefix}_{i:05d}" + (f"_class{labels[i]}" if labels is not None else "") + ".png"
-        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(folder / name)
-        paths.append(folder / name)
-    return paths
 
+def sample_all(model, schedule, **kwargs) -> torch.Tensor:
+    """Every image of `sample_batches` at once, in order."""
+    return torch.cat([x for _, x in sample_batches(model, schedule, **kwargs)])
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int, upscale: int = 1) -> Path:
-    """One PNG grid of images in [-1, 1], optionally enlarged (nearest) so that small images are visible."""
-    import torchvision
-
-    from .data import to_uint8
-
-    grid = torchvision.utils.make_grid((images.cpu().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
-    if upscale > 1:
-        grid = grid.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
-    array = to_uint8(grid * 2 - 1).permute(1, 2, 0).numpy()
-    Image.fromarray(array).save(path)
-    return path

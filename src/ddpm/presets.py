@@ -5,18 +5,20 @@ PRESETS: dict[str, dict] = {
     # The quickstart: class-conditional digits on a laptop CPU in about a quarter of an hour (see README).
     "quickstart": {
         "model": {"image_size": 16, "base_channels": 32, "channel_mults": (1, 2, 2), "bottleneck_mult": 4},
-        "train": {"data": "mnist", "conditional": True, "batch_size": 64, "steps": 1500, "lr": 2e-3,
-                  "warmup_steps": 100, "ema_decay": 0.995, "ema_warmup": 100, "sample_every": 500,
-                  "sample_steps": 25, "checkpoint_every": 250},
+        "train": {"data": "mnist", "conditional": True, "batch_size": 64, "lr": 2e-3,
+                  "warmup_steps": 100, "ema_decay": 0.995, "ema_warmup": 100},
+        "runtime": {"steps": 1500, "sample_every": 500, "sample_steps": 25, "checkpoint_every": 250},
     },
     # The seed's unconditional run: 64x64 RGB on a folder of landscape photos (give the folder as DATA).
     "landscape64": {
         "model": {"image_size": 64},
-        "train": {"conditional": False, "batch_size": 12, "epochs": 500, "lr": 3e-4},
+        "train": {"conditional": False, "batch_size": 12, "lr": 3e-4},
+        "runtime": {"epochs": 500},
     },
     # The seed's conditional run: CIFAR-10 upscaled to 64x64, classifier-free guidance w=3.
     "cifar10-64": {
         "model": {"image_size": 64},
-        "train": {"conditional": True, "batch_size": 14, "epochs": 300, "lr": 3e-4, "guidance": 3.0},
+        "train": {"conditional": True, "batch_size": 14, "lr": 3e-4},
+        "runtime": {"epochs": 300, "guidance": 3.0},
     },
 }

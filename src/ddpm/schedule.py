@@ -13,9 +13,15 @@ from torch import nn
 from .config import DiffusionConfig
 
 
-def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """beta_1..beta_T spaced linearly (Ho et al. 2020, section 4), float64."""
-    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, max_beta: float = 0.999) -> torch.Tensor:
+    """beta_1..beta_T spaced linearly (Ho et al. 2020, section 4), float64.
+
+    `beta_start` and `beta_end` are the values for T = 1000; other T scale both by 1000/T (as improved-diffusion
+    does), which keeps abar_T = prod(1 - beta) near exp(-sum beta) ~ 4e-5 at every T. Unscaled, T = 200 would end
+    at abar_T ~ 0.13: sampling would start from pure noise while training never saw x_T that noisy."""
+    scale = 1000 / timesteps
+    betas = torch.linspace(beta_start * scale, beta_end * scale, timesteps, dtype=torch.float64)
+    return betas.clamp(max=max_beta)
 
 
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -40,8 +46,11 @@ class NoiseSchedule(nn.Module):
                                                                                       (eq. 7, mu_tilde)
     """
 
-    def __init__(self, betas: torch.Tensor):
+    def __init__(self, betas: torch.Tensor, prediction: str = "eps"):
         super().__init__()
+        # What the network paired with this schedule outputs ("eps" or "v"): samplers, guidance and the
+        # validation loss read the output through it (diffusion.eps_from_output), so it travels with the tables.
+        self.prediction = prediction
         betas = betas.to(torch.float64)
         if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must be a 1-D tensor with every value in (0, 1)")
@@ -75,8 +84,10 @@ class NoiseSchedule(nn.Module):
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> "NoiseSchedule":
         if config.beta_schedule == "linear":
-            return cls(linear_betas(config.timesteps, config.beta_start, config.beta_end))
-        return cls(cosine_betas(config.timesteps))
+            betas = linear_betas(config.timesteps, config.beta_start, config.beta_end)
+        else:
+            betas = cosine_betas(config.timesteps)
+        return cls(betas, config.prediction)
 
     def __len__(self) -> int:
         return self.timesteps

@@ -1,15 +1,16 @@
-"""The training loop: AdamW with warm-up, gradient clipping and accumulation, EMA, AMP on GPUs, TensorBoard,
-atomic checkpoints, exact resume, and DistributedDataParallel when launched by `torchrun`.
+"""The training loop as a small Trainer: set-up, one checkpoint payload, batches, one step, and `fit`.
 
 Determinism: the data order of epoch e depends only on (seed, e); timesteps, noise, label dropout and flips
 come from one generator whose state is in every checkpoint. Those draws are made for the whole global batch
 and each rank (and micro-batch) takes its slice, so K processes compute exactly what one process with the
 same global batch computes, and a resumed run continues the same stream.
+
+No host-device sync per step: the loss statistics stay on the device until a logging step, and a step whose
+loss or gradient is not finite is skipped on the device (see `Trainer.step`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 import warnings
@@ -20,13 +21,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from . import checkpoint as ckpt
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, RuntimeConfig
 from .data import DataInfo, load_dataset
 from .devices import autocast, configure_for_speed, pick_device, resolve_amp
 from .diffusion import draw_training_inputs, training_losses
 from .ema import EMA
-from .guidance import make_denoiser
-from .samplers import ddim_sample
+from .errors import DdpmError
+from .monitor import Monitor, RankZeroMonitor
 from .schedule import NoiseSchedule
 from .unet import UNet
 
@@ -39,7 +40,7 @@ class TrainResult:
     step: int
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(DdpmError):
     """The loss stayed NaN/inf; the message names the last good checkpoint."""
 
 
@@ -57,6 +58,10 @@ class DistributedContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
 
 def distributed_context() -> DistributedContext:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a plain launch is rank 0 of 1."""
@@ -64,36 +69,48 @@ def distributed_context() -> DistributedContext:
     return DistributedContext(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-class EpochBatches(Sampler[list[int]]):
-    """This rank's share of each global batch of a seeded per-epoch permutation (drop_last), from batch `skip`.
+def setup_device(ctx: DistributedContext, device_name: str | None) -> torch.device:
+    """The device of this process; under torchrun also the process group (nccl on GPUs, gloo on CPUs)."""
+    if not ctx.enabled:
+        return pick_device(device_name)
+    use_cuda = torch.cuda.is_available() and device_name in (None, "cuda")
+    device = torch.device(f"cuda:{ctx.local_rank}") if use_cuda else pick_device(device_name or "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
-    The permutation of epoch e depends only on (seed, e), so a resumed run sees the same batches; rank r of
-    K takes items [r*B/K, (r+1)*B/K) of every global batch of size B.
+
+class StepBatches(Sampler[list[int]]):
+    """This rank's share of each global batch, for optimizer steps `start`, `start` + 1, ... `stop` - 1.
+
+    Step s is batch s mod E of epoch s // E (E = batches per epoch, drop_last) of a permutation that depends
+    only on (seed, epoch), so a resumed run sees the same batches. One sampler spans all epochs, so a single
+    DataLoader (and its worker processes) lives for the whole run. Rank r of K takes items
+    [r*B/K, (r+1)*B/K) of every global batch of size B.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, skip: int = 0, rank: int = 0, world_size: int = 1):
-        self.size, self.batch_size, self.seed, self.epoch, self.skip = size, batch_size, seed, epoch, skip
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed, self.start, self.stop = size, batch_size, seed, start, stop
         self.share = batch_size // world_size
         self.offset = rank * self.share
+        self.per_epoch = size // batch_size
 
     def __len__(self) -> int:
-        return self.size // self.batch_size - self.skip
+        return max(0, self.stop - self.start)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        for b in range(self.skip, self.size // self.batch_size):
-            start = b * self.batch_size + self.offset
-            yield order[start : start + self.share].tolist()
-
-
-def prepare(config: RunConfig) -> tuple[RunConfig, DataInfo]:
-    """Load the data and make the model config agree with it (channels, classes)."""
-    t = config.train
-    info = load_dataset(t.data, config.model.image_size, t.channels, t.conditional)
-    if len(info.dataset) < t.batch_size:
-        raise ConfigError(f"the dataset has {len(info.dataset)} images, fewer than --batch-size {t.batch_size}; lower --batch-size")
-    model = dataclasses.replace(config.model, in_channels=info.channels, out_channels=None, num_classes=info.num_classes)
-    return dataclasses.replace(config, model=model), info
+        epoch, order = None, None
+        for step in range(self.start, self.stop):
+            if step // self.per_epoch != epoch:
+                epoch = step // self.per_epoch
+                order = self.permutation(epoch)
+            first = (step % self.per_epoch) * self.batch_size + self.offset
+            yield order[first : first + self.share].tolist()
 
 
 def random_hflip(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -101,8 +118,9 @@ def random_hflip(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with the fused kernel (one pass over all parameters instead of a dozen per tensor) where available."""
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel where available: one pass over all parameters, and it can skip a step on
+    the device (`found_inf`) without a host sync."""
     try:
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError):  # a device without a fused implementation
@@ -110,39 +128,220 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
 
 
 def total_steps(config: RunConfig, dataset_size: int) -> int:
-    t = config.train
-    if t.steps is not None:
-        return t.steps
-    if t.epochs is not None:
-        return t.epochs * (dataset_size // t.batch_size)
+    r, batch = config.runtime, config.train.batch_size
+    if r.steps is not None:
+        return r.steps
+    if r.epochs is not None:
+        return r.epochs * (dataset_size // batch)
     raise ConfigError("give --steps or --epochs (how long to train)")
 
 
-def _lr_at(step: int, config: RunConfig) -> float:
-    t = config.train
-    return t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up to `base_lr` over `warmup_steps`, then constant (the seed's schedule)."""
+    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else base_lr
 
 
-@torch.no_grad()
-def sample_grid(model: torch.nn.Module, schedule: NoiseSchedule, config: RunConfig, device, seed: int = 0) -> torch.Tensor:
-    """A preview grid (values in [0, 1]) from `model`: one column per class for conditional models."""
-    import torchvision
+@dataclasses.dataclass
+class StepStats:
+    """What one step measured, all on the training device (reading any of them syncs)."""
 
-    gen = torch.Generator(device).manual_seed(seed)
-    c = config.model
-    if c.num_classes:
-        per_class = max(1, min(8, 64 // c.num_classes))
-        labels = torch.arange(c.num_classes, device=device).repeat(per_class)
-        nrow = c.num_classes
-    else:
-        labels, nrow = None, 8
-    n = len(labels) if labels is not None else 16
-    denoiser = make_denoiser(model, labels, config.train.guidance)
-    x = ddim_sample(denoiser, schedule, (n, c.in_channels, c.image_size, c.image_size), steps=config.train.sample_steps, generator=gen, device=device)
-    return torchvision.utils.make_grid((x.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1)
+    per_sample: torch.Tensor  # loss per sample of this rank [N]
+    timesteps: torch.Tensor  # their t [N]
+    grad_norm: torch.Tensor  # before clipping
+    skipped: torch.Tensor  # bool: loss or gradient not finite, the update was not applied
+    lr: float
+    images: int  # global images this step
 
 
-def _resume_state(run_dir: Path) -> dict:
+class Trainer:
+    """Model, optimizer, EMA, noise generator and the step that updates them; `state_dict` is the checkpoint."""
+
+    def __init__(self, config: RunConfig, info: DataInfo, device: torch.device, ctx: DistributedContext | None = None):
+        self.config, self.info, self.device = config, info, device
+        self.ctx = ctx or DistributedContext()
+        t = config.train
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.model = UNet(config.model).to(device)
+        self.channels_last = device.type == "cuda"  # a cuDNN win, none for CPU training (benchmarks/RESULTS.md)
+        if self.channels_last:
+            self.model, _ = configure_for_speed(self.model)
+        self.schedule = NoiseSchedule.from_config(config.diffusion).to(device)
+        self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay)
+        self.amp_dtype = resolve_amp(config.runtime.amp, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = EMA(self.model, t.ema_decay, t.ema_warmup) if self.ctx.is_main else None
+        self.noise_gen = torch.Generator(device).manual_seed(t.seed + 1)  # identical on every rank: each takes its slice
+        self.hflip = t.hflip if t.hflip is not None else t.data != "mnist"  # digits are not mirror-symmetric
+        self.step_count = 0
+        self.bad_run = torch.zeros((), device=device, dtype=torch.long)  # consecutive skipped steps, on the device
+        self.worst_bad_run = torch.zeros((), device=device, dtype=torch.long)  # the longest since the last check
+        self.net = self._wrap(self.model)
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        net = model
+        if self.ctx.enabled:
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.config.runtime.compile:
+            net = torch.compile(net)  # `self.model` keeps the plain parameter names for checkpoints and the EMA
+        return net
+
+    # -- the checkpoint payload -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step_count,
+            "config": self.config.to_dict(), "rng": {"noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ckpt.CheckpointError(f"the checkpoint does not fit the model of its own config: {error}") from error
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step_count = int(state["step"])
+        try:
+            self.noise_gen.set_state(state["rng"]["noise"].to(torch.uint8))
+        except RuntimeError:  # saved by another kind of device (--device moved the run): CPU and CUDA states differ
+            self.noise_gen.manual_seed(self.config.train.seed + 1 + self.step_count)
+            warnings.warn(f"the checkpoint's noise generator comes from another kind of device; continuing on {self.device} "
+                          "with a fresh stream, so the run is no longer bit-identical to an uninterrupted one", stacklevel=2)
+        torch.set_rng_state(state["rng"]["torch"])
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.info.dataset) // self.config.train.batch_size
+
+    def batches(self, start: int, stop: int):
+        """(x0, labels) on the device for steps start..stop-1, from one DataLoader whose workers live all run."""
+        try:  # TEMPORARY until data.auto_workers lands
+            from .data import auto_workers
+        except ImportError:
+            def auto_workers(device):
+                return 0
+        workers = self.config.runtime.num_workers
+        workers = auto_workers(self.device) if workers is None else workers
+        sampler = StepBatches(len(self.info.dataset), self.config.train.batch_size, self.config.train.seed, start, stop,
+                              self.ctx.rank, self.ctx.world_size)
+        loader = DataLoader(self.info.dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.config.train.seed))
+        conditional = self.config.model.num_classes is not None
+        for x0, labels in loader:
+            x0 = x0.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            yield x0, labels.to(self.device, non_blocking=True) if conditional else None
+
+    # -- one optimizer step --------------------------------------------------------------------------------------
+    def forward_backward(self, x0: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw the step's randomness for the global batch, take this rank's slice, and backpropagate the loss
+        over `grad_accum` micro-batches. Returns (loss per sample, t)."""
+        t, ctx = self.config.train, self.ctx
+        share = t.batch_size // ctx.world_size
+        mine = slice(ctx.rank * share, (ctx.rank + 1) * share)
+        draws = draw_training_inputs(self.schedule, (t.batch_size, *x0.shape[1:]), t.p_uncond, self.noise_gen, self.device)[mine]
+        flips = torch.rand(t.batch_size, device=self.device, generator=self.noise_gen)[mine] < 0.5
+        if self.hflip:
+            x0 = random_hflip(x0, flips)
+        micro = share // t.grad_accum
+        losses, timesteps = [], []
+        for m in range(t.grad_accum):
+            part = slice(m * micro, (m + 1) * micro)
+            last = m == t.grad_accum - 1
+            sync = self.net.no_sync() if ctx.enabled and not last else torch.enable_grad()
+            with sync, autocast(self.device, self.amp_dtype):
+                per_sample, ts = training_losses(
+                    self.net, self.schedule, x0[part], labels[part] if labels is not None else None, draws=draws[part],
+                    null_class=self.model.null_class, prediction=self.config.diffusion.prediction, snr_gamma=t.snr_gamma)
+                # sum / share: the micro-batches add up to this rank's mean; DDP averages the ranks
+                self.scaler.scale(per_sample.sum() / share).backward()
+            losses.append(per_sample.detach())
+            timesteps.append(ts)
+        return torch.cat(losses), torch.cat(timesteps)
+
+    def step(self, x0: torch.Tensor, labels: torch.Tensor | None) -> StepStats:
+        """One optimizer step. A non-finite loss or gradient skips the update on the device (fused AdamW's
+        `found_inf`, as GradScaler does for fp16), so nothing waits for the host; `check_divergence` reads the
+        count of consecutive skips at logging steps. The EMA still averages on a skipped step (towards the
+        unchanged weights)."""
+        t = self.config.train
+        lr = learning_rate(self.step_count, t.lr, t.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        per_sample, timesteps = self.forward_backward(x0, labels)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        skipped = ~torch.isfinite(per_sample.sum())
+        if self.amp_dtype != torch.float16:
+            skipped |= ~torch.isfinite(grad_norm)  # fp16 overflow is the GradScaler's business
+        if self.ctx.enabled:
+            flag = skipped.float().reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank must skip together
+            skipped = flag[0] > 0
+        self._apply_update(skipped)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.bad_run = (self.bad_run + 1) * skipped
+        self.worst_bad_run = torch.maximum(self.worst_bad_run, self.bad_run)
+        self.step_count += 1
+        return StepStats(per_sample, timesteps, grad_norm, skipped, lr, len(x0) * self.ctx.world_size)
+
+    def _apply_update(self, skipped: torch.Tensor) -> None:
+        fused = self.optimizer.defaults.get("fused")
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips on fp16 overflow (and on NaN, which overflows too)
+            self.scaler.update()
+        elif fused:
+            self.optimizer.found_inf = skipped.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(skipped):  # no fused kernel on this device: the one place that syncs
+            self.optimizer.step()
+
+    def check_divergence(self, run_dir: Path, last_saved: int) -> int:
+        """Stop when `max_nonfinite_steps` steps in a row were skipped; returns the skips since the last check."""
+        worst = int(self.worst_bad_run)
+        self.worst_bad_run.zero_()
+        limit = self.config.train.max_nonfinite_steps
+        if worst >= limit:
+            raise TrainingDiverged(
+                f"the loss was NaN/inf for {worst} steps in a row (up to step {self.step_count}); the last good checkpoint "
+                f"is step {last_saved} in {run_dir}. Lower --lr, keep gradient clipping on, or check the data")
+        return worst
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def fit(self, last_step: int, monitor: Monitor) -> None:
+        """Train up to `last_step`; the monitor logs, validates, draws previews and saves on its schedule."""
+        r = self.config.runtime
+        last_saved = self.step_count
+        for x0, labels in self.batches(self.step_count, last_step):
+            stats = self.step(x0, labels)
+            step = self.step_count
+            final = step == last_step
+            monitor.record(stats)
+            if step % r.log_every == 0 or final:
+                skips = self.check_divergence(monitor.run_dir, last_saved)
+                monitor.log(self, stats, skips)
+            monitor.extras(self)
+            if step % self.steps_per_epoch == 0:
+                monitor.end_of_epoch(self)
+            # never save in the middle of a run of skipped steps (a sync, at checkpoint steps only)
+            if (step % r.checkpoint_every == 0 or final) and bool(self.bad_run == 0):
+                monitor.save(self)
+                self.ctx.barrier()
+                last_saved = step
+            monitor.progress(self)
+
+
+def _load_latest_state(run_dir: Path) -> dict:
     """The newest checkpoint that loads; a broken newer one (e.g. truncated by hand) is reported and passed over."""
     candidates = sorted((run_dir / ckpt.CHECKPOINT_DIR).glob("step_*.pt"), reverse=True)
     if not candidates:
@@ -155,237 +354,70 @@ def _resume_state(run_dir: Path) -> dict:
     raise ckpt.CheckpointError(f"no checkpoint in {run_dir / ckpt.CHECKPOINT_DIR} can be read; start a new run")
 
 
-class _Logger:
-    """Rank-0 TensorBoard scalars averaged over each logging window, with the loss per quarter of the t range.
+def saved_config(run_dir: Path) -> RunConfig:
+    """The config of the newest readable checkpoint of a run (what `--resume` continues)."""
+    return RunConfig.from_dict(_load_latest_state(Path(run_dir))["config"])
 
-    Sums stay on the training device between flushes, so logging adds no host-device sync per step."""
 
-    def __init__(self, writer, timesteps: int, device: torch.device):
-        self.writer, self.timesteps, self.device = writer, timesteps, device
-        self.reset()
+def resume_config(run_dir: Path, **runtime_changes) -> RunConfig:
+    """The saved run with new runtime settings (every RuntimeConfig field may change; nothing else can).
 
-    def reset(self):
-        self.images, self.t0 = 0, time.perf_counter()
-        self.quarter_sums = torch.zeros(4, device=self.device)
-        self.quarter_counts = torch.zeros(4, device=self.device)
+    Giving `steps` or `epochs` replaces the run's length, whichever of the two it was defined by."""
+    config = saved_config(run_dir)
+    changes = {k: v for k, v in runtime_changes.items() if v is not None}
+    if "steps" in changes or "epochs" in changes:
+        changes.setdefault("steps", None)
+        changes.setdefault("epochs", None)
+    config.runtime = dataclasses.replace(config.runtime, **{**changes, "out_dir": str(run_dir)})
+    return config
 
-    def add(self, per_sample: torch.Tensor, t: torch.Tensor, images: int):
-        self.images += images
-        quarters = t * 4 // self.timesteps
-        self.quarter_sums.index_add_(0, quarters, per_sample.detach().float())
-        self.quarter_counts.index_add_(0, quarters, torch.ones_like(per_sample, dtype=torch.float))
 
-    def flush(self, step: int, lr: float, grad_norm: float) -> dict:
-        ips = self.images / max(time.perf_counter() - self.t0, 1e-9)
-        sums, counts = self.quarter_sums.cpu(), self.quarter_counts.cpu()
-        loss = (sums.sum() / counts.sum().clamp(min=1)).item()
-        w = self.writer
-        w.add_scalar("train/loss", loss, step)
-        for q in range(4):
-            if counts[q] > 0:
-                w.add_scalar(f"train/loss_t_quarter{q + 1}", (sums[q] / counts[q]).item(), step)
-        w.add_scalar("train/lr", lr, step)
-        w.add_scalar("train/grad_norm", grad_norm, step)
-        w.add_scalar("train/images_per_sec", ips, step)
-        self.reset()
-        return {"loss": f"{loss:.4f}", "img_s": f"{ips:.0f}"}
+def _check_new_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file; give a folder path")
+    if (run_dir / ckpt.LATEST).exists() or any((run_dir / ckpt.CHECKPOINT_DIR).glob("step_*.pt")):
+        raise ConfigError(f"{run_dir} already holds a run; continue it with `ddpm train --resume {run_dir}` or choose another --out")
+
+
+def prepare(config: RunConfig) -> tuple[RunConfig, DataInfo]:
+    """Load the data and make the model config agree with it (channels, classes)."""
+    t = config.train
+    info = load_dataset(t.data, config.model.image_size, t.channels, t.conditional)
+    if len(info.dataset) < t.batch_size:
+        raise ConfigError(f"the dataset has {len(info.dataset)} images, fewer than --batch-size {t.batch_size}; lower --batch-size")
+    model = dataclasses.replace(config.model, in_channels=info.channels, out_channels=None, num_classes=info.num_classes)
+    return dataclasses.replace(config, model=model), info
 
 
 def train(config: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train (or, with `resume`, continue) the run in `config.train.out_dir`.
+    """Train the run in `config.runtime.out_dir`; with `resume`, continue its saved run (model, diffusion and
+    recipe from the checkpoint) under `config.runtime` (see `resume_config`).
 
-    Under `torchrun` (WORLD_SIZE > 1) it runs DistributedDataParallel: nccl on GPUs, gloo on CPUs; rank 0
-    alone keeps the EMA, logs, draws grids and writes checkpoints; every rank resumes from the same file.
-    """
+    Under `torchrun` (WORLD_SIZE > 1) it runs DistributedDataParallel: rank 0 alone keeps the EMA, logs,
+    draws grids and writes checkpoints; every rank resumes from the same file."""
     ctx = distributed_context()
-    run_dir = Path(config.train.out_dir)
-    state = None
-    if resume:
-        state = _resume_state(run_dir)
-        saved = RunConfig.from_dict(state["config"])
-        # a run continues with its saved config; only its length, the device and compilation may change on resume
-        saved.train = dataclasses.replace(saved.train, out_dir=str(run_dir), steps=config.train.steps or saved.train.steps,
-                                          epochs=config.train.epochs or saved.train.epochs, compile=config.train.compile,
-                                          device=config.train.device or saved.train.device)
-        config = saved
-    elif run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} is a file; give a folder path")
-    elif (run_dir / ckpt.LATEST).exists() or any((run_dir / ckpt.CHECKPOINT_DIR).glob("step_*.pt")):
-        raise ConfigError(f"{run_dir} already holds a run; continue it with `ddpm train --resume {run_dir}` or choose another --out")
-
-    config, info = prepare(config)
-    t = config.train
-    if t.batch_size % (ctx.world_size * t.grad_accum):
-        raise ConfigError(f"--batch-size {t.batch_size} must divide by processes x grad_accum = {ctx.world_size} x {t.grad_accum}")
-    if ctx.enabled:
-        device = torch.device(f"cuda:{ctx.local_rank}") if torch.cuda.is_available() and t.device in (None, "cuda") else pick_device(t.device or "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    else:
-        device = pick_device(t.device)
-    amp_dtype = resolve_amp(t.amp, device)
-    torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = UNet(config.model).to(device)
-    schedule = NoiseSchedule.from_config(config.diffusion).to(device)
-    channels_last = device.type == "cuda"  # measured: a win for cuDNN, none for CPU training (benchmarks/RESULTS.md)
-    if channels_last:
-        model, _ = configure_for_speed(model)
-    optimizer = make_optimizer(model, t.lr, t.weight_decay, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = EMA(model, t.ema_decay, t.ema_warmup) if ctx.is_main else None
-    noise_gen = torch.Generator(device).manual_seed(t.seed + 1)  # identical on every rank: each takes its slice
-    hflip = t.hflip if t.hflip is not None else t.data != "mnist"  # digits are not mirror-symmetric
-    steps_per_epoch = len(info.dataset) // t.batch_size
-    last_step = total_steps(config, len(info.dataset))
-    step = 0
+    run_dir = Path(config.runtime.out_dir)
+    state = _load_latest_state(run_dir) if resume else None
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as error:
-            raise ckpt.CheckpointError(f"the checkpoint does not fit the model of its own config: {error}") from error
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        step = int(state["step"])
-        try:
-            noise_gen.set_state(state["rng"]["noise"].to(torch.uint8))
-        except RuntimeError:  # saved by another kind of device (--device moved the run): CPU and CUDA states differ
-            noise_gen.manual_seed(t.seed + 1 + step)
-            warnings.warn(f"the checkpoint's noise generator comes from another kind of device; continuing on {device} with a "
-                          "fresh stream, so the run is no longer bit-identical to an uninterrupted one", stacklevel=2)
-        torch.set_rng_state(state["rng"]["torch"])
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
-    if t.compile:
-        net = torch.compile(net)  # `model` keeps the plain parameter names for checkpoints and the EMA
-
-    writer = None
-    if ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_bytes(run_dir / ckpt.CONFIG, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step if step else None)
-        if step == 0:
-            writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```")
-    logger = _Logger(writer, len(schedule), device) if writer else None
-    held_out = None
-    if writer is not None and t.val_every:
-        from .metrics import validation_set
-
-        held_out = validation_set(t.data, config.model.image_size, info.channels, config.model.num_classes is not None, n=t.val_size)
-
-    def save(step: int) -> None:
-        if ctx.is_main:
-            payload = {
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "config": config.to_dict(),
-                "rng": {"noise": noise_gen.get_state(), "torch": torch.get_rng_state()},
-            }
-            ckpt.save_training_state(run_dir, payload, step, t.keep_checkpoints)
-            ckpt.save_pretrained(ema.model, run_dir / ckpt.MODEL_DIR, config.diffusion, {"class_names": info.class_names, "step": step})
-        if ctx.enabled:
-            dist.barrier()
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=last_step, initial=step, disable=not (progress and ctx.is_main), desc="train", dynamic_ncols=True)
-    start_time, start_step, last_saved = time.perf_counter(), step, step
-    share = t.batch_size // ctx.world_size
-    micro = share // t.grad_accum
-    mine = slice(ctx.rank * share, (ctx.rank + 1) * share)
-    bad_steps = 0
-    model.train()
+        config = dataclasses.replace(RunConfig.from_dict(state["config"]), runtime=config.runtime)
+    else:
+        _check_new_run_dir(run_dir)
+    config, info = prepare(config)
+    if config.train.batch_size % (ctx.world_size * config.train.grad_accum):
+        raise ConfigError(f"--batch-size {config.train.batch_size} must divide by processes x grad_accum = "
+                          f"{ctx.world_size} x {config.train.grad_accum}")
+    trainer = Trainer(config, info, setup_device(ctx, config.runtime.device), ctx)
+    if state is not None:
+        trainer.load_state_dict(state)
+    last_step = total_steps(config, len(info.dataset))
+    monitor = RankZeroMonitor(trainer, run_dir, last_step, progress) if ctx.is_main else Monitor(run_dir)
     try:
-        while step < last_step:
-            epoch, skip = divmod(step, steps_per_epoch)
-            sampler = EpochBatches(len(info.dataset), t.batch_size, t.seed, epoch, skip, ctx.rank, ctx.world_size)
-            loader = DataLoader(info.dataset, batch_sampler=sampler, num_workers=t.num_workers, pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(t.seed))  # keeps the global RNG untouched
-            for x0, labels in loader:
-                x0 = x0.to(device, non_blocking=True)
-                if channels_last:
-                    x0 = x0.contiguous(memory_format=torch.channels_last)
-                labels = labels.to(device, non_blocking=True) if config.model.num_classes else None
-                # random inputs for the whole global batch, then this rank's slice (see the module docstring)
-                draws = draw_training_inputs(schedule, (t.batch_size, *x0.shape[1:]), t.p_uncond, noise_gen, device)[mine]
-                flips = torch.rand(t.batch_size, device=device, generator=noise_gen)[mine] < 0.5
-                if hflip:
-                    x0 = random_hflip(x0, flips)
-                lr = _lr_at(step, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                losses, timesteps = [], []
-                for m in range(t.grad_accum):
-                    part = slice(m * micro, (m + 1) * micro)
-                    last_micro = m == t.grad_accum - 1
-                    sync = net.no_sync() if ctx.enabled and not last_micro else torch.enable_grad()
-                    with sync, autocast(device, amp_dtype):
-                        per_sample, ts = training_losses(net, schedule, x0[part], labels[part] if labels is not None else None,
-                                                         draws=draws[part], null_class=model.null_class)
-                        # sum / share: the micro-batches add up to this rank's mean; DDP averages the ranks
-                        scaler.scale(per_sample.sum() / share).backward()
-                    losses.append(per_sample.detach())
-                    timesteps.append(ts)
-                per_sample, timesteps = torch.cat(losses), torch.cat(timesteps)
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-                nonfinite = ~torch.isfinite(per_sample.sum())
-                if amp_dtype != torch.float16:
-                    nonfinite |= ~torch.isfinite(grad_norm)  # fp16 overflow is the GradScaler's business
-                if ctx.enabled:
-                    flag = nonfinite.float().reshape(1)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank must skip together
-                    nonfinite = flag[0] > 0
-                step += 1
-                if bool(nonfinite):
-                    bad_steps += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    if ctx.is_main:
-                        warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)", stacklevel=1)
-                    if bad_steps >= t.max_nonfinite_steps:
-                        raise TrainingDiverged(
-                            f"the loss was NaN/inf for {bad_steps} steps in a row (up to step {step}); the last good checkpoint "
-                            f"is step {last_saved} in {run_dir}. Lower --lr, keep gradient clipping on, or check the data")
-                else:
-                    bad_steps = 0
-                    scaler.step(optimizer)
-                    scaler.update()
-                    if ema is not None:
-                        ema.update(model)
-                if logger is not None:
-                    logger.add(per_sample, timesteps, len(x0) * ctx.world_size)
-                    if step % t.log_every == 0 or step == last_step:
-                        bar.set_postfix(logger.flush(step, lr, float(grad_norm)))
-                    if t.sample_every and step % t.sample_every == 0:
-                        writer.add_image("samples/ema", sample_grid(ema.model, schedule, config, device), step)
-                    if held_out is not None and (step % t.val_every == 0 or step == last_step):
-                        from .metrics import validation_loss
-
-                        for tag, net_ in (("val/loss", model), ("val/loss_ema", ema.model)):
-                            writer.add_scalar(tag, validation_loss(net_, schedule, held_out.images.to(device),
-                                                                   None if held_out.labels is None else held_out.labels.to(device), seed=t.seed), step)
-                if bad_steps == 0 and (step % t.checkpoint_every == 0 or step == last_step):
-                    save(step)
-                    last_saved = step
-                bar.update(1)
-                if t.compile and step == start_step + 1 and ctx.is_main and progress:
-                    bar.write(f"torch.compile: the first step took {time.perf_counter() - start_time:.0f}s (compilation included)")
-                if step >= last_step:
-                    break
+        trainer.fit(last_step, monitor)
     finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    elapsed = time.perf_counter() - start_time
-    if progress and ctx.is_main:
-        print(f"trained steps {start_step}..{step} in {elapsed:.0f}s ({(step - start_step) * t.batch_size / max(elapsed, 1e-9):.1f} images/s) "
-              f"on {device}{f' x {ctx.world_size} processes' if ctx.enabled else ''}; model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"parameters; EMA weights in {run_dir / ckpt.MODEL_DIR}")
-    if ctx.enabled:
-        dist.destroy_process_group()
-    return TrainResult(run_dir, model, ema.model if ema is not None else None, step)
+        monitor.close(trainer)
+        if ctx.enabled:
+            dist.destroy_process_group()
+    return TrainResult(run_dir, trainer.model, trainer.ema.model if trainer.ema else None, trainer.step_count)
+
+
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "RuntimeConfig", "train", "resume_config", "StepBatches"]

@@ -1,0 +1,169 @@
+"""What rank 0 does around the training steps: progress bar, TensorBoard, validation loss, preview grids,
+checkpoints and the exported model. Other ranks get the silent `Monitor`, so the loop has no rank checks.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import SamplingConfig
+from .files import atomic_write_json, make_grid
+
+
+class Monitor:
+    """The silent monitor of ranks other than 0: the training loop calls these hooks on every rank."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def record(self, stats) -> None: ...
+
+    def log(self, trainer, stats, skips: int) -> None: ...
+
+    def extras(self, trainer) -> None: ...
+
+    def end_of_epoch(self, trainer) -> None: ...
+
+    def save(self, trainer) -> None: ...
+
+    def progress(self, trainer) -> None: ...
+
+    def close(self, trainer) -> None: ...
+
+
+class LossLogger:
+    """TensorBoard scalars averaged over each logging window, with the loss per quarter of the t range.
+
+    Sums stay on the training device between flushes, so logging adds no host-device sync per step."""
+
+    def __init__(self, writer, timesteps: int, device: torch.device):
+        self.writer, self.timesteps, self.device = writer, timesteps, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.images, self.t0 = 0, time.perf_counter()
+        self.quarter_sums = torch.zeros(4, device=self.device)
+        self.quarter_counts = torch.zeros(4, device=self.device)
+
+    def add(self, per_sample: torch.Tensor, t: torch.Tensor, images: int) -> None:
+        self.images += images
+        quarters = t * 4 // self.timesteps
+        finite = torch.isfinite(per_sample)  # a skipped step's NaN must not poison the window's average
+        self.quarter_sums.index_add_(0, quarters, torch.where(finite, per_sample.detach().float(), 0.0))
+        self.quarter_counts.index_add_(0, quarters, finite.float())
+
+    def flush(self, step: int, lr: float, grad_norm: float) -> dict:
+        ips = self.images / max(time.perf_counter() - self.t0, 1e-9)
+        sums, counts = self.quarter_sums.cpu(), self.quarter_counts.cpu()
+        loss = (sums.sum() / counts.sum().clamp(min=1)).item()
+        w = self.writer
+        w.add_scalar("train/loss", loss, step)
+        for q in range(4):
+            if counts[q] > 0:
+                w.add_scalar(f"train/loss_t_quarter{q + 1}", (sums[q] / counts[q]).item(), step)
+        w.add_scalar("train/lr", lr, step)
+        w.add_scalar("train/grad_norm", grad_norm, step)
+        w.add_scalar("train/images_per_sec", ips, step)
+        self.reset()
+        return {"loss": f"{loss:.4f}", "img_s": f"{ips:.0f}"}
+
+
+@torch.no_grad()
+def preview_grid(model: torch.nn.Module, schedule, sampling: SamplingConfig, seed: int = 0) -> torch.Tensor:
+    """A uint8 preview grid from `model`: one column per class for conditional models, 16 images otherwise."""
+    from .pipeline import balanced_labels, sample_all
+
+    num_classes = model.config.num_classes
+    n = num_classes * max(1, min(8, 64 // num_classes)) if num_classes else 16
+    labels = balanced_labels(n, num_classes)
+    images = sample_all(model, schedule, n=n, labels=labels, sampling=sampling, seed=seed)
+    return make_grid(images, nrow=num_classes or 8)
+
+
+class RankZeroMonitor(Monitor):
+    """Progress bar, TensorBoard, validation, previews and checkpoints of rank 0. It times its own work, so the
+    cost of monitoring is reported at the end of the run."""
+
+    def __init__(self, trainer, run_dir: Path, last_step: int, show_progress: bool = True):
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        super().__init__(run_dir)
+        config, step = trainer.config, trainer.step_count
+        self.config, self.show_progress, self.last_step = config, show_progress, last_step
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / ckpt.CONFIG, config.to_dict())
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step if step else None)
+        if step == 0:
+            self.writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```")
+        self.logger = LossLogger(self.writer, len(trainer.schedule), trainer.device)
+        self.held_out = self._validation_set(trainer) if config.runtime.val_every else None
+        self.bar = tqdm(total=last_step, initial=step, disable=not show_progress, desc="train", dynamic_ncols=True)
+        self.start_time, self.start_step, self.extra_seconds = time.perf_counter(), step, 0.0
+
+    def _validation_set(self, trainer):
+        from .metrics import validation_set
+
+        c = self.config
+        return validation_set(c.train.data, c.model.image_size, trainer.info.channels, c.model.num_classes is not None, n=c.runtime.val_size)
+
+    def record(self, stats) -> None:
+        self.logger.add(stats.per_sample, stats.timesteps, stats.images)
+
+    def log(self, trainer, stats, skips: int) -> None:
+        postfix = self.logger.flush(trainer.step_count, stats.lr, float(stats.grad_norm))
+        if skips:
+            self.bar.write(f"step {trainer.step_count}: {skips} step(s) in a row had a non-finite loss or gradient and were skipped")
+        self.bar.set_postfix(postfix)
+
+    def extras(self, trainer) -> None:
+        """Validation loss and preview grids, each on its own schedule."""
+        r, step = self.config.runtime, trainer.step_count
+        start = time.perf_counter()
+        if r.sample_every and step % r.sample_every == 0:
+            sampling = SamplingConfig(sampler="ddim", steps=r.sample_steps, guidance=r.guidance)
+            grid = preview_grid(trainer.ema.model, trainer.schedule, sampling)
+            self.writer.add_image("samples/ema", grid, step)
+        if self.held_out is not None and (step % r.val_every == 0 or step == self.last_step):
+            self._validate(trainer, step)
+        self.extra_seconds += time.perf_counter() - start
+
+    def _validate(self, trainer, step: int) -> None:
+        from .metrics import validation_loss
+
+        images = self.held_out.images.to(trainer.device)
+        labels = None if self.held_out.labels is None else self.held_out.labels.to(trainer.device)
+        for tag, net in (("val/loss", trainer.model), ("val/loss_ema", trainer.ema.model)):
+            value = validation_loss(net, trainer.schedule, images, labels, seed=self.config.train.seed)
+            self.writer.add_scalar(tag, value, step)
+
+    def save(self, trainer) -> None:
+        start = time.perf_counter()
+        step = trainer.step_count
+        ckpt.save_training_state(self.run_dir, trainer.state_dict(), step, self.config.runtime.keep_checkpoints)
+        ckpt.save_pretrained(trainer.ema.model, self.run_dir / ckpt.MODEL_DIR, self.config.diffusion,
+                             {"class_names": trainer.info.class_names, "step": step})
+        self.extra_seconds += time.perf_counter() - start
+
+    def progress(self, trainer) -> None:
+        self.bar.update(1)
+        if self.config.runtime.compile and trainer.step_count == self.start_step + 1 and self.show_progress:
+            self.bar.write(f"torch.compile: the first step took {time.perf_counter() - self.start_time:.0f}s (compilation included)")
+
+    def close(self, trainer) -> None:
+        self.bar.close()
+        self.writer.close()
+        if not self.show_progress:
+            return
+        elapsed = time.perf_counter() - self.start_time
+        steps = trainer.step_count - self.start_step
+        ctx = trainer.ctx
+        print(f"trained steps {self.start_step}..{trainer.step_count} in {elapsed:.0f}s "
+              f"({steps * self.config.train.batch_size / max(elapsed, 1e-9):.1f} images/s) on {trainer.device}"
+              f"{f' x {ctx.world_size} processes' if ctx.enabled else ''}; of which validation, previews and checkpoints "
+              f"{self.extra_seconds:.0f}s ({100 * self.extra_seconds / max(elapsed, 1e-9):.0f}%); model "
+              f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters; EMA weights in {self.run_dir / ckpt.MODEL_DIR}")
