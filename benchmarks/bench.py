@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm import DiffusionConfig, ModelConfig, NoiseSchedule, UNet, ddim_sample, ddpm_sample, make_denoiser
+from ddpm import DiffusionConfig, ModelConfig, NoiseSchedule, SamplingConfig, UNet, ddim_sample, ddpm_sample, make_denoiser
 from ddpm.diffusion import training_losses
 from ddpm.devices import configure_for_speed
-from ddpm.training import make_optimizer
+from trainer_step import seed_trainer, trainer_step
 
 
 def seed_model(**overrides) -> UNet:
@@ -37,24 +37,10 @@ def seed_model(**overrides) -> UNet:
 
 # ---------------------------------------------------------------------------------------------------- train
 
-def ours_train_step(batch: int, fast: bool, compile_model: bool = False) -> tuple[Callable[[], None], torch.nn.Module]:
-    """One training step of the seed model (fused AdamW as `ddpm train`), in channels_last (fast) or NCHW."""
-    model = seed_model()
-    schedule = NoiseSchedule.from_config(DiffusionConfig())
-    x0 = torch.rand(batch, 3, 64, 64) * 2 - 1
-    if fast:
-        model, x0 = configure_for_speed(model, x0)
-    optimizer = make_optimizer(model, lr=3e-4, weight_decay=0.01, device=torch.device("cpu"))
-    net = torch.compile(model) if compile_model else model
-    generator = torch.Generator().manual_seed(0)
-
-    def step():
-        loss = training_losses(net, schedule, x0, generator=generator, null_class=None)[0].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step, model
+def ours_train_step(batch: int, compile_model: bool = False) -> tuple[Callable[[], None], torch.nn.Module]:
+    """One `Trainer.step` of the seed model: exactly the step `ddpm train` runs (clipping, NaN skip, fused AdamW, EMA)."""
+    trainer = seed_trainer(batch, "cpu", compile_model=compile_model)
+    return trainer_step(trainer), trainer.model
 
 
 def peer_train_step(model: torch.nn.Module, forward: Callable, batch: int) -> Callable[[], None]:
@@ -133,11 +119,10 @@ def bench_train(args) -> None:
     flops: dict[str, float] = {}
     params: dict[str, int] = {}
     builders = [
-        ("ddpm (ours, as `ddpm train` runs on CPU)", lambda: ours_train_step(b, fast=False)),
-        ("ddpm + channels_last", lambda: ours_train_step(b, fast=True)),
+        ("ddpm (ours: Trainer.step, as `ddpm train` runs)", lambda: ours_train_step(b)),
     ]
     if args.compile:
-        builders.append(("ddpm + torch.compile", lambda: ours_train_step(b, fast=True, compile_model=True)))
+        builders.append(("ddpm + torch.compile", lambda: ours_train_step(b, compile_model=True)))
     for name, build in builders:
         step, model = build()
         candidates[name], params[name] = step, sum(p.numel() for p in model.parameters())
@@ -176,8 +161,8 @@ def bench_sample(args) -> None:
     x = torch.randn(n, 3, 64, 64)
     t = torch.full((n,), 500)
     labels = torch.arange(n) % 10
-    two_pass = make_denoiser(cond, labels, 3.0, batched=False)
-    one_batch = make_denoiser(cond, labels, 3.0, batched=True)
+    two_pass = make_denoiser(cond, labels, SamplingConfig(guidance=3.0), schedule=schedule, batched=False)
+    one_batch = make_denoiser(cond, labels, SamplingConfig(guidance=3.0), schedule=schedule, batched=True)
 
     def inference(fn):
         def run():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm import DiffusionConfig, NoiseSchedule, drop_labels, posterior_mean, predict_eps, predict_x0, q_sample, training_losses
+from ddpm import DiffusionConfig, NoiseSchedule, draw_training_inputs, posterior_mean, predict_eps, predict_x0, q_sample, training_losses
 from ddpm.diffusion import sample_timesteps
 
 
@@ -44,7 +44,7 @@ def test_predictions_invert_the_forward_process(schedule):
 
 def test_posterior_mean_identity(schedule):
     """mu_tilde(x_t, x0(x_t, eps)) = 1/sqrt(a_t) (x_t - beta_t/sqrt(1-abar_t) eps)  (Ho et al. eq. 7 + 11), in float64."""
-    s64 = schedule.to(torch.float64)
+    s64 = NoiseSchedule.from_config(DiffusionConfig()).to(torch.float64)  # a copy: the module fixture stays float32
     gen = torch.Generator().manual_seed(2)
     x_t = torch.randn(5, 1, 3, 3, generator=gen, dtype=torch.float64)
     eps = torch.randn(x_t.shape, generator=gen, dtype=torch.float64)
@@ -64,18 +64,6 @@ def test_timesteps_cover_every_index_uniformly(schedule):
     assert counts[0] > 0 and counts[999] > 0
     chi2 = (((counts - 400.0) ** 2) / 400.0).sum().item()
     assert chi2 < 1000 + 5 * np.sqrt(2 * 1000)
-
-
-def test_label_dropout_is_per_sample_at_the_requested_rate():
-    gen = torch.Generator().manual_seed(4)
-    labels = torch.randint(0, 10, (64 * 2000,), generator=gen)
-    dropped = drop_labels(labels, null_class=10, p_uncond=0.1, generator=gen)
-    is_null = dropped == 10
-    assert is_null.float().mean().item() == pytest.approx(0.1, abs=0.005)
-    assert torch.equal(dropped[~is_null], labels[~is_null])  # the others keep their labels
-    per_batch = is_null.view(2000, 64).sum(1)
-    assert 0 < per_batch.float().mean() < 64 and per_batch.max() < 64  # never the whole batch at once
-    assert torch.equal(drop_labels(labels, 10, 0.0), labels)
 
 
 class Oracle(torch.nn.Module):
@@ -108,3 +96,23 @@ def test_training_loss_is_zero_for_the_true_noise_and_one_for_zero(schedule):
 
     loss, _ = training_losses(Zero(schedule, x0), schedule, x0, generator=gen)
     assert loss.mean().item() == pytest.approx(1.0, abs=0.05)  # E[eps^2] = 1
+
+
+def test_training_drops_each_label_to_the_null_class_at_the_requested_rate(schedule):
+    """The path training takes (draws -> training_losses): rate 0.1, not 0.9 (a flipped comparison), per sample."""
+    gen = torch.Generator().manual_seed(4)
+    batches, size = 500, 64
+    x0 = torch.zeros(size, 1, 2, 2)
+    oracle = Oracle(schedule, x0)
+    labels = torch.randint(0, 10, (size,), generator=gen)
+    for _ in range(batches):
+        draws = draw_training_inputs(schedule, tuple(x0.shape), 0.1, gen)
+        training_losses(oracle, schedule, x0, labels, draws=draws)
+        seen = oracle.seen[-1]
+        assert torch.equal(seen == 10, draws.drop) and torch.equal(seen[~draws.drop], labels[~draws.drop])
+    is_null = torch.stack(oracle.seen) == 10
+    assert is_null.float().mean().item() == pytest.approx(0.1, abs=0.006)  # 32,000 draws: 3.5 standard errors
+    per_batch = is_null.sum(1)
+    assert per_batch.max() < size and per_batch.float().std() > 1  # per sample: counts vary, never the whole batch
+    draws = draw_training_inputs(schedule, tuple(x0.shape), 0.0, gen)
+    assert not draws.drop.any()

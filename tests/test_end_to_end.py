@@ -1,4 +1,5 @@
 """train -> checkpoint -> resume -> sample through the command line, on tiny settings."""
+import json
 import subprocess
 import sys
 
@@ -7,29 +8,64 @@ import torch
 
 from ddpm import from_pretrained
 from ddpm.checkpoint import latest_checkpoint, load_training_state
-from ddpm.cli import build_parser, main, train_config_from_args
+from ddpm.cli import TRAIN_FLAGS, build_parser, main, train_config_from_args
 
+# The EMA averages from step 2 on (decay 0.8): a resume that rebuilt the EMA or lost its update count would differ.
 TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--bottleneck-mult", "2",
-        "--batch-size", "8", "--sample-every", "3", "--checkpoint-every", "2", "--quiet", "--lr", "1e-3"]
+        "--batch-size", "8", "--sample-every", "3", "--checkpoint-every", "2", "--quiet", "--lr", "1e-3",
+        "--ema-warmup", "1", "--ema-decay", "0.8"]
 
 
 def weights(run_dir):
     return load_training_state(latest_checkpoint(run_dir))["model"]
 
 
-def test_cli_flags_reach_the_config():
-    args = build_parser().parse_args(["train", "photos", "--out", "r", "--preset", "quickstart", "--lr", "0.01",
-                                      "--guidance-dropout", "0.2", "--channel-mults", "1,2,4", "--ema-decay", "0.9",
-                                      "--image-size", "24", "--no-conditional", "--steps", "7", "--seed", "3",
-                                      "--grad-accum", "2", "--val-every", "0"])
-    config = train_config_from_args(args)
-    assert config.train.data == "photos" and config.train.out_dir == "r"
-    assert config.train.lr == 0.01 and config.train.p_uncond == 0.2 and config.train.ema_decay == 0.9
-    assert config.model.channel_mults == (1, 2, 4) and config.model.image_size == 24
-    assert config.train.conditional is False and config.train.steps == 7 and config.train.seed == 3
-    assert config.train.grad_accum == 2 and config.train.val_every == 0
-    assert config.train.batch_size == 64  # from the preset, not overridden
-    assert config.model.base_channels == 32
+FLAG_VALUES = {  # one unusual value per train flag: each must land in its own config field
+    "image_size": 24, "base_channels": 16, "channel_mults": (1, 2, 4), "bottleneck_mult": 3, "timesteps": 300,
+    "beta_schedule": "cosine", "prediction": "v", "conditional": False, "channels": 3, "hflip": True, "batch_size": 6,
+    "lr": 0.01, "warmup_steps": 9, "weight_decay": 0.5, "grad_clip": 0.25, "grad_accum": 2, "ema_decay": 0.9,
+    "ema_warmup": 11, "guidance_dropout": 0.2, "snr_gamma": 5.0, "seed": 3, "out": "r", "steps": 7, "epochs": 2,
+    "device": "cpu", "amp": "none", "compile": True, "num_workers": 2, "log_every": 13, "checkpoint_every": 17,
+    "keep_checkpoints": 4, "sample_every": 19, "sample_steps": 23, "guidance": 2.5, "val_every": 29, "val_size": 31,
+}
+
+
+def test_every_train_flag_reaches_its_config_field():
+    assert set(FLAG_VALUES) == set(TRAIN_FLAGS)  # a new flag must be added here too
+    argv = ["train", "photos", "--preset", "quickstart"]
+    for flag, value in FLAG_VALUES.items():
+        name = "--" + flag.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(name if value else "--no-" + flag.replace("_", "-"))
+        else:
+            argv += [name, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    config = train_config_from_args(build_parser().parse_args(argv))
+    for flag, value in FLAG_VALUES.items():
+        section, field = TRAIN_FLAGS[flag]
+        assert getattr(getattr(config, section), field) == value, flag
+    assert config.train.data == "photos"
+    assert train_config_from_args(build_parser().parse_args(["train", "mnist", "--num-workers", "auto"])).runtime.num_workers is None
+
+
+def test_many_options_train_resume_and_sample_end_to_end(tmp_path):
+    """Cosine schedule, short T, v-prediction, min-SNR, flips, warm-up, pruning, workers, logging flags: one tiny run."""
+    run = tmp_path / "run"
+    options = ["--beta-schedule", "cosine", "--timesteps", "100", "--prediction", "v", "--snr-gamma", "5", "--hflip",
+               "--warmup-steps", "2", "--weight-decay", "0", "--grad-clip", "0.5", "--log-every", "1", "--keep-checkpoints", "1",
+               "--sample-steps", "2", "--val-size", "16", "--val-every", "2", "--num-workers", "1", "--amp", "none", "--seed", "5",
+               "--channels", "3", "--guidance", "2", "--device", "cpu", "--no-compile"]
+    assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "4", *TINY, *options]) == 0
+    assert [p.name for p in (run / "checkpoints").glob("step_*.pt")] == ["step_00000004.pt"]  # pruned to the newest
+    saved = json.loads((run / "model" / "config.json").read_text())
+    assert saved["diffusion"] == {**saved["diffusion"], "beta_schedule": "cosine", "timesteps": 100, "prediction": "v"}
+    assert saved["model"]["in_channels"] == 3
+    assert main(["train", "--resume", str(run), "--steps", "6", "--num-workers", "0", "--log-every", "2", "--quiet"]) == 0
+    state = load_training_state(latest_checkpoint(run))
+    assert state["step"] == 6 and state["config"]["runtime"]["log_every"] == 2 and state["config"]["train"]["snr_gamma"] == 5
+    out = tmp_path / "samples"
+    assert main(["sample", str(run), "--out", str(out), "--labels", "1,2", "--sampler", "ddpm", "--quiet"]) == 0
+    model, schedule, _ = from_pretrained(run, "cpu")
+    assert schedule.prediction == "v" and len(schedule) == 100
 
 
 @pytest.mark.parametrize("data,extra", [("mnist", ["--conditional"]), ("photos", [])])
@@ -46,6 +82,10 @@ def test_train_resume_sample(tmp_path, data, extra):
     resumed, reference = weights(run), weights(straight)
     assert load_training_state(latest_checkpoint(run))["step"] == 6
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    ema_resumed, ema_straight = (load_training_state(latest_checkpoint(r))["ema"] for r in (run, straight))
+    assert ema_resumed["num_updates"] == ema_straight["num_updates"] == 6
+    assert all(torch.equal(ema_resumed["model"][k], ema_straight["model"][k]) for k in reference)
+    assert not torch.equal(ema_resumed["model"]["outc.weight"], resumed["outc.weight"])  # the EMA is an average, not a copy
     # sampling writes every image and a grid; conditional: one row per class
     out = tmp_path / "samples"
     sample_args = ["sample", str(run), "--out", str(out), "--sampler", "ddim", "--sampling-steps", "3", "--quiet", "--process"]
@@ -97,6 +137,23 @@ def test_errors_are_one_line_and_lose_nothing(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
-def test_python_dash_m_help():
+def test_python_dash_m_help_shows_real_defaults_only():
     out = subprocess.run([sys.executable, "-m", "ddpm", "train", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--guidance-dropout" in out and "--resume" in out
+    assert "(default: None)" not in out and "(default 64)" in out and "(default 0.995)" in out
+    for command in ("sample", "eval"):
+        out = subprocess.run([sys.executable, "-m", "ddpm", command, "--help"], capture_output=True, text=True, check=True).stdout
+        assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_resume_with_epochs_extends_a_run_defined_by_steps(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "3", *TINY, "--batch-size", "1000"]) == 0
+    # 4,000 training digits / batch 1000 = 4 steps per epoch: --epochs 2 means 8 steps, crossing an epoch boundary
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    state = load_training_state(latest_checkpoint(run))
+    assert state["step"] == 8 and state["config"]["runtime"]["epochs"] == 2 and state["config"]["runtime"]["steps"] is None
+    straight = tmp_path / "straight"
+    assert main(["train", "mnist", "--conditional", "--out", str(straight), "--epochs", "2", *TINY, "--batch-size", "1000"]) == 0
+    reference = weights(straight)
+    assert all(torch.equal(state["model"][k], reference[k]) for k in reference)  # exact across the epoch boundary

@@ -9,9 +9,9 @@ from PIL import Image
 
 from ddpm import DiffusionConfig, NoiseSchedule, UNet, save_pretrained
 from ddpm.classifier import classifier_for, predict, train_classifier
-from ddpm.cli import main
+from ddpm.cli import format_table, main
 from ddpm.data import load_dataset, to_uint8
-from ddpm.evaluation import format_table, real_sets
+from ddpm.evaluation import real_sets
 from ddpm.metrics import class_accuracy, validation_loss, validation_set
 
 SHORT = DiffusionConfig(timesteps=50)
@@ -130,7 +130,7 @@ def test_the_sweep_gives_one_row_per_w_and_resumes(tmp_path, tiny_config, capsys
     assert "fid" not in result["rows"][0] and result["inception"] is None and result["model_step"] == 7
     lines = out.splitlines()
     assert any(line.split()[:1] == ["real"] and "floor" in line for line in lines)
-    assert [line.split()[0] for line in lines if line.split() and line.split()[0] in ("0", "1", "2.5")] == ["0", "1", "2.5"]
+    assert [line.split()[2] for line in lines if line.split()[:2] == ["ddim", "2"]] == ["0", "1", "2.5"]
     # take away part of w=1 (two files of batch 1, one truncated file of batch 2): only those batches are drawn again
     folder = Path(result["rows"][1]["samples"])
     pngs = sorted(folder.glob("sample_*.png"))
@@ -140,7 +140,7 @@ def test_the_sweep_gives_one_row_per_w_and_resumes(tmp_path, tiny_config, capsys
     pngs[11].write_bytes(before[pngs[11].name][:20])
     assert main(["eval", str(run), "--n", "12", "--batch-size", "5", "--guidance", "0", "1", "2.5", "--no-fid", *EVAL]) == 0
     again = json.loads((run / "eval" / "eval.json").read_text())
-    assert [r["generated_now"] for r in again["rows"]] == [0, 3, 0]
+    assert [r["generated_now"] for r in again["rows"]] == [0, 5 + 2, 0]  # batch 1 (5 images) and batch 2 (2) redrawn
     assert {p.name: p.read_bytes() for p in sorted(folder.glob("sample_*.png"))} == before  # the same images as before
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in result["rows"]]
 
@@ -186,8 +186,9 @@ def test_eval_errors_are_one_line(tmp_path, tiny_config, capsys):
 
 
 def test_format_table_puts_the_floor_first():
-    table = format_table([{"guidance": 0.0, "fid": 30.0, "accuracy": 0.1}, {"guidance": 3.0, "fid": 12.5, "accuracy": 0.9}],
-                         {"fid": 2.0, "accuracy": 0.95})
+    rows = [{"sampler": "ddim", "steps": 50, "guidance": 0.0, "fid": 30.0, "accuracy": 0.1},
+            {"sampler": "dpmpp2m", "steps": 20, "guidance": 3.0, "fid": 12.5, "accuracy": 0.9}]
+    table = format_table(rows, {"fid": 2.0, "accuracy": 0.95})
     lines = table.splitlines()
     assert "FID" in lines[0] and "class acc" in lines[0] and "classifier FD" not in lines[0]
-    assert lines[2].split()[:3] == ["real", "2.00", "0.950"] and lines[4].split() == ["3", "12.50", "0.900"]
+    assert lines[2].split()[:3] == ["real", "2.00", "0.950"] and lines[4].split() == ["dpmpp2m", "20", "3", "12.50", "0.900"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import RunConfig, TrainConfig, ModelConfig
+from ddpm import ModelConfig, RunConfig, RuntimeConfig, TrainConfig
 from ddpm.checkpoint import CheckpointError, latest_checkpoint, load_training_state
 from ddpm.cli import main
 from ddpm.training import TrainingDiverged, train
@@ -24,10 +24,16 @@ TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "
         "--batch-size", "8", "--sample-every", "0", "--quiet"]
 
 
-def tiny_run(out, **train):
-    base = dict(data="mnist", conditional=True, out_dir=str(out), batch_size=8, steps=3, sample_every=0, lr=1e-3, ema_warmup=0)
-    base.update(train)
-    return RunConfig(model=ModelConfig(**TINY_MODEL), train=TrainConfig(**base))
+RUNTIME_FIELDS = {f for f in RuntimeConfig.__dataclass_fields__}
+
+
+def tiny_run(out, **fields):
+    """A tiny conditional MNIST run; `fields` go to the recipe or the runtime section by name."""
+    recipe = dict(data="mnist", conditional=True, batch_size=8, lr=1e-3, ema_warmup=0)
+    runtime = dict(out_dir=str(out), steps=3, sample_every=0, val_every=0)
+    for name, value in fields.items():
+        (runtime if name in RUNTIME_FIELDS else recipe)[name] = value
+    return RunConfig(model=ModelConfig(**TINY_MODEL), train=TrainConfig(**recipe), runtime=RuntimeConfig(**runtime))
 
 
 def free_port():
@@ -69,31 +75,47 @@ def test_torchrun_launch(tmp_path):
     assert load_training_state(latest_checkpoint(out))["step"] == 2
 
 
-def test_kill_minus_9_always_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path):
+def _checkpoint_step(run) -> int:
+    """The step `latest` points at (0 before the first checkpoint); read without torch, while a writer runs."""
+    try:
+        return int((run / "latest").read_text().strip().split("step_")[1].split(".")[0])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def test_kill_minus_9_mid_training_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path):
+    """Three kill -9s, each landing while training runs (after a new checkpoint appeared since that start), then
+    a resume to the end: the weights, the EMA and its update count equal an uninterrupted run's."""
     run = tmp_path / "run"
-    steps = 40
-    cmd = [sys.executable, "-m", "ddpm", "train", "mnist", "--conditional", "--out", str(run), "--steps", str(steps),
-           "--checkpoint-every", "1", *TINY]
-    rng = random.Random(0)
+    steps = 60
+    ema = ["--ema-warmup", "2", "--ema-decay", "0.8"]  # the EMA averages from step 3: a rebuilt or reset EMA would differ
+    first = [sys.executable, "-m", "ddpm", "train", "mnist", "--conditional", "--out", str(run), "--steps", str(steps),
+             "--checkpoint-every", "1", *ema, *TINY]
+    kills = []
     for attempt in range(3):
-        proc = subprocess.Popen(cmd if attempt == 0 else [sys.executable, "-m", "ddpm", "train", "--resume", str(run), "--quiet"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started_at = _checkpoint_step(run)
+        cmd = first if attempt == 0 else [sys.executable, "-m", "ddpm", "train", "--resume", str(run), "--quiet"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while not (run / "latest").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.2, 1.5))
+        while _checkpoint_step(run) <= started_at and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed mid-training"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         state = load_training_state(latest_checkpoint(run))  # always loadable
-        assert 1 <= state["step"] <= steps
-        assert not list(run.rglob("*.tmp")) or all(p.name.startswith(".") for p in run.rglob("*.tmp"))
+        assert started_at < state["step"] < steps  # this kill landed after new progress, before the end
+        kills.append(state["step"])
+    assert kills == sorted(kills) and len(set(kills)) == 3
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     straight = tmp_path / "straight"
-    assert main(["train", "mnist", "--conditional", "--out", str(straight), "--steps", str(steps), "--checkpoint-every", "1", *TINY]) == 0
+    assert main(["train", "mnist", "--conditional", "--out", str(straight), "--steps", str(steps), "--checkpoint-every", "1",
+                 *ema, *TINY]) == 0
     a, b = load_training_state(latest_checkpoint(run)), load_training_state(latest_checkpoint(straight))
     assert a["step"] == b["step"] == steps
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])  # bit-identical on CPU
     assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in b["ema"]["model"])
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"] == steps
+    assert not any(torch.equal(a["ema"]["model"][k], a["model"][k]) for k in a["model"] if k.endswith("weight"))
 
 
 def test_a_failing_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
@@ -131,7 +153,7 @@ def test_nan_loss_skips_then_stops_with_the_last_good_checkpoint(tmp_path, monke
     monkeypatch.setattr(training, "training_losses", sometimes_nan)
     with pytest.warns(UserWarning, match="non-finite"):
         with pytest.raises(TrainingDiverged, match="last good checkpoint is step 5"):
-            train(tiny_run(tmp_path / "run", steps=50, checkpoint_every=1, max_nonfinite_steps=3), progress=False)
+            train(tiny_run(tmp_path / "run", steps=50, checkpoint_every=1, log_every=1, max_nonfinite_steps=3), progress=False)
     state = load_training_state(latest_checkpoint(tmp_path / "run"))
     assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
 
@@ -242,13 +264,14 @@ def test_compile_option_trains_the_same_weights_and_samples_the_same_images(tmp_
     assert main(["train", "--resume", str(tmp_path / "eager"), "--steps", "4", "--compile", "--device", "cpu", "--quiet"]) == 0
     assert compiled == ["UNet", "UNet"]
     resumed = load_training_state(latest_checkpoint(tmp_path / "eager"))
-    assert resumed["step"] == 4 and resumed["config"]["train"]["device"] == "cpu" and resumed["config"]["train"]["compile"]
+    assert resumed["step"] == 4 and resumed["config"]["runtime"]["device"] == "cpu" and resumed["config"]["runtime"]["compile"]
     # a run moved from a GPU: its noise generator state (CUDA's Philox, 16 bytes) cannot seed a CPU generator
     path = latest_checkpoint(tmp_path / "eager")
     resumed["rng"]["noise"] = torch.zeros(16, dtype=torch.uint8)
     torch.save(resumed, path)
     with pytest.warns(UserWarning, match="another kind of device"):
-        assert main(["train", "--resume", str(tmp_path / "eager"), "--steps", "5", "--device", "cpu", "--quiet"]) == 0
+        # the runtime saved with the run carries over (compile would stay on); --no-compile turns it off
+        assert main(["train", "--resume", str(tmp_path / "eager"), "--steps", "5", "--device", "cpu", "--no-compile", "--quiet"]) == 0
     assert load_training_state(latest_checkpoint(tmp_path / "eager"))["step"] == 5
 
     args = ["--per-class", "1", "--sampler", "ddim", "--sampling-steps", "3", "--quiet"]

@@ -69,3 +69,13 @@ def test_bad_betas_rejected():
 
     with pytest.raises(ConfigError, match="beta_schedule"):
         DiffusionConfig(beta_schedule="quadratic")
+
+
+@pytest.mark.parametrize("T", [100, 200, 1000, 4000])
+def test_linear_betas_scale_with_T_so_x_T_is_pure_noise(T):
+    """Unscaled 1e-4..0.02 over T=200 ends at abar_T ~ 0.13: sampling from N(0, I) would start off-distribution."""
+    schedule = NoiseSchedule.from_config(DiffusionConfig(timesteps=T))
+    abar_T = float(np.prod(1 - np.array([1e-4 * 1000 / T + (0.02 - 1e-4) * 1000 / T * i / (T - 1) for i in range(T)])))
+    assert schedule.alphas_cumprod[-1].item() == pytest.approx(abar_T, rel=1e-4)
+    assert schedule.alphas_cumprod[-1].item() < 1e-3
+    np.testing.assert_allclose(schedule.betas[[0, -1]].double().numpy(), [1e-4 * 1000 / T, 0.02 * 1000 / T], rtol=1e-6)

@@ -2,7 +2,7 @@ import torch
 
 from ddpm import UNet
 from ddpm.devices import configure_for_speed
-from ddpm.training import EpochBatches, make_optimizer, random_hflip
+from ddpm.training import StepBatches, make_optimizer, random_hflip
 
 
 def test_fused_adamw_matches_the_reference_adamw(tiny_config):
@@ -10,7 +10,7 @@ def test_fused_adamw_matches_the_reference_adamw(tiny_config):
     a = UNet(tiny_config())
     b = UNet(tiny_config())
     b.load_state_dict(a.state_dict())
-    fast = make_optimizer(a, 1e-2, 0.01, torch.device("cpu"))
+    fast = make_optimizer(a, 1e-2, 0.01)
     plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.01, foreach=False)
     for step in range(3):
         for model in (a, b):
@@ -22,14 +22,18 @@ def test_fused_adamw_matches_the_reference_adamw(tiny_config):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
 
 
-def test_epoch_batches_are_deterministic_and_split_across_ranks():
-    full = list(EpochBatches(40, 8, seed=3, epoch=2))
-    assert len(full) == 5 and full == list(EpochBatches(40, 8, seed=3, epoch=2))
-    assert sorted(i for b in full for i in b) == list(range(40))  # a permutation, drop_last exact here
-    assert full != list(EpochBatches(40, 8, seed=3, epoch=3))
-    ranks = [list(EpochBatches(40, 8, seed=3, epoch=2, rank=r, world_size=2)) for r in range(2)]
+def test_step_batches_are_deterministic_split_across_ranks_and_resume_anywhere():
+    per_epoch = 5  # 40 items / batch 8
+    full = list(StepBatches(40, 8, seed=3, start=0, stop=3 * per_epoch))
+    assert len(full) == 15 and full == list(StepBatches(40, 8, seed=3, start=0, stop=15))
+    for epoch in range(3):  # each epoch is a permutation of the data, and epochs differ
+        items = [i for b in full[epoch * per_epoch : (epoch + 1) * per_epoch] for i in b]
+        assert sorted(items) == list(range(40))
+    assert full[:per_epoch] != full[per_epoch : 2 * per_epoch]
+    ranks = [list(StepBatches(40, 8, seed=3, start=0, stop=15, rank=r, world_size=2)) for r in range(2)]
     assert all(r0 + r1 == f for r0, r1, f in zip(ranks[0], ranks[1], full))  # rank shares tile each global batch
-    assert list(EpochBatches(40, 8, seed=3, epoch=2, skip=3)) == full[3:]  # resume mid-epoch
+    assert list(StepBatches(40, 8, seed=3, start=7, stop=15)) == full[7:]  # resume mid-epoch, across the next boundary
+    assert full != list(StepBatches(40, 8, seed=4, start=0, stop=15))
 
 
 def test_random_hflip_mirrors_exactly_the_flagged_images():

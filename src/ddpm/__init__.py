@@ -8,7 +8,7 @@
 """
 from .checkpoint import from_pretrained, save_pretrained
 from .config import DiffusionConfig, ModelConfig, RunConfig, RuntimeConfig, SamplingConfig, TrainConfig
-from .diffusion import drop_labels, posterior_mean, predict_eps, predict_x0, q_sample, training_loss, training_losses
+from .diffusion import draw_training_inputs, posterior_mean, predict_eps, predict_x0, q_sample, training_loss, training_losses
 from .ema import EMA
 from .guidance import ClassifierFreeGuidance, make_denoiser
 from .errors import DdpmError
@@ -21,7 +21,7 @@ from .unet import UNet
 __all__ = [
     "ClassifierFreeGuidance", "DdpmError", "DiffusionConfig", "EMA", "ModelConfig", "NoiseSchedule", "RunConfig", "RuntimeConfig",
     "SamplingConfig", "TrainConfig", "UNet", "sample_all", "sample_batches",
-    "cosine_betas", "ddim_sample", "ddpm_sample", "drop_labels", "from_pretrained", "linear_betas", "make_denoiser",
+    "cosine_betas", "ddim_sample", "ddpm_sample", "draw_training_inputs", "from_pretrained", "linear_betas", "make_denoiser",
     "posterior_mean", "predict_eps", "predict_x0", "q_sample", "sample", "save_grid", "save_images", "save_pretrained",
     "training_loss", "training_losses",
 ]

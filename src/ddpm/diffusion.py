@@ -50,19 +50,6 @@ def sample_timesteps(
     return torch.randint(0, len(schedule), (batch_size,), device=device, generator=generator)
 
 
-def drop_labels(
-    labels: torch.Tensor, null_class: int, p_uncond: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Replace each label by the null class independently with probability p_uncond (Ho & Salimans 2022, Alg. 1).
-
-    Per sample, not per batch: every batch then trains both the conditional and the unconditional model.
-    """
-    if p_uncond <= 0:
-        return labels
-    drop = torch.rand(labels.shape, device=labels.device, generator=generator) < p_uncond
-    return torch.where(drop, torch.full_like(labels, null_class), labels)
-
-
 @dataclass
 class TrainingDraws:
     """The random inputs of one training batch: timestep indices, noise, and which labels are dropped.
@@ -73,7 +60,8 @@ class TrainingDraws:
 
     t: torch.Tensor  # int64 [N]
     noise: torch.Tensor  # [N, C, H, W]
-    drop: torch.Tensor  # bool [N]
+    drop: torch.Tensor  # bool [N]: this sample's label becomes the null class (Ho & Salimans 2022, Alg. 1), drawn
+    # per sample, not per batch, so every batch trains both the conditional and the unconditional model
 
     def __getitem__(self, index: slice) -> "TrainingDraws":
         return TrainingDraws(self.t[index], self.noise[index], self.drop[index])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,7 +118,8 @@ class RankZeroMonitor(Monitor):
     def log(self, trainer, stats, skips: int) -> None:
         postfix = self.logger.flush(trainer.step_count, stats.lr, float(stats.grad_norm))
         if skips:
-            self.bar.write(f"step {trainer.step_count}: {skips} step(s) in a row had a non-finite loss or gradient and were skipped")
+            warnings.warn(f"step {trainer.step_count}: {skips} step(s) in a row had a non-finite loss or gradient and were skipped",
+                          stacklevel=1)
         self.bar.set_postfix(postfix)
 
     def extras(self, trainer) -> None:
