@@ -280,3 +280,21 @@ def test_compile_option_trains_the_same_weights_and_samples_the_same_images(tmp_
     assert compiled == ["UNet", "UNet", "UNet"]
     plain, fast = (np.asarray(Image.open(tmp_path / d / "grid.png"), dtype=int) for d in ("plain", "fast"))
     assert np.abs(plain - fast).max() <= 1  # same images up to a rounding of the 8-bit pixels
+
+
+def test_unreadable_files_are_replaced_reported_and_past_a_threshold_stop_the_run(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(np.full((9, 9, 3), i * 20, np.uint8)).save(folder / f"{i:02d}.png")
+    (folder / "05.png").write_bytes(b"not a png")  # found only when first loaded
+    run = tmp_path / "run"
+    tiny = [a if a != "8" or TINY[i - 1] != "--batch-size" else "12" for i, a in enumerate(TINY)]  # the whole folder per step
+    assert main(["train", str(folder), "--out", str(run), "--steps", "2", *tiny]) == 0
+    assert (run / "bad_files.txt").read_text().split() == [str(folder / "05.png")]
+    assert "1 unreadable image file" in capsys.readouterr().out
+    for i in range(11):
+        (folder / f"{i:02d}.png").write_bytes(b"broken")
+    assert main(["train", str(folder), "--out", str(tmp_path / "run2"), "--steps", "2", *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read" in err and "00.png" in err and len(err.strip().splitlines()) == 1

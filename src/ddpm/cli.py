@@ -216,10 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub)
     add_eval_parser(sub)
     for command, module in OWN_MODULE_COMMANDS.items():
-        try:  # TEMPORARY while prepared.py is being written
-            getattr(_module(module), f"add_{command}_parser")(sub)
-        except (ModuleNotFoundError, AttributeError):
-            pass
+        getattr(_module(module), f"add_{command}_parser")(sub)
     return parser
 
 

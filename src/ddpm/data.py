@@ -106,8 +106,9 @@ def rgb_to_grey(rgb: torch.Tensor) -> torch.Tensor:
 def _decode_torchvision(data: bytes, channels: int) -> torch.Tensor | None:
     """JPEG and PNG with torchvision's decoders (libjpeg-turbo, libpng) as uint8 [C, H, W]; None for other formats.
 
-    libjpeg's grey output is the Y channel, within 1 level of PIL's luma; libpng's grey conversion uses other
-    weights (2 levels off), so grey PNGs are decoded as RGB and reduced with PIL's formula (`rgb_to_grey`)."""
+    libjpeg's grey output is the Y channel, within 1 level of PIL's luma of the decoded colours; libpng's grey
+    conversion rounds otherwise (1 level off before resizing, 2 after), so PNGs are decoded as RGB and reduced
+    with PIL's formula (`rgb_to_grey`): exactly PIL's pixels, before the resize."""
     is_jpeg, is_png = data[:3] == b"\xff\xd8\xff", data[:8] == b"\x89PNG\r\n\x1a\n"
     if _torchvision_decode is None or not (is_jpeg or is_png):
         return None

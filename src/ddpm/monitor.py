@@ -27,7 +27,7 @@ class Monitor:
 
     def extras(self, trainer) -> None: ...
 
-    def end_of_epoch(self, trainer) -> None: ...
+    def end_of_epoch(self, trainer, bad_files: list[str]) -> None: ...
 
     def save(self, trainer) -> None: ...
 
@@ -105,6 +105,7 @@ class RankZeroMonitor(Monitor):
         self.held_out = self._validation_set(trainer) if config.runtime.val_every else None
         self.bar = tqdm(total=last_step, initial=step, disable=not show_progress, desc="train", dynamic_ncols=True)
         self.start_time, self.start_step, self.extra_seconds = time.perf_counter(), step, 0.0
+        self.bad_files_reported = 0
 
     def _validation_set(self, trainer):
         from .metrics import validation_set
@@ -142,6 +143,13 @@ class RankZeroMonitor(Monitor):
         for tag, net in (("val/loss", trainer.model), ("val/loss_ema", trainer.ema.model)):
             value = validation_loss(net, trainer.schedule, images, labels, seed=self.config.train.seed)
             self.writer.add_scalar(tag, value, step)
+
+    def end_of_epoch(self, trainer, bad_files: list[str]) -> None:
+        if len(bad_files) > self.bad_files_reported:
+            self.bad_files_reported = len(bad_files)
+            self.bar.write(f"step {trainer.step_count}: {len(bad_files)} unreadable image file(s) so far, each replaced by the "
+                           f"next readable one (listed in {trainer.bad_file_log}), e.g. {bad_files[0]}")
+            self.writer.add_scalar("data/unreadable_files", len(bad_files), trainer.step_count)
 
     def save(self, trainer) -> None:
         start = time.perf_counter()

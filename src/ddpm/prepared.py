@@ -123,8 +123,9 @@ def load_prepared(folder: Path, image_size: int, channels: int | None = None, co
     parts = [_split_dataset(folder, meta["splits"][s]) for s in present]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     names = meta["class_names"]
+    source = " + ".join(meta["splits"][s]["description"] for s in present)
     return DataInfo(dataset, meta["channels"], len(names) if names else None, names,
-                    f"prepared {'+'.join(present)} copy of {meta['description']} ({len(dataset):,} images, {folder})")
+                    f"prepared copy of {source} ({len(dataset):,} images, {folder})")
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -245,9 +246,11 @@ def prepare_dataset(data: str, image_size: int, out: Path, channels: int | None 
         num_workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)  # while the files change, the folder is not a prepared one
-    splits = {"train": _write_split(train.dataset, out, "train", image_size, train.channels, num_workers, progress)}
-    if holdout is not None:
-        splits["holdout"] = _write_split(holdout.dataset, out, "holdout", image_size, train.channels, num_workers, progress)
+    splits = {}
+    for split, info in (("train", train), ("holdout", holdout)):
+        if info is not None:
+            entry = _write_split(info.dataset, out, split, image_size, train.channels, num_workers, progress)
+            splits[split] = {"description": info.description, **entry}
     atomic_write_json(out / META, {
         "format": FORMAT, "version": VERSION, "image_size": image_size, "channels": train.channels,
         "count": splits["train"]["count"], "source": _source_name(data), "description": train.description,

@@ -228,7 +228,8 @@ def sample_live(served: ServedModel, request: Request) -> Iterator[Step | Finish
     """Run the request in a worker thread; yield the newest Step whenever the consumer is ready, then Finished.
 
     Steps the consumer was too slow to see are dropped (only the newest is shown), but the last step is always
-    yielded. Closing the generator (the page went away) stops the sampler at its next step. Errors from the
+    yielded. Closing the generator (the page went away) stops the sampler at its next step and waits for that
+    (at most one step). Errors from the
     sampler are re-raised here, in the consumer's thread.
     """
     total = request.total_steps(len(served.schedule))
@@ -275,7 +276,8 @@ def sample_live(served: ServedModel, request: Request) -> Iterator[Step | Finish
                     yield event
                     return
     finally:
-        stop.set()
+        stop.set()  # the page went away (or we are done): the sampler stops at its next step...
+        worker.join()  # ...and is gone before the next request starts (one request at a time)
 
 
 # ---------------------------------------------------------------------------------------------------- pictures
@@ -345,7 +347,7 @@ def build_app(model_dir: Path | str, device: torch.device | str | None = None, *
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 status = gr.Markdown("Choose the settings and press **Generate**.", elem_id="status")
-                result = gr.Image(label="Result", type="numpy", format="png", interactive=False, elem_id="result")
+                result = gr.Image(label="Result", type="numpy", format="png", interactive=False, height=320, elem_id="result")
                 seed_used = gr.Textbox(label="Seed used (type it into Seed to draw the same images again)",
                                        interactive=False, elem_id="seed-used")
                 files = gr.File(label="Images as PNG", file_count="multiple", interactive=False, elem_id="files")
@@ -386,7 +388,7 @@ def build_app(model_dir: Path | str, device: torch.device | str | None = None, *
                     f"{done.seconds:.1f}s on {served.device}.  \nSame images from the command line: "
                     f"`{cli_equivalent(served, request)}`")
             strip = process_array(done.process, size) if request.show_process and done.process else None
-            return {status: text, result: grid_array(done.images, size), seed_used: str(request.seed),
+            return {status: text, result: grid_array(done.images, size), seed_used: str(request.seed + 1),
                     files: [str(p) for p in paths], process: gr.update(value=strip, visible=strip is not None)}
 
         inputs = [class_box, guidance_box, sampler_box, steps_box, seed_box, count_box, process_box]

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, RuntimeConfig
-from .data import DataInfo, load_dataset
+from .data import DataInfo, auto_workers, check_bad_files, load_dataset
 from .devices import autocast, configure_for_speed, pick_device, resolve_amp
 from .diffusion import draw_training_inputs, training_losses
 from .ema import EMA
@@ -217,15 +217,23 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return len(self.info.dataset) // self.config.train.batch_size
 
+    @property
+    def bad_file_log(self) -> Path:
+        """Unreadable image files, one path a line, appended by the loader's workers (data.ImageFiles)."""
+        return Path(self.config.runtime.out_dir) / "bad_files.txt"
+
+    def check_data(self) -> list[str]:
+        """The unreadable files met so far (each was replaced by the next readable one); stops the run with
+        their list past the data module's threshold. Every rank reads the same log, so all stop together."""
+        return check_bad_files(self.bad_file_log if hasattr(self.info.dataset, "bad_log") else None, len(self.info.dataset))
+
     def batches(self, start: int, stop: int):
         """(x0, labels) on the device for steps start..stop-1, from one DataLoader whose workers live all run."""
-        try:  # TEMPORARY until data.auto_workers lands
-            from .data import auto_workers
-        except ImportError:
-            def auto_workers(device):
-                return 0
         workers = self.config.runtime.num_workers
         workers = auto_workers(self.device) if workers is None else workers
+        if hasattr(self.info.dataset, "bad_log"):  # set before the workers start, so that they inherit it
+            self.bad_file_log.parent.mkdir(parents=True, exist_ok=True)
+            self.info.dataset.bad_log = self.bad_file_log
         sampler = StepBatches(len(self.info.dataset), self.config.train.batch_size, self.config.train.seed, start, stop,
                               self.ctx.rank, self.ctx.world_size)
         loader = DataLoader(self.info.dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
@@ -331,8 +339,8 @@ class Trainer:
                 skips = self.check_divergence(monitor.run_dir, last_saved)
                 monitor.log(self, stats, skips)
             monitor.extras(self)
-            if step % self.steps_per_epoch == 0:
-                monitor.end_of_epoch(self)
+            if step % self.steps_per_epoch == 0 or final:
+                monitor.end_of_epoch(self, self.check_data())
             # never save in the middle of a run of skipped steps (a sync, at checkpoint steps only)
             if (step % r.checkpoint_every == 0 or final) and bool(self.bad_run == 0):
                 monitor.save(self)
