@@ -3,32 +3,92 @@ import pytest
 import torch
 
 from ddpm import DiffusionConfig, NoiseSchedule, UNet, ddim_sample, ddpm_sample, predict_eps
-from ddpm.samplers import ddim_timesteps
+from ddpm.samplers import ddim_timesteps, dynamic_threshold_x0, process_x0
+
+
+BETAS = np.linspace(1e-4, 0.2, 20)  # a short schedule written out (independent of linear_betas' T-scaling)
+ABAR = np.cumprod(1 - BETAS)
 
 
 def small_schedule(T=20):
-    return NoiseSchedule.from_config(DiffusionConfig(timesteps=T, beta_start=1e-4, beta_end=0.2))
+    return NoiseSchedule(torch.linspace(1e-4, 0.2, T, dtype=torch.float64))
 
 
-def test_first_ddpm_step_is_the_papers_update_written_out():
-    T = 20
-    schedule = small_schedule(T)
+def affine_denoiser(x, t):
+    """A fixed eps 'model' that depends on x and t, so every step's input matters."""
+    pattern = torch.linspace(-1, 1, x[0].numel(), dtype=x.dtype).view(x.shape[1:])
+    return -1.5 * x + 0.1 * t.to(x.dtype).view(-1, 1, 1, 1) * pattern
+
+
+class Recorder:
+    """Wraps a denoiser and keeps every (x_t, t index, eps) it was called with, as float64 numpy arrays."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls = denoiser, []
+
+    def __call__(self, x, t):
+        eps = self.denoiser(x, t)
+        self.calls.append((x.double().numpy(), int(t[0]), eps.double().numpy()))
+        return eps
+
+
+def nth_normal_draw(seed, n, shape):
+    """The n-th (from 1) standard normal tensor a sampler draws from a generator seeded with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        z = torch.randn(shape, generator=gen)
+    return z.double().numpy()
+
+
+def process_by_hand(x0, clip, percentile):
+    """Clipping and Imagen's dynamic thresholding (Saharia et al. 2022) written out with numpy, per sample."""
+    if percentile is not None:
+        s = np.percentile(np.abs(x0).reshape(len(x0), -1), percentile * 100, axis=1)  # linear interpolation
+        s = np.maximum(s, 1.0).reshape(-1, 1, 1, 1)
+        x0 = np.clip(x0, -s, s) / s
+    return np.clip(x0, -1, 1) if clip else x0
+
+
+@pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
+@pytest.mark.parametrize("step", [0, 7])
+def test_ddpm_step_is_the_papers_update_written_out(variance, step):
+    """Algorithm 2 with sigma^2 = beta_t or beta_tilde_t = (1 - abar_{t-1})/(1 - abar_t) beta_t (eq. 7).
+    Catches a wrong mean coefficient, the wrong variance table (or beta_tilde's index shifted), noise drawn out of order."""
     shape = (3, 1, 4, 4)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    known_eps = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    steps = []
-    ddpm_sample(lambda x, t: known_eps, schedule, shape, x_T=x_T, generator=torch.Generator().manual_seed(7),
-                callback=lambda i, index, x, x0: steps.append((index, x.clone())))
-    z = torch.randn(shape, generator=torch.Generator().manual_seed(7)).double()  # the first draw inside the loop
-    betas = np.linspace(1e-4, 0.2, T)
-    a, abar = 1 - betas[-1], np.prod(1 - betas)
-    expected = 1 / np.sqrt(a) * (x_T.double() - (1 - a) / np.sqrt(1 - abar) * known_eps.double()) + np.sqrt(betas[-1]) * z
-    assert steps[0][0] == T - 1
-    torch.testing.assert_close(steps[0][1].double(), expected, atol=1e-5, rtol=1e-5)
-    assert [index for index, _ in steps] == list(range(T - 1, -1, -1))  # all T steps, index 0 last
+    record, states = Recorder(affine_denoiser), []
+    ddpm_sample(record, small_schedule(), shape, x_T=x_T, variance=variance, generator=torch.Generator().manual_seed(7),
+                callback=lambda i, index, x, x0: states.append(x.double().numpy()))
+    assert [index for _, index, _ in record.calls] == list(range(19, -1, -1))  # all T steps, index 0 last
+    x_t, t, eps = record.calls[step]
+    beta, a, abar, abar_prev = BETAS[t], 1 - BETAS[t], ABAR[t], ABAR[t - 1]
+    var = beta if variance == "beta" else (1 - abar_prev) / (1 - abar) * beta
+    z = nth_normal_draw(7, step + 1, shape)  # one draw per step, none before the first (x_T is given)
+    expected = 1 / np.sqrt(a) * (x_t - (1 - a) / np.sqrt(1 - abar) * eps) + np.sqrt(var) * z
+    np.testing.assert_allclose(states[step], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_last_ddpm_step_adds_no_noise_and_beta_tilde_variant():
+@pytest.mark.parametrize("clip, percentile", [(True, None), (False, 0.8)])
+def test_ddpm_with_processed_x0_steps_to_the_posterior_mean_written_out(clip, percentile):
+    """x_{t-1} = mu_tilde(x_t, x0') + sqrt(beta_t) z with x0' the processed x0 (eq. 7). Catches the processing
+    skipped, or the eps update used with a processed x0 (the pair would no longer agree with x_t)."""
+    shape, step = (2, 1, 3, 3), 12
+    record, states, x0s = Recorder(affine_denoiser), [], []
+    ddpm_sample(record, small_schedule(), shape, x_T=torch.ones(shape), clip_x0=clip, dynamic_threshold=percentile,
+                generator=torch.Generator().manual_seed(3),
+                callback=lambda i, index, x, x0: (states.append(x.double().numpy()), x0s.append(x0)))
+    x_t, t, eps = record.calls[step]
+    beta, abar, abar_prev = BETAS[t], ABAR[t], ABAR[t - 1]
+    raw_x0 = (x_t - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
+    x0 = process_by_hand(raw_x0, clip, percentile)
+    assert not np.allclose(x0, raw_x0)  # the processing changes this step, so the branch is exercised
+    mean = np.sqrt(abar_prev) * beta / (1 - abar) * x0 + np.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar) * x_t
+    expected = mean + np.sqrt(beta) * nth_normal_draw(3, step + 1, shape)
+    np.testing.assert_allclose(states[step], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x0s[step].double().numpy(), x0, rtol=1e-5, atol=1e-6)
+
+
+def test_last_ddpm_step_adds_no_noise():
     T = 20
     schedule = small_schedule(T)
     shape = (2, 1, 3, 3)
@@ -40,10 +100,48 @@ def test_last_ddpm_step_adds_no_noise_and_beta_tilde_variant():
         a0 = 1 - 1e-4
         expected_last = (xs[-2] - (1 - a0) / np.sqrt(1 - a0) * eps) / np.sqrt(a0)
         torch.testing.assert_close(xs[-1], expected_last, atol=1e-5, rtol=1e-5)
-    # beta_tilde draws smaller noise than beta on the same z: the two runs differ
-    a = ddpm_sample(lambda x, t: eps, schedule, shape, generator=torch.Generator().manual_seed(3))
-    b = ddpm_sample(lambda x, t: eps, schedule, shape, generator=torch.Generator().manual_seed(3), variance="beta_tilde")
-    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("clip, percentile", [(False, None), (True, None), (False, 0.8)])
+def test_ddim_steps_are_eq12_written_out(clip, percentile):
+    """Song et al. 2021 eq. 12 with sigma from eq. 16 (eta = 0.7), at an intermediate step (index 10 -> 5, noise
+    added) and at the last one (index 0 -> x0, no noise); with processing, eps is recomputed from the processed x0.
+    Catches a wrong sigma, a wrong sqrt(1 - abar_prev - sigma^2) term, the clip or threshold branch not making eps
+    consistent, a last step that does not end at abar = 1."""
+    shape, eta = (2, 1, 3, 3), 0.7
+    x_T = 2 * torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    record, states = Recorder(affine_denoiser), []
+    ddim_sample(record, small_schedule(), shape, steps=5, eta=eta, x_T=x_T, clip_x0=clip, dynamic_threshold=percentile,
+                generator=torch.Generator().manual_seed(6), callback=lambda i, index, x, x0: states.append(x.double().numpy()))
+    assert [index for _, index, _ in record.calls] == [19, 14, 10, 5, 0]  # round(linspace(19, 0, 5)), ties to even
+    for step, prev in ((2, 5), (4, None)):
+        x_t, t, eps = record.calls[step]
+        abar = ABAR[t]
+        abar_prev = ABAR[prev] if prev is not None else 1.0
+        raw_x0 = (x_t - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
+        x0 = process_by_hand(raw_x0, clip, percentile)
+        if clip or percentile is not None:
+            assert not np.allclose(x0, raw_x0)  # the branch is exercised
+            eps = (x_t - np.sqrt(abar) * x0) / np.sqrt(1 - abar)
+        sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
+        expected = np.sqrt(abar_prev) * x0 + np.sqrt(1 - abar_prev - sigma**2) * eps
+        if prev is not None:
+            expected = expected + sigma * nth_normal_draw(6, step + 1, shape)  # one draw per earlier step
+        np.testing.assert_allclose(states[step], expected, rtol=1e-5, atol=1e-5, err_msg=f"step {step}")
+
+
+def test_dynamic_threshold_by_hand():
+    """Imagen's rule on numbers worked out on paper. Catches a missing max(s, 1), the wrong percentile
+    interpolation, a threshold shared by the batch instead of per sample, clamping without dividing by s."""
+    x0 = torch.tensor([[0.5, -3.0, 2.0, 1.2], [0.4, -0.5, 0.1, 0.0]]).view(2, 1, 2, 2)
+    # sample 1: |x0| sorted 0.5, 1.2, 2, 3; the median interpolates 1.2 and 2 -> s = 1.6
+    # sample 2: s = 0.45 < 1 -> s = 1, unchanged
+    expected = torch.tensor([[0.5 / 1.6, -1.0, 1.0, 1.2 / 1.6], [0.4, -0.5, 0.1, 0.0]]).view(2, 1, 2, 2)
+    torch.testing.assert_close(dynamic_threshold_x0(x0, 0.5), expected)
+    torch.testing.assert_close(process_x0(x0, clip_x0=True), x0.clamp(-1, 1))
+    torch.testing.assert_close(process_x0(x0, clip_x0=True, dynamic_threshold=0.5), expected)
+    with pytest.raises(ValueError, match="dynamic_threshold"):
+        dynamic_threshold_x0(x0, 1.5)
 
 
 def oracle_for(schedule, point):
@@ -103,3 +201,12 @@ def test_clip_x0_keeps_predictions_in_range():
                 generator=torch.Generator().manual_seed(0), callback=lambda i, index, x, x0: seen.append(x0.abs().max().item()))
     assert max(seen) <= 1.0
     assert len(seen) == 20
+
+
+def test_dynamic_threshold_percentile_is_numpys_linear_percentile():
+    """Catches an off-by-one order statistic or a missing interpolation in the sort-based per-sample quantile."""
+    x0 = 3 * torch.randn(3, 2, 7, 11, generator=torch.Generator().manual_seed(8))
+    for p in (0.5, 0.9, 0.995, 1.0):
+        s = np.maximum(np.percentile(x0.abs().flatten(1).double().numpy(), 100 * p, axis=1), 1.0).reshape(-1, 1, 1, 1)
+        expected = np.clip(x0.double().numpy(), -s, s) / s
+        np.testing.assert_allclose(dynamic_threshold_x0(x0, p).double().numpy(), expected, rtol=1e-6, atol=1e-6)

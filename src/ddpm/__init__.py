@@ -14,14 +14,14 @@ from .guidance import ClassifierFreeGuidance, make_denoiser
 from .errors import DdpmError
 from .files import save_grid, save_images
 from .pipeline import sample, sample_all, sample_batches
-from .samplers import ddim_sample, ddpm_sample
+from .samplers import ddim_sample, ddpm_sample, dpmpp_2m_sample
 from .schedule import NoiseSchedule, cosine_betas, linear_betas
 from .unet import UNet
 
 __all__ = [
     "ClassifierFreeGuidance", "DdpmError", "DiffusionConfig", "EMA", "ModelConfig", "NoiseSchedule", "RunConfig", "RuntimeConfig",
     "SamplingConfig", "TrainConfig", "UNet", "sample_all", "sample_batches",
-    "cosine_betas", "ddim_sample", "ddpm_sample", "draw_training_inputs", "from_pretrained", "linear_betas", "make_denoiser",
+    "cosine_betas", "ddim_sample", "ddpm_sample", "dpmpp_2m_sample", "draw_training_inputs", "from_pretrained", "linear_betas", "make_denoiser",
     "posterior_mean", "predict_eps", "predict_x0", "q_sample", "sample", "save_grid", "save_images", "save_pretrained",
     "training_loss", "training_losses",
 ]
