@@ -1,11 +1,19 @@
+import io
+import os
 import pickle
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms
 
-from ddpm.data import DataError, load_dataset, to_uint8
+from ddpm.data import (
+    UNREADABLE, DataError, ImageFiles, auto_workers, bad_files, check_bad_files, decode_image, load_dataset, resize_center_crop, rgb_to_grey, to_uint8,
+)
 
 
 def test_mnist_is_bundled_offline_with_labels():
@@ -68,8 +76,10 @@ def test_folder_errors(tmp_path):
         load_dataset(str(tmp_path), 16)
     (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
-    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        assert len(load_dataset(str(tmp_path), 16).dataset) == 1
+    dataset = load_dataset(str(tmp_path), 16).dataset  # nothing is opened up front: both files are listed
+    assert len(dataset) == 2
+    with pytest.warns(UserWarning, match="unreadable image file .*a.png"):
+        assert torch.equal(dataset[0][0], dataset[1][0])  # a.png's place is taken by the next readable file
     with pytest.raises(DataError, match="subfolder per class"):
         load_dataset(str(tmp_path), 16, conditional=True)
     with pytest.raises(DataError, match="neither a bundled"):
@@ -121,3 +131,145 @@ def test_holdout_splits(tmp_path):
     for data in ("photos", str(tmp_path / "folder")):
         with pytest.raises(DataError, match="no held-out split"):
             load_dataset(data, 16, split="holdout")
+
+
+# ------------------------------------------------------------------------------------------ data at scale
+
+def test_a_large_folder_is_listed_without_opening_a_file(tmp_path):
+    # bug caught: opening (or verifying) every file before the first step; these 20,000 files are not even
+    # images, so any up-front open fails or takes minutes, while listing them takes well under a second
+    for k in range(2):
+        (tmp_path / f"class{k}").mkdir()
+        for i in range(10_000):
+            (tmp_path / f"class{k}" / f"{i:05d}.png").write_bytes(b"")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "skip.png").write_bytes(b"")
+    start = time.perf_counter()
+    info = load_dataset(str(tmp_path), 16, conditional=True)
+    elapsed = time.perf_counter() - start
+    print(f"20,000 files listed in {elapsed:.2f}s")
+    assert len(info.dataset) == 20_000 and info.class_names == ["class0", "class1"]
+    assert info.dataset.samples[10_000] == (tmp_path / "class1" / "00000.png", 1)  # sorted, labelled by folder
+    assert elapsed < 10
+
+
+def write_with_bad_files(root):
+    """Five files, labelled by class folder: c0/0 ok, c0/1 bad, c1/2 bad, c1/3 ok, c1/4 bad (the last one)."""
+    for name, value in (("c0/0.png", 10), ("c0/1.png", None), ("c1/2.jpg", None), ("c1/3.png", 200), ("c1/4.png", None)):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if value is None:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        else:
+            Image.fromarray(np.full((8, 8), value, np.uint8), "L").save(path)
+
+
+def test_an_unreadable_file_is_replaced_by_the_next_readable_one(tmp_path):
+    # bugs caught: skipping the item (a short batch desyncs ranks), a random substitute (differs per rank or
+    # resume), the substitute keeping the bad file's label, a bad file reported more than once per process
+    write_with_bad_files(tmp_path / "data")
+    log = tmp_path / "bad.txt"
+    expected = {0: (10, 0), 1: (200, 1), 2: (200, 1), 3: (200, 1), 4: (10, 0)}  # index 4 wraps around to 0
+    for _ in range(2):  # a second dataset: another worker, rank or resume
+        dataset = load_dataset(str(tmp_path / "data"), 8, channels=1, conditional=True).dataset
+        dataset.bad_log = log
+        for index, (grey, label) in expected.items():
+            image, got_label = dataset[index]
+            assert to_uint8(image).unique().tolist() == [grey] and got_label == label
+    names = [Path(p).name for p in bad_files(log)]
+    assert names == ["1.png", "2.jpg", "4.png"]  # unique, in order found
+    assert len(log.read_text().splitlines()) == 6  # each of the two datasets logged each bad file once
+    batch = next(iter(DataLoader(dataset, batch_size=5, num_workers=2)))  # in worker processes too
+    assert batch[0].shape == (5, 1, 8, 8) and batch[1].tolist() == [0, 1, 1, 1, 0]
+    with pytest.raises(DataError, match="in a row cannot be read"):
+        ImageFiles([tmp_path / "data" / "c0" / "1.png"] * 3, [0] * 3, 8, 1, bad_log=log)[0]
+
+
+def test_check_bad_files_threshold(tmp_path):
+    # bug caught: an off-by-one or a fraction/count mix-up in the threshold (1% of the data, at least 10 files)
+    log = tmp_path / "bad.txt"
+    assert bad_files(log) == [] and check_bad_files(log, 100) == []
+    log.write_text("".join(f"/data/{i}.png\n" for i in range(10)) + "/data/0.png\n")  # 10 unique paths
+    assert len(check_bad_files(log, 100)) == 10  # 10 tolerated in a small set
+    with open(log, "a") as f:
+        f.write("/data/10.png\n")
+    with pytest.raises(DataError, match=r"11 of 100 image files cannot be read.*/data/0.png, .*/data/9.png and 1 more \(all listed in .*bad.txt\)"):
+        check_bad_files(log, 100)
+    assert len(check_bad_files(log, 1100)) == 11  # 1% of 1,100 = 11
+    with pytest.raises(DataError, match="more than the 10 tolerated"):
+        check_bad_files(log, 1099)
+
+
+def test_auto_workers(monkeypatch):
+    # bug caught: workers on a CPU run (they take cores from the step), more workers than cores, or every
+    # torchrun process on a node taking all of the node's cores
+    assert auto_workers("cpu") == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, expected in ((16, 8), (64, 8), (4, 3), (2, 1), (1, 0)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert auto_workers(torch.device("cuda")) == expected
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert auto_workers("cuda:1") == 3
+
+
+def pil_reference(data: bytes, image_size: int, channels: int) -> torch.Tensor:
+    """The independent pipeline: PIL's decoder, mode conversion and antialiased bilinear resize."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode.startswith("I"):
+            image = image.point(lambda v: v / 256).convert("L")
+        image = transforms.Resize(image_size, antialias=True)(image.convert("L" if channels == 1 else "RGB"))
+        return transforms.PILToTensor()(transforms.CenterCrop(image_size)(image))
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_decoding_matches_pil_within_one_grey_level():
+    # bugs caught: libpng's grey weights (2 levels off PIL's luma), a wrong 16-bit reduction, resize
+    # off by half a pixel (align_corners) or without antialiasing, a channel order mix-up
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:90, 0:120]
+    smooth = np.stack([128 + 100 * np.sin(x / (9 + c) + c) * np.cos(y / 13) for c in range(3)], -1)
+    photo = np.clip(smooth + rng.normal(0, 10, smooth.shape), 0, 255).astype(np.uint8)
+    images = {
+        "rgb": Image.fromarray(photo), "grey": Image.fromarray(photo[..., 1]),
+        "rgba": Image.fromarray(np.dstack([photo, photo[..., :1]]), "RGBA"),
+        "palette": Image.fromarray(photo).convert("P"), "small": Image.fromarray(photo[:7, :9]),
+        "sixteen": Image.fromarray((photo[..., 0].astype(np.uint16) * 257 + 100)),
+        # saturated colours, where luma weights differ most (601 vs 709: pure red is grey 76 vs 54)
+        "blocks": Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((128, 96), Image.NEAREST),
+    }
+    for name, image in images.items():
+        for fmt in ("PNG", "JPEG") if image.mode in ("RGB", "L") and name != "blocks" else ("PNG",):
+            data = encoded(image, fmt)
+            for channels in (1, 3):
+                ours = resize_center_crop(decode_image(data, channels), 32)
+                reference = pil_reference(data, 32, channels)
+                assert ours.dtype == torch.uint8 and ours.shape == reference.shape == (channels, 32, 32), (name, fmt)
+                assert (ours.int() - reference.int()).abs().max().item() <= 1, (name, fmt, channels)
+
+
+def test_lossless_files_decode_to_pils_pixels_exactly():
+    # bugs caught: other luma weights or truncation instead of rounding (PIL: 16-bit fixed point, +0.5),
+    # libpng's own grey conversion (it rounds differently), a channel order mix-up
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    expected_grey = np.asarray(Image.fromarray(pixels).convert("L"))
+    assert np.array_equal(rgb_to_grey(torch.from_numpy(pixels).permute(2, 0, 1))[0].numpy(), expected_grey)
+    for fmt in ("PNG", "BMP"):  # torchvision's decoder, PIL's
+        data = encoded(Image.fromarray(pixels), fmt)
+        assert np.array_equal(decode_image(data, 1)[0].numpy(), expected_grey), fmt
+        assert np.array_equal(decode_image(data, 3).permute(1, 2, 0).numpy(), pixels), fmt
+
+
+def test_other_formats_and_broken_files():
+    # bug caught: trusting the extension (a BMP named .jpg), or a truncated file decoding to garbage
+    bmp = encoded(Image.new("RGB", (10, 10), (255, 0, 0)), "BMP")
+    assert decode_image(bmp, 3)[:, 0, 0].tolist() == [255, 0, 0]
+    for fmt in ("PNG", "JPEG"):
+        data = encoded(Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)), fmt)
+        with pytest.raises(UNREADABLE):
+            decode_image(data[: len(data) // 2], 3)

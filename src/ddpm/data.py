@@ -81,9 +81,9 @@ def auto_workers(device: torch.device | str) -> int:
     GPU (any accelerator): the cores this process may use (its CPU affinity, shared between the processes that
     torchrun starts on the node), less one for the process itself, at most 8 (beyond that the loader outruns
     any single GPU at 64x64: see benchmarks/RESULTS.md, "Data loading").
-    CPU: 0. The model's step uses every core; decoding an image costs ~1 ms against ~430 ms of training step
-    per image on the 2-core development machine (2.3 images/s), so a worker process can only take cores from
-    the step (measured with `python benchmarks/bench.py data`: one worker feeds 600-1000+ images/s).
+    CPU: 0. The step uses every core, and loading in the main process already feeds 1,100-1,350 images/s per
+    core at 64x64 (`python benchmarks/bench.py data`, 2-core development machine): 7 ms of a 3.5 s batch-8
+    step (2.3 images/s). A worker could save at most those 7 ms (0.2%) and takes a core from the step.
     """
     if torch.device(device).type == "cpu":
         return 0
@@ -201,17 +201,34 @@ class ImageFiles(Dataset):
     """
 
     def __init__(self, files: list[Path], labels: list[int], image_size: int, channels: int, bad_log: Path | None = None):
-        self.samples = list(zip(files, labels))
+        # paths in one byte buffer, not a million Python objects: forked DataLoader workers would otherwise copy
+        # them page by page as reference counts change (copy-on-write), a full copy per worker
+        encoded = [os.fsencode(str(f)) for f in files]
+        self._path_ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        self._path_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._labels = np.asarray(labels, dtype=np.int64)
         self.image_size, self.channels = image_size, channels
         self.bad_log = bad_log
         self._known_bad: set[int] = set()  # per process: each bad file is tried (and reported) once
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._labels)
+
+    def path(self, index: int) -> Path:
+        start = self._path_ends[index - 1] if index % len(self) else 0
+        return Path(os.fsdecode(self._path_bytes[start : self._path_ends[index]].tobytes()))
+
+    def label(self, index: int) -> int:
+        return int(self._labels[index])
+
+    @property
+    def samples(self) -> list[tuple[Path, int]]:
+        """Every (path, label), built on demand (for inspection; items use `path` and `label`)."""
+        return [(self.path(i), self.label(i)) for i in range(len(self))]
 
     def read(self, index: int) -> torch.Tensor:
         """The file at `index` as uint8 [C, size, size], no substitution; raises one of UNREADABLE."""
-        data = Path(self.samples[index][0]).read_bytes()
+        data = self.path(index).read_bytes()
         return resize_center_crop(decode_image(data, self.channels), self.image_size)
 
     def uint8_item(self, index: int) -> tuple[torch.Tensor, int]:
@@ -221,10 +238,10 @@ class ImageFiles(Dataset):
             if candidate in self._known_bad:
                 continue
             try:
-                return self.read(candidate), self.samples[candidate][1]
+                return self.read(candidate), self.label(candidate)
             except UNREADABLE as error:
                 self._record_bad(candidate, error)
-        raise DataError(f"{step + 1} image files in a row cannot be read, from {self.samples[index][0]} on; "
+        raise DataError(f"{step + 1} image files in a row cannot be read, from {self.path(index)} on; "
                         "check that the folder is still there and readable")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
@@ -233,7 +250,7 @@ class ImageFiles(Dataset):
 
     def _record_bad(self, index: int, error: Exception) -> None:
         self._known_bad.add(index)
-        path = str(self.samples[index][0])
+        path = str(self.path(index))
         if self.bad_log is not None:
             _append_line(Path(self.bad_log), path)
         else:

@@ -140,7 +140,7 @@ class _Attempt(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
-        path, label = self.files.samples[index]
+        path, label = self.files.path(index), self.files.label(index)
         try:
             return self.files.read(index), label, str(path)
         except UNREADABLE:
