@@ -36,7 +36,7 @@ fi
   timeout -s INT 180 "$PY" benchmarks/train_sync_checked.py train "$WORK/photos64" --preset cifar10-64 --steps 1000000 \
     --out "$WORK/run" --checkpoint-every 500 --sample-every 0 --num-workers auto
   status=$?
-  echo "train exit status $status (130 = stopped by the 3-minute timeout, as planned; anything else failed)"
+  echo "train exit status $status (124 = stopped by the 3-minute timeout as planned, the last checkpoint kept; anything else failed)"
   echo
   echo "## 3. A sample grid"
   "$PY" -m ddpm sample "$WORK/run" --out "$WORK/samples" --per-class 4 --sampler dpmpp2m --sampling-steps 20 \

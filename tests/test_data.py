@@ -35,13 +35,15 @@ def test_mnist_is_bundled_offline_with_labels():
     assert padded[:, :, :2].max().item() == -1.0  # padding is background, digits keep their scale
 
 
-def test_photos_are_bundled_offline_and_unlabelled():
+def test_photos_are_bundled_offline_and_labelled_by_their_photo():
     info = load_dataset("photos", 16)
     images, labels = info.dataset.tensors
-    assert images.shape[1:] == (3, 16, 16) and info.num_classes is None
+    assert images.shape[1:] == (3, 16, 16) and info.num_classes is None  # unconditional: labels unused
     assert -1.0 <= images.min().item() and images.max().item() <= 1.0 and images.std().item() > 0.1
-    with pytest.raises(DataError, match="--conditional"):
-        load_dataset("photos", 16, conditional=True)
+    labelled = load_dataset("photos", 16, conditional=True)
+    k = labelled.num_classes
+    assert k >= 2 and len(labelled.class_names) == k and labelled.class_names[0] == "astronaut"
+    assert torch.equal(labelled.dataset.tensors[1], torch.arange(len(labels)) % k)  # crop i comes from photo i mod K
 
 
 def write_mixed_folder(root):

@@ -176,7 +176,7 @@ def test_eval_errors_are_one_line(tmp_path, tiny_config, capsys):
         (["eval", str(loose), "--no-fid"], "--data"),
         (["eval", str(run), "--n", "4", "--inception", str(tmp_path / "none.pt"), *EVAL], "--inception PATH"),
         (["eval", str(run), "--n", "1", "--no-fid"], "--n must be >= 2"),
-        (["eval", str(run), "--data", "photos", "--no-fid", *EVAL], "labels"),
+        (["eval", str(run), "--data", "photos", "--no-fid", *EVAL], "classes"),
         (["eval", str(tmp_path / "nothing"), "--no-fid"], "not a folder"),
     ]
     for argv, message in cases:

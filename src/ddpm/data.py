@@ -390,16 +390,18 @@ def mnist(image_size: int, channels: int = 1, split: str = "train") -> DataInfo:
 
 
 def photos(image_size: int, channels: int = 3, num_crops: int = 2048, seed: int = 0) -> DataInfo:
-    """Random crops of the public-domain photos in scikit-image's wheel (those that load offline)."""
+    """Random crops of the public-domain photos in scikit-image's wheel (those that load offline). Each crop's
+    label is its photo (class names: the photos' names), so `--conditional` has a small labelled RGB set too."""
     import skimage.data
 
     gen = torch.Generator().manual_seed(seed)
-    sources = []
+    sources, names = [], []
     for name in PHOTO_NAMES:
         try:
             array = getattr(skimage.data, name)()
         except Exception:  # noqa: BLE001 - a photo missing from this wheel is skipped, never downloaded
             continue
+        names.append(name)
         sources.append(torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float() / 255)
     if not sources:
         raise DataError("scikit-image ships none of the bundled photos here; reinstall scikit-image")
@@ -416,8 +418,8 @@ def photos(image_size: int, channels: int = 3, num_crops: int = 2048, seed: int 
     if channels == 1:
         images = images.mean(1, keepdim=True)
     return DataInfo(
-        TensorDataset(to_model_range(images), torch.full((num_crops,), -1, dtype=torch.long)),
-        channels, None, None, f"{num_crops} crops of {len(sources)} scikit-image photos",
+        TensorDataset(to_model_range(images), torch.arange(num_crops) % len(sources)),
+        channels, len(sources), names, f"{num_crops} crops of {len(sources)} scikit-image photos",
     )
 
 
