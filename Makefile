@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/quickstart
 
-.PHONY: install demo test bench gpu-wheels clean
+.PHONY: install demo test bench gpu-wheels serve clean
 
 install: $(VENV)/.installed
 
@@ -13,17 +13,21 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[dev,metrics]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,metrics,ui]'
 	touch $@
 
 # Train the class-conditional MNIST quickstart on the CPU, then draw a 10x8 grid (one row per digit, w=3).
 # Running it again continues the run from its latest checkpoint (and does nothing if it is finished).
 demo: install
 	if [ -f $(RUN)/latest ]; then $(BIN)/ddpm train --resume $(RUN); else $(BIN)/ddpm train --preset quickstart --out $(RUN); fi
-	$(BIN)/ddpm sample $(RUN) --out $(RUN)/samples --per-class 8 --guidance 3 --sampler ddim --sampling-steps 100
+	$(BIN)/ddpm sample $(RUN) --out $(RUN)/samples --per-class 8
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# A local web page to sample a trained model (http://127.0.0.1:7860; SERVE_ARGS="--port 8000 --device cpu" ...).
+serve: install
+	$(BIN)/ddpm serve $(RUN) $(SERVE_ARGS)
 
 # Speed and memory against the peers (installs them into .venv only for this); see benchmarks/RESULTS.md.
 # `make bench BENCH_ARGS=--compile` also times torch.compile (minutes of compilation on a CPU).

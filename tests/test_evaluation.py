@@ -1,4 +1,6 @@
-"""`ddpm eval` and its parts on tiny random models: splits, classifier, validation loss, the sweep, resuming, errors."""
+"""`ddpm eval` and its parts on tiny random models: splits, classifier (accuracy, sensitivity to intensity),
+validation loss, model-call counts, the sweep, its CSV and plot, resuming, errors."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,9 +12,10 @@ from PIL import Image
 from ddpm import DiffusionConfig, NoiseSchedule, UNet, save_pretrained
 from ddpm.classifier import classifier_for, predict, train_classifier
 from ddpm.cli import format_table, main
+from ddpm.config import SamplingConfig
 from ddpm.data import load_dataset, to_uint8
-from ddpm.evaluation import real_sets
-from ddpm.metrics import class_accuracy, validation_loss, validation_set
+from ddpm.evaluation import model_calls_per_image, quality_lines, quality_plot_png, real_sets, sweep_csv, write_sweep_files
+from ddpm.metrics import class_accuracy, frechet_distance_of_features, validation_loss, validation_set
 
 SHORT = DiffusionConfig(timesteps=50)
 
@@ -30,57 +33,187 @@ def pixel_rows(images):
     return {bytes(row) for row in images.flatten(1).numpy()}
 
 
-def test_real_sets_are_disjoint_and_the_mnist_classifier_uses_the_holdout():
+def test_mnist_floor_is_held_out_and_the_classifier_trains_on_the_training_digits():
     real = real_sets("mnist", 8, 1, 10, n=50, ref_n=300)
     assert real.floor.shape == (50, 1, 8, 8) and real.reference.shape == (300, 1, 8, 8) and real.floor.dtype == torch.uint8
-    holdout = to_uint8(load_dataset("mnist", 8, split="holdout").dataset.tensors[0])
-    assert torch.equal(real.classifier_images, holdout) and len(real.classifier_labels) == 1000
-    # the floor is none of the reference images (the sets are positions in one permutation of the train split)
-    assert not pixel_rows(real.floor) & pixel_rows(real.reference)
+    train = pixel_rows(to_uint8(load_dataset("mnist", 8, split="train").dataset.tensors[0]))
+    holdout = pixel_rows(to_uint8(load_dataset("mnist", 8, split="holdout").dataset.tensors[0]))
+    # the classifier: all 4,000 training digits (which include the reference); its accuracy: the 1,000 held out
+    assert len(real.classifier_images) == 4000 and pixel_rows(real.classifier_images) == train
+    assert pixel_rows(real.reference) <= train and pixel_rows(real.unseen_images) == holdout
+    # the floor: fresh digits neither model trained on, drawn across all classes (not the first classes in file order)
+    assert pixel_rows(real.floor) <= holdout and not pixel_rows(real.floor) & train
+    assert set(real.floor_labels.tolist()) == set(range(10))
     # the reference does not move with n (its cached features stay valid)
     assert torch.equal(real_sets("mnist", 8, 1, 10, n=20, ref_n=300).reference, real.reference)
-    # the floor is capped at a quarter of the pool
+    # the floor is capped at the held-out split's size
     assert len(real_sets("mnist", 8, 1, 10, n=5000, ref_n=300).floor) == 1000
 
 
-def test_real_sets_without_a_holdout_keep_classifier_images_apart(tmp_path):
+def test_real_sets_without_a_holdout_keep_the_floor_from_the_classifier(tmp_path):
     rng = np.random.default_rng(0)
     for k in range(3):
         (tmp_path / f"class{k}").mkdir()
         for i in range(16):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"class{k}" / f"{i}.png")
     real = real_sets(str(tmp_path), 8, 3, 3, n=100, ref_n=100)
-    assert len(real.floor) == 12 and len(real.reference) == 18 and len(real.classifier_images) == 18
-    sets = [pixel_rows(s) for s in (real.floor, real.reference, real.classifier_images)]
-    assert sum(map(len, sets)) == len(set.union(*sets)) == 48
-    assert "saw them" in real.notes["classifier"]
+    floor, reference, trained, unseen = (pixel_rows(s) for s in (real.floor, real.reference, real.classifier_images, real.unseen_images))
+    assert len(floor) == len(unseen) == 12 and len(trained) == 36 and len(reference) == 36  # 48 = 12 + 36
+    assert floor == unseen and not floor & trained and not floor & reference
+    assert len(floor | trained) == 48
+    assert "never the floor" in real.notes["classifier"]
 
 
 @pytest.fixture(scope="module")
 def digit_classifier():
-    images, labels = load_dataset("mnist", 8, split="holdout", conditional=True).dataset.tensors
+    images, labels = load_dataset("mnist", 8, split="train", conditional=True).dataset.tensors
     return train_classifier(to_uint8(images), labels, 10, steps=300, seed=0)
 
 
 def test_class_accuracy_is_high_for_real_labels_and_chance_for_shuffled_ones(digit_classifier):
-    images, labels = load_dataset("mnist", 8, conditional=True).dataset.tensors  # the classifier never saw these
-    images, labels = to_uint8(images[::4]), labels[::4]
-    logits, features = predict(digit_classifier, images)
+    images, labels = load_dataset("mnist", 8, split="holdout", conditional=True).dataset.tensors  # never seen
+    logits, features = predict(digit_classifier, to_uint8(images))
     assert features.shape == (1000, 128)
     assert class_accuracy(logits, labels) > 0.75
     shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
     assert 0.05 < class_accuracy(logits, shuffled) < 0.16
 
 
+def brighter(images, factor):
+    return (images.float() * factor).round().clamp(0, 255).to(torch.uint8)
+
+
+def gamma(images, exponent):
+    return (255 * (images.float() / 255) ** exponent).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_classifier_features_see_brightness_and_gamma(digit_classifier):
+    """Over-guided digits look like real ones made brighter: the features must tell them from real digits.
+    Measured here: 14.8x, 16.2x and 8.2x the floor; trained on classes alone (intensity_weight=0) the same
+    network gave 4.5x, 3.3x and 2.7x, which these bounds reject."""
+    train = to_uint8(load_dataset("mnist", 8, split="train").dataset.tensors[0])
+    holdout = to_uint8(load_dataset("mnist", 8, split="holdout").dataset.tensors[0])
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
+    floor_images, fresh_images = holdout[order[:500]], holdout[order[500:]]
+    reference = predict(digit_classifier, train[torch.randperm(4000, generator=torch.Generator().manual_seed(1))[:1000]])[1]
+
+    def distance(images):
+        return frechet_distance_of_features(predict(digit_classifier, images)[1], reference)
+
+    floor = distance(floor_images)
+    ratios = {"fresh": distance(fresh_images) / floor,  # other real digits: near the floor
+              "1.3x brighter": distance(brighter(floor_images, 1.3)) / floor,  # clamped at white
+              "gamma 0.7": distance(gamma(floor_images, 0.7)) / floor,  # mid-tones lifted
+              "0.8x dimmer": distance(brighter(floor_images, 0.8)) / floor}
+    assert ratios["1.3x brighter"] > 8 and ratios["gamma 0.7"] > 8 and ratios["0.8x dimmer"] > 5, ratios
+    assert ratios["fresh"] < 2, ratios
+
+
 def test_the_classifier_is_trained_once_then_loaded(tmp_path, monkeypatch):
     images, labels = load_dataset("mnist", 8, split="holdout", conditional=True).dataset.tensors
     images = to_uint8(images[:64])
-    model, record, stem = classifier_for(images, labels[:64], 10, tmp_path, "64 digits", steps=5)
+    held, held_labels = load_dataset("mnist", 8, split="train", conditional=True).dataset.tensors
+    model, record, stem = classifier_for(images, labels[:64], 10, tmp_path, "64 digits", steps=5,
+                                         holdout_images=to_uint8(held[:32]), holdout_labels=held_labels[:32])
     assert stem.with_suffix(".safetensors").is_file() and record["trained_on"] == "64 digits"
+    assert record["holdout_images"] == 32 and 0 <= record["holdout_accuracy"] <= 1 and record["train_seconds"] >= 0
     monkeypatch.setattr("ddpm.classifier.train_classifier", lambda *a, **k: pytest.fail("retrained instead of loading"))
     loaded, again, same_stem = classifier_for(images, labels[:64], 10, tmp_path, "64 digits", steps=5)
     assert same_stem == stem and again["train_accuracy"] == record["train_accuracy"]
     assert np.array_equal(predict(model, images)[0], predict(loaded, images)[0])
+
+
+class CountingModel(torch.nn.Module):
+    """A stand-in network that predicts zero noise and counts the images it is asked about."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.null_class = num_classes  # None: unconditional
+        self.images_seen = 0
+
+    def forward(self, x, t, y=None):
+        self.images_seen += len(x)
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingConfig(sampler="ddim", steps=10, guidance=3.0),
+    SamplingConfig(sampler="ddim", steps=10, guidance=1.0),
+    SamplingConfig(sampler="ddim", steps=10, guidance=0.0),
+    SamplingConfig(sampler="ddim", steps=12, guidance=2.0, guidance_interval=(0.3, 0.7), guidance_rescale=0.5),
+    # logsnr spacing ends on indices 2 and 0, trailing on 6: the interval (0, 0.1) guides two steps of one, none of the other
+    SamplingConfig(sampler="dpmpp2m", steps=7, guidance=2.0, guidance_interval=(0.0, 0.1), spacing="logsnr"),
+    SamplingConfig(sampler="dpmpp2m", steps=9, guidance=4.0, guidance_interval=(0.2, 1.0)),
+    SamplingConfig(sampler="ddpm", guidance=1.5, guidance_interval=(0.1, 0.4)),
+], ids=str)
+@pytest.mark.parametrize("batched", [False, True])
+def test_model_calls_per_image_counts_what_the_sampler_runs(sampling, batched):
+    """The count must equal the network evaluations a real sampling run makes, per image (a guided step is
+    two, one of 2N batched or two of N), across samplers, spacings and guidance intervals."""
+    from ddpm.guidance import make_denoiser
+    from ddpm.samplers import run_sampler
+
+    schedule = NoiseSchedule.from_config(SHORT)
+    model = CountingModel(10)
+    denoiser = make_denoiser(model, torch.arange(4) % 10, sampling, schedule=schedule, batched=batched)
+    run_sampler(denoiser, schedule, (4, 1, 4, 4), sampling, generator=torch.Generator().manual_seed(0))
+    assert model_calls_per_image(sampling, schedule) == model.images_seen / 4
+    if sampling.guidance_interval is not None:  # the interval matters: guided everywhere would count more
+        assert model_calls_per_image(sampling, schedule) < 2 * sampling.steps_for(len(schedule))
+
+
+def test_model_calls_of_an_unconditional_model_are_its_steps():
+    schedule = NoiseSchedule.from_config(SHORT)
+    assert model_calls_per_image(SamplingConfig(sampler="ddim", steps=10, guidance=3.0), schedule, conditional=False) == 10
+
+
+def sweep_record():
+    """A record as `ddpm eval` writes it: a floor and rows over two samplers, steps, w and one option."""
+    def row(sampler, steps, calls, w, fd, accuracy, **options):
+        settings = dataclasses.asdict(SamplingConfig(sampler=sampler, steps=steps, guidance=w, **options))
+        settings["guidance_interval"] = list(settings["guidance_interval"]) if settings["guidance_interval"] else None  # as JSON gives it
+        return {"sampler": sampler, "steps": steps, "model_calls": calls, "guidance": w, "settings": settings,
+                "accuracy": accuracy, "classifier_fd": fd, "precision": 0.7, "recall": 0.6, "saturated": 0.01, "seconds": 1.5}
+
+    return {"floor": {"description": "real", "n": 12, "accuracy": 0.95, "classifier_fd": 0.5, "precision": 0.8,
+                      "recall": 0.75, "saturated": 0.002},
+            "rows": [row("ddim", 40, 80, 3.0, 2.0, 0.92), row("ddim", 10, 20, 3.0, 4.0, 0.9), row("ddim", 10, 10, 1.0, 3.0, 0.8),
+                     row("ddim", 10, 14, 3.0, 1.0, 0.85, guidance_interval=(0.2, 0.8)), row("dpmpp2m", 10, 20, 3.0, 1.5, 0.91)]}
+
+
+def test_sweep_csv_has_the_floor_then_one_line_per_setting():
+    import csv
+
+    lines = list(csv.DictReader(sweep_csv(sweep_record()).splitlines()))
+    assert [line["sampler"] for line in lines] == ["real", "ddim", "ddim", "ddim", "ddim", "dpmpp2m"]
+    floor, first, interval = lines[0], lines[2], lines[4]
+    assert floor["steps"] == floor["model_calls"] == floor["guidance"] == "" and float(floor["classifier_fd"]) == 0.5
+    assert float(floor["precision"]) == 0.8 and float(floor["saturated"]) == 0.002
+    assert (first["steps"], first["model_calls"], first["guidance"], first["guidance_interval"]) == ("10", "20", "3", "")
+    assert float(first["fid"] or 0) == 0 and float(first["recall"]) == 0.6 and float(first["seconds"]) == 1.5
+    assert interval["guidance_interval"] == "0.2-0.8" and interval["model_calls"] == "14"
+    assert interval["clip_x0"] == "False" and interval["guidance_rescale"] == "0"
+
+
+def test_quality_lines_join_steps_and_keep_settings_apart():
+    lines = quality_lines(sweep_record()["rows"], "classifier_fd")
+    assert lines == {"ddim w=3": [(20, 4.0), (80, 2.0)], "ddim w=1": [(10, 3.0)],
+                     "ddim w=3 guidance_interval=0.2-0.8": [(14, 1.0)], "dpmpp2m w=3": [(20, 1.5)]}
+
+
+def test_write_sweep_files_writes_a_csv_and_a_two_panel_png(tmp_path):
+    files = write_sweep_files(sweep_record(), tmp_path)
+    assert files == {"csv": str(tmp_path / "eval.csv"), "plot": str(tmp_path / "quality_vs_steps.png")}
+    assert (tmp_path / "eval.csv").read_text().startswith("sampler,steps,model_calls,guidance,")
+    with Image.open(tmp_path / "quality_vs_steps.png") as png:
+        width, height = png.size
+    assert width > 1.8 * height  # two panels side by side
+    # without a classifier (unconditional models): FID alone; nothing to plot: no file
+    rows = [{**r, "fid": 10.0 - r["model_calls"] / 10} for r in sweep_record()["rows"]]
+    for r in rows:
+        del r["classifier_fd"], r["accuracy"]
+    assert quality_plot_png({"rows": rows, "floor": {"fid": 2.0}}) is not None
+    assert quality_plot_png({"rows": [], "floor": {}}) is None
 
 
 def test_validation_loss_is_the_same_at_every_call(tiny_config):
@@ -126,11 +259,15 @@ def test_the_sweep_gives_one_row_per_w_and_resumes(tmp_path, tiny_config, capsys
     result = json.loads((run / "eval" / "eval.json").read_text())
     assert [r["guidance"] for r in result["rows"]] == [0.0, 1.0, 2.5]
     assert all(0 <= r["accuracy"] <= 1 and r["classifier_fd"] >= 0 and r["generated_now"] == 12 for r in result["rows"])
+    assert all(0 <= r[k] <= 1 for r in [*result["rows"], result["floor"]] for k in ("precision", "recall", "saturated"))
+    assert [r["model_calls"] for r in result["rows"]] == [2, 2, 4]  # 2 ddim steps; w=2.5 guides both
     assert result["floor"]["n"] == 12 and result["floor"]["accuracy"] > 0.3  # 12 real digits, a 100-step classifier
+    assert result["files"]["plot"] and Path(result["files"]["plot"]).is_file()
+    assert (run / "eval" / "eval.csv").read_text().count("\n") == 1 + 1 + 3  # header, floor, one line per w
     assert "fid" not in result["rows"][0] and result["inception"] is None and result["model_step"] == 7
     lines = out.splitlines()
     assert any(line.split()[:1] == ["real"] and "floor" in line for line in lines)
-    assert [line.split()[2] for line in lines if line.split()[:2] == ["ddim", "2"]] == ["0", "1", "2.5"]
+    assert [line.split()[3] for line in lines if line.split()[:2] == ["ddim", "2"]] == ["0", "1", "2.5"]
     # take away part of w=1 (two files of batch 1, one truncated file of batch 2): only those batches are drawn again
     folder = Path(result["rows"][1]["samples"])
     pngs = sorted(folder.glob("sample_*.png"))
@@ -186,9 +323,10 @@ def test_eval_errors_are_one_line(tmp_path, tiny_config, capsys):
 
 
 def test_format_table_puts_the_floor_first():
-    rows = [{"sampler": "ddim", "steps": 50, "guidance": 0.0, "fid": 30.0, "accuracy": 0.1},
-            {"sampler": "dpmpp2m", "steps": 20, "guidance": 3.0, "fid": 12.5, "accuracy": 0.9}]
+    rows = [{"sampler": "ddim", "steps": 50, "model_calls": 50, "guidance": 0.0, "fid": 30.0, "accuracy": 0.1},
+            {"sampler": "dpmpp2m", "steps": 20, "model_calls": 40, "guidance": 3.0, "fid": 12.5, "accuracy": 0.9,
+             "settings": {"dynamic_threshold": 0.995, "guidance_interval": [0.2, 0.8], "clip_x0": False}}]
     table = format_table(rows, {"fid": 2.0, "accuracy": 0.95})
     lines = table.splitlines()
     assert "FID" in lines[0] and "class acc" in lines[0] and "classifier FD" not in lines[0]
-    assert lines[2].split()[:3] == ["real", "2.00", "0.950"] and lines[4].split() == ["dpmpp2m", "20", "3", "12.50", "0.900"]
+    assert lines[2].split()[:3] == ["real", "2.00", "0.950"] and lines[4].split() == ["dpmpp2m", "20", "40", "3", "dt=0.995", "interval=0.2-0.8", "12.50", "0.900"]

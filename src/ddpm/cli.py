@@ -131,7 +131,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> N
     a = parser.add_argument
     a("--sampler", choices=SAMPLERS, nargs=nargs, help="ddpm: all T ancestral steps; ddim; dpmpp2m: DPM-Solver++(2M)"
       + ("" if many else f" (default {d.sampler})"))
-    a("--sampling-steps", type=int, nargs=nargs, help="model evaluations for ddim and dpmpp2m (default 50; ddpm always takes T)")
+    a("--sampling-steps", type=int, nargs=nargs, help="denoiser evaluations for ddim (default 50) and dpmpp2m (default 20); ddpm always takes T")
     a("--guidance", type=float, nargs=nargs, help="classifier-free guidance w: 0 = unconditional, 1 = conditional, >1 = guided (default 3)")
     a("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     a("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
@@ -400,21 +400,44 @@ def _format(value, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-METRIC_COLUMNS = (("fid", "FID", 2), ("accuracy", "class acc", 3), ("classifier_fd", "classifier FD", 3), ("saturated", "saturated", 4))
+METRIC_COLUMNS = (("fid", "FID", 2), ("accuracy", "class acc", 3), ("classifier_fd", "classifier FD", 3),
+                  ("precision", "precision", 3), ("recall", "recall", 3), ("saturated", "saturated", 4))
+OPTION_NAMES = {"eta": "eta", "clip_x0": "clip", "dynamic_threshold": "dt", "guidance_rescale": "rescale",
+                "guidance_interval": "interval", "spacing": "spacing"}
+
+
+def _option_text(name: str, value) -> str:
+    if value is True:
+        return name
+    if isinstance(value, (list, tuple)):
+        return f"{name}=" + "-".join(f"{v:g}" for v in value)
+    return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+
+
+def _options(row: dict) -> str:
+    """The sampling options of a row that differ from the defaults, e.g. 'dt=0.995 rescale=0.7'."""
+    defaults, settings = dataclasses.asdict(SamplingConfig()), row.get("settings", {})
+    def plain(value):  # JSON turns tuples into lists
+        return tuple(value) if isinstance(value, list) else value
+
+    changed = [(name, settings[key]) for key, name in OPTION_NAMES.items() if key in settings and plain(settings[key]) != defaults[key]]
+    return " ".join(_option_text(name, value) for name, value in changed) or "-"
 
 
 def format_table(rows: list[dict], floor: dict) -> str:
     """One line per setting, the real-data floor first; metric columns only for the metrics computed."""
     columns = [(key, title, digits) for key, title, digits in METRIC_COLUMNS if key in floor or any(key in r for r in rows)]
     widths = [max(len(title), 9) for _, title, _ in columns]
-    head = f"{'sampler':>8} {'steps':>5} {'w':>5}  "
+    options = [_options(row) for row in rows]
+    width = max([len("options")] + [len(o) for o in options])
+    head = f"{'sampler':>8} {'steps':>5} {'calls':>5} {'w':>5}  {'options':<{width}}  "
     lines = [head + "  ".join(title.rjust(w) for (_, title, _), w in zip(columns, widths))]
     lines.append("-" * len(lines[0]))
-    lines.append(f"{'real':>8} {'':>5} {'':>5}  " + "  ".join(_format(floor.get(k), d).rjust(w) for (k, _, d), w in zip(columns, widths))
-                 + "   <- floor")
-    for row in rows:
+    lines.append(f"{'real':>8} {'':>5} {'':>5} {'':>5}  {'':<{width}}  "
+                 + "  ".join(_format(floor.get(k), d).rjust(w) for (k, _, d), w in zip(columns, widths)) + "   <- floor")
+    for row, option in zip(rows, options):
         w = "-" if row["guidance"] is None else f"{row['guidance']:g}"
-        lines.append(f"{row['sampler']:>8} {row['steps']:>5} {w:>5}  "
+        lines.append(f"{row['sampler']:>8} {row['steps']:>5} {row.get('model_calls', ''):>5} {w:>5}  {option:<{width}}  "
                      + "  ".join(_format(row.get(k), d).rjust(wd) for (k, _, d), wd in zip(columns, widths)))
     return "\n".join(lines)
 

@@ -1,20 +1,31 @@
 """The evaluation library behind `ddpm eval`: sample a trained model under one or more settings and score the samples against real data.
 
-Which real images play which part (the split never depends on --seed, so caches stay valid):
+Which real images play which part (the split never depends on --seed or --n, so caches stay valid):
   * pool: the images the diffusion model trained on (DATA's 'train' split), in a fixed shuffled order;
-  * reference: the last `ref_n` of the pool; FID and the classifier-feature distance compare with it;
-  * floor: the first `n` of the pool (at most a quarter of it), disjoint from the reference and scored exactly
-    like the samples: the value a model that draws fresh real images would get at this N (FID is biased
-    upwards at small N, so rows are only comparable with a floor of the same N);
-  * classifier training set (conditional models): DATA's held-out split when it has one (MNIST's holdout
-    digits, CIFAR-10's test_batch: images the diffusion model never saw), else the part of the pool between
-    the floor and the reference.
+  * reference: the last `ref_n` of the pool; FID, the classifier-feature distance and precision/recall compare
+    with it;
+  * floor: fresh real images scored exactly like the samples: the value a model that draws new real images
+    would get at this N (FID and the feature distance are biased upwards at small N and precision/recall
+    depend on N, so rows are only comparable with a floor of the same N). It is DATA's held-out split when it
+    has one (MNIST's holdout digits, CIFAR-10's test_batch, in a fixed shuffled order: images neither the
+    diffusion model nor the classifier trained on), else the first `n` of the pool (at most a quarter of it);
+  * evaluation classifier (conditional models; see classifier.py): trained on the pool, up to
+    `MAX_CLASSIFIER_IMAGES` of it in the fixed order, with geometric augmentation only; without a held-out
+    split the pool's first quarter (where the floor comes from) is left out. Its accuracy is measured on images
+    it never saw (the held-out split, or that first quarter) and kept in its record.
+Why the classifier may have seen the reference but never the floor: samples and floor are then both images the
+classifier never saw, compared with the same reference, so whatever it does differently on its own training
+images (tighter, more confident features) moves both distances alike, and the floor stays the score of fresh
+real images. Had it seen the floor too, the floor would compare seen with seen images and sit lower than any
+model could reach. (Measured on MNIST 16x16, n=500: a floor drawn from the classifier's own training digits
+was no lower than the held-out floor, so seeing the reference does not bias it either.)
 Samples are written as PNGs under RUN/eval/<settings>/w<w>/ and read back (scored as saved, uint8);
 a second call with the same settings reuses every image already written and every cached feature.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +44,11 @@ from .metrics import (
     default_inception_path,
     feature_statistics,
     frechet_distance,
+    precision_recall,
 )
 
 SPLIT_SEED = 0  # the fixed order of the real pool; not --seed, so that reference and floor never move
+PR_NEIGHBOURS = 3  # k of precision/recall, as in Kynkaanniemi et al. 2019
 
 
 @dataclass
@@ -49,9 +62,12 @@ class RealSets:
     classifier_images: torch.Tensor | None
     classifier_labels: torch.Tensor | None
     notes: dict = field(default_factory=dict)
+    unseen_images: torch.Tensor | None = None  # labelled real images the classifier never trains on: its accuracy
+    unseen_labels: torch.Tensor | None = None
 
 
 MAX_CLASSIFIER_IMAGES = 10_000  # its 800 steps of 64 see ~51k draws: more images would add little but time
+UNSEEN_FRACTION = 4  # without a held-out split, the pool's first 1/4 is kept from the classifier (the floor's part)
 
 
 def _uint8_items(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +81,8 @@ def _uint8_items(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return torch.stack([to_uint8(image) for image, _ in items]), torch.as_tensor([label for _, label in items]).long()
 
 
-def real_sets(data: str, image_size: int, channels: int, num_classes: int | None, n: int, ref_n: int) -> RealSets:
-    """Split DATA into reference, floor and classifier-training images (see the module docstring)."""
+def _load_splits(data: str, image_size: int, channels: int, num_classes: int | None):
+    """DATA's train split (checked against the model's classes) and its held-out split, or None without one."""
     from .data import DataError, load_dataset
 
     conditional = num_classes is not None
@@ -78,43 +94,75 @@ def real_sets(data: str, image_size: int, channels: int, num_classes: int | None
         raise
     if conditional and info.num_classes != num_classes:
         raise DataError(f"the model has {num_classes} classes but {info.description} has {info.num_classes}; give the DATA it was trained on")
-    held = None
-    if conditional:
-        try:
-            held = load_dataset(data, image_size, channels, conditional=True, split="holdout")
-        except DataError:
-            held = None
+    try:
+        held = load_dataset(data, image_size, channels, conditional=conditional, split="holdout")
+    except DataError:
+        held = None
+    return info, held
+
+
+def _fixed_order(size: int) -> torch.Tensor:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(SPLIT_SEED))
+
+
+def real_sets(data: str, image_size: int, channels: int, num_classes: int | None, n: int, ref_n: int) -> RealSets:
+    """Split DATA into reference, floor and classifier-training images (see the module docstring)."""
+    from .data import DataError
+
+    conditional = num_classes is not None
+    info, held = _load_splits(data, image_size, channels, num_classes)
     size = len(info.dataset)
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    floor_n = min(n, size // 4)
-    # without a held-out split, a conditional evaluation keeps the middle of the pool for the classifier
-    ref_count = min(ref_n, size - floor_n) if held is not None or not conditional else min(ref_n, (size - floor_n) // 2)
+    order = _fixed_order(size)
+    unseen_part = order[: size // UNSEEN_FRACTION]  # without a held-out split: the floor's part, kept from the classifier
+    if held is not None:
+        held_order = _fixed_order(len(held.dataset))
+        floor_source, floor_n = held, min(n, len(held.dataset))
+        floor_indices, classifier_part = held_order[:floor_n], order
+    else:
+        floor_source, floor_n = info, min(n, len(unseen_part))
+        floor_indices, classifier_part = unseen_part[:floor_n], order[len(unseen_part) :]
+    ref_count = min(ref_n, size - (0 if held is not None else floor_n))
     if floor_n < 2 or ref_count < 2:
         raise DataError(f"{info.description} is too small to evaluate against ({size} images); it needs at least 8")
     reference, reference_labels = _uint8_items(info.dataset, order[size - ref_count :])
-    floor, floor_labels = _uint8_items(info.dataset, order[:floor_n])
-    notes = {
-        "reference": f"{ref_count} real images of {info.description} (the data the model trained on)",
-        "floor": f"{floor_n} other real images of {info.description}, disjoint from the reference, scored like the samples",
-    }
-    classifier_images = classifier_labels = None
+    floor, floor_labels = _uint8_items(floor_source.dataset, floor_indices)
+    notes = {"reference": f"{ref_count} real images of {info.description} (the data the model trained on)"}
     if held is not None:
-        classifier_images, classifier_labels = _uint8_items(held.dataset, torch.arange(min(len(held.dataset), MAX_CLASSIFIER_IMAGES)))
-        notes["classifier"] = f"trained on {len(classifier_images)} held-out images ({held.description}) that the diffusion model never saw"
-    elif conditional:
-        middle = order[floor_n : size - ref_count][:MAX_CLASSIFIER_IMAGES]
-        if len(middle) < 2:
-            raise DataError(f"{info.description} is too small to train the evaluation classifier; lower --ref-n")
-        classifier_images, classifier_labels = _uint8_items(info.dataset, middle)
-        notes["classifier"] = (f"trained on {len(classifier_images)} images of {info.description} outside the reference and the floor "
-                               "(this data has no held-out split, so the diffusion model saw them)")
-    return RealSets(reference, reference_labels if conditional else None, floor, floor_labels if conditional else None,
-                    classifier_images, classifier_labels, notes)
+        notes["floor"] = (f"{floor_n} held-out real images of {held.description}, which neither the diffusion model nor the "
+                          "evaluation classifier trained on, scored like the samples")
+    else:
+        notes["floor"] = f"{floor_n} other real images of {info.description}, disjoint from the reference, scored like the samples"
+    real = RealSets(reference, reference_labels if conditional else None, floor, floor_labels if conditional else None,
+                    None, None, notes)
+    if conditional:
+        _add_classifier_sets(real, info, held, classifier_part, unseen_part)
+    return real
+
+
+def _add_classifier_sets(real: RealSets, info, held, classifier_part: torch.Tensor, unseen_part: torch.Tensor) -> None:
+    """The classifier's training images (pool) and the labelled images it never sees (its accuracy)."""
+    from .data import DataError
+
+    chosen = classifier_part[:MAX_CLASSIFIER_IMAGES]
+    if len(chosen) < 2:
+        raise DataError(f"{info.description} is too small to train the evaluation classifier ({len(chosen)} images left)")
+    real.classifier_images, real.classifier_labels = _uint8_items(info.dataset, chosen)
+    if held is not None:
+        unseen = _fixed_order(len(held.dataset))[:MAX_CLASSIFIER_IMAGES]
+        real.unseen_images, real.unseen_labels = _uint8_items(held.dataset, unseen)
+        unseen_note = f"{len(unseen)} held-out images ({held.description})"
+    else:
+        real.unseen_images, real.unseen_labels = _uint8_items(info.dataset, unseen_part[:MAX_CLASSIFIER_IMAGES])
+        unseen_note = f"the {len(real.unseen_images)} images of the pool's first quarter (the floor's part)"
+    real.notes["classifier"] = (
+        f"trained on {len(chosen)} images of {info.description} (the diffusion model's training images; may include "
+        f"the reference, never the floor), geometric augmentation only; accuracy measured on {unseen_note}")
 
 
 class Evaluator:
     """Scores sets of uint8 images against prepared real data: FID (when an Inception extractor is given),
-    and for labelled data with a classifier, class accuracy and the Frechet distance in classifier features.
+    and for labelled data with a classifier, class accuracy, the Frechet distance and precision/recall
+    (k = `PR_NEIGHBOURS`) in the classifier's features.
 
     Reference features are computed once here (Inception ones cached in `cache_dir`); `score` then costs
     only the new images. Also usable from a training loop via `score_model` (in memory, no files).
@@ -130,12 +178,14 @@ class Evaluator:
         if inception is not None:
             features = cached_features(inception, real.reference, cache_dir, "reference", progress)
             self.reference_inception = feature_statistics(features)
-        self.reference_classifier = None
+        self.reference_classifier = self.reference_classifier_features = None
         if classifier is not None:
-            self.reference_classifier = feature_statistics(predict(classifier, real.reference)[1])
+            self.reference_classifier_features = predict(classifier, real.reference)[1]
+            self.reference_classifier = feature_statistics(self.reference_classifier_features)
 
     def score(self, images: torch.Tensor, labels: torch.Tensor | None = None, cache_label: str | None = "samples") -> dict:
-        """uint8 images [N, C, H, W] (N >= 2) -> {"fid", "accuracy", "classifier_fd"} (only those that apply)."""
+        """uint8 images [N, C, H, W] (N >= 2) -> {"fid", "accuracy", "classifier_fd", "precision", "recall"} (only
+        those that apply; precision and recall need more than `PR_NEIGHBOURS` images and reference images)."""
         from .classifier import predict
 
         result = {}
@@ -147,10 +197,14 @@ class Evaluator:
             logits, features = predict(self.classifier, images)
             result["accuracy"] = class_accuracy(logits, labels.cpu())
             result["classifier_fd"] = frechet_distance(*feature_statistics(features), *self.reference_classifier)
+            if min(len(features), len(self.reference_classifier_features)) > PR_NEIGHBOURS:
+                result["precision"], result["recall"] = precision_recall(self.reference_classifier_features, features,
+                                                                         k=PR_NEIGHBOURS)
         return result
 
     def floor(self) -> dict:
-        """The real floor: real images disjoint from the reference, scored exactly like samples."""
+        """The real floor: fresh real images (the held-out split when DATA has one; never the reference nor the
+        classifier's training images), scored exactly like samples."""
         return {**self.score(self.real.floor, self.real.floor_labels, cache_label="floor"),
                 "saturated": saturated_fraction(self.real.floor)}
 
@@ -186,9 +240,12 @@ def prepare_evaluator(data: str, image_size: int, channels: int, num_classes: in
     if num_classes is not None and real.classifier_images is not None:
         classifier, record, stem = classifier_for(
             real.classifier_images, real.classifier_labels, num_classes, cache_dir, real.notes["classifier"],
-            steps=classifier_steps, hflip=data != "mnist", device=device, progress=progress)
+            steps=classifier_steps, hflip=data != "mnist", holdout_images=real.unseen_images,
+            holdout_labels=real.unseen_labels, device=device, progress=progress)
         real.notes["classifier_file"] = str(stem.with_suffix(".safetensors"))
         real.notes["classifier_train_accuracy"] = record.get("train_accuracy")
+        real.notes["classifier_holdout_accuracy"] = record.get("holdout_accuracy")
+        real.notes["classifier_train_seconds"] = record.get("train_seconds")
     return Evaluator(real, inception, classifier, cache_dir, progress)
 
 
@@ -255,9 +312,34 @@ def settings_tag(sampling: SamplingConfig, timesteps: int) -> str:
     return tag
 
 
+def sampler_timesteps(sampling: SamplingConfig, schedule) -> list[int]:
+    """The timestep indices at which `sampling`'s sampler calls the denoiser, once each."""
+    from .samplers import ddim_timesteps, dpmpp_2m_timesteps
+
+    steps = sampling.steps_for(len(schedule))
+    if sampling.sampler == "ddpm":
+        return list(range(len(schedule) - 1, -1, -1))
+    if sampling.sampler == "ddim":
+        return ddim_timesteps(len(schedule), steps)
+    return dpmpp_2m_timesteps(schedule, steps, sampling.spacing)
+
+
+def model_calls_per_image(sampling: SamplingConfig, schedule, conditional: bool = True) -> int:
+    """Network evaluations per image: one per sampler step, two for a guided step (conditional and null branch),
+    as `guidance.ClassifierFreeGuidance` makes them: a step is guided unless w is 0 or 1 or its t-index
+    fraction t/(T-1) lies outside the guidance interval. Unconditional models: one per step."""
+    indices = sampler_timesteps(sampling, schedule)
+    if not conditional or sampling.guidance in (0.0, 1.0):
+        return len(indices)
+    lo, hi = sampling.guidance_interval if sampling.guidance_interval is not None else (0.0, 1.0)
+    span = max(len(schedule) - 1, 1)
+    return sum(2 if lo <= index / span <= hi else 1 for index in indices)
+
+
 def saturated_fraction(images: torch.Tensor) -> float:
-    """The fraction of uint8 pixels at full black or full white: over-guided samples saturate."""
-    return float(((images == 0) | (images == 255)).float().mean())
+    """The fraction of uint8 pixel values at full white (255): strong guidance pushes x0 past +1, and the
+    highlights clip. Full black is left out: it is the natural background of digits and many other sets."""
+    return float((images == 255).float().mean())
 
 
 def sweep(model, schedule, evaluator: Evaluator, settings: list[SamplingConfig], eval_dir: Path, *, n: int, seed: int = 0,
@@ -275,10 +357,113 @@ def sweep(model, schedule, evaluator: Evaluator, settings: list[SamplingConfig],
         images, labels, generated = generate_samples(model, schedule, folder, n, sampling, seed=seed, batch_size=batch_size,
                                                      progress=progress)
         row = {"sampler": sampling.sampler, "steps": sampling.steps_for(len(schedule)),
+               "model_calls": model_calls_per_image(sampling, schedule, conditional),
                "guidance": sampling.guidance if conditional else None, "settings": dataclasses.asdict(sampling),
                **evaluator.score(images, labels), "saturated": saturated_fraction(images), "samples": str(folder),
                "generated_now": generated, "seconds": round(time.perf_counter() - row_start, 1)}
         record["rows"].append(row)
         record["seconds"] = round(time.perf_counter() - start, 1)
+        record["files"] = write_sweep_files(record, eval_dir)
         atomic_write_json(eval_dir / "eval.json", record)
     return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sweep as a table and a plot
+
+CSV_COLUMNS = ("sampler", "steps", "model_calls", "guidance", "guidance_rescale", "guidance_interval", "clip_x0",
+               "dynamic_threshold", "eta", "spacing", "fid", "accuracy", "classifier_fd", "precision", "recall",
+               "saturated", "seconds")
+OPTION_COLUMNS = ("guidance_rescale", "guidance_interval", "clip_x0", "dynamic_threshold", "eta", "spacing")
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return "-".join(f"{v:g}" for v in value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def sweep_csv(record: dict) -> str:
+    """eval.csv's text: the real floor first (sampler "real", no settings), then one line per setting."""
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    floor = {"sampler": "real", **{k: v for k, v in (record.get("floor") or {}).items() if k in CSV_COLUMNS}}
+    for row in [floor, *record.get("rows", [])]:
+        values = {**row, **{k: row.get("settings", {}).get(k) for k in OPTION_COLUMNS if "settings" in row}}
+        writer.writerow([_csv_value(values.get(column)) for column in CSV_COLUMNS])
+    return buffer.getvalue()
+
+
+def _line_label(row: dict) -> str:
+    """(sampler, w, options that differ from the defaults): one plotted line per label, steps along it."""
+    defaults = dataclasses.asdict(SamplingConfig())
+    settings = row.get("settings", {})
+    parts = [row["sampler"]] + ([] if row.get("guidance") is None else [f"w={row['guidance']:g}"])
+    for key in OPTION_COLUMNS:
+        value = settings.get(key)
+        if key in settings and value != defaults[key] and not (isinstance(value, list) and tuple(value) == defaults[key]):
+            parts.append(f"{key}={_csv_value(value)}")
+    return " ".join(parts)
+
+
+def quality_lines(rows: list[dict], metric: str) -> dict[str, list[tuple[int, float]]]:
+    """{line label: [(model calls per image, metric value), ...] sorted by calls}: the rows that share sampler, w
+    and options make one line across their step counts."""
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        if row.get("model_calls") and row.get(metric) is not None:
+            lines.setdefault(_line_label(row), []).append((row["model_calls"], row[metric]))
+    return {label: sorted(points) for label, points in lines.items()}
+
+
+def quality_plot_png(record: dict) -> bytes | None:
+    """quality_vs_steps.png's bytes: classifier Frechet distance and class accuracy against model calls per image
+    (log x), one line per (sampler, w, options), the real floor dashed; FID alone for a model without a
+    classifier; None when there is nothing to plot. Matplotlib's Agg canvas, no global backend change."""
+    from matplotlib.figure import Figure
+
+    rows = record.get("rows", [])
+    metrics = [m for m in ("classifier_fd", "accuracy") if quality_lines(rows, m)]
+    metrics = metrics or (["fid"] if quality_lines(rows, "fid") else [])
+    if not metrics:
+        return None
+    titles = {"classifier_fd": "classifier Frechet distance", "accuracy": "class accuracy", "fid": "FID"}
+    figure = Figure(figsize=(5.5 * len(metrics), 4.2), layout="constrained")
+    floor = record.get("floor") or {}
+    for axes, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics):
+        for label, points in quality_lines(rows, metric).items():
+            axes.plot(*zip(*points), marker="o", label=label)
+        if floor.get(metric) is not None:
+            axes.axhline(floor[metric], color="black", linestyle="--", linewidth=1, label="real floor")
+        axes.set_xscale("log")
+        axes.set_xlabel("model calls per image")
+        axes.set_title(titles[metric])
+        axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def write_sweep_files(record: dict, eval_dir: Path) -> dict:
+    """Write eval.csv and quality_vs_steps.png (when matplotlib is installed and there is a metric to plot) into
+    `eval_dir`, each atomically; returns their paths (None for a plot not drawn)."""
+    from .files import atomic_write_bytes
+
+    eval_dir = Path(eval_dir)
+    csv_path, plot_path = eval_dir / "eval.csv", eval_dir / "quality_vs_steps.png"
+    atomic_write_bytes(csv_path, sweep_csv(record).encode())
+    try:
+        png = quality_plot_png(record)
+    except ImportError:  # matplotlib comes with the metrics extra; the numbers are in the CSV and JSON anyway
+        png = None
+    if png is not None:
+        atomic_write_bytes(plot_path, png)
+    return {"csv": str(csv_path), "plot": str(plot_path) if png is not None else None}

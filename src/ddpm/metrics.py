@@ -1,4 +1,4 @@
-"""Offline metrics: Inception-v3 features for FID, the Frechet distance, a feature cache, and the validation loss.
+"""Offline metrics: Inception-v3 features for FID, the Frechet distance, precision/recall, a feature cache, and the validation loss.
 
 FID follows clean-fid (Parmar et al. 2022), which the StyleGAN3 and clean-fid numbers use: images as uint8,
 grayscale replicated to RGB, resized to 299x299 with an antialiased bicubic filter (PIL's, reproduced by torch's
@@ -145,6 +145,66 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def frechet_distance_of_features(features1: np.ndarray, features2: np.ndarray) -> float:
     return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# precision and recall (Kynkaanniemi et al. 2019)
+
+
+def _checked_features(features: np.ndarray, k: int, name: str) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) <= k:
+        raise MetricsError(f"precision/recall with k={k} needs more than {k} {name} feature vectors [N, D], got shape "
+                           f"{features.shape}; give more images or a smaller k")
+    return features
+
+
+def _pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances [len(a), len(b)] from ||a||^2 + ||b||^2 - 2 a.b (float64, clipped at 0)."""
+    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.clip(squared, 0, None))
+
+
+def _row_blocks(n: int, size: int = 1024):
+    return (slice(start, min(start + size, n)) for start in range(0, n, size))
+
+
+def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each vector to its k-th nearest neighbour in the same set, itself excluded (the radius of
+    its hypersphere in Kynkaanniemi et al. 2019, eq. 2)."""
+    radii = np.empty(len(features))
+    for rows in _row_blocks(len(features)):
+        distances = _pairwise_distances(features[rows], features)
+        # column k of the sorted row: column 0 is the point itself (distance 0)
+        radii[rows] = np.partition(distances, k, axis=1)[:, k]
+    return radii
+
+
+def _fraction_inside(queries: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> float:
+    """The fraction of `queries` that lie within the hypersphere of at least one centre (eq. 1 and 3)."""
+    inside = 0
+    for rows in _row_blocks(len(queries)):
+        inside += int((_pairwise_distances(queries[rows], centres) <= radii[None, :]).any(1).sum())
+    return inside / len(queries)
+
+
+def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for
+    Assessing Generative Models", eq. 1-3): the real manifold is the union of balls around each real vector with
+    the radius of its k-th nearest real neighbour, the fake manifold likewise;
+
+        precision = fraction of fake vectors inside the real manifold  (are samples realistic?)
+        recall    = fraction of real vectors inside the fake manifold  (is the data's variety covered?)
+
+    k = 3 as in the paper. Both sets need more than k vectors. The radii shrink as a set grows, so values are
+    comparable only at the same set sizes (compare samples with the real floor of the same N)."""
+    real = _checked_features(real_features, k, "real")
+    fake = _checked_features(fake_features, k, "fake")
+    if real.shape[1] != fake.shape[1]:
+        raise MetricsError(f"real and fake features differ in dimension: {real.shape[1]} vs {fake.shape[1]}")
+    precision = _fraction_inside(fake, real, knn_radii(real, k))
+    recall = _fraction_inside(real, fake, knn_radii(fake, k))
+    return precision, recall
 
 
 def pixels_sha1(images: torch.Tensor) -> str:

@@ -266,9 +266,11 @@ def prepare_dataset(data: str, image_size: int, out: Path, channels: int | None 
 # --------------------------------------------------------------------------------------------- command line
 
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
+    from .cli import HelpFormatter  # the one formatter: real defaults only
+
     pr = subparsers.add_parser(
         "prepare", help="decode a dataset once into memory-mapped uint8 arrays, for training at full speed",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Decode and resize DATA once and store it as uint8 .npy shards in --out; `ddpm train OUT` then "
                     "reads images without decoding them. Unreadable files are left out and listed in OUT/meta.json.")
     pr.add_argument("data", help="dataset: image folder, CIFAR-10 folder, 'mnist' or 'photos'")

@@ -2,8 +2,8 @@
 
 The page draws through `pipeline.sample_batches` with the same batch size and seed that `ddpm sample` uses, so a
 seed and settings shown on the page give the same images from the command line (same device). The sampler runs
-in a worker thread; its step callback feeds a queue that the Gradio generator function drains, so the page shows
-"step i of K" and the current x0 prediction live. Nothing is written to the model folder: images go to a
+on one long-lived torch thread (TorchThread); its step callback feeds a queue that the Gradio generator function
+drains, so the page shows "step i of K" and the current x0 prediction live. Nothing is written to the model folder: images go to a
 temporary folder that is removed when the server stops.
 """
 from __future__ import annotations
@@ -12,14 +12,17 @@ import argparse
 import atexit
 import queue
 import random
+import shlex
 import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .config import SAMPLERS, SamplingConfig
@@ -51,6 +54,39 @@ def import_gradio():
 
 
 # ---------------------------------------------------------------------------------------------------- the model
+class TorchThread:
+    """One long-lived daemon thread that makes every torch call of the page, loading included.
+
+    Why: on a CPU, torch ops from a second thread run slower while the first thread's OpenMP team exists.
+    Measured on 2 cores (16x16 quickstart shape, 16 images, 20 DDIM steps): 0.64 s with everything on one thread,
+    0.91 s when the model was loaded on the main thread and sampled on another. It also makes one request at a
+    time hold at the torch level. A daemon thread, so Ctrl-C never waits for a long request to finish.
+    """
+
+    def __init__(self, name: str = "ddpm-serve-torch"):
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            future, fn, args = self._jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as error:  # noqa: BLE001 - handed to whoever waits on the future
+                    future.set_exception(error)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def run(self, fn, *args):
+        """fn(*args) on this thread; waits and returns its result (or raises its error)."""
+        return self.submit(fn, *args).result()
+
+
 @dataclass
 class ServedModel:
     """A model loaded read-only for the page, with what the controls need to know about it."""
@@ -61,6 +97,7 @@ class ServedModel:
     device: torch.device
     source: Path
     class_names: list[str] | None = field(default=None)
+    worker: TorchThread = field(default_factory=TorchThread, repr=False)
 
     @property
     def num_classes(self) -> int | None:
@@ -86,11 +123,16 @@ def class_names_for(config: dict, num_classes: int | None) -> list[str] | None:
 
 
 def load_served_model(model_dir: Path | str, device: torch.device | str | None = None) -> ServedModel:
-    """Load a run folder or model folder (only reads it) the way `ddpm sample` does; DdpmError if unusable."""
+    """Load a run folder or model folder (only reads it) the way `ddpm sample` does, on the page's torch thread
+    (see TorchThread); DdpmError if unusable."""
+    worker = TorchThread()
+    return worker.run(_load, Path(model_dir), device, worker)
+
+
+def _load(source: Path, device, worker: TorchThread) -> ServedModel:
     from .checkpoint import from_pretrained
     from .devices import configure_for_speed, pick_device
 
-    source = Path(model_dir)
     if not source.exists():
         raise DdpmError(f"{source} does not exist; give a run folder (runs/NAME) or a model folder (model.safetensors + config.json)")
     try:
@@ -99,7 +141,7 @@ def load_served_model(model_dir: Path | str, device: torch.device | str | None =
         raise DdpmError(str(error)) from error
     model, schedule, config = from_pretrained(source, torch_device)
     model, _ = configure_for_speed(model)  # as `ddpm sample` does (results unchanged, steps faster)
-    return ServedModel(model, schedule, config, torch_device, source, class_names_for(config, model.config.num_classes))
+    return ServedModel(model, schedule, config, torch_device, source, class_names_for(config, model.config.num_classes), worker)
 
 
 # ---------------------------------------------------------------------------------------------------- one request
@@ -176,9 +218,9 @@ def parse_request(served: ServedModel, class_index, guidance, sampler, steps, se
 def cli_equivalent(served: ServedModel, request: Request) -> str:
     """The `ddpm sample` command that draws the same images (same device)."""
     s = request.sampling
-    parts = ["ddpm sample", str(served.source)]
-    if request.labels is not None:
-        parts += ["--labels", ",".join(str(y) for y in request.labels), "--guidance", f"{s.guidance:g}"]
+    parts = ["ddpm sample", shlex.quote(str(served.source))]
+    if request.labels is not None:  # repr: every digit of w, so the command draws exactly these images
+        parts += ["--labels", ",".join(str(y) for y in request.labels), "--guidance", repr(s.guidance)]
     else:
         parts += ["--n", str(request.count)]
     parts += ["--sampler", s.sampler]
@@ -191,17 +233,18 @@ def cli_equivalent(served: ServedModel, request: Request) -> str:
 # ---------------------------------------------------------------------------------------------------- live sampling
 @dataclass
 class Step:
-    """The sampler finished step `index` (0-based) of `total`; `x0` is its x0 prediction (CPU)."""
+    """The sampler finished step `index` (0-based) of `total`; `preview` is its x0 prediction as a grid."""
 
     index: int
     total: int
-    x0: torch.Tensor
+    preview: np.ndarray  # uint8 (H, W, C), see grid_array
 
 
 @dataclass
 class Finished:
     images: torch.Tensor  # [N, C, H, W] in [-1, 1], CPU
-    process: list[torch.Tensor]  # x0 predictions at ~PROCESS_FRAMES steps (empty unless asked for)
+    grid: np.ndarray  # the images as one uint8 grid (grid_array)
+    process: np.ndarray | None  # x0 predictions over ~PROCESS_FRAMES steps (process_array), if asked for
     seconds: float
 
 
@@ -211,7 +254,7 @@ class _Stopped(Exception):
 
 def draw(served: ServedModel, request: Request) -> torch.Tensor:
     """The request's images exactly as `ddpm sample` draws them (no live view): for tests and scripts."""
-    return _sample(served, request, callback=None)
+    return served.worker.run(_sample, served, request, None)
 
 
 def _sample(served: ServedModel, request: Request, callback) -> torch.Tensor:
@@ -225,15 +268,16 @@ def _sample(served: ServedModel, request: Request, callback) -> torch.Tensor:
 
 
 def sample_live(served: ServedModel, request: Request) -> Iterator[Step | Finished]:
-    """Run the request in a worker thread; yield the newest Step whenever the consumer is ready, then Finished.
+    """Run the request on the model's torch thread; yield the newest Step whenever the consumer is ready, then
+    Finished.
 
     Steps the consumer was too slow to see are dropped (only the newest is shown), but the last step is always
     yielded. Closing the generator (the page went away) stops the sampler at its next step and waits for that
-    (at most one step). Errors from the
-    sampler are re-raised here, in the consumer's thread.
+    (at most one step). Errors from the sampler are re-raised here, in the consumer's thread.
     """
     total = request.total_steps(len(served.schedule))
     keep_every = max(1, total // PROCESS_FRAMES)
+    size = served.model.config.image_size
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
     frames: list[torch.Tensor] = []
@@ -241,23 +285,23 @@ def sample_live(served: ServedModel, request: Request) -> Iterator[Step | Finish
     def on_step(i: int, t_index: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
         if stop.is_set():
             raise _Stopped
-        x0 = x0.detach().float().cpu().clone()
+        x0 = x0.detach().float().cpu()
         if request.show_process and (i % keep_every == 0 or i == total - 1):
-            frames.append(x0)
-        events.put(Step(i, total, x0))
+            frames.append(x0.clone())
+        events.put(Step(i, total, grid_array(x0, size)))
 
     def work() -> None:
         start = time.perf_counter()
         try:
             images = _sample(served, request, on_step)
-            events.put(Finished(images, frames, time.perf_counter() - start))
+            process = process_array(frames, size) if frames else None
+            events.put(Finished(images, grid_array(images, size), process, time.perf_counter() - start))
         except _Stopped:
             pass
         except BaseException as error:  # noqa: BLE001 - handed to the consumer, which reports it
             events.put(error)
 
-    worker = threading.Thread(target=work, name="ddpm-serve-sampler", daemon=True)
-    worker.start()
+    job = served.worker.submit(work)
     try:
         while True:
             pending = [events.get()]
@@ -277,7 +321,7 @@ def sample_live(served: ServedModel, request: Request) -> Iterator[Step | Finish
                     return
     finally:
         stop.set()  # the page went away (or we are done): the sampler stops at its next step...
-        worker.join()  # ...and is gone before the next request starts (one request at a time)
+        job.result()  # ...and is done before the next request starts (one request at a time)
 
 
 # ---------------------------------------------------------------------------------------------------- pictures
@@ -367,8 +411,7 @@ def build_app(model_dir: Path | str, device: torch.device | str | None = None, *
             try:
                 for event in sample_live(served, request):
                     if isinstance(event, Step):
-                        yield {status: f"step {event.index + 1} of {event.total}",
-                               result: grid_array(event.x0, served.model.config.image_size)}
+                        yield {status: f"step {event.index + 1} of {event.total}", result: event.preview}
                     else:
                         yield finish(request, event)
             except (DdpmError, NotImplementedError) as error:  # a setting this model or build cannot do
@@ -379,7 +422,6 @@ def build_app(model_dir: Path | str, device: torch.device | str | None = None, *
             requests_done[0] += 1
             folder = workdir / f"request_{requests_done[0]:05d}"
             paths = write_pngs(done.images, request.labels, folder)
-            size = served.model.config.image_size
             what = ""
             if request.labels is not None:
                 what = f" of {served.class_names[request.labels[0]]} (w={request.sampling.guidance:g})"
@@ -387,8 +429,8 @@ def build_app(model_dir: Path | str, device: torch.device | str | None = None, *
                     f"{request.total_steps(len(served.schedule))} steps, seed {request.seed}, "
                     f"{done.seconds:.1f}s on {served.device}.  \nSame images from the command line: "
                     f"`{cli_equivalent(served, request)}`")
-            strip = process_array(done.process, size) if request.show_process and done.process else None
-            return {status: text, result: grid_array(done.images, size), seed_used: str(request.seed + 1),
+            strip = done.process if request.show_process else None
+            return {status: text, result: done.grid, seed_used: str(request.seed),
                     files: [str(p) for p in paths], process: gr.update(value=strip, visible=strip is not None)}
 
         inputs = [class_box, guidance_box, sampler_box, steps_box, seed_box, count_box, process_box]

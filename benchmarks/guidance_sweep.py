@@ -1,0 +1,69 @@
+"""Issue 11's measurement on the quickstart model: samplers x steps x w, and the guidance options, in one evaluator.
+
+    python benchmarks/guidance_sweep.py [RUN] [--n 500] [--ref-n 1000]
+
+The same as a series of `ddpm eval RUN --no-fid ...` commands (the same library calls, the same cached classifier,
+real sets and samples under RUN/eval/), gathered into one record: RUN/eval/eval.json, eval.csv and
+quality_vs_steps.png. Resumable: samples already written are reused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ddpm.checkpoint import from_pretrained
+from ddpm.cli import format_table
+from ddpm.config import SamplingConfig
+from ddpm.evaluation import prepare_evaluator, sweep, write_sweep_files
+from ddpm.metrics import file_sha1
+
+
+def settings() -> list[SamplingConfig]:
+    rows = []
+    for w in (1.0, 3.0):  # the budget's two guidance scales: plain conditional and the default
+        rows.append(SamplingConfig(sampler="ddim", steps=100, guidance=w))
+        rows += [SamplingConfig(sampler="dpmpp2m", steps=k, guidance=w) for k in (10, 20)]
+    rows.append(SamplingConfig(sampler="ddim", steps=20, guidance=3.0))  # DDIM at DPM-Solver's budget
+    base = dict(sampler="dpmpp2m", steps=20, guidance=3.0)
+    rows += [  # the levers against over-saturation, at the default w
+        SamplingConfig(**base, dynamic_threshold=0.995),
+        SamplingConfig(**base, guidance_rescale=0.7),
+        SamplingConfig(**base, guidance_interval=(0.0, 0.5)),
+        SamplingConfig(**base, guidance_interval=(0.2, 0.8)),
+        SamplingConfig(**base, guidance_interval=(0.5, 1.0)),
+        SamplingConfig(**base, guidance_rescale=0.7, dynamic_threshold=0.995),
+        SamplingConfig(**{**base, "guidance": 2.0}),
+        SamplingConfig(**{**base, "guidance": 1.5}),
+    ]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", default="runs/quickstart")
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--ref-n", type=int, default=1000)
+    parser.add_argument("--only", type=int, nargs="*", help="indices of settings() to run (default all)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    run = Path(args.run)
+    model, schedule, config = from_pretrained(run, "cpu")
+    eval_dir = run / "eval"
+    evaluator = prepare_evaluator("mnist", model.config.image_size, model.config.in_channels, model.config.num_classes,
+                                  eval_dir / "cache", n=args.n, ref_n=args.ref_n, fid=False, progress=True)
+    floor = evaluator.floor()
+    chosen = settings() if args.only is None else [settings()[i] for i in args.only]
+    record = {"model": str(run), "model_step": config.get("step"), "model_sha1": file_sha1(run / "model" / "model.safetensors"),
+              "data": "mnist", "n": args.n, "seed": 0, "batch_size": 64, "floor": {"n": len(evaluator.real.floor), **floor},
+              "classifier": evaluator.real.notes.get("classifier")}
+    record = sweep(model, schedule, evaluator, chosen, eval_dir, n=args.n, record=record, progress=True)
+    write_sweep_files(record, eval_dir)
+    print(format_table(record["rows"], floor))
+    print(json.dumps({"floor": floor}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
