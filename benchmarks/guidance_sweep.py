@@ -22,21 +22,36 @@ from ddpm.metrics import file_sha1
 
 
 def settings() -> list[SamplingConfig]:
+    """The rows, each with every guidance option spelt out (so that a change of the defaults changes no row)."""
+    def setting(**fields) -> SamplingConfig:  # guidance at every step unless the row says otherwise
+        return SamplingConfig(**{"guidance_interval": None, **fields})
+
     rows = []
     for w in (1.0, 3.0):  # the budget's two guidance scales: plain conditional and the default
-        rows.append(SamplingConfig(sampler="ddim", steps=100, guidance=w))
-        rows += [SamplingConfig(sampler="dpmpp2m", steps=k, guidance=w) for k in (10, 20)]
-    rows.append(SamplingConfig(sampler="ddim", steps=20, guidance=3.0))  # DDIM at DPM-Solver's budget
+        rows.append(setting(sampler="ddim", steps=100, guidance=w))
+        rows += [setting(sampler="dpmpp2m", steps=k, guidance=w) for k in (10, 20)]
+    rows.append(setting(sampler="ddim", steps=20, guidance=3.0))  # DDIM at DPM-Solver's budget
     base = dict(sampler="dpmpp2m", steps=20, guidance=3.0)
     rows += [  # the levers against over-saturation, at the default w
-        SamplingConfig(**base, dynamic_threshold=0.995),
-        SamplingConfig(**base, guidance_rescale=0.7),
-        SamplingConfig(**base, guidance_interval=(0.0, 0.5)),
-        SamplingConfig(**base, guidance_interval=(0.2, 0.8)),
-        SamplingConfig(**base, guidance_interval=(0.5, 1.0)),
-        SamplingConfig(**base, guidance_rescale=0.7, dynamic_threshold=0.995),
-        SamplingConfig(**{**base, "guidance": 2.0}),
-        SamplingConfig(**{**base, "guidance": 1.5}),
+        setting(**base, dynamic_threshold=0.995),
+        setting(**base, guidance_rescale=0.7),
+        setting(**base, guidance_interval=(0.0, 0.5)),
+        setting(**base, guidance_interval=(0.2, 0.8)),
+        setting(**base, guidance_interval=(0.5, 1.0)),
+        setting(**base, guidance_rescale=0.7, dynamic_threshold=0.995),
+        setting(**{**base, "guidance": 2.0}),
+        setting(**{**base, "guidance": 1.5}),
+    ]
+    # second round, around the best of the first (guidance at high noise only; lower w)
+    rows += [
+        setting(**base, guidance_interval=(0.4, 1.0)),
+        setting(**base, guidance_interval=(0.3, 1.0)),
+        setting(**{**base, "guidance": 4.0}, guidance_interval=(0.5, 1.0)),
+        setting(**{**base, "guidance": 2.0}, guidance_interval=(0.3, 1.0)),
+        setting(**{**base, "guidance": 2.5}, guidance_interval=(0.5, 1.0)),
+        setting(**base, guidance_interval=(0.5, 1.0), guidance_rescale=0.7),
+        setting(**{**base, "steps": 10}, guidance_interval=(0.5, 1.0)),
+        setting(sampler="ddim", steps=100, guidance=3.0, guidance_interval=(0.5, 1.0)),
     ]
     return rows
 

@@ -189,7 +189,7 @@ def test_sweep_csv_has_the_floor_then_one_line_per_setting():
     floor, first, interval = lines[0], lines[2], lines[4]
     assert floor["steps"] == floor["model_calls"] == floor["guidance"] == "" and float(floor["classifier_fd"]) == 0.5
     assert float(floor["precision"]) == 0.8 and float(floor["saturated"]) == 0.002
-    assert (first["steps"], first["model_calls"], first["guidance"], first["guidance_interval"]) == ("10", "20", "3", "")
+    assert (first["steps"], first["model_calls"], first["guidance"], first["guidance_interval"]) == ("10", "20", "3", "0.4-1")
     assert float(first["fid"] or 0) == 0 and float(first["recall"]) == 0.6 and float(first["seconds"]) == 1.5
     assert interval["guidance_interval"] == "0.2-0.8" and interval["model_calls"] == "14"
     assert interval["clip_x0"] == "False" and interval["guidance_rescale"] == "0"
@@ -197,8 +197,11 @@ def test_sweep_csv_has_the_floor_then_one_line_per_setting():
 
 def test_quality_lines_join_steps_and_keep_settings_apart():
     lines = quality_lines(sweep_record()["rows"], "classifier_fd")
-    assert lines == {"ddim w=3": [(20, 4.0), (80, 2.0)], "ddim w=1": [(10, 3.0)],
+    assert lines == {"ddim w=3": [(20, 4.0), (80, 2.0)], "ddim w=1": [(10, 3.0)],  # labels name only non-defaults
                      "ddim w=3 guidance_interval=0.2-0.8": [(14, 1.0)], "dpmpp2m w=3": [(20, 1.5)]}
+    switched_off = {**sweep_record()["rows"][0], "settings": {**sweep_record()["rows"][0]["settings"], "guidance_interval": None}}
+    if SamplingConfig().guidance_interval is not None:
+        assert list(quality_lines([switched_off], "classifier_fd")) == ["ddim w=3 guidance_interval=none"]
 
 
 def test_write_sweep_files_writes_a_csv_and_a_two_panel_png(tmp_path):
@@ -260,14 +263,18 @@ def test_the_sweep_gives_one_row_per_w_and_resumes(tmp_path, tiny_config, capsys
     assert [r["guidance"] for r in result["rows"]] == [0.0, 1.0, 2.5]
     assert all(0 <= r["accuracy"] <= 1 and r["classifier_fd"] >= 0 and r["generated_now"] == 12 for r in result["rows"])
     assert all(0 <= r[k] <= 1 for r in [*result["rows"], result["floor"]] for k in ("precision", "recall", "saturated"))
-    assert [r["model_calls"] for r in result["rows"]] == [2, 2, 4]  # 2 ddim steps; w=2.5 guides both
+    # each row carries its count of model calls (checked against real sampler runs in test_model_calls_per_image_...)
+    schedule = NoiseSchedule.from_config(SHORT)
+    assert [r["model_calls"] for r in result["rows"]] == [
+        model_calls_per_image(SamplingConfig(**r["settings"]), schedule) for r in result["rows"]]
+    assert result["rows"][0]["model_calls"] == 2 < result["rows"][2]["model_calls"]  # w=0: one call a step; w=2.5 guides
     assert result["floor"]["n"] == 12 and result["floor"]["accuracy"] > 0.3  # 12 real digits, a 100-step classifier
     assert result["files"]["plot"] and Path(result["files"]["plot"]).is_file()
     assert (run / "eval" / "eval.csv").read_text().count("\n") == 1 + 1 + 3  # header, floor, one line per w
     assert "fid" not in result["rows"][0] and result["inception"] is None and result["model_step"] == 7
     lines = out.splitlines()
     assert any(line.split()[:1] == ["real"] and "floor" in line for line in lines)
-    assert [line.split()[3] for line in lines if line.split()[:2] == ["ddim", "2"]] == ["0", "1", "2.5"]
+    assert [line.split()[3] for line in lines if line.split()[:2] == ["dpmpp2m", "2"]] == ["0", "1", "2.5"]  # the default sampler
     # take away part of w=1 (two files of batch 1, one truncated file of batch 2): only those batches are drawn again
     folder = Path(result["rows"][1]["samples"])
     pngs = sorted(folder.glob("sample_*.png"))

@@ -77,8 +77,10 @@ def client(server):
     return Client(server[1], verbose=False)
 
 
-def generate(client, class_index=7, guidance=3.0, sampler="ddim", steps=5, seed="123", count=2, show_process=False):
-    job = client.submit(class_index, guidance, sampler, steps, seed, count, show_process, api_name="/generate")
+def generate(client, class_index=7, guidance=3.0, sampler="ddim", steps=5, seed="123", count=2, show_process=False,
+             interval=(0.4, 1.0), rescale=0.0, threshold=0.0):
+    job = client.submit(class_index, guidance, sampler, steps, seed, count, show_process, *interval, rescale, threshold,
+                        api_name="/generate")
     return job.result(timeout=60), job.outputs()
 
 
@@ -88,7 +90,7 @@ def test_page_draws_what_ddpm_sample_draws(client, model_dir, tmp_path):
     # batch size), dropping the class or w, or PNGs encoded differently: any of them changes pixels.
     (status, _, seed_used, files, _), _ = generate(client, class_index=7, guidance=2.5, steps=5, seed="123", count=2)
     assert status.startswith("done") and seed_used == "123"
-    assert "--labels 7,7 --guidance 2.5 --sampler ddim --sampling-steps 5 --seed 123 --device cpu" in status
+    assert "--labels 7,7 --guidance 2.5 --sampler ddim --sampling-steps 5 --guidance-interval 0.4 1.0 --seed 123 --device cpu" in status
     assert [Path(f).name for f in files] == ["sample_00000_class7.png", "sample_00001_class7.png"]
     command = shlex.split(status.split("`")[1])  # the command the page prints, run as printed
     assert command[:2] == ["ddpm", "sample"]
@@ -179,7 +181,7 @@ def test_one_request_at_a_time(client, monkeypatch):
             running[0] -= 1
 
     monkeypatch.setattr(serve, "_sample", counting)
-    jobs = [client.submit(1, 3.0, "ddim", 2, str(s), 1, False, api_name="/generate") for s in range(3)]
+    jobs = [client.submit(1, 3.0, "ddim", 2, str(s), 1, False, 0.4, 1.0, 0.0, 0.0, api_name="/generate") for s in range(3)]
     assert all(job.result(timeout=60)[0].startswith("done") for job in jobs)
     assert most[0] == 1
 
@@ -316,7 +318,7 @@ def test_page_in_headless_chromium(server, tmp_path):
     # Catches: a page that works through the API but not in a browser (controls not wired, the image never shown).
     shot = tmp_path / "serve.png"
     seen = drive_page(server[1], shot)
-    assert "of digit7 (w=2.5), ddim 5 steps" in seen["status"], seen["status"]
+    assert "of digit7 (w=2.5), dpmpp2m 5 steps" in seen["status"], seen["status"]  # the default sampler
     assert seen["seed"].isdigit()
     pixels = seen["pixels"]
     assert pixels.shape[:2] == ((8 + 4) * 8, (4 * 10 + 2) * 8)  # 4 images (the default) of 8 px, 2 px padding, enlarged 8x
@@ -324,7 +326,7 @@ def test_page_in_headless_chromium(server, tmp_path):
     assert tiles.std() > 1, "the generated image is blank"
     # and it is what the model draws for the class, w, steps and the seed the page showed
     served = serve.load_served_model(server[3], "cpu")
-    request = serve.parse_request(served, 7, 2.5, "ddim", 5, seen["seed"], 4)
+    request = serve.parse_request(served, 7, 2.5, "dpmpp2m", 5, seen["seed"], 4)
     assert np.array_equal(pixels, serve.grid_array(serve.draw(served, request), 8))
     assert shot.stat().st_size > 10_000
 

@@ -117,7 +117,7 @@ def add_train_parser(sub) -> None:
     a("--checkpoint-every", type=int, help="checkpoint every N steps" + _default("checkpoint_every"))
     a("--keep-checkpoints", type=int, help="checkpoints kept (older ones are deleted)" + _default("keep_checkpoints"))
     a("--sample-every", type=int, help="preview grid to TensorBoard every N steps, 0 = never" + _default("sample_every"))
-    a("--sample-steps", type=int, help="DDIM steps of the preview grids" + _default("sample_steps"))
+    a("--sample-steps", type=int, help="sampling steps of the preview grids (default sampler)" + _default("sample_steps"))
     a("--guidance", type=float, help="guidance scale w of the preview grids" + _default("guidance"))
     a("--val-every", type=int, help="held-out validation loss every N steps, 0 = never" + _default("val_every"))
     a("--val-size", type=int, help="held-out images for the validation loss" + _default("val_size"))
@@ -137,7 +137,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> N
     a("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
     a("--dynamic-threshold", type=float, metavar="P", help="Imagen's dynamic thresholding of x0 at percentile P, e.g. 0.995 (default off)")
     a("--guidance-rescale", type=float, default=d.guidance_rescale, metavar="PHI", help="rescale the guided prediction's std to the conditional one's (Lin et al. 2024)")
-    a("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help="guide only where t/(T-1) is in [LO, HI] (Kynkaenniemi et al. 2024; default: every step)")
+    a("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), default=d.guidance_interval,
+      help="guide only where t/(T-1) is in [LO, HI], one model call elsewhere (Kynkaenniemi et al. 2024); 0 1 = every step")
     a("--spacing", choices=("trailing", "logsnr"), default=d.spacing, help="dpmpp2m timesteps: uniform in t, or uniform in log-SNR")
 
 
@@ -407,8 +408,8 @@ OPTION_NAMES = {"eta": "eta", "clip_x0": "clip", "dynamic_threshold": "dt", "gui
 
 
 def _option_text(name: str, value) -> str:
-    if value is True:
-        return name
+    if value is True or value is None:  # None: an option switched off (e.g. guidance at every step)
+        return name if value else f"no-{name}"
     if isinstance(value, (list, tuple)):
         return f"{name}=" + "-".join(f"{v:g}" for v in value)
     return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"

@@ -180,12 +180,15 @@ class SamplingConfig:
     """How to draw images: the sampler, its steps and the guidance options. Shared by `ddpm sample`, `ddpm eval`,
     the preview grids and `ddpm serve`, so one setting means the same images everywhere."""
 
-    sampler: str = "ddim"  # ddpm (all T ancestral steps) | ddim | dpmpp2m (DPM-Solver++(2M))
+    # Defaults measured on the quickstart model (README, "How close to the data"): DPM-Solver++(2M) in 20 steps is
+    # as close to the data as DDIM in 100, and guiding only the noisier 60% of the steps cuts the distance to
+    # real digits 2.8x at w = 3 while the class stays right 97% of the time.
+    sampler: str = "dpmpp2m"  # ddpm (all T ancestral steps) | ddim | dpmpp2m (DPM-Solver++(2M))
     steps: int | None = None  # denoiser evaluations; None: see steps_for
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 DDPM-like
     guidance: float = 3.0  # classifier-free guidance w (1 = conditional, 0 = unconditional)
     guidance_rescale: float = 0.0  # phi of Lin et al. 2024; 0 = off
-    guidance_interval: tuple[float, float] | None = None  # guide only for t-index fractions in [lo, hi]; None = always
+    guidance_interval: tuple[float, float] | None = (0.4, 1.0)  # guide only where t/(T-1) is in [lo, hi]; None = always
     clip_x0: bool = False  # clip the predicted x0 to [-1, 1]
     dynamic_threshold: float | None = None  # Imagen's percentile p (e.g. 0.995); None = off
     spacing: str = "trailing"  # dpmpp2m timesteps: "trailing" (uniform in t, T-1 first) or "logsnr"

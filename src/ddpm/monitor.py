@@ -128,7 +128,7 @@ class RankZeroMonitor(Monitor):
         r, step = self.config.runtime, trainer.step_count
         start = time.perf_counter()
         if r.sample_every and step % r.sample_every == 0:
-            sampling = SamplingConfig(sampler="ddim", steps=r.sample_steps, guidance=r.guidance)
+            sampling = SamplingConfig(steps=r.sample_steps, guidance=r.guidance)  # the default sampler and options
             grid = preview_grid(trainer.ema.model, trainer.schedule, sampling)
             self.writer.add_image("samples/ema", grid, step)
         if self.held_out is not None and (step % r.val_every == 0 or step == self.last_step):

@@ -35,13 +35,14 @@ MAX_STEPS = 200  # per request, for the samplers that take a step count (ddpm al
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.0
 MAX_GUIDANCE = 10.0
-DEFAULT_SAMPLER = "ddim"
+DEFAULT_SAMPLER = SamplingConfig.sampler  # the measured default of `ddpm sample`
 RANDOM_SEED = "random"
 MAX_SEED = 2**32 - 1
 CLI_BATCH_SIZE = 256  # `ddpm sample --batch-size` default: batch b is seeded by (seed, b), so it must match
 PROCESS_FRAMES = 10  # columns of the "show process" strip
 INSTALL_HINT = "pip install -e '.[ui]' (in a clone of ddpm) or pip install 'ddpm[ui]'"
-CSS = "#result img, #process img { image-rendering: pixelated; }"  # tiny images enlarged without blur
+# tiny images shown large, without blur
+CSS = "#result img, #process img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
 
 
 def import_gradio():
@@ -188,6 +189,7 @@ def _whole_number(value, name: str, low: int, high: int) -> int:
 
 
 def parse_request(served: ServedModel, class_index, guidance, sampler, steps, seed_text, count, show_process=False, *,
+                  interval=SamplingConfig.guidance_interval, rescale=0.0, threshold=None,
                   max_steps: int = MAX_STEPS, max_images: int = MAX_IMAGES, rng: random.Random | None = None) -> Request:
     """The page's fields -> a Request, or a one-line DdpmError naming the field and the allowed values."""
     count = _whole_number(count, "the number of images", 1, max_images)
@@ -211,7 +213,12 @@ def parse_request(served: ServedModel, class_index, guidance, sampler, steps, se
         if not 0 <= w <= MAX_GUIDANCE:  # also rejects nan
             raise DdpmError(f"guidance w must be from 0 to {MAX_GUIDANCE:g}, got {guidance}")
     seed = parse_seed(seed_text, rng)
-    sampling = SamplingConfig(sampler=sampler, steps=steps, guidance=w)
+    # the guidance options, checked by SamplingConfig (a ConfigError is a DdpmError naming the field); a threshold
+    # of 0 means off, as the page's slider starts there
+    threshold = None if threshold in (None, 0, 0.0) else float(threshold)
+    interval = None if interval is None else tuple(float(v) for v in interval)
+    sampling = SamplingConfig(sampler=sampler, steps=steps, guidance=w, guidance_interval=interval,
+                              guidance_rescale=float(rescale or 0.0), dynamic_threshold=threshold)
     return Request(labels, count, sampling, seed, bool(show_process))
 
 
@@ -226,6 +233,13 @@ def cli_equivalent(served: ServedModel, request: Request) -> str:
     parts += ["--sampler", s.sampler]
     if s.sampler != "ddpm":
         parts += ["--sampling-steps", str(s.steps)]
+    if request.labels is not None:
+        lo, hi = s.guidance_interval if s.guidance_interval is not None else (0.0, 1.0)
+        parts += ["--guidance-interval", repr(lo), repr(hi)]
+        if s.guidance_rescale:
+            parts += ["--guidance-rescale", repr(s.guidance_rescale)]
+    if s.dynamic_threshold is not None:
+        parts += ["--dynamic-threshold", repr(s.dynamic_threshold)]
     parts += ["--seed", str(request.seed), "--device", str(served.device), "--out", "OUT"]
     return " ".join(parts)
 
@@ -388,6 +402,15 @@ def build_app(model_dir: Path | str, device: torch.device | str | None = None, *
                                       elem_id="count")
                 process_box = gr.Checkbox(value=False, label="Show process (x0 predictions over the steps)",
                                           elem_id="show-process")
+                lo, hi = SamplingConfig.guidance_interval
+                with gr.Accordion("Guidance options", open=False, visible=conditional):
+                    interval_lo = gr.Slider(0, 1, value=lo, step=0.05, label="Guide from t/(T-1) =", elem_id="interval-lo",
+                                            info="guidance only on the noisier steps (Kynkaenniemi et al. 2024); 0 and 1 = every step")
+                    interval_hi = gr.Slider(0, 1, value=hi, step=0.05, label="to t/(T-1) =", elem_id="interval-hi")
+                    rescale_box = gr.Slider(0, 1, value=0.0, step=0.05, label="Guidance rescale phi", elem_id="rescale",
+                                            info="rescale the guided x0's spread to the conditional one's (Lin et al. 2024)")
+                threshold_box = gr.Slider(0, 1, value=0.0, step=0.005, label="Dynamic threshold percentile", elem_id="threshold",
+                                          info="0 = off; e.g. 0.995 (Imagen)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 status = gr.Markdown("Choose the settings and press **Generate**.", elem_id="status")
@@ -398,9 +421,11 @@ def build_app(model_dir: Path | str, device: torch.device | str | None = None, *
                 process = gr.Image(label="Process: x0 prediction at every tenth step (rows: images)", type="numpy",
                                    format="png", interactive=False, visible=False, elem_id="process")
 
-        def generate(class_index, guidance, sampler, steps, seed_text, count, show_process):
+        def generate(class_index, guidance, sampler, steps, seed_text, count, show_process, lo=lo, hi=hi, rescale=0.0,
+                     threshold=0.0):
             try:
                 request = parse_request(served, class_index, guidance, sampler, steps, seed_text, count, show_process,
+                                        interval=(lo, hi), rescale=rescale, threshold=threshold,
                                         max_steps=max_steps, max_images=max_images)
             except DdpmError as error:
                 gr.Warning(str(error))
@@ -433,7 +458,8 @@ def build_app(model_dir: Path | str, device: torch.device | str | None = None, *
             return {status: text, result: done.grid, seed_used: str(request.seed),
                     files: [str(p) for p in paths], process: gr.update(value=strip, visible=strip is not None)}
 
-        inputs = [class_box, guidance_box, sampler_box, steps_box, seed_box, count_box, process_box]
+        inputs = [class_box, guidance_box, sampler_box, steps_box, seed_box, count_box, process_box, interval_lo, interval_hi,
+                  rescale_box, threshold_box]
         button.click(generate, inputs, [status, result, seed_used, files, process], api_name="generate",
                      concurrency_limit=1)
     app.queue(default_concurrency_limit=1, max_size=16)
