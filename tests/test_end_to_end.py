@@ -146,6 +146,7 @@ def test_python_dash_m_help_shows_real_defaults_only():
         assert "(default: None)" not in out and "(default: False)" not in out
 
 
+@pytest.mark.slow
 def test_resume_with_epochs_extends_a_run_defined_by_steps(tmp_path):
     run = tmp_path / "run"
     assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "3", *TINY, "--batch-size", "1000"]) == 0

@@ -49,6 +49,7 @@ def _ddp_worker(rank, world, port, out, result_dir):
     torch.save(result.model.state_dict(), Path(result_dir) / f"rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -66,6 +67,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(accumulated[k], one[k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_torchrun_launch(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
@@ -83,6 +85,7 @@ def _checkpoint_step(run) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_kill_minus_9_mid_training_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path):
     """Three kill -9s, each landing while training runs (after a new checkpoint appeared since that start), then
     a resume to the end: the weights, the EMA and its update count equal an uninterrupted run's."""

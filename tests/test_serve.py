@@ -314,6 +314,7 @@ def drive_page(url: str, screenshot: Path, class_name: str = "digit7", guidance:
             browser.close()
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium(server, tmp_path):
     # Catches: a page that works through the API but not in a browser (controls not wired, the image never shown).
     shot = tmp_path / "serve.png"

@@ -491,7 +491,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "features": "Inception-v3 (TF 2015-12-05) 2048-d pool; uint8 -> RGB -> 299x299 bicubic with antialiasing (clean-fid)"},
             "classifier": None if evaluator.classifier is None else {
                 "description": notes["classifier"], "file": notes["classifier_file"], "train_accuracy": notes["classifier_train_accuracy"],
-                "classifier_fd": "Frechet distance of the classifier's penultimate features (samples vs reference)"},
+                "holdout_accuracy": notes.get("classifier_holdout_accuracy"), "train_seconds": notes.get("classifier_train_seconds"),
+                "classifier_fd": "Frechet distance of the classifier's penultimate features (samples vs reference); they are "
+                                 "trained to see stroke intensity as well as shape",
+                "precision_recall": "Kynkaanniemi et al. 2019, k = 3 nearest neighbours, in the same features"},
         }
         record = sweep(model, schedule, evaluator, settings, eval_dir, n=args.n, seed=args.seed, batch_size=args.batch_size,
                        record=record, progress=progress)
@@ -505,11 +508,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  note: DATA allows only {len(evaluator.real.floor)} floor images (a quarter of it), fewer than --n {args.n}: "
               "the floor's FID is biased upwards relative to the rows")
     if record["classifier"]:
-        print(f"  classifier: small CNN {record['classifier']['description']}")
+        held = record["classifier"]["holdout_accuracy"]
+        print(f"  classifier: small CNN {record['classifier']['description']}"
+              + (f"; {held:.1%} right on held-out images" if held is not None else ""))
     if evaluator.inception is None:
         print("  FID skipped (--no-fid)")
     print(format_table(record["rows"], floor))
-    print(f"results: {eval_dir / 'eval.json'}  ({record['seconds']:.0f}s)")
+    files = record.get("files") or {}
+    print(f"results: {eval_dir / 'eval.json'}" + "".join(f", {path}" for path in files.values() if path) + f"  ({record['seconds']:.0f}s)")
     return 0
 
 
