@@ -440,7 +440,9 @@ def quality_plot_png(record: dict) -> bytes | None:
     if not metrics:
         return None
     titles = {"classifier_fd": "classifier Frechet distance", "accuracy": "class accuracy", "fid": "FID"}
-    figure = Figure(figsize=(5.5 * len(metrics), 4.2), layout="constrained")
+    # room below the panels for a legend of one entry per line (a sweep can have twenty)
+    entries = len(quality_lines(rows, metrics[0])) + 1
+    figure = Figure(figsize=(5.5 * len(metrics), 4.2 + 0.22 * (entries + 1) // 2), layout="constrained")
     floor = record.get("floor") or {}
     for axes, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics):
         for label, points in quality_lines(rows, metric).items():
@@ -453,7 +455,7 @@ def quality_plot_png(record: dict) -> bytes | None:
         axes.set_xlabel("model calls per image")
         axes.set_title(titles[metric])
         axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize="small")
+    figure.legend(*axes.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="small")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
