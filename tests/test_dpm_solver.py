@@ -6,6 +6,7 @@ import torch
 
 from ddpm import NoiseSchedule, SamplingConfig, predict_eps
 from ddpm.samplers import dpmpp_2m_sample, dpmpp_2m_timesteps, run_sampler
+from sampler_oracles import Recorder, process_by_hand
 
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T)  # Ho et al.'s linear schedule, written out (independent of linear_betas)
@@ -20,27 +21,6 @@ def linear_denoiser(x, t):
     """A fixed, deliberately imperfect eps model, affine in x and t: its x0 predictions leave [-1, 1] at high noise."""
     pattern = torch.linspace(-1, 1, x[0].numel(), dtype=x.dtype).view(x.shape[1:])
     return 0.7 * x + 0.4 * (t.to(x.dtype) / T).view(-1, 1, 1, 1) * pattern
-
-
-class Recorder:
-    """Wraps a denoiser and keeps every (x_t, t index, eps) it was called with, as float64 numpy arrays."""
-
-    def __init__(self, denoiser):
-        self.denoiser, self.calls = denoiser, []
-
-    def __call__(self, x, t):
-        eps = self.denoiser(x, t)
-        self.calls.append((x.double().numpy(), int(t[0]), eps.double().numpy()))
-        return eps
-
-
-def process_by_hand(x0, clip, percentile):
-    """Clipping and Imagen's dynamic thresholding (Saharia et al. 2022) written out with numpy, per sample."""
-    if percentile is not None:
-        s = np.percentile(np.abs(x0).reshape(len(x0), -1), percentile * 100, axis=1)  # linear interpolation
-        s = np.maximum(s, 1.0).reshape(-1, 1, 1, 1)
-        x0 = np.clip(x0, -s, s) / s
-    return np.clip(x0, -1, 1) if clip else x0
 
 
 @pytest.mark.parametrize("clip, percentile", [(False, None), (True, None), (False, 0.9)])

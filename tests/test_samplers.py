@@ -4,6 +4,7 @@ import torch
 
 from ddpm import DiffusionConfig, NoiseSchedule, UNet, ddim_sample, ddpm_sample, predict_eps
 from ddpm.samplers import ddim_timesteps, dynamic_threshold_x0, process_x0
+from sampler_oracles import Recorder, process_by_hand
 
 
 BETAS = np.linspace(1e-4, 0.2, 20)  # a short schedule written out (independent of linear_betas' T-scaling)
@@ -20,33 +21,12 @@ def affine_denoiser(x, t):
     return -1.5 * x + 0.1 * t.to(x.dtype).view(-1, 1, 1, 1) * pattern
 
 
-class Recorder:
-    """Wraps a denoiser and keeps every (x_t, t index, eps) it was called with, as float64 numpy arrays."""
-
-    def __init__(self, denoiser):
-        self.denoiser, self.calls = denoiser, []
-
-    def __call__(self, x, t):
-        eps = self.denoiser(x, t)
-        self.calls.append((x.double().numpy(), int(t[0]), eps.double().numpy()))
-        return eps
-
-
 def nth_normal_draw(seed, n, shape):
     """The n-th (from 1) standard normal tensor a sampler draws from a generator seeded with `seed`."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(n):
         z = torch.randn(shape, generator=gen)
     return z.double().numpy()
-
-
-def process_by_hand(x0, clip, percentile):
-    """Clipping and Imagen's dynamic thresholding (Saharia et al. 2022) written out with numpy, per sample."""
-    if percentile is not None:
-        s = np.percentile(np.abs(x0).reshape(len(x0), -1), percentile * 100, axis=1)  # linear interpolation
-        s = np.maximum(s, 1.0).reshape(-1, 1, 1, 1)
-        x0 = np.clip(x0, -s, s) / s
-    return np.clip(x0, -1, 1) if clip else x0
 
 
 @pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
