@@ -1,7 +1,6 @@
 """Distributed equivalence, crash safety, and bad input: each with a clear error and nothing lost."""
 import errno
 import os
-import random
 import signal
 import socket
 import subprocess
