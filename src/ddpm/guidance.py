@@ -56,12 +56,17 @@ class ClassifierFreeGuidance:
         self._guided_index = None if interval is None else _indices_inside(len(schedule), *self.interval)
 
     def weight_at(self, t: torch.Tensor) -> float | torch.Tensor:
-        """The guidance weight at timestep indices t: a number when all samples share it (always so inside
-        the samplers, where one t serves the batch), else a per-sample tensor [N]."""
+        """The guidance weight at timestep indices t: on the CPU a number when all samples share it (always so
+        inside the samplers, where one t serves the batch), else a per-sample tensor [N]; on an accelerator always
+        a tensor, so that no step synchronises with the host (there a step outside the interval saves no call)."""
         if self._guided_index is None:
             return self.guidance
         self._guided_index = self._guided_index.to(t.device)
         inside = self._guided_index[t]
+        if t.device.type != "cpu":
+            # deciding on the host would make every sampling step wait for the accelerator: blend on the device
+            # instead (both branches run, which one batch of 2N makes cheap there)
+            return torch.where(inside, self.guidance, 1.0).to(torch.float32)
         if bool(inside.all()):
             return self.guidance
         if not bool(inside.any()):
