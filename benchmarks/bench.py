@@ -26,9 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm import DiffusionConfig, ModelConfig, NoiseSchedule, SamplingConfig, UNet, ddim_sample, ddpm_sample, make_denoiser
-from ddpm.diffusion import training_losses
+from ddpm import (
+    DiffusionConfig,
+    ModelConfig,
+    NoiseSchedule,
+    SamplingConfig,
+    UNet,
+    ddim_sample,
+    ddpm_sample,
+    make_denoiser,
+)
 from ddpm.devices import configure_for_speed
+from ddpm.diffusion import training_losses
 from trainer_step import seed_trainer, trainer_step
 
 
@@ -40,7 +49,8 @@ def seed_model(**overrides) -> UNet:
 # ---------------------------------------------------------------------------------------------------- train
 
 def ours_train_step(batch: int, compile_model: bool = False) -> tuple[Callable[[], None], torch.nn.Module]:
-    """One `Trainer.step` of the seed model: exactly the step `ddpm train` runs (clipping, NaN skip, fused AdamW, EMA)."""
+    """One `Trainer.step` of the seed model: exactly the step `ddpm train` runs (clipping, NaN skip, fused AdamW,
+    EMA)."""
     trainer = seed_trainer(batch, "cpu", compile_model=compile_model)
     return trainer_step(trainer), trainer.model
 
@@ -95,7 +105,8 @@ def time_steps(step: Callable[[], None], repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def interleaved(candidates: dict[str, Callable[[], None]], rounds: int, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(candidates: dict[str, Callable[[], None]], rounds: int, repeats: int,
+                warmup: int = 2) -> dict[str, list[float]]:
     for step in candidates.values():
         for _ in range(warmup):
             step()
@@ -108,7 +119,8 @@ def interleaved(candidates: dict[str, Callable[[], None]], rounds: int, repeats:
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
     print(line(headers))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
@@ -128,7 +140,8 @@ def bench_train(args) -> None:
     for name, build in builders:
         step, model = build()
         candidates[name], params[name] = step, sum(p.numel() for p in model.parameters())
-    for name, build in (("lucidrains Unet(dim=64)", lucidrains_unet), ("diffusers UNet2DModel 64-128-256-256", diffusers_unet)):
+    for name, build in (("lucidrains Unet(dim=64)", lucidrains_unet),
+                        ("diffusers UNet2DModel 64-128-256-256", diffusers_unet)):
         try:
             model, forward = build()
         except ImportError as error:
@@ -148,7 +161,8 @@ def bench_train(args) -> None:
         med = statistics.median(times)
         rows.append([name, f"{params[name] / 1e6:.1f}M", f"{flops[name] / b / 1e9:.1f}", f"{b / med:.2f}",
                      f"{flops[name] / med / 1e9:.0f}", f"{med / ours:.2f}x", f"{min(times):.2f}-{max(times):.2f}"])
-    print(f"\nTraining step, 64x64 RGB, batch {b}, fp32, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds x {args.repeats} steps")
+    print(f"\nTraining step, 64x64 RGB, batch {b}, fp32, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved rounds x {args.repeats} steps")
     print_table(["model", "params", "GFLOP/img", "images/s", "GFLOP/s", "ours faster by", "s/step range"], rows)
 
 
@@ -186,16 +200,21 @@ def bench_sample(args) -> None:
         candidates["unguided step, torch.compile"] = inference(lambda x, t: compiled(x, t))
     seconds = interleaved(candidates, args.rounds, 1, warmup=1)
     unguided = statistics.median(seconds["unguided step, ours"])
-    rows = [[name, f"{statistics.median(s):.3f}", f"{statistics.median(s) / unguided:.2f}x"] for name, s in seconds.items()]
-    print(f"\nOne denoising step, seed model 64x64 RGB, batch N={n}, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
+    rows = [[name, f"{statistics.median(s):.3f}", f"{statistics.median(s) / unguided:.2f}x"]
+            for name, s in seconds.items()]
+    print(f"\nOne denoising step, seed model 64x64 RGB, batch N={n}, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} rounds")
     print_table(["step", "seconds", "vs unguided"], rows)
-    per_round = [one / two for one, two in zip(seconds["guided step (w=3), one pass of 2N"], seconds["guided step (w=3), two passes of N"])]
+    per_round = [one / two for one, two in zip(seconds["guided step (w=3), one pass of 2N"],
+                                               seconds["guided step (w=3), two passes of N"])]
     print("one pass of 2N / two passes of N, round by round: " + ", ".join(f"{r:.2f}" for r in per_round))
 
     # End to end, DDIM 50 vs DDPM 1000 on the same batch; on the quickstart-size model so that DDPM's
     # 1000 steps take seconds, not half an hour (overheads weigh more on a small model: a strict test).
-    small, _ = configure_for_speed(seed_model(image_size=16, in_channels=1, base_channels=32, channel_mults=(1, 2, 2), bottleneck_mult=4).eval(), None)
-    den = lambda x, t: small(x, t)
+    small = seed_model(image_size=16, in_channels=1, base_channels=32, channel_mults=(1, 2, 2), bottleneck_mult=4)
+    small, _ = configure_for_speed(small.eval(), None)
+    def den(x, t):
+        return small(x, t)
     shape = (n, 1, 16, 16)
     start = time.perf_counter()
     ddpm_sample(den, schedule, shape, generator=torch.Generator().manual_seed(0))
@@ -204,7 +223,8 @@ def bench_sample(args) -> None:
     ddim_sample(den, schedule, shape, steps=50, generator=torch.Generator().manual_seed(0))
     ddim_s = time.perf_counter() - start
     print(f"\nEnd to end, quickstart-size model (16x16, 1.46M params), batch {n}")
-    print_table(["sampler", "seconds", "speed-up"], [["DDPM, 1000 steps", f"{ddpm_s:.2f}", "1.0x"], ["DDIM, 50 steps", f"{ddim_s:.2f}", f"{ddpm_s / ddim_s:.1f}x"]])
+    print_table(["sampler", "seconds", "speed-up"], [["DDPM, 1000 steps", f"{ddpm_s:.2f}", "1.0x"],
+                                                     ["DDIM, 50 steps", f"{ddim_s:.2f}", f"{ddpm_s / ddim_s:.1f}x"]])
 
 
 # --------------------------------------------------------------------------------------------------- memory
@@ -228,9 +248,11 @@ def bench_memory(args) -> None:
     rows = []
     for kind, batches in (("train", (4, 8, 16)), ("sample", (16, 32, 64))):
         for batch in batches:
-            out = subprocess.run([sys.executable, __file__, "_rss", kind, str(batch)], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "_rss", kind, str(batch)], capture_output=True, text=True,
+                                 check=True)
             rows.append([f"{kind} step", str(batch), f"{float(out.stdout.strip().splitlines()[-1]):.0f}"])
-    print("\nPeak RSS of one step of the seed model (64x64 RGB, fresh process each; includes ~0.85 GiB of imported libraries)")
+    print("\nPeak RSS of one step of the seed model (64x64 RGB, fresh process each; includes ~0.85 GiB of imported "
+          "libraries)")
     print_table(["what", "batch", "peak RSS MiB"], rows)
 
 
@@ -256,23 +278,29 @@ def recorded_kernels(model: UNet, batch: int) -> tuple[list[tuple], list[tuple]]
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
             hooks.append(module.register_forward_hook(
-                lambda m, inp, out: convs.append((tuple(inp[0].shape), tuple(m.weight.shape), m.padding, inp[0].requires_grad))))
+                lambda m, inp, out: convs.append((tuple(inp[0].shape), tuple(m.weight.shape), m.padding,
+                                                  inp[0].requires_grad))))
         elif isinstance(module, SelfAttention):
             hooks.append(module.register_forward_hook(
-                lambda m, inp, out: attentions.append((inp[0].shape[0], m.num_heads, inp[0].shape[2] * inp[0].shape[3], inp[0].shape[1] // m.num_heads))))
+                lambda m, inp, out: attentions.append((inp[0].shape[0], m.num_heads, inp[0].shape[2] * inp[0].shape[3],
+                                                       inp[0].shape[1] // m.num_heads))))
     schedule = NoiseSchedule.from_config(DiffusionConfig())
-    training_losses(model, schedule, torch.rand(batch, 3, 64, 64) * 2 - 1, generator=torch.Generator().manual_seed(0), null_class=None)[0].mean().backward()
+    losses, _ = training_losses(model, schedule, torch.rand(batch, 3, 64, 64) * 2 - 1,
+                                generator=torch.Generator().manual_seed(0), null_class=None)
+    losses.mean().backward()
     for hook in hooks:
         hook.remove()
     return convs, attentions
 
 
-def _conv_parts(x: torch.Tensor, w: torch.Tensor, padding, needs_input_grad: bool, training: bool) -> dict[str, Callable[[], object]]:
+def _conv_parts(x: torch.Tensor, w: torch.Tensor, padding, needs_input_grad: bool,
+                training: bool) -> dict[str, Callable[[], object]]:
     """The kernels of one convolution on these tensors (their memory format picks oneDNN's kernel)."""
     grad_y = torch.randn_like(F.conv2d(x, w, padding=padding))
 
     def backward(mask):
-        return torch.ops.aten.convolution_backward(grad_y, x, w, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1, mask)
+        return torch.ops.aten.convolution_backward(grad_y, x, w, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1,
+                                                   mask)
 
     parts = {"conv forward": lambda: F.conv2d(x, w, padding=padding)}
     if training:
@@ -336,7 +364,8 @@ def bench_ceiling(args) -> None:
     with counter:
         step()
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    kernel_share = sum(n for op, n in by_op.items() if "convolution" in op or "attention" in op) / counter.get_total_flops()
+    kernel_flops = sum(n for op, n in by_op.items() if "convolution" in op or "attention" in op)
+    kernel_share = kernel_flops / counter.get_total_flops()
     sample_kernels = kernel_list(sample_batch, training=False)
     sampler, _ = configure_for_speed(seed_model().eval(), None)
     x, t = torch.randn(sample_batch, 3, 64, 64), torch.full((sample_batch,), 500)
@@ -367,16 +396,17 @@ def bench_ceiling(args) -> None:
     rows = [[part, f"{statistics.median(r[part] for r in parts_per_round):.3f}"] for part in parts_per_round[0]]
     rows.append(["all kernels alone", f"{med['train kernels']:.3f}"])
     rows.append(["the real training step", f"{med['train step']:.3f}"])
-    print(f"\nKernels of one training step of the seed model (64x64 RGB, batch {batch}), each alone in its faster memory "
-          f"format, {torch.get_num_threads()} threads: {len(train_kernels)} kernel calls, {kernel_share:.0%} of the step's FLOPs; "
-          f"median of {args.rounds} rounds alternating with the real step")
+    print(f"\nKernels of one training step of the seed model (64x64 RGB, batch {batch}), each alone in its faster "
+          f"memory format, {torch.get_num_threads()} threads: {len(train_kernels)} kernel calls, {kernel_share:.0%} of "
+          f"the step's FLOPs; median of {args.rounds} rounds alternating with the real step")
     print_table(["kernels", "seconds per step"], rows)
     train_room = med["train step"] / med["train kernels"]
     sample_room = med["sample step"] / med["sample kernels"]
     print("\nHow much faster the step could be with these kernels (everything else free), against what the targets ask")
     print_table(["step", "now", "kernels alone", "room left", "target", "needs"], [
-        [f"training, batch {batch}", f"{batch / med['train step']:.2f} img/s", f"{batch / med['train kernels']:.2f} img/s",
-         f"{train_room:.2f}x", ">= 3.0 img/s", f"{3.0 * med['train step'] / batch:.2f}x"],
+        [f"training, batch {batch}", f"{batch / med['train step']:.2f} img/s",
+         f"{batch / med['train kernels']:.2f} img/s", f"{train_room:.2f}x", ">= 3.0 img/s",
+         f"{3.0 * med['train step'] / batch:.2f}x"],
         [f"sampling step, batch {sample_batch}", f"{med['sample step']:.2f} s", f"{med['sample kernels']:.2f} s",
          f"{sample_room:.2f}x", "<= 1.5 s", f"{med['sample step'] / 1.5:.2f}x"],
     ])
@@ -441,17 +471,39 @@ def compare_decoders(folder: Path, image_size: int, per_format: int = 300) -> No
                 fn(data)
             times[name] = (time.perf_counter() - start) / len(blobs) * 1e3
         worst = max((ours(d).int() - pil_pipeline(d, image_size).int()).abs().max().item() for d in blobs)
-        rows.append([suffix[1:].upper(), f"{times['PIL']:.2f}", f"{times['ours']:.2f}", f"{times['PIL'] / times['ours']:.2f}x", str(worst)])
+        rows.append([suffix[1:].upper(), f"{times['PIL']:.2f}", f"{times['ours']:.2f}",
+                     f"{times['PIL'] / times['ours']:.2f}x", str(worst)])
+    rows.append(torchvision_png_row(files, image_size, per_format))
     print(f"\nDecode + resize to {image_size}x{image_size} + centre crop, one thread, {per_format} files per format:")
     print_table(["format", "PIL ms/img", "torchvision+torch ms/img", "speed-up", "max |diff| (grey levels)"], rows)
+
+
+def torchvision_png_row(files: list[Path], image_size: int, per_format: int) -> list[str]:
+    """What torchvision.io's PNG decoder would give (data.py no longer uses it: it crashes on damaged PNGs)."""
+    from torchvision.io import decode_image as torchvision_decode
+
+    from ddpm.data import resize_center_crop
+
+    blobs = [p.read_bytes() for p in files if p.suffix == ".png"][:per_format]
+    times = {}
+    for name, fn in (("PIL", lambda d: pil_pipeline(d, image_size)),
+                     ("tv", lambda d: resize_center_crop(torchvision_decode(torch.frombuffer(bytearray(d), dtype=torch.uint8)),
+                                                         image_size))) * 2:
+        start = time.perf_counter()
+        for data in blobs:
+            fn(data)
+        times[name] = (time.perf_counter() - start) / len(blobs) * 1e3
+    return ["PNG, torchvision.io (not used)", f"{times['PIL']:.2f}", f"{times['tv']:.2f}",
+            f"{times['PIL'] / times['tv']:.2f}x", ""]
 
 
 def loader_rate(dataset, workers: int, batch: int = 64, skip: int = 2) -> float:
     """Images/s of one shuffled epoch through a DataLoader, after its first `skip` batches (worker start-up)."""
     from torch.utils.data import DataLoader, RandomSampler
 
-    loader = DataLoader(dataset, batch_size=batch, sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(0)),
-                        num_workers=workers, persistent_workers=workers > 0, drop_last=True)
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                        persistent_workers=workers > 0, drop_last=True)
     count, start = 0, None
     for i, (images, _) in enumerate(loader):
         if i == skip:
@@ -459,6 +511,12 @@ def loader_rate(dataset, workers: int, batch: int = 64, skip: int = 2) -> float:
         if i >= skip:
             count += len(images)
     return count / (time.perf_counter() - start)
+
+
+def loader_row(source: str, rate: float, workers: int) -> list[str]:
+    """A row of the data table: images/s, per worker (or process), and that against the CPU's training step."""
+    per_worker = rate / max(1, workers)
+    return [source, f"{rate:,.0f}", f"{per_worker:,.0f}", f"{per_worker / CPU_STEP_RATE:,.0f}x"]
 
 
 def bench_data(args) -> None:
@@ -476,33 +534,85 @@ def bench_data(args) -> None:
     rows = []
     for workers in (0, 1, 2):
         rate = loader_rate(info.dataset, workers)
-        rows.append([f"folder, {workers} worker(s)", f"{rate:,.0f}", f"{rate / max(1, workers):,.0f}", f"{rate / max(1, workers) / CPU_STEP_RATE:,.0f}x"])
+        rows.append(loader_row(f"folder, {workers} worker(s)", rate, workers))
     start = time.perf_counter()
-    prepared = prepare_dataset(str(folder), size, DATA_CACHE / f"prepared-{args.images}-{size}", progress=False, num_workers=2)
+    prepared = prepare_dataset(str(folder), size, DATA_CACHE / f"prepared-{args.images}-{size}", progress=False,
+                               num_workers=2)
     prepare_rate = len(info.dataset) / (time.perf_counter() - start)
     copy = load_dataset(str(prepared), size)
     for workers in (0, 2):
         rate = loader_rate(copy.dataset, workers)
-        rows.append([f"prepared copy, {workers} worker(s)", f"{rate:,.0f}", f"{rate / max(1, workers):,.0f}", f"{rate / max(1, workers) / CPU_STEP_RATE:,.0f}x"])
+        rows.append(loader_row(f"prepared copy, {workers} worker(s)", rate, workers))
     print(f"\nImages/s fed at {size}x{size}, batch 64, shuffled, persistent workers, one thread each "
           f"(`ddpm prepare` with 2 workers: {prepare_rate:,.0f} images/s):")
-    print_table(["source", "images/s", "per worker (or process)", f"per worker / CPU step ({CPU_STEP_RATE} img/s)"], rows)
+    print_table(["source", "images/s", "per worker (or process)", f"per worker / CPU step ({CPU_STEP_RATE} img/s)"],
+                rows)
     per_worker = float(rows[1][1].replace(",", ""))
     print(f"\nA 16-core GPU host (auto_workers = 8 per process): ~{8 * per_worker:,.0f} images/s from the folder "
-          f"at this per-worker rate; at 0 workers on this CPU, loading costs {1000 * 8 / float(rows[0][1].replace(',', '')):.0f} ms "
+          f"at this per-worker rate; at 0 workers on this CPU, loading costs "
+          f"{1000 * 8 / float(rows[0][1].replace(',', '')):.0f} ms "
           f"of a {1000 * 8 / CPU_STEP_RATE:.0f} ms batch-8 step.")
+
+
+def _decode_in_child(decode, data: bytes) -> tuple[str, float]:
+    """Decode `data` in a forked child: (outcome, child's peak resident MB). A signal cannot take this process."""
+    from ddpm.data import UNREADABLE
+
+    pid = os.fork()
+    if pid == 0:  # the child: report by exit code only, print nothing (libpng writes to stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        try:
+            decode(data)
+            os._exit(0)
+        except UNREADABLE:
+            os._exit(3)
+        except BaseException:  # noqa: BLE001 - counted as "other": a crash the loader would not survive either
+            os._exit(5)
+    _, status, usage = os.wait4(pid, 0)
+    outcome = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else {
+        0: "loaded", 3: "unreadable"}.get(os.WEXITSTATUS(status), "other error")
+    return outcome, usage.ru_maxrss / 1024
+
+
+def bench_fuzz(args) -> None:
+    """Every file of the fuzz corpus (tests/image_fuzz.py) through a decoder, each in its own forked child."""
+    import collections
+
+    from torchvision.io import decode_image as torchvision_decode
+
+    from ddpm.data import decode_image, resize_center_crop
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from image_fuzz import malformed_files
+
+    torch.set_num_threads(1)
+    decoders = {"ours (data.decode_image)": lambda d: resize_center_crop(decode_image(d, 3), 64)}
+    if args.old_decoder:  # torchvision.io first for JPEG/PNG, what data.py did before (slow: it allocates GBs)
+        decoders["torchvision.io.decode_image"] = lambda d: torchvision_decode(torch.frombuffer(bytearray(d), dtype=torch.uint8))
+    files = malformed_files(args.images)
+    for name, decode in decoders.items():
+        start, outcomes, peak = time.perf_counter(), collections.Counter(), 0.0
+        for _, data in files:
+            outcome, rss = _decode_in_child(decode, data)
+            outcomes[outcome] += 1
+            peak = max(peak, rss)
+        print(f"{name}: {len(files)} malformed files (seed 0) in {time.perf_counter() - start:.0f}s: "
+              f"{dict(outcomes)}; largest child peak RSS {peak:,.0f} MB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("train", "sample", "memory", "ceiling", "data", "all", "_rss"))
+    parser.add_argument("what", choices=("train", "sample", "memory", "ceiling", "data", "fuzz", "all", "_rss"))
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="training steps timed per round")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (first call takes about a minute)")
-    parser.add_argument("--images", type=int, default=10_000, help="data: how many files to generate (once, under /tmp)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile (first call takes about a minute)")
+    parser.add_argument("--images", type=int, default=10_000,
+                        help="data: how many files to generate (once, under /tmp); fuzz: how many malformed files")
+    parser.add_argument("--old-decoder", action="store_true", help="fuzz: also run torchvision.io's decoder on them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "_rss":
@@ -518,6 +628,8 @@ def main() -> None:
         bench_ceiling(argparse.Namespace(**{**vars(args), "batch": args.batch or 8}))
     if args.what == "data":  # not part of `all`: it writes ~10,000 files under /tmp the first time
         bench_data(args)
+    if args.what == "fuzz":
+        bench_fuzz(args)
 
 
 if __name__ == "__main__":

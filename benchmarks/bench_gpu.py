@@ -17,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from trainer_step import PeerNet, seed_trainer, trainer_step
 
 # bf16 dense tensor-core peaks (no sparsity), TFLOP/s, from the vendor's data sheets
-BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0,
+                    "L4": 121.0}
 
 
 def peak_tflops(name: str) -> float | None:
@@ -49,7 +50,8 @@ def networks(peers: bool):
         return
     from bench import diffusers_unet, lucidrains_unet
 
-    for name, build in (("lucidrains Unet(dim=64)", lucidrains_unet), ("diffusers UNet2DModel 64-128-256-256", diffusers_unet)):
+    for name, build in (("lucidrains Unet(dim=64)", lucidrains_unet),
+                        ("diffusers UNet2DModel 64-128-256-256", diffusers_unet)):
         try:
             net, forward = build()
         except ImportError as error:
@@ -67,7 +69,8 @@ def bench_training(args) -> list[tuple]:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    trainer = seed_trainer(batch, "cuda", amp="bf16", compile_model=compile_model, net=build() if build else None)
+                    trainer = seed_trainer(batch, "cuda", amp="bf16", compile_model=compile_model,
+                                           net=build() if build else None)
                     step = trainer_step(trainer)
                     start = time.perf_counter()
                     step()  # compiles when asked
@@ -86,15 +89,17 @@ def bench_training(args) -> list[tuple]:
 
 def print_training(rows: list[tuple]) -> None:
     flops_of = {(r[0], r[2]): r[4] for r in rows if r[4] is not None}  # the eager count serves the compiled row too
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; Trainer.step, bf16 autocast, channels_last, fused AdamW, EMA")
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; Trainer.step, bf16 autocast, channels_last, "
+          "fused AdamW, EMA")
     print("| network | compile | batch | train images/s | TFLOP/s | % of bf16 dense peak | peak GiB | first step s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, compiled, batch, ips, _, seconds, memory, first, peak in rows:
         flops = flops_of.get((name, batch))
         tflops = flops / seconds / 1e12 if flops else None
         share = f"{100 * tflops / peak:.1f}%" if tflops and peak else "-"
-        print(f"| {name} | {'yes' if compiled else 'no'} | {batch} | {ips:.0f} | {tflops:.0f} | {share} | {memory:.1f} | {first:.1f} |"
-              if tflops else f"| {name} | {'yes' if compiled else 'no'} | {batch} | {ips:.0f} | - | - | {memory:.1f} | {first:.1f} |")
+        tflops_text = f"{tflops:.0f}" if tflops else "-"
+        print(f"| {name} | {'yes' if compiled else 'no'} | {batch} | {ips:.0f} | {tflops_text} | {share} "
+              f"| {memory:.1f} | {first:.1f} |")
 
 
 def bench_sampling(args) -> None:
@@ -108,7 +113,8 @@ def bench_sampling(args) -> None:
     for batch in args.batches:
         x = torch.randn(batch, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
         t = torch.full((batch,), 500, device="cuda")
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
 
         def one_step():
             with torch.inference_mode(), autocast():
@@ -137,7 +143,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", nargs="+", choices=("no", "yes"), default=["no", "yes"])
-    parser.add_argument("--peers", action="store_true", help="also lucidrains' and diffusers' UNets (their packages must import)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also lucidrains' and diffusers' UNets (their packages must import)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("no CUDA GPU is visible here; on a CPU run `python benchmarks/bench.py all` instead")

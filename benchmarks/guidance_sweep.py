@@ -71,8 +71,9 @@ def main() -> None:
                                   eval_dir / "cache", n=args.n, ref_n=args.ref_n, fid=False, progress=True)
     floor = evaluator.floor()
     chosen = settings() if args.only is None else [settings()[i] for i in args.only]
-    record = {"model": str(run), "model_step": config.get("step"), "model_sha1": file_sha1(run / "model" / "model.safetensors"),
-              "data": "mnist", "n": args.n, "seed": 0, "batch_size": 64, "floor": {"n": len(evaluator.real.floor), **floor},
+    record = {"model": str(run), "model_step": config.get("step"),
+              "model_sha1": file_sha1(run / "model" / "model.safetensors"), "data": "mnist", "n": args.n, "seed": 0,
+              "batch_size": 64, "floor": {"n": len(evaluator.real.floor), **floor},
               "classifier": evaluator.real.notes.get("classifier")}
     record = sweep(model, schedule, evaluator, chosen, eval_dir, n=args.n, record=record, progress=True)
     write_sweep_files(record, eval_dir)

@@ -39,8 +39,9 @@ def train_all(args) -> None:
         if (out / "latest").exists():
             print(f"{name}: {out} exists, skipped")
             continue
-        argv = ["train", "--preset", "quickstart", "--out", str(out), "--steps", str(args.steps), "--checkpoint-every", str(args.every),
-                "--keep-checkpoints", "100", "--val-every", str(args.every // 2), "--sample-every", "0", "--quiet", *flags]
+        argv = ["train", "--preset", "quickstart", "--out", str(out), "--steps", str(args.steps),
+                "--checkpoint-every", str(args.every), "--keep-checkpoints", "100", "--val-every", str(args.every // 2),
+                "--sample-every", "0", "--quiet", *flags]
         config: RunConfig = train_config_from_args(build_parser().parse_args(argv))
         start = time.perf_counter()
         train(config, progress=False)
@@ -59,7 +60,8 @@ def export_checkpoints(run: Path) -> None:
         config = RunConfig.from_dict(state["config"])
         model = UNet(config.model)
         model.load_state_dict(state["ema"]["model"])
-        save_pretrained(model, run / f"model_step_{state['step']}", config.diffusion, {"step": state["step"], "class_names": None})
+        save_pretrained(model, run / f"model_step_{state['step']}", config.diffusion,
+                        {"step": state["step"], "class_names": None})
 
 
 def validation_curve(run: Path) -> dict[int, float]:
@@ -83,9 +85,11 @@ def eval_all(args) -> None:
         for folder in sorted(run.glob("model_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[1])):
             model, schedule, config = from_pretrained(folder, "cpu")
             if evaluator is None:
-                evaluator = prepare_evaluator("mnist", 16, 1, 10, ROOT / "eval_cache", n=args.n, ref_n=1000, fid=False, progress=False)
+                evaluator = prepare_evaluator("mnist", 16, 1, 10, ROOT / "eval_cache", n=args.n, ref_n=1000, fid=False,
+                                              progress=False)
                 floor = evaluator.floor()
-            record = sweep(model, schedule, evaluator, [sampling], folder / "eval", n=args.n, seed=0, record={"model_sha1": folder.name})
+            record = sweep(model, schedule, evaluator, [sampling], folder / "eval", n=args.n, seed=0,
+                           record={"model_sha1": folder.name})
             row = record["rows"][0]
             step = int(config["step"])
             rows.append({"objective": name, "step": step, "val_eps_mse": curve.get(step), **{k: row.get(k) for k in
@@ -102,12 +106,13 @@ def write_table(result: dict) -> None:
     lines = ["| objective | step | val eps-MSE (EMA) | classifier FD | accuracy | precision | recall | saturated |",
              "|---|---|---|---|---|---|---|---|",
              f"| real digits (floor) | - | - | {f.get('classifier_fd', 0):.2f} | {f.get('accuracy', 0):.3f} | "
-             f"{f.get('precision', float('nan')):.3f} | {f.get('recall', float('nan')):.3f} | {f.get('saturated', 0):.4f} |"]
+             f"{f.get('precision', float('nan')):.3f} | {f.get('recall', float('nan')):.3f} | "
+             f"{f.get('saturated', 0):.4f} |"]
     for r in result["rows"]:
         def fmt(key, digits):
             return "-" if r.get(key) is None else f"{r[key]:.{digits}f}"
-        lines.append(f"| {r['objective']} | {r['step']} | {fmt('val_eps_mse', 4)} | {fmt('classifier_fd', 2)} | {fmt('accuracy', 3)} | "
-                     f"{fmt('precision', 3)} | {fmt('recall', 3)} | {fmt('saturated', 4)} |")
+        lines.append(f"| {r['objective']} | {r['step']} | {fmt('val_eps_mse', 4)} | {fmt('classifier_fd', 2)} | "
+                     f"{fmt('accuracy', 3)} | {fmt('precision', 3)} | {fmt('recall', 3)} | {fmt('saturated', 4)} |")
     (RESULTS / "objectives.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -27,14 +27,16 @@ class PeerNet(torch.nn.Module):
 
 
 def seed_trainer(batch: int, device: str | torch.device = "cpu", *, num_classes: int | None = None, amp: str = "none",
-                 compile_model: bool = False, model: ModelConfig | None = None, net: torch.nn.Module | None = None) -> Trainer:
+                 compile_model: bool = False, model: ModelConfig | None = None,
+                 net: torch.nn.Module | None = None) -> Trainer:
     """A Trainer for the seed model (64x64 RGB unless `model` says otherwise) with the seed's recipe; `net`
     (e.g. a PeerNet) replaces our UNet."""
     model = model or ModelConfig(num_classes=num_classes)
     config = RunConfig(model=model, train=TrainConfig(batch_size=batch, conditional=num_classes is not None),
                        runtime=RuntimeConfig(device=str(device), amp=amp, compile=compile_model))
     images = torch.zeros(batch, model.in_channels, model.image_size, model.image_size)
-    info = DataInfo(TensorDataset(images, torch.zeros(batch, dtype=torch.long)), model.in_channels, num_classes, None, "random")
+    info = DataInfo(TensorDataset(images, torch.zeros(batch, dtype=torch.long)), model.in_channels, num_classes, None,
+                    "random")
     return Trainer(config, info, torch.device(device), model=net)
 
 

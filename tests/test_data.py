@@ -12,8 +12,18 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from ddpm.data import (
-    UNREADABLE, DataError, ImageFiles, auto_workers, bad_files, check_bad_files, decode_image, load_dataset, resize_center_crop, rgb_to_grey, to_uint8,
+    UNREADABLE,
+    DataError,
+    ImageFiles,
+    auto_workers,
+    bad_files,
+    check_bad_files,
+    decode_image,
+    load_dataset,
+    resize_center_crop,
+    to_uint8,
 )
+from helpers import write_fake_cifar, write_mixed_folder, write_with_bad_files
 
 
 def test_mnist_is_bundled_offline_with_labels():
@@ -46,17 +56,6 @@ def test_photos_are_bundled_offline_and_labelled_by_their_photo():
     assert torch.equal(labelled.dataset.tensors[1], torch.arange(len(labels)) % k)  # crop i comes from photo i mod K
 
 
-def write_mixed_folder(root):
-    (root / "cats").mkdir(parents=True)
-    (root / "dogs").mkdir()
-    Image.fromarray(np.full((20, 30), 200, np.uint8), "L").save(root / "cats" / "gray.png")
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 10, 4), dtype=np.uint8), "RGBA").save(root / "cats" / "rgba.png")
-    Image.fromarray(np.zeros((7, 7), np.uint8), "L").convert("P").save(root / "dogs" / "palette.gif")
-    Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(root / "dogs" / "sixteen.png")
-    Image.fromarray(np.zeros((100, 60, 3), np.uint8)).save(root / "dogs" / "big.jpg")
-    (root / "dogs" / "notes.txt").write_text("not an image")
-
-
 @pytest.mark.parametrize("channels", [1, 3])
 def test_mixed_modes_and_sizes_load(tmp_path, channels):
     write_mixed_folder(tmp_path)
@@ -86,19 +85,6 @@ def test_folder_errors(tmp_path):
         load_dataset(str(tmp_path), 16, conditional=True)
     with pytest.raises(DataError, match="neither a bundled"):
         load_dataset(str(tmp_path / "missing"), 16)
-
-
-def write_fake_cifar(root, per_batch=4):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for b in range(1, 6):
-        entry = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), "labels": [(b + i) % 10 for i in range(per_batch)]}
-        with open(folder / f"data_batch_{b}", "wb") as f:
-            pickle.dump(entry, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{k}" for k in range(10)]}, f)
-    return folder, entry
 
 
 def test_cifar10_python_batches_load(tmp_path):
@@ -153,17 +139,6 @@ def test_a_large_folder_is_listed_without_opening_a_file(tmp_path):
     assert len(info.dataset) == 20_000 and info.class_names == ["class0", "class1"]
     assert info.dataset.samples[10_000] == (tmp_path / "class1" / "00000.png", 1)  # sorted, labelled by folder
     assert elapsed < 10
-
-
-def write_with_bad_files(root):
-    """Five files, labelled by class folder: c0/0 ok, c0/1 bad, c1/2 bad, c1/3 ok, c1/4 bad (the last one)."""
-    for name, value in (("c0/0.png", 10), ("c0/1.png", None), ("c1/2.jpg", None), ("c1/3.png", 200), ("c1/4.png", None)):
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if value is None:
-            path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-        else:
-            Image.fromarray(np.full((8, 8), value, np.uint8), "L").save(path)
 
 
 def test_an_unreadable_file_is_replaced_by_the_next_readable_one(tmp_path):
@@ -260,8 +235,7 @@ def test_lossless_files_decode_to_pils_pixels_exactly():
     # libpng's own grey conversion (it rounds differently), a channel order mix-up
     pixels = np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8)
     expected_grey = np.asarray(Image.fromarray(pixels).convert("L"))
-    assert np.array_equal(rgb_to_grey(torch.from_numpy(pixels).permute(2, 0, 1))[0].numpy(), expected_grey)
-    for fmt in ("PNG", "BMP"):  # torchvision's decoder, PIL's
+    for fmt in ("PNG", "BMP"):
         data = encoded(Image.fromarray(pixels), fmt)
         assert np.array_equal(decode_image(data, 1)[0].numpy(), expected_grey), fmt
         assert np.array_equal(decode_image(data, 3).permute(1, 2, 0).numpy(), pixels), fmt
@@ -275,3 +249,29 @@ def test_other_formats_and_broken_files():
         data = encoded(Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)), fmt)
         with pytest.raises(UNREADABLE):
             decode_image(data[: len(data) // 2], 3)
+
+
+def test_huge_headers_are_refused_before_decoding_and_strips_are_cropped_first(monkeypatch):
+    # bugs caught: decoding whatever a header claims (10.7 GB for one 65535 x 65535 JPEG through libjpeg), and
+    # resizing a 20000 x 2 strip to 640,000 columns before cropping its centre square
+    import random
+
+    import ddpm.data as data_module
+    from ddpm.data import MAX_ASPECT, ImageTooLarge
+    from image_fuzz import with_ihdr, huge_header
+
+    rng = random.Random(0)
+    for fmt in ("PNG", "JPEG", "GIF", "BMP"):
+        data = huge_header(rng, fmt, encoded(Image.fromarray(np.zeros((20, 30, 3), np.uint8)), fmt))
+        with pytest.raises((ImageTooLarge, Image.DecompressionBombError)):
+            decode_image(data, 3)
+    png = encoded(Image.fromarray(np.zeros((20, 30, 3), np.uint8)), "PNG")
+    with pytest.raises(ImageTooLarge, match="10000 x 10000"):  # under PIL's own limit (2 x 89M), over ours
+        decode_image(with_ihdr(png, 10_000, 10_000), 3)
+    sizes = []
+    real_resize = data_module.TF.resize
+    monkeypatch.setattr(data_module.TF, "resize",
+                        lambda image, *a, **k: sizes.append(tuple(image.shape)) or real_resize(image, *a, **k))
+    strip = decode_image(encoded(Image.fromarray(np.full((2, 20_000), 200, np.uint8)), "PNG"), 1)
+    assert resize_center_crop(strip, 8).shape == (1, 8, 8) and sizes == [(1, 2, 2 * MAX_ASPECT)]
+    assert resize_center_crop(decode_image(encoded(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), 3), 8).eq(9).all()

@@ -2,7 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm import DiffusionConfig, NoiseSchedule, draw_training_inputs, posterior_mean, predict_eps, predict_x0, q_sample, training_losses
+from ddpm import (
+    DiffusionConfig,
+    NoiseSchedule,
+    draw_training_inputs,
+    posterior_mean,
+    predict_eps,
+    predict_x0,
+    q_sample,
+    training_losses,
+)
 from ddpm.diffusion import sample_timesteps
 
 
@@ -43,7 +52,8 @@ def test_predictions_invert_the_forward_process(schedule):
 
 
 def test_posterior_mean_identity(schedule):
-    """mu_tilde(x_t, x0(x_t, eps)) = 1/sqrt(a_t) (x_t - beta_t/sqrt(1-abar_t) eps)  (Ho et al. eq. 7 + 11), in float64."""
+    """mu_tilde(x_t, x0(x_t, eps)) = 1/sqrt(a_t) (x_t - beta_t/sqrt(1-abar_t) eps)  (Ho et al. eq. 7 + 11), in
+    float64."""
     s64 = NoiseSchedule.from_config(DiffusionConfig()).to(torch.float64)  # a copy: the module fixture stays float32
     gen = torch.Generator().manual_seed(2)
     x_t = torch.randn(5, 1, 3, 3, generator=gen, dtype=torch.float64)
@@ -53,7 +63,8 @@ def test_posterior_mean_identity(schedule):
     betas = np.linspace(1e-4, 0.02, 1000)
     abar = np.cumprod(1 - betas)
     for i, index in enumerate(t.tolist()):
-        expected = (x_t[i].numpy() - betas[index] / np.sqrt(1 - abar[index]) * eps[i].numpy()) / np.sqrt(1 - betas[index])
+        eps_coefficient = betas[index] / np.sqrt(1 - abar[index])
+        expected = (x_t[i].numpy() - eps_coefficient * eps[i].numpy()) / np.sqrt(1 - betas[index])
         np.testing.assert_allclose(mean[i].numpy(), expected, rtol=1e-5, atol=1e-5)
 
 

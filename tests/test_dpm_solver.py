@@ -30,7 +30,8 @@ def test_every_step_is_the_papers_update_written_out(clip, percentile):
     steps = 10
     record, states = Recorder(linear_denoiser), []
     x_T = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0))
-    out = dpmpp_2m_sample(record, schedule(), x_T.shape, steps=steps, x_T=x_T, clip_x0=clip, dynamic_threshold=percentile,
+    out = dpmpp_2m_sample(record, schedule(), x_T.shape, steps=steps, x_T=x_T, clip_x0=clip,
+                          dynamic_threshold=percentile,
                           callback=lambda i, index, x, x0: states.append(x.double().numpy()))
     assert [index for _, index, _ in record.calls] == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
 
@@ -87,7 +88,8 @@ def test_one_point_dataset_follows_the_exact_ode_path(spacing):
     a wrong x0 conversion, a final step that does not land on sigma = 0."""
     sched = schedule()
     point = torch.tensor([0.5, -0.25, 0.9, -1.0]).view(1, 1, 2, 2)
-    oracle = lambda x, t: predict_eps(sched, x, t, point.expand_as(x))
+    def oracle(x, t):
+        return predict_eps(sched, x, t, point.expand_as(x))
     x_T = torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(2))
     states = []
     out = dpmpp_2m_sample(oracle, sched, x_T.shape, steps=10, spacing=spacing, x_T=x_T,

@@ -27,6 +27,7 @@ FLAG_VALUES = {  # one unusual value per train flag: each must land in its own c
     "ema_warmup": 11, "guidance_dropout": 0.2, "snr_gamma": 5.0, "seed": 3, "out": "r", "steps": 7, "epochs": 2,
     "device": "cpu", "amp": "none", "compile": True, "num_workers": 2, "log_every": 13, "checkpoint_every": 17,
     "keep_checkpoints": 4, "sample_every": 19, "sample_steps": 23, "guidance": 2.5, "val_every": 29, "val_size": 31,
+    "max_bad_fraction": 0.5,
 }
 
 
@@ -44,24 +45,29 @@ def test_every_train_flag_reaches_its_config_field():
         section, field = TRAIN_FLAGS[flag]
         assert getattr(getattr(config, section), field) == value, flag
     assert config.train.data == "photos"
-    assert train_config_from_args(build_parser().parse_args(["train", "mnist", "--num-workers", "auto"])).runtime.num_workers is None
+    auto = train_config_from_args(build_parser().parse_args(["train", "mnist", "--num-workers", "auto"]))
+    assert auto.runtime.num_workers is None
 
 
 def test_many_options_train_resume_and_sample_end_to_end(tmp_path):
-    """Cosine schedule, short T, v-prediction, min-SNR, flips, warm-up, pruning, workers, logging flags: one tiny run."""
+    """Cosine schedule, short T, v-prediction, min-SNR, flips, warm-up, pruning, workers, logging flags: one tiny
+    run."""
     run = tmp_path / "run"
     options = ["--beta-schedule", "cosine", "--timesteps", "100", "--prediction", "v", "--snr-gamma", "5", "--hflip",
-               "--warmup-steps", "2", "--weight-decay", "0", "--grad-clip", "0.5", "--log-every", "1", "--keep-checkpoints", "1",
-               "--sample-steps", "2", "--val-size", "16", "--val-every", "2", "--num-workers", "1", "--amp", "none", "--seed", "5",
-               "--channels", "3", "--guidance", "2", "--device", "cpu", "--no-compile"]
+               "--warmup-steps", "2", "--weight-decay", "0", "--grad-clip", "0.5", "--log-every", "1",
+               "--keep-checkpoints", "1", "--sample-steps", "2", "--val-size", "16", "--val-every", "2",
+               "--num-workers", "1", "--amp", "none", "--seed", "5", "--channels", "3", "--guidance", "2",
+               "--device", "cpu", "--no-compile"]
     assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "4", *TINY, *options]) == 0
     assert [p.name for p in (run / "checkpoints").glob("step_*.pt")] == ["step_00000004.pt"]  # pruned to the newest
     saved = json.loads((run / "model" / "config.json").read_text())
     assert saved["diffusion"] == {**saved["diffusion"], "beta_schedule": "cosine", "timesteps": 100, "prediction": "v"}
     assert saved["model"]["in_channels"] == 3
-    assert main(["train", "--resume", str(run), "--steps", "6", "--num-workers", "0", "--log-every", "2", "--quiet"]) == 0
+    assert main(["train", "--resume", str(run), "--steps", "6", "--num-workers", "0", "--log-every", "2",
+                 "--quiet"]) == 0
     state = load_training_state(latest_checkpoint(run))
-    assert state["step"] == 6 and state["config"]["runtime"]["log_every"] == 2 and state["config"]["train"]["snr_gamma"] == 5
+    assert state["step"] == 6 and state["config"]["runtime"]["log_every"] == 2
+    assert state["config"]["train"]["snr_gamma"] == 5
     out = tmp_path / "samples"
     assert main(["sample", str(run), "--out", str(out), "--labels", "1,2", "--sampler", "ddpm", "--quiet"]) == 0
     model, schedule, _ = from_pretrained(run, "cpu")
@@ -85,10 +91,12 @@ def test_train_resume_sample(tmp_path, data, extra):
     ema_resumed, ema_straight = (load_training_state(latest_checkpoint(r))["ema"] for r in (run, straight))
     assert ema_resumed["num_updates"] == ema_straight["num_updates"] == 6
     assert all(torch.equal(ema_resumed["model"][k], ema_straight["model"][k]) for k in reference)
-    assert not torch.equal(ema_resumed["model"]["outc.weight"], resumed["outc.weight"])  # the EMA is an average, not a copy
+    # the EMA is an average, not a copy
+    assert not torch.equal(ema_resumed["model"]["outc.weight"], resumed["outc.weight"])
     # sampling writes every image and a grid; conditional: one row per class
     out = tmp_path / "samples"
-    sample_args = ["sample", str(run), "--out", str(out), "--sampler", "ddim", "--sampling-steps", "3", "--quiet", "--process"]
+    sample_args = ["sample", str(run), "--out", str(out), "--sampler", "ddim", "--sampling-steps", "3", "--quiet",
+                   "--process"]
     assert main(sample_args + (["--per-class", "2"] if extra else ["--n", "5"])) == 0
     pngs = sorted(p.name for p in out.glob("sample_*.png"))
     assert len(pngs) == (20 if extra else 5)
@@ -138,23 +146,28 @@ def test_errors_are_one_line_and_lose_nothing(tmp_path, capsys):
 
 
 def test_python_dash_m_help_shows_real_defaults_only():
-    out = subprocess.run([sys.executable, "-m", "ddpm", "train", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "ddpm", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
     assert "--guidance-dropout" in out and "--resume" in out
     assert "(default: None)" not in out and "(default 64)" in out and "(default 0.995)" in out
     for command in ("sample", "eval"):
-        out = subprocess.run([sys.executable, "-m", "ddpm", command, "--help"], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([sys.executable, "-m", "ddpm", command, "--help"], capture_output=True, text=True,
+                             check=True).stdout
         assert "(default: None)" not in out and "(default: False)" not in out
 
 
 @pytest.mark.slow
 def test_resume_with_epochs_extends_a_run_defined_by_steps(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "3", *TINY, "--batch-size", "1000"]) == 0
+    assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "3", *TINY,
+                 "--batch-size", "1000"]) == 0
     # 4,000 training digits / batch 1000 = 4 steps per epoch: --epochs 2 means 8 steps, crossing an epoch boundary
     assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     state = load_training_state(latest_checkpoint(run))
-    assert state["step"] == 8 and state["config"]["runtime"]["epochs"] == 2 and state["config"]["runtime"]["steps"] is None
+    runtime = state["config"]["runtime"]
+    assert state["step"] == 8 and runtime["epochs"] == 2 and runtime["steps"] is None
     straight = tmp_path / "straight"
-    assert main(["train", "mnist", "--conditional", "--out", str(straight), "--epochs", "2", *TINY, "--batch-size", "1000"]) == 0
+    assert main(["train", "mnist", "--conditional", "--out", str(straight), "--epochs", "2", *TINY,
+                 "--batch-size", "1000"]) == 0
     reference = weights(straight)
     assert all(torch.equal(state["model"][k], reference[k]) for k in reference)  # exact across the epoch boundary

@@ -23,18 +23,16 @@ def fid_by_eigenvalues(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * trace_sqrt)
 
 
-def test_reported_fid_equals_an_independent_recomputation(tmp_path):
-    from ddpm import ModelConfig
-
+def test_reported_fid_equals_an_independent_recomputation(tmp_path, tiny_config):
     torch.manual_seed(0)
-    model = UNet(ModelConfig(image_size=8, in_channels=1, base_channels=8, channel_mults=(1, 2), bottleneck_mult=2,
-                             time_embed_dim=16, num_classes=10))
+    model = UNet(tiny_config(num_classes=10))
     save_pretrained(model, tmp_path / "model", DiffusionConfig(timesteps=50), {"step": 1})
     assert main(["eval", str(tmp_path / "model"), "--data", "mnist", "--n", "6", "--ref-n", "8", "--guidance", "3",
                  "--sampler", "ddim", "--sampling-steps", "2", "--classifier-steps", "20", "--quiet"]) == 0
     result = json.loads((tmp_path / "model" / "eval" / "eval.json").read_text())
     cache = tmp_path / "model" / "eval" / "cache"
-    features = {kind: np.load(next(cache.glob(f"inception-{kind}-*.npz")))["features"] for kind in ("reference", "floor", "samples")}
+    features = {kind: np.load(next(cache.glob(f"inception-{kind}-*.npz")))["features"]
+                for kind in ("reference", "floor", "samples")}
     assert features["reference"].shape == (8, 2048) and features["floor"].shape == (6, 2048)
     floor = fid_by_eigenvalues(features["floor"], features["reference"])
     samples = fid_by_eigenvalues(features["samples"], features["reference"])
@@ -44,9 +42,9 @@ def test_reported_fid_equals_an_independent_recomputation(tmp_path):
 
 
 def test_saturation_counts_full_white_pixels_not_the_black_background():
+    from ddpm.data import load_dataset
     from ddpm.evaluation import saturated_fraction
     from ddpm.files import to_uint8
-    from ddpm.data import load_dataset
 
     images = load_dataset("mnist", 16, split="holdout").dataset.tensors[0][:200]
     real = to_uint8(images)
@@ -56,25 +54,26 @@ def test_saturation_counts_full_white_pixels_not_the_black_background():
     assert saturated_fraction(brighter) > 3 * saturated_fraction(real)
 
 
-def test_every_eval_flag_runs_on_a_v_model_and_the_sweep_writes_its_files(tmp_path, capsys):
+def test_every_eval_flag_runs_on_a_v_model_and_the_sweep_writes_its_files(tmp_path, capsys, tiny_config):
     """A v-prediction model through `ddpm eval` with every sampling flag, two samplers and two step counts: one
     row per combination, written to --out, with eval.csv and the plot."""
-    from ddpm import ModelConfig
-
     torch.manual_seed(0)
-    model = UNet(ModelConfig(image_size=8, in_channels=1, base_channels=8, channel_mults=(1, 2), bottleneck_mult=2,
-                             time_embed_dim=16, num_classes=10))
+    model = UNet(tiny_config(num_classes=10))
     save_pretrained(model, tmp_path / "model", DiffusionConfig(timesteps=50, prediction="v"), {"step": 1})
     out = tmp_path / "elsewhere"
-    argv = ["eval", str(tmp_path / "model"), "--data", "mnist", "--no-fid", "--n", "4", "--ref-n", "8", "--classifier-steps", "20",
-            "--sampler", "ddim", "dpmpp2m", "--sampling-steps", "2", "3", "--guidance", "2", "--eta", "0.5", "--clip-x0",
+    argv = ["eval", str(tmp_path / "model"), "--data", "mnist", "--no-fid", "--n", "4", "--ref-n", "8",
+            "--classifier-steps", "20", "--sampler", "ddim", "dpmpp2m", "--sampling-steps", "2", "3", "--guidance", "2",
+            "--eta", "0.5", "--clip-x0",
             "--dynamic-threshold", "0.99", "--guidance-rescale", "0.5", "--guidance-interval", "0.1", "0.9",
             "--spacing", "logsnr", "--seed", "7", "--batch-size", "3", "--out", str(out), "--device", "cpu", "--quiet"]
     assert main(argv) == 0
     result = json.loads((out / "eval" / "eval.json").read_text())
-    assert [(r["sampler"], r["steps"]) for r in result["rows"]] == [("ddim", 2), ("ddim", 3), ("dpmpp2m", 2), ("dpmpp2m", 3)]
+    rows = [(r["sampler"], r["steps"]) for r in result["rows"]]
+    assert rows == [("ddim", 2), ("ddim", 3), ("dpmpp2m", 2), ("dpmpp2m", 3)]
     settings = result["rows"][2]["settings"]
-    assert settings["spacing"] == "logsnr" and settings["guidance_interval"] == [0.1, 0.9] and settings["dynamic_threshold"] == 0.99
-    assert result["seed"] == 7 and (out / "eval" / "eval.csv").is_file() and (out / "eval" / "quality_vs_steps.png").is_file()
+    assert settings["spacing"] == "logsnr" and settings["guidance_interval"] == [0.1, 0.9]
+    assert settings["dynamic_threshold"] == 0.99
+    assert result["seed"] == 7 and (out / "eval" / "eval.csv").is_file()
+    assert (out / "eval" / "quality_vs_steps.png").is_file()
     assert not (tmp_path / "model" / "eval").exists()  # --out took it elsewhere
     assert "dt=0.99" in capsys.readouterr().out

@@ -14,7 +14,14 @@ from ddpm.classifier import classifier_for, predict, train_classifier
 from ddpm.cli import format_table, main
 from ddpm.config import SamplingConfig
 from ddpm.data import load_dataset, to_uint8
-from ddpm.evaluation import model_calls_per_image, quality_lines, quality_plot_png, real_sets, sweep_csv, write_sweep_files
+from ddpm.evaluation import (
+    model_calls_per_image,
+    quality_lines,
+    quality_plot_png,
+    real_sets,
+    sweep_csv,
+    write_sweep_files,
+)
 from ddpm.metrics import class_accuracy, frechet_distance_of_features, validation_loss, validation_set
 
 SHORT = DiffusionConfig(timesteps=50)
@@ -35,7 +42,8 @@ def pixel_rows(images):
 
 def test_mnist_floor_is_held_out_and_the_classifier_trains_on_the_training_digits():
     real = real_sets("mnist", 8, 1, 10, n=50, ref_n=300)
-    assert real.floor.shape == (50, 1, 8, 8) and real.reference.shape == (300, 1, 8, 8) and real.floor.dtype == torch.uint8
+    assert real.floor.shape == (50, 1, 8, 8) and real.reference.shape == (300, 1, 8, 8)
+    assert real.floor.dtype == torch.uint8
     train = pixel_rows(to_uint8(load_dataset("mnist", 8, split="train").dataset.tensors[0]))
     holdout = pixel_rows(to_uint8(load_dataset("mnist", 8, split="holdout").dataset.tensors[0]))
     # the classifier: all 4,000 training digits (which include the reference); its accuracy: the 1,000 held out
@@ -57,7 +65,8 @@ def test_real_sets_without_a_holdout_keep_the_floor_from_the_classifier(tmp_path
         for i in range(16):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"class{k}" / f"{i}.png")
     real = real_sets(str(tmp_path), 8, 3, 3, n=100, ref_n=100)
-    floor, reference, trained, unseen = (pixel_rows(s) for s in (real.floor, real.reference, real.classifier_images, real.unseen_images))
+    floor, reference, trained, unseen = (pixel_rows(s) for s in (real.floor, real.reference, real.classifier_images,
+                                                                 real.unseen_images))
     assert len(floor) == len(unseen) == 12 and len(trained) == 36 and len(reference) == 36  # 48 = 12 + 36
     assert floor == unseen and not floor & trained and not floor & reference
     assert len(floor | trained) == 48
@@ -95,7 +104,8 @@ def test_classifier_features_see_brightness_and_gamma(digit_classifier):
     holdout = to_uint8(load_dataset("mnist", 8, split="holdout").dataset.tensors[0])
     order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
     floor_images, fresh_images = holdout[order[:500]], holdout[order[500:]]
-    reference = predict(digit_classifier, train[torch.randperm(4000, generator=torch.Generator().manual_seed(1))[:1000]])[1]
+    reference_images = train[torch.randperm(4000, generator=torch.Generator().manual_seed(1))[:1000]]
+    reference = predict(digit_classifier, reference_images)[1]
 
     def distance(images):
         return frechet_distance_of_features(predict(digit_classifier, images)[1], reference)
@@ -141,7 +151,8 @@ class CountingModel(torch.nn.Module):
     SamplingConfig(sampler="ddim", steps=10, guidance=1.0),
     SamplingConfig(sampler="ddim", steps=10, guidance=0.0),
     SamplingConfig(sampler="ddim", steps=12, guidance=2.0, guidance_interval=(0.3, 0.7), guidance_rescale=0.5),
-    # logsnr spacing ends on indices 2 and 0, trailing on 6: the interval (0, 0.1) guides two steps of one, none of the other
+    # logsnr spacing ends on indices 2 and 0, trailing on 6: the interval (0, 0.1) guides two steps of one, none of the
+    # other
     SamplingConfig(sampler="dpmpp2m", steps=7, guidance=2.0, guidance_interval=(0.0, 0.1), spacing="logsnr"),
     SamplingConfig(sampler="dpmpp2m", steps=9, guidance=4.0, guidance_interval=(0.2, 1.0)),
     SamplingConfig(sampler="ddpm", guidance=1.5, guidance_interval=(0.1, 0.4)),
@@ -164,21 +175,26 @@ def test_model_calls_per_image_counts_what_the_sampler_runs(sampling, batched):
 
 def test_model_calls_of_an_unconditional_model_are_its_steps():
     schedule = NoiseSchedule.from_config(SHORT)
-    assert model_calls_per_image(SamplingConfig(sampler="ddim", steps=10, guidance=3.0), schedule, conditional=False) == 10
+    sampling = SamplingConfig(sampler="ddim", steps=10, guidance=3.0)
+    assert model_calls_per_image(sampling, schedule, conditional=False) == 10
 
 
 def sweep_record():
     """A record as `ddpm eval` writes it: a floor and rows over two samplers, steps, w and one option."""
     def row(sampler, steps, calls, w, fd, accuracy, **options):
         settings = dataclasses.asdict(SamplingConfig(sampler=sampler, steps=steps, guidance=w, **options))
-        settings["guidance_interval"] = list(settings["guidance_interval"]) if settings["guidance_interval"] else None  # as JSON gives it
+        interval = settings["guidance_interval"]
+        settings["guidance_interval"] = list(interval) if interval else None  # as JSON gives it
         return {"sampler": sampler, "steps": steps, "model_calls": calls, "guidance": w, "settings": settings,
-                "accuracy": accuracy, "classifier_fd": fd, "precision": 0.7, "recall": 0.6, "saturated": 0.01, "seconds": 1.5}
+                "accuracy": accuracy, "classifier_fd": fd, "precision": 0.7, "recall": 0.6, "saturated": 0.01,
+                "seconds": 1.5}
 
     return {"floor": {"description": "real", "n": 12, "accuracy": 0.95, "classifier_fd": 0.5, "precision": 0.8,
                       "recall": 0.75, "saturated": 0.002},
-            "rows": [row("ddim", 40, 80, 3.0, 2.0, 0.92), row("ddim", 10, 20, 3.0, 4.0, 0.9), row("ddim", 10, 10, 1.0, 3.0, 0.8),
-                     row("ddim", 10, 14, 3.0, 1.0, 0.85, guidance_interval=(0.2, 0.8)), row("dpmpp2m", 10, 20, 3.0, 1.5, 0.91)]}
+            "rows": [row("ddim", 40, 80, 3.0, 2.0, 0.92), row("ddim", 10, 20, 3.0, 4.0, 0.9),
+                     row("ddim", 10, 10, 1.0, 3.0, 0.8),
+                     row("ddim", 10, 14, 3.0, 1.0, 0.85, guidance_interval=(0.2, 0.8)),
+                     row("dpmpp2m", 10, 20, 3.0, 1.5, 0.91)]}
 
 
 def test_sweep_csv_has_the_floor_then_one_line_per_setting():
@@ -189,7 +205,8 @@ def test_sweep_csv_has_the_floor_then_one_line_per_setting():
     floor, first, interval = lines[0], lines[2], lines[4]
     assert floor["steps"] == floor["model_calls"] == floor["guidance"] == "" and float(floor["classifier_fd"]) == 0.5
     assert float(floor["precision"]) == 0.8 and float(floor["saturated"]) == 0.002
-    assert (first["steps"], first["model_calls"], first["guidance"], first["guidance_interval"]) == ("10", "20", "3", "0.4-1")
+    assert (first["steps"], first["model_calls"], first["guidance"], first["guidance_interval"]) == (
+        "10", "20", "3", "0.4-1")
     assert float(first["fid"] or 0) == 0 and float(first["recall"]) == 0.6 and float(first["seconds"]) == 1.5
     assert interval["guidance_interval"] == "0.2-0.8" and interval["model_calls"] == "14"
     assert interval["clip_x0"] == "False" and interval["guidance_rescale"] == "0"
@@ -199,7 +216,8 @@ def test_quality_lines_join_steps_and_keep_settings_apart():
     lines = quality_lines(sweep_record()["rows"], "classifier_fd")
     assert lines == {"ddim w=3": [(20, 4.0), (80, 2.0)], "ddim w=1": [(10, 3.0)],  # labels name only non-defaults
                      "ddim w=3 guidance_interval=0.2-0.8": [(14, 1.0)], "dpmpp2m w=3": [(20, 1.5)]}
-    switched_off = {**sweep_record()["rows"][0], "settings": {**sweep_record()["rows"][0]["settings"], "guidance_interval": None}}
+    first_row = sweep_record()["rows"][0]
+    switched_off = {**first_row, "settings": {**first_row["settings"], "guidance_interval": None}}
     if SamplingConfig().guidance_interval is not None:
         assert list(quality_lines([switched_off], "classifier_fd")) == ["ddim w=3 guidance_interval=none"]
 
@@ -257,7 +275,8 @@ EVAL = ["--sampling-steps", "2", "--classifier-steps", "100", "--ref-n", "40", "
 
 def test_the_sweep_gives_one_row_per_w_and_resumes(tmp_path, tiny_config, capsys):
     run = make_run(tmp_path / "run", tiny_config, num_classes=10)
-    assert main(["eval", str(run), "--n", "12", "--batch-size", "5", "--guidance", "0", "1", "2.5", "--no-fid", *EVAL]) == 0
+    assert main(["eval", str(run), "--n", "12", "--batch-size", "5", "--guidance", "0", "1", "2.5", "--no-fid",
+                 *EVAL]) == 0
     out = capsys.readouterr().out
     result = json.loads((run / "eval" / "eval.json").read_text())
     assert [r["guidance"] for r in result["rows"]] == [0.0, 1.0, 2.5]
@@ -267,22 +286,26 @@ def test_the_sweep_gives_one_row_per_w_and_resumes(tmp_path, tiny_config, capsys
     schedule = NoiseSchedule.from_config(SHORT)
     assert [r["model_calls"] for r in result["rows"]] == [
         model_calls_per_image(SamplingConfig(**r["settings"]), schedule) for r in result["rows"]]
-    assert result["rows"][0]["model_calls"] == 2 < result["rows"][2]["model_calls"]  # w=0: one call a step; w=2.5 guides
+    # w=0: one call a step; w=2.5 guides
+    assert result["rows"][0]["model_calls"] == 2 < result["rows"][2]["model_calls"]
     assert result["floor"]["n"] == 12 and result["floor"]["accuracy"] > 0.3  # 12 real digits, a 100-step classifier
     assert result["files"]["plot"] and Path(result["files"]["plot"]).is_file()
     assert (run / "eval" / "eval.csv").read_text().count("\n") == 1 + 1 + 3  # header, floor, one line per w
     assert "fid" not in result["rows"][0] and result["inception"] is None and result["model_step"] == 7
     lines = out.splitlines()
     assert any(line.split()[:1] == ["real"] and "floor" in line for line in lines)
-    assert [line.split()[3] for line in lines if line.split()[:2] == ["dpmpp2m", "2"]] == ["0", "1", "2.5"]  # the default sampler
+    # the default sampler
+    assert [line.split()[3] for line in lines if line.split()[:2] == ["dpmpp2m", "2"]] == ["0", "1", "2.5"]
     # take away part of w=1 (two files of batch 1, one truncated file of batch 2): only those batches are drawn again
     folder = Path(result["rows"][1]["samples"])
     pngs = sorted(folder.glob("sample_*.png"))
     assert len(pngs) == 12 and pngs[3].name == "sample_00003_class3.png"
     before = {p.name: p.read_bytes() for p in pngs}
-    pngs[5].unlink(); pngs[6].unlink()
+    pngs[5].unlink()
+    pngs[6].unlink()
     pngs[11].write_bytes(before[pngs[11].name][:20])
-    assert main(["eval", str(run), "--n", "12", "--batch-size", "5", "--guidance", "0", "1", "2.5", "--no-fid", *EVAL]) == 0
+    assert main(["eval", str(run), "--n", "12", "--batch-size", "5", "--guidance", "0", "1", "2.5", "--no-fid",
+                 *EVAL]) == 0
     again = json.loads((run / "eval" / "eval.json").read_text())
     assert [r["generated_now"] for r in again["rows"]] == [0, 5 + 2, 0]  # batch 1 (5 images) and batch 2 (2) redrawn
     assert {p.name: p.read_bytes() for p in sorted(folder.glob("sample_*.png"))} == before  # the same images as before
@@ -336,4 +359,5 @@ def test_format_table_puts_the_floor_first():
     table = format_table(rows, {"fid": 2.0, "accuracy": 0.95})
     lines = table.splitlines()
     assert "FID" in lines[0] and "class acc" in lines[0] and "classifier FD" not in lines[0]
-    assert lines[2].split()[:3] == ["real", "2.00", "0.950"] and lines[4].split() == ["dpmpp2m", "20", "40", "3", "dt=0.995", "interval=0.2-0.8", "12.50", "0.900"]
+    assert lines[2].split()[:3] == ["real", "2.00", "0.950"]
+    assert lines[4].split() == ["dpmpp2m", "20", "40", "3", "dt=0.995", "interval=0.2-0.8", "12.50", "0.900"]

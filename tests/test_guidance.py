@@ -41,7 +41,8 @@ def test_guidance_is_the_formula_in_both_modes(batched, w):
     y = torch.tensor([0, 1, 2, 4])
     out = ClassifierFreeGuidance(model, y, w, batched=batched)(x, t)
     null = torch.full_like(y, 5)
-    expected = CountingModel.reference(x, t, null) + w * (CountingModel.reference(x, t, y) - CountingModel.reference(x, t, null))
+    eps_null = CountingModel.reference(x, t, null)
+    expected = eps_null + w * (CountingModel.reference(x, t, y) - eps_null)
     torch.testing.assert_close(out, expected)
     if batched:
         assert [n for n, _ in model.calls] == [8]
@@ -88,7 +89,8 @@ def test_make_denoiser_builds_guidance_from_the_sampling_config():
     den = make_denoiser(model, y, config, schedule=schedule(), batched=True)
     assert (den.guidance, den.rescale, den.interval, den.batched) == (2.5, 0.3, (0.2, 0.7), True)
     unconditional = make_denoiser(lambda x, t, y=None: x + t.view(-1, 1, 1, 1), None, config, schedule=schedule())
-    torch.testing.assert_close(unconditional(torch.zeros(2, 1, 1, 1), torch.tensor([3, 4])), torch.tensor([3.0, 4.0]).view(2, 1, 1, 1))
+    torch.testing.assert_close(unconditional(torch.zeros(2, 1, 1, 1), torch.tensor([3, 4])),
+                               torch.tensor([3.0, 4.0]).view(2, 1, 1, 1))
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -108,7 +110,8 @@ def test_rescale_is_lin_et_al_eq_15_16_on_x0(batched, phi):
     eps_neg = CountingModel.reference(x, t, torch.full_like(y, 5)).double().numpy()
     x0_pos, x0_neg = (xd - sigma * eps_pos) / alpha, (xd - sigma * eps_neg) / alpha
     x0_cfg = x0_neg + w * (x0_pos - x0_neg)
-    std = lambda v: v.reshape(len(v), -1).std(axis=1).reshape(-1, 1, 1, 1)
+    def std(v):
+        return v.reshape(len(v), -1).std(axis=1).reshape(-1, 1, 1, 1)
     x0_rescaled = x0_cfg * std(x0_pos) / std(x0_cfg)  # eq. 15
     x0_final = phi * x0_rescaled + (1 - phi) * x0_cfg  # eq. 16
     expected = (xd - alpha * x0_final) / sigma

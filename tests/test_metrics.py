@@ -120,7 +120,8 @@ def test_resize_is_clean_fid_s_pil_bicubic(size):
     """clean-fid resizes each channel as a float PIL image with BICUBIC; ours must give the same pixels."""
     rng = np.random.default_rng(size)
     image = rng.integers(0, 256, (size, size), dtype=np.uint8)
-    pil = np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize((299, 299), resample=Image.BICUBIC)).clip(0, 255)
+    resized = Image.fromarray(image.astype(np.float32), mode="F").resize((299, 299), resample=Image.BICUBIC)
+    pil = np.asarray(resized).clip(0, 255)
     ours = resize_for_inception(torch.from_numpy(image)[None, None])
     assert ours.shape == (1, 3, 299, 299)
     assert torch.equal(ours[0, 0], ours[0, 2])  # grayscale replicated to RGB
@@ -155,7 +156,8 @@ def test_fid_is_zero_for_a_set_against_itself_and_grows_with_blur_and_noise(ince
     # through the cache: the first call computes and stores the features, the second must only read them
     features = cached_features(inception, digits, tmp_path, "reference")
     calls = []
-    monkeypatch.setattr(InceptionFeatures, "__call__", lambda self, *a, **k: calls.append(1) or np.zeros((len(digits), 2048), np.float32))
+    monkeypatch.setattr(InceptionFeatures, "__call__",
+                        lambda self, *a, **k: calls.append(1) or np.zeros((len(digits), 2048), np.float32))
     again = cached_features(inception, digits, tmp_path, "reference")
     assert not calls and np.array_equal(features, again)
     assert len(list(tmp_path.glob("inception-reference-*.npz"))) == 1
@@ -175,7 +177,8 @@ def test_fid_is_zero_for_a_set_against_itself_and_grows_with_blur_and_noise(ince
 
 def test_the_cache_follows_the_pixels(inception, digits, tmp_path, monkeypatch):
     """Changed pixels must miss the cache: a stale file for the old set may never be read for the new one."""
-    monkeypatch.setattr(InceptionFeatures, "__call__", lambda self, images, *a, **k: np.full((len(images), 2048), float(images.sum()), np.float32))
+    monkeypatch.setattr(InceptionFeatures, "__call__",
+                        lambda self, images, *a, **k: np.full((len(images), 2048), float(images.sum()), np.float32))
     first = cached_features(inception, digits, tmp_path, "reference")
     changed = digits.clone()
     changed[0, 0, 0, 0] ^= 1

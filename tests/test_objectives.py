@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm import DiffusionConfig, ModelConfig, NoiseSchedule, sample
+from ddpm import DiffusionConfig, NoiseSchedule, sample
 from ddpm.diffusion import eps_from_output, min_snr_weight, prediction_target, q_sample, training_losses
+from helpers import tiny_model_config
 
 
 def betas_float64(T=1000):
@@ -34,8 +35,10 @@ def test_the_weights_put_eps_and_v_errors_on_the_x0_scale():
     t = torch.tensor([3, 100, 400, 900])
     x_t = q_sample(schedule, x0, t, noise)
     abar = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-    eps_of = lambda x: (x_t - abar.sqrt() * x) / (1 - abar).sqrt()  # the eps that x0 = x implies at this x_t
-    v_of = lambda x: abar.sqrt() * eps_of(x) - (1 - abar).sqrt() * x
+    def eps_of(x):
+        return (x_t - abar.sqrt() * x) / (1 - abar).sqrt()  # the eps that x0 = x implies at this x_t
+    def v_of(x):
+        return abar.sqrt() * eps_of(x) - (1 - abar).sqrt() * x
     snr = (abar / (1 - abar)).flatten()
     x0_error = (x0 - other).square().flatten(1).sum(1)
     torch.testing.assert_close((eps_of(x0) - eps_of(other)).square().flatten(1).sum(1), snr * x0_error)
@@ -52,8 +55,8 @@ class ExactDenoiser(torch.nn.Module):
 
     def __init__(self, point, schedule, prediction):
         super().__init__()
-        self.config = ModelConfig(image_size=point.shape[-1], in_channels=point.shape[0], base_channels=4, channel_mults=(1, 2),
-                                  bottleneck_mult=1, time_embed_dim=4, num_heads=1)
+        self.config = tiny_model_config(image_size=point.shape[-1], in_channels=point.shape[0], base_channels=4,
+                                        bottleneck_mult=1, time_embed_dim=4, num_heads=1)
         self.register_buffer("point", point)
         self.schedule, self.prediction = schedule, prediction
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # the pipeline reads the device from a parameter
@@ -90,7 +93,8 @@ def test_training_loss_is_zero_for_the_exact_output_and_weighting_applies_per_sa
         def forward(self, x_t, t, y=None):
             return torch.zeros_like(x_t)
 
-    gen = lambda: torch.Generator().manual_seed(2)
+    def gen():
+        return torch.Generator().manual_seed(2)
     plain, t = training_losses(Zero(), schedule, x0, generator=gen(), prediction=prediction)
     weighted, t2 = training_losses(Zero(), schedule, x0, generator=gen(), prediction=prediction, snr_gamma=5.0)
     assert torch.equal(t, t2)

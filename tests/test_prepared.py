@@ -11,7 +11,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from ddpm import prepared
 from ddpm.data import DataError, load_dataset, to_uint8
 from ddpm.prepared import PreparedImages, prepare_dataset
-from test_data import write_fake_cifar, write_mixed_folder, write_with_bad_files
+from helpers import write_fake_cifar, write_mixed_folder, write_with_bad_files
 
 
 def prepare_cli(argv: list[str]) -> int:
@@ -41,8 +41,10 @@ def test_a_prepared_folder_equals_the_source_to_the_pixel(tmp_path, monkeypatch,
     assert prepare_cli([str(tmp_path / "src"), "--image-size", "16", "--channels", str(channels), "--conditional",
                         "--out", str(tmp_path / "prep"), "--quiet", "--num-workers", "0"]) == 0
     meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
-    assert (meta["format"], meta["version"], meta["image_size"], meta["channels"], meta["count"]) == ("ddpm-prepared", 1, 16, channels, 5)
-    assert meta["source"] == str((tmp_path / "src").resolve()) and meta["splits"]["train"]["shards"][-1] == "train-images-00002.npy"
+    assert (meta["format"], meta["version"], meta["image_size"], meta["channels"], meta["count"]) == (
+        "ddpm-prepared", 1, 16, channels, 5)
+    assert meta["source"] == str((tmp_path / "src").resolve())
+    assert meta["splits"]["train"]["shards"][-1] == "train-images-00002.npy"
     shard = np.load(tmp_path / "prep" / "train-images-00000.npy", mmap_mode="r")
     assert isinstance(shard, np.memmap) and shard.dtype == np.uint8 and shard.shape == (2, channels, 16, 16)
     source = load_dataset(str(tmp_path / "src"), 16, channels, conditional=True)
@@ -56,7 +58,8 @@ def test_bundled_sets_and_cifar_keep_their_splits(tmp_path):
     # bugs caught: the held-out split lost (validation and evaluation need it) or mixed into training
     write_fake_cifar(tmp_path / "cifar")
     with open(tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch", "wb") as f:
-        pickle.dump({"data": np.random.default_rng(3).integers(0, 256, (3, 3072), dtype=np.uint8), "labels": [7, 8, 9]}, f)
+        pickle.dump({"data": np.random.default_rng(3).integers(0, 256, (3, 3072), dtype=np.uint8),
+                     "labels": [7, 8, 9]}, f)
     for data, size in (("mnist", 8), ("photos", 8), (str(tmp_path / "cifar"), 16)):
         out = prepare_dataset(data, size, tmp_path / f"prep-{size}-{len(data)}", progress=False)
         conditional = data != "photos"
@@ -102,7 +105,8 @@ def test_unreadable_files_are_left_out_and_listed(tmp_path, capsys):
     meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
     assert [p.rsplit("/", 1)[-1] for p in meta["splits"]["train"]["skipped"]] == ["1.png", "2.jpg", "4.png"]
     copy = load_dataset(str(tmp_path / "prep"), 8, conditional=True)
-    assert [(to_uint8(x).unique().item(), y) for x, y in (copy.dataset[i] for i in range(len(copy.dataset)))] == [(10, 0), (200, 1)]
+    items = (copy.dataset[i] for i in range(len(copy.dataset)))
+    assert [(to_uint8(x).unique().item(), y) for x, y in items] == [(10, 0), (200, 1)]
 
 
 def test_a_prepared_set_travels_to_workers_without_its_pixels(tmp_path):

@@ -245,6 +245,49 @@ def test_bad_sampling_and_model_inputs(tmp_path, capsys):
     assert "--image-size" in err(capsys)
 
 
+def one_line(capsys) -> str:
+    """stderr of the last command, asserted to be exactly one line (no traceback)."""
+    text = capsys.readouterr().err.strip()
+    assert len(text.splitlines()) == 1, text
+    return text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_the_last_tracebacks_are_one_line_errors(tmp_path, capsys):
+    """Each of these ended in a traceback (ValueError, RuntimeError, JSONDecodeError) before."""
+    run = tmp_path / "run"
+    assert main(["train", "mnist", "--out", str(run), "--steps", "1", "--device", "cuda", *TINY]) == 2
+    assert "CUDA is not available" in one_line(capsys) and not run.exists()
+    assert main(["train", "mnist", "--out", str(run), "--steps", "1", "--device", "gpu0", *TINY]) == 2
+    assert "not a device" in one_line(capsys)
+    assert main(["train", "mnist", "--out", str(run), "--steps", "1", *TINY]) == 0
+    assert main(["sample", str(run), "--out", str(tmp_path / "s"), "--device", "cuda", "--quiet"]) == 2
+    assert "CUDA is not available" in one_line(capsys)
+    assert main(["sample", str(run), "--out", str(tmp_path / "s"), "--n", "-3", "--quiet"]) == 2
+    assert "--n must be >= 1, got -3" in one_line(capsys)
+    assert main(["prepare", "mnist", "--out", str(tmp_path / "p"), "--image-size", "0", "--quiet"]) == 2
+    assert "--image-size must be between 1 and 8192 pixels, got 0" in one_line(capsys) and not (tmp_path / "p").exists()
+    huge = "1000000000000"  # found by benchmarks/flag_fuzz.py: each tried to allocate terabytes
+    for flag, message in (("--timesteps", "timesteps="), ("--base-channels", "widest layer"),
+                          ("--bottleneck-mult", "widest layer"), ("--image-size", "image_size=")):
+        assert main(["train", "mnist", "--out", str(tmp_path / "t"), flag, huge, "--steps", "1", "--quiet"]) == 2
+        assert message in one_line(capsys), flag
+    for flag in ("--n", "--per-class"):
+        assert main(["sample", str(run), "--out", str(tmp_path / "s"), flag, huge, "--quiet"]) == 2
+        assert "more than the 10,000,000" in one_line(capsys), flag
+    assert main(["prepare", "mnist", "--out", str(tmp_path / "p"), "--image-size", huge, "--quiet"]) == 2
+    assert "between 1 and 8192" in one_line(capsys)
+    for argv in (["train", "mnist", "--out=", "--steps", "1"], ["sample", str(run), "--out="]):  # not the cwd
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and "empty string" in capsys.readouterr().err
+    weights = (run / "model" / "model.safetensors").read_bytes()
+    (run / "model" / "config.json").write_text("{not json")
+    assert main(["sample", str(run), "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    assert "config.json" in one_line(capsys)
+    assert (run / "model" / "model.safetensors").read_bytes() == weights  # nothing written is lost
+
+
 def test_compile_option_trains_the_same_weights_and_samples_the_same_images(tmp_path, monkeypatch):
     compiled = []
     real_compile = torch.compile

@@ -6,7 +6,6 @@ from ddpm import DiffusionConfig, NoiseSchedule, UNet, ddim_sample, ddpm_sample,
 from ddpm.samplers import ddim_timesteps, dynamic_threshold_x0, process_x0
 from sampler_oracles import Recorder, process_by_hand
 
-
 BETAS = np.linspace(1e-4, 0.2, 20)  # a short schedule written out (independent of linear_betas' T-scaling)
 ABAR = np.cumprod(1 - BETAS)
 
@@ -33,7 +32,8 @@ def nth_normal_draw(seed, n, shape):
 @pytest.mark.parametrize("step", [0, 7])
 def test_ddpm_step_is_the_papers_update_written_out(variance, step):
     """Algorithm 2 with sigma^2 = beta_t or beta_tilde_t = (1 - abar_{t-1})/(1 - abar_t) beta_t (eq. 7).
-    Catches a wrong mean coefficient, the wrong variance table (or beta_tilde's index shifted), noise drawn out of order."""
+    Catches a wrong mean coefficient, the wrong variance table (or beta_tilde's index shifted), noise drawn out of
+    order."""
     shape = (3, 1, 4, 4)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     record, states = Recorder(affine_denoiser), []
@@ -92,7 +92,8 @@ def test_ddim_steps_are_eq12_written_out(clip, percentile):
     x_T = 2 * torch.randn(shape, generator=torch.Generator().manual_seed(5))
     record, states = Recorder(affine_denoiser), []
     ddim_sample(record, small_schedule(), shape, steps=5, eta=eta, x_T=x_T, clip_x0=clip, dynamic_threshold=percentile,
-                generator=torch.Generator().manual_seed(6), callback=lambda i, index, x, x0: states.append(x.double().numpy()))
+                generator=torch.Generator().manual_seed(6),
+                callback=lambda i, index, x, x0: states.append(x.double().numpy()))
     assert [index for _, index, _ in record.calls] == [19, 14, 10, 5, 0]  # round(linspace(19, 0, 5)), ties to even
     for step, prev in ((2, 5), (4, None)):
         x_t, t, eps = record.calls[step]
@@ -144,7 +145,8 @@ def test_ddim_eta0_and_ddpm_recover_a_single_point_dataset():
 def test_ddim_eta0_is_deterministic_and_eta1_is_not():
     schedule = small_schedule()
     x_T = torch.randn(2, 1, 3, 3)
-    den = lambda x, t: 0.1 * x
+    def den(x, t):
+        return 0.1 * x
     a = ddim_sample(den, schedule, x_T.shape, x_T=x_T, steps=5, generator=torch.Generator().manual_seed(0))
     b = ddim_sample(den, schedule, x_T.shape, x_T=x_T, steps=5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
@@ -166,8 +168,10 @@ def test_same_seed_same_images_different_seed_different(tiny_config):
     torch.manual_seed(0)
     model = UNet(tiny_config()).eval()
     schedule = small_schedule(10)
-    den = lambda x, t: model(x, t)
-    run = lambda seed, fn, **kw: fn(den, schedule, (2, 1, 8, 8), generator=torch.Generator().manual_seed(seed), **kw)
+    def den(x, t):
+        return model(x, t)
+    def run(seed, fn, **kw):
+        return fn(den, schedule, (2, 1, 8, 8), generator=torch.Generator().manual_seed(seed), **kw)
     assert torch.equal(run(5, ddpm_sample), run(5, ddpm_sample))
     assert not torch.equal(run(5, ddpm_sample), run(6, ddpm_sample))
     assert torch.equal(run(5, ddim_sample, steps=4), run(5, ddim_sample, steps=4))
@@ -178,7 +182,8 @@ def test_clip_x0_keeps_predictions_in_range():
     schedule = small_schedule()
     seen = []
     ddpm_sample(lambda x, t: -3 * torch.ones_like(x), schedule, (1, 1, 2, 2), clip_x0=True,
-                generator=torch.Generator().manual_seed(0), callback=lambda i, index, x, x0: seen.append(x0.abs().max().item()))
+                generator=torch.Generator().manual_seed(0),
+                callback=lambda i, index, x, x0: seen.append(x0.abs().max().item()))
     assert max(seen) <= 1.0
     assert len(seen) == 20
 

@@ -46,7 +46,8 @@ def test_linear_tables_match_float64_recomputation():
 def test_cosine_schedule_follows_its_closed_form():
     T, s = 1000, 0.008
     schedule = NoiseSchedule.from_config(DiffusionConfig(beta_schedule="cosine"))
-    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    def f(t):
+        return math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
     for i in (0, 10, 500, 900):  # where beta is not clipped, abar_t = f(t)/f(0) with t = i + 1
         assert schedule.alphas_cumprod[i].item() == pytest.approx(f(i + 1) / f(0), rel=1e-5)
     assert schedule.betas.max().item() == pytest.approx(0.999)  # clipped, as in the paper

@@ -11,17 +11,18 @@ from ddpm.unet import SelfAttention, attention_resolutions, sinusoidal_embedding
 @pytest.mark.parametrize("size", [8, 16, 32, 64])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("num_classes", [None, 4])
-def test_output_shape(size, channels, num_classes):
-    model = UNet(ModelConfig(image_size=size, in_channels=channels, base_channels=8, channel_mults=(1, 2, 2, 2),
-                             bottleneck_mult=2, time_embed_dim=16, num_classes=num_classes))
+def test_output_shape(size, channels, num_classes, tiny_config):
+    model = UNet(tiny_config(image_size=size, in_channels=channels, channel_mults=(1, 2, 2, 2),
+                             num_classes=num_classes))
     x = torch.randn(2, channels, size, size)
     y = torch.tensor([0, 3]) if num_classes else None
     with torch.no_grad():
         assert model(x, torch.tensor([0, 999]), y).shape == x.shape
 
 
-def test_attention_at_the_three_lower_resolutions_only():
-    model = UNet(ModelConfig(image_size=64, base_channels=8, bottleneck_mult=2, time_embed_dim=16))
+def test_attention_at_the_three_lower_resolutions_only(tiny_config):
+    # the default four levels (1, 2, 4, 4) at 64x64 RGB, only narrow
+    model = UNet(tiny_config(image_size=64, in_channels=3, channel_mults=(1, 2, 4, 4)))
     assert sum(isinstance(m, SelfAttention) for m in model.modules()) == 5
     assert sorted(set(attention_resolutions(model, 64))) == [8, 16, 32]  # never 64x64
     # the same model runs at another size: nothing is tied to 64
@@ -71,7 +72,8 @@ def test_sdpa_attention_equals_the_textbook_formula():
     x = torch.randn(2, 16, 3, 5)  # non-square: no size is assumed
     seq = x.flatten(2).transpose(1, 2)
     q, k, v = block.qkv(block.norm(seq)).chunk(3, dim=-1)
-    heads = lambda z: z.view(2, 15, 4, 4).transpose(1, 2)
+    def heads(z):
+        return z.view(2, 15, 4, 4).transpose(1, 2)
     weights = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(4), dim=-1)
     attn = (weights @ heads(v)).transpose(1, 2).reshape(2, 15, 16)
     seq = seq + block.proj(attn)

@@ -5,12 +5,14 @@
     schedule = ddpm.NoiseSchedule.from_config(ddpm.DiffusionConfig())
     loss = ddpm.training_loss(model, schedule, x0, labels)          # x0 in [-1, 1], labels int64
     images = ddpm.sample(model, schedule, labels=[0, 1, 2], guidance=3.0, sampler="dpmpp2m", steps=20)
+    guide = ddpm.load_guide("runs/x", model, schedule=schedule)   # autoguidance: the run's guide/ snapshot
+    images = ddpm.sample(model, schedule, labels=[0, 1, 2], guide=guide, guide_weight=2.0, guidance=1.0)
 """
-from .checkpoint import from_pretrained, save_pretrained
+from .checkpoint import find_run_guide, from_pretrained, load_guide, save_pretrained
 from .config import DiffusionConfig, ModelConfig, RunConfig, RuntimeConfig, SamplingConfig, TrainConfig
 from .diffusion import draw_training_inputs, posterior_mean, predict_eps, predict_x0, q_sample, training_loss, training_losses
 from .ema import EMA
-from .guidance import ClassifierFreeGuidance, make_denoiser
+from .guidance import ClassifierFreeGuidance, Guide, GuidedDenoiser, make_denoiser
 from .errors import DdpmError
 from .files import save_grid, save_images
 from .pipeline import sample, sample_all, sample_batches
@@ -19,10 +21,11 @@ from .schedule import NoiseSchedule, cosine_betas, linear_betas
 from .unet import UNet
 
 __all__ = [
-    "ClassifierFreeGuidance", "DdpmError", "DiffusionConfig", "EMA", "ModelConfig", "NoiseSchedule", "RunConfig", "RuntimeConfig",
-    "SamplingConfig", "TrainConfig", "UNet", "sample_all", "sample_batches",
-    "cosine_betas", "ddim_sample", "ddpm_sample", "dpmpp_2m_sample", "draw_training_inputs", "from_pretrained", "linear_betas", "make_denoiser",
-    "posterior_mean", "predict_eps", "predict_x0", "q_sample", "sample", "save_grid", "save_images", "save_pretrained",
-    "training_loss", "training_losses",
+    "ClassifierFreeGuidance", "DdpmError", "DiffusionConfig", "EMA", "Guide", "GuidedDenoiser", "ModelConfig",
+    "NoiseSchedule", "RunConfig", "RuntimeConfig", "SamplingConfig", "TrainConfig", "UNet", "sample_all",
+    "sample_batches", "cosine_betas", "ddim_sample", "ddpm_sample", "dpmpp_2m_sample", "draw_training_inputs",
+    "find_run_guide", "from_pretrained", "linear_betas", "load_guide", "make_denoiser", "posterior_mean",
+    "predict_eps", "predict_x0", "q_sample", "sample", "save_grid", "save_images", "save_pretrained", "training_loss",
+    "training_losses",
 ]
 __version__ = "0.1.0"

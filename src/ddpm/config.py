@@ -23,6 +23,11 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Bounds far past any model that fits a GPU, so that a typo (an extra zero or three) is a one-line error instead of
+# an allocation of terabytes.
+MAX_IMAGE_SIZE, MAX_WIDTH, MAX_TIMESTEPS = 8192, 16384, 100_000
+
+
 @dataclass
 class ModelConfig:
     """The UNet's shape. Defaults are the seed: 64x64 RGB, widths 64-128-256-256, bottleneck 512."""
@@ -60,8 +65,12 @@ class ModelConfig:
             f"image_size={self.image_size} must be a positive multiple of {f} "
             f"(the UNet halves it {len(self.channel_mults) - 1} times); try {max(f, round(self.image_size / f) * f)}",
         )
+        _check(self.image_size <= MAX_IMAGE_SIZE, f"image_size={self.image_size} is over {MAX_IMAGE_SIZE} pixels a side")
         _check(self.in_channels >= 1, "in_channels must be >= 1")
         _check(self.base_channels >= 1 and self.bottleneck_mult >= 1, "base_channels and bottleneck_mult must be >= 1")
+        widest = self.base_channels * max(self.channel_mults + (self.bottleneck_mult,))
+        _check(widest <= MAX_WIDTH, f"the widest layer (base_channels x its multiplier = {widest:,}) is over "
+                                    f"{MAX_WIDTH:,} channels; the seed's is 512")
         _check(self.num_heads >= 1, "num_heads must be >= 1")
         for m in self.channel_mults + (self.bottleneck_mult,):
             _check(
@@ -86,7 +95,7 @@ class DiffusionConfig:
     prediction: str = "eps"  # what the network outputs: "eps" (Ho et al. 2020) or "v" (Salimans & Ho 2022)
 
     def __post_init__(self) -> None:
-        _check(self.timesteps >= 2, f"timesteps={self.timesteps} must be >= 2")
+        _check(2 <= self.timesteps <= MAX_TIMESTEPS, f"timesteps={self.timesteps} must be between 2 and {MAX_TIMESTEPS:,}")
         _check(self.beta_schedule in ("linear", "cosine"), f"beta_schedule must be 'linear' or 'cosine', not {self.beta_schedule!r}")
         _check(0 < self.beta_start <= self.beta_end < 1, "need 0 < beta_start <= beta_end < 1")
         _check(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, not {self.prediction!r}")
@@ -159,6 +168,12 @@ class RuntimeConfig:
     guidance: float = 3.0  # w of those grids
     val_every: int = 250  # held-out validation loss (fixed noise and t) to TensorBoard; 0 disables
     val_size: int = 256  # held-out images used for it (mnist: holdout split; CIFAR-10: test_batch)
+    # Unreadable image files are replaced by their neighbours; past this fraction of the folder (and at least 10
+    # files) the run stops with their list. 1 tolerates any number (a scraped folder, checked afterwards).
+    max_bad_fraction: float = 0.01
+    # Autoguidance (Karras et al. 2024) guides a model with a weaker version of itself: at this fraction of the
+    # planned steps the EMA weights are exported once to RUN/guide/, which checkpoint pruning never touches. 0: none.
+    guide_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1")
@@ -170,6 +185,9 @@ class RuntimeConfig:
         _check(self.val_every >= 0 and self.val_size >= 1, "val_every must be >= 0 and val_size >= 1")
         _check(self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0 (or auto)")
         _check(math.isfinite(self.guidance), f"guidance={self.guidance} must be a finite number")
+        _check(0 <= self.max_bad_fraction <= 1, f"max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+        _check(self.guide_fraction == 0 or 0 < self.guide_fraction < 1,
+               f"guide_fraction={self.guide_fraction} must be in (0, 1), or 0 for no guide snapshot")
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
@@ -187,6 +205,7 @@ class SamplingConfig:
     steps: int | None = None  # denoiser evaluations; None: see steps_for
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 DDPM-like
     guidance: float = 3.0  # classifier-free guidance w (1 = conditional, 0 = unconditional)
+    guide_weight: float = 1.0  # autoguidance g (Karras et al. 2024) against a guide model: 1 = off; no guide, no effect
     guidance_rescale: float = 0.0  # phi of Lin et al. 2024; 0 = off
     guidance_interval: tuple[float, float] | None = (0.4, 1.0)  # guide only where t/(T-1) is in [lo, hi]; None = always
     clip_x0: bool = False  # clip the predicted x0 to [-1, 1]
@@ -198,9 +217,10 @@ class SamplingConfig:
             self.guidance_interval = tuple(float(v) for v in self.guidance_interval)
         _check(self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, not {self.sampler!r}")
         _check(self.steps is None or self.steps >= 1, f"sampling steps must be >= 1, got {self.steps}")
-        for name in ("eta", "guidance", "guidance_rescale"):
+        for name in ("eta", "guidance", "guide_weight", "guidance_rescale"):
             _check(math.isfinite(getattr(self, name)), f"{name}={getattr(self, name)} must be a finite number")
         _check(self.eta >= 0, f"eta={self.eta} must be >= 0")
+        _check(self.guide_weight >= 0, f"guide_weight={self.guide_weight} must be >= 0 (1 = no autoguidance)")
         _check(0 <= self.guidance_rescale <= 1, f"guidance_rescale={self.guidance_rescale} must be in [0, 1]")
         if self.guidance_interval is not None:
             lo, hi = self.guidance_interval

@@ -29,18 +29,12 @@ from torchvision.transforms.v2 import functional as TF
 from .errors import DdpmError
 from .files import to_uint8  # noqa: F401  (re-exported: the data range's inverse)
 
-try:  # deprecated since torchvision 0.29 (superseded by TorchCodec); PIL decodes everything once it is gone
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_image as _torchvision_decode
-except ImportError:  # pragma: no cover - depends on the installed torchvision
-    _torchvision_decode = None
-
 BUNDLED = ("mnist", "photos")
 IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + (".gif",)
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 
 # What decoders raise on a missing, truncated or malformed file (PIL: OSError, SyntaxError, EOFError,
-# struct.error, DecompressionBombError; torchvision: RuntimeError). Anything else is a bug and propagates.
+# struct.error, DecompressionBombError; ImageTooLarge is a ValueError). Anything else is a bug and propagates.
 UNREADABLE = (OSError, ValueError, SyntaxError, RuntimeError, EOFError, struct.error, Image.DecompressionBombError)
 # A run of this many unreadable files in a row (in sorted order) means the folder itself is gone or broken:
 # stop with an error instead of trying every remaining file for every item.
@@ -97,55 +91,60 @@ def _high_byte(image: torch.Tensor) -> torch.Tensor:
     return (image.to(torch.int64).clamp(0, 65535) >> 8).to(torch.uint8)
 
 
-def rgb_to_grey(rgb: torch.Tensor) -> torch.Tensor:
-    """uint8 [3, H, W] -> [1, H, W] with PIL's convert("L"): ITU-R 601-2 luma in 16-bit fixed point, rounded."""
-    r, g, b = rgb.to(torch.int32)
-    return ((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16).to(torch.uint8)[None]
+# Decoding refuses, before any pixel is decoded, an image whose header claims more pixels than this (8192 x 8192,
+# 192 MiB as RGB): a decompression bomb (a few KB claiming 60000 x 60000) would otherwise take gigabytes, as
+# libjpeg through torchvision does (10.7 GB for one fuzzed 65535 x 65535 JPEG: benchmarks/RESULTS.md, "Malformed
+# files"). Camera photos (up to ~50 megapixels) pass.
+MAX_PIXELS = 8192 * 8192
+# A strip longer than this many times its width is cropped to that ratio around its centre before the resize:
+# the centre square that is kept comes from there anyway, and a 20000 x 2 strip resized to 64 rows would be
+# 640,000 columns (123 MB) for a 64 x 64 crop.
+MAX_ASPECT = 4
 
 
-def _decode_torchvision(data: bytes, channels: int) -> torch.Tensor | None:
-    """JPEG and PNG with torchvision's decoders (libjpeg-turbo, libpng) as uint8 [C, H, W]; None for other formats.
-
-    libjpeg's grey output is the Y channel, within 1 level of PIL's luma of the decoded colours; libpng's grey
-    conversion rounds otherwise (1 level off before resizing, 2 after), so PNGs are decoded as RGB and reduced
-    with PIL's formula (`rgb_to_grey`): exactly PIL's pixels, before the resize."""
-    is_jpeg, is_png = data[:3] == b"\xff\xd8\xff", data[:8] == b"\x89PNG\r\n\x1a\n"
-    if _torchvision_decode is None or not (is_jpeg or is_png):
-        return None
-    mode = ImageReadMode.GRAY if is_jpeg and channels == 1 else ImageReadMode.RGB
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice, once per call otherwise
-        image = _torchvision_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
-    if image.dtype != torch.uint8:  # 16-bit PNG
-        image = _high_byte(image)
-    return rgb_to_grey(image) if channels == 1 and image.shape[0] == 3 else image
+class ImageTooLarge(ValueError):
+    """An image header claims more than MAX_PIXELS pixels (one of UNREADABLE: the file is skipped, not decoded)."""
 
 
-def _decode_pil(data: bytes, channels: int) -> torch.Tensor:
-    """Any format PIL reads (palette, RGBA, CMYK, 16-bit, GIF, BMP, TIFF, WebP...) as uint8 [C, H, W]."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode.startswith("I"):  # 16/32-bit integer grey: the high byte of the 16-bit range
-            image = Image.fromarray(_high_byte(torch.from_numpy(np.array(image, dtype=np.int64))).numpy(), "L")
-        array = np.array(image.convert("L" if channels == 1 else "RGB"))
+def _checked_header(image: Image.Image) -> None:
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > MAX_PIXELS:
+        raise ImageTooLarge(f"the header claims {width} x {height} pixels; at most {MAX_PIXELS:,} are decoded "
+                            "(a decompression bomb, or a photo to downscale first)")
+
+
+def _decode_pil(image: Image.Image, channels: int) -> torch.Tensor:
+    """Any format PIL reads (PNG, palette, RGBA, CMYK, 16-bit, GIF, BMP, TIFF, WebP...) as uint8 [C, H, W]."""
+    if image.mode.startswith("I"):  # 16/32-bit integer grey: the high byte of the 16-bit range
+        image = Image.fromarray(_high_byte(torch.from_numpy(np.array(image, dtype=np.int64))).numpy(), "L")
+    array = np.array(image.convert("L" if channels == 1 else "RGB"))
     return torch.from_numpy(array).reshape(array.shape[0], array.shape[1], channels).permute(2, 0, 1)
 
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:
-    """A file's bytes -> uint8 [channels, H, W] at full size; raises one of UNREADABLE if no decoder can read it.
+    """A file's bytes -> uint8 [channels, H, W] at full size; raises one of UNREADABLE if it cannot be read.
 
-    torchvision for JPEG and PNG (faster, and within 1 grey level of PIL: benchmarks/RESULTS.md, "Data
-    loading"); PIL for every other format, and as a second opinion on files torchvision rejects."""
-    try:
-        image = _decode_torchvision(data, channels)
-    except UNREADABLE:
-        image = None
-    return image if image is not None else _decode_pil(data, channels)
+    No malformed file can crash the process, exhaust its memory or fill the terminal here (tests/test_fuzz.py):
+    - every format is decoded by PIL, which raises on damaged data. torchvision.io is not used: its libpng
+      wrapper (torchvision 0.29) dies with a segmentation fault on PNGs whose compressed data is damaged or short
+      (368 of the 1,200 fuzzed files), and its libjpeg wrapper prints a line to stderr for every damaged JPEG.
+      The decode costs 1.3-2x torchvision's for JPEG (the same pixels); the resize after it is torch's either way
+      (benchmarks/RESULTS.md, "Malformed files");
+    - the header is read first (PIL's open reads nothing else) and sizes over MAX_PIXELS are refused."""
+    with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as image:  # header only: no pixel decoded yet
+        warnings.simplefilter("ignore")  # e.g. "Truncated File Read" for each damaged TIFF: files, not code, at fault
+        _checked_header(image)
+        return _decode_pil(image, channels)
 
 
 def resize_center_crop(image: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 [C, H, W] -> [C, size, size]: the shorter side to `image_size` (aspect kept; bilinear, antialiased:
     torch's uint8 kernel, within 1 grey level of PIL's), then the centre square. Deterministic: random flips
     happen in the training loop, from its seeded generator."""
+    height, width = image.shape[-2:]
+    if max(height, width) > MAX_ASPECT * min(height, width):  # see MAX_ASPECT
+        keep = MAX_ASPECT * min(height, width)
+        image = TF.center_crop(image, [min(height, keep), min(width, keep)])
     image = TF.resize(image, [image_size], antialias=True)
     return TF.center_crop(image, [image_size, image_size]).contiguous()
 

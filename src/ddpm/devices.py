@@ -5,15 +5,20 @@ import contextlib
 
 import torch
 
+from .errors import DdpmError
+
 
 def pick_device(name: str | None = None) -> torch.device:
     """`name` if given (e.g. "cpu", "cuda:1", "mps"), else cuda, then mps, then cpu."""
     if name:
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise DdpmError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu or leave it out")
+            raise DdpmError(f"--device {name}: CUDA is not available here; use --device cpu or leave it out")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"--device {name}: MPS is not available here; use --device cpu or leave it out")
+            raise DdpmError(f"--device {name}: MPS is not available here; use --device cpu or leave it out")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")

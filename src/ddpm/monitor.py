@@ -1,5 +1,6 @@
 """What rank 0 does around the training steps: progress bar, TensorBoard, validation loss, preview grids,
-checkpoints and the exported model. Other ranks get the silent `Monitor`, so the loop has no rank checks.
+checkpoints, the exported model and the guide snapshot. Other ranks get the silent `Monitor`, so the loop has no
+rank checks.
 """
 from __future__ import annotations
 
@@ -85,6 +86,13 @@ def preview_grid(model: torch.nn.Module, schedule, sampling: SamplingConfig, see
     return make_grid(images, nrow=num_classes or 8)
 
 
+def guide_step(fraction: float, last_step: int) -> int | None:
+    """The step at which a run planned for `last_step` steps exports its guide snapshot: round(fraction *
+    last_step), at least 1; None when `fraction` is 0. Karras et al. 2024 guide with the same model trained for
+    a fraction of the time (their presets pair each model with a shorter-trained, often smaller, guide)."""
+    return max(1, round(fraction * last_step)) if fraction > 0 else None
+
+
 class RankZeroMonitor(Monitor):
     """Progress bar, TensorBoard, validation, previews and checkpoints of rank 0. It times its own work, so the
     cost of monitoring is reported at the end of the run."""
@@ -106,6 +114,7 @@ class RankZeroMonitor(Monitor):
         self.bar = tqdm(total=last_step, initial=step, disable=not show_progress, desc="train", dynamic_ncols=True)
         self.start_time, self.start_step, self.extra_seconds = time.perf_counter(), step, 0.0
         self.bad_files_reported = 0
+        self.guide_step = guide_step(config.runtime.guide_fraction, last_step)
 
     def _validation_set(self, trainer):
         from .metrics import validation_set
@@ -124,9 +133,11 @@ class RankZeroMonitor(Monitor):
         self.bar.set_postfix(postfix)
 
     def extras(self, trainer) -> None:
-        """Validation loss and preview grids, each on its own schedule."""
+        """Validation loss, preview grids and the guide snapshot, each on its own schedule."""
         r, step = self.config.runtime, trainer.step_count
         start = time.perf_counter()
+        if step == self.guide_step:
+            self._save_guide(trainer, step)
         if r.sample_every and step % r.sample_every == 0:
             sampling = SamplingConfig(steps=r.sample_steps, guidance=r.guidance)  # the default sampler and options
             grid = preview_grid(trainer.ema.model, trainer.schedule, sampling)
@@ -143,6 +154,15 @@ class RankZeroMonitor(Monitor):
         for tag, net in (("val/loss", trainer.model), ("val/loss_ema", trainer.ema.model)):
             value = validation_loss(net, trainer.schedule, images, labels, seed=self.config.train.seed)
             self.writer.add_scalar(tag, value, step)
+
+    def _save_guide(self, trainer, step: int) -> None:
+        """RUN/guide/: the EMA weights at `guide_step`, exported like model/ (a resumed run keeps its first one).
+        A run resumed past this step without one gets none: its checkpoints can serve as guides instead."""
+        extra = {"class_names": trainer.info.class_names, "step": step,
+                 "guide_fraction": self.config.runtime.guide_fraction}
+        written = ckpt.save_guide_snapshot(self.run_dir, trainer.ema.model, self.config.diffusion, extra)
+        if written and self.show_progress:
+            self.bar.write(f"step {step}: guide snapshot for autoguidance in {self.run_dir / ckpt.GUIDE_DIR}")
 
     def end_of_epoch(self, trainer, bad_files: list[str]) -> None:
         if len(bad_files) > self.bad_files_reported:

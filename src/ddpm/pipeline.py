@@ -13,7 +13,7 @@ import torch
 
 from .config import SamplingConfig
 from .errors import DdpmError
-from .guidance import make_denoiser
+from .guidance import Guide, make_denoiser
 from .samplers import StepCallback, run_sampler
 from .schedule import NoiseSchedule
 
@@ -53,13 +53,15 @@ def sample(
     progress: bool = False,
     sampling: SamplingConfig | None = None,
     batched_guidance: bool | None = None,
+    guide: torch.nn.Module | Guide | None = None,
     **options,
 ) -> torch.Tensor:
     """Draw one batch of images in [-1, 1], shape [N, C, H, W], on the model's device.
 
     Unconditional models take `n`; conditional ones take `labels` (n = len(labels)). The sampler and guidance
     come from `sampling` and/or keyword options of `SamplingConfig` (sampler="dpmpp2m", steps=20, guidance=3, ...).
-    The network's output is read as `schedule.prediction` says (eps or v).
+    The network's output is read as `schedule.prediction` says (eps or v). `guide` (a `checkpoint.load_guide`
+    result, or a module predicting what the model predicts) turns on autoguidance when `guide_weight` != 1.
     """
     sampling = replace(sampling or SamplingConfig(), **options)
     device = next(model.parameters()).device
@@ -73,13 +75,25 @@ def sample(
         raise DdpmError(f"the number of images must be >= 1, got {n}")
     c = model.config
     shape = (n, c.in_channels, c.image_size, c.image_size)
-    was_training = model.training
-    model.eval()
+    networks = [model] + ([_guide_module(guide, device)] if guide is not None else [])
+    was_training = [net.training for net in networks]
+    for net in networks:
+        net.eval()
     try:
-        denoiser = make_denoiser(model, labels, sampling, schedule=schedule, batched=batched_guidance)
+        denoiser = make_denoiser(model, labels, sampling, schedule=schedule, batched=batched_guidance, guide=guide)
         return run_sampler(denoiser, schedule, shape, sampling, generator=generator, device=device, callback=callback, progress=progress)
     finally:
-        model.train(was_training)  # leave the model as it was (an EMA copy stays in eval mode)
+        for net, training in zip(networks, was_training):
+            net.train(training)  # leave the networks as they were (an EMA copy stays in eval mode)
+
+
+def _guide_module(guide: torch.nn.Module | Guide, device: torch.device) -> torch.nn.Module:
+    """The guide's network, checked to be on the model's device (a mismatch would fail deep inside a step)."""
+    module = guide.model if isinstance(guide, Guide) else guide
+    param = next(module.parameters(), None)
+    if param is not None and param.device != device:
+        raise DdpmError(f"the guide is on {param.device} but the model on {device}; load it onto the same device")
+    return module
 
 
 def sample_batches(
@@ -94,12 +108,13 @@ def sample_batches(
     skip: Callable[[range], bool] | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
+    guide: torch.nn.Module | Guide | None = None,
 ) -> Iterator[tuple[range, torch.Tensor]]:
     """Yield (indices, images) batch by batch; images in [-1, 1] on the CPU.
 
     Give `labels` (conditional) or `n` (unconditional). Batch b covers indices [b*B, (b+1)*B) and is drawn with
     `batch_generator(device, seed, b)`. `skip(indices)` returning True leaves a batch out (e.g. its files exist).
-    `callback` sees the steps of the first batch drawn.
+    `callback` sees the steps of the first batch drawn. `guide`: autoguidance, as in `sample`.
     """
     if batch_size < 1:
         raise DdpmError(f"--batch-size must be >= 1, got {batch_size}")
@@ -114,7 +129,8 @@ def sample_batches(
             continue
         part = labels[indices.start : indices.stop] if labels is not None else None
         x = sample(model, schedule, None if part is not None else len(indices), labels=part, sampling=sampling,
-                   generator=batch_generator(device, seed, b), callback=callback if first else None, progress=progress)
+                   generator=batch_generator(device, seed, b), callback=callback if first else None, progress=progress,
+                   guide=guide)
         first = False
         yield indices, x.cpu()
 

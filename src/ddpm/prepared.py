@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
-from .data import UNREADABLE, DataError, DataInfo, ImageFiles, load_dataset, raise_if_too_many_bad, to_uint8, uint8_to_model_range
+from .data import BAD_FRACTION, UNREADABLE, DataError, DataInfo, ImageFiles, load_dataset, raise_if_too_many_bad, to_uint8, uint8_to_model_range
 from .files import atomic_write_bytes, atomic_write_json
 
-FORMAT, VERSION, META = "ddpm-prepared", 1, "meta.json"
+FORMAT, VERSION, META, BAD_FILES = "ddpm-prepared", 1, "meta.json", "bad_files.txt"
 SHARD_BYTES = 128 * 2**20  # 10,922 images of 64x64 RGB per shard; a shard is built in memory before its write
 SPLITS = ("train", "holdout")
-_OWN_FILE = re.compile(rf"({'|'.join(SPLITS)})-(images-\d{{5}}|labels)\.npy|{re.escape(META)}|\..+\.tmp")
+_OWN_FILE = re.compile(rf"({'|'.join(SPLITS)})-(images-\d{{5}}|labels)\.npy|{re.escape(META)}|{re.escape(BAD_FILES)}|\..+\.tmp")
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -182,7 +182,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def _write_split(dataset: Dataset, out: Path, split: str, image_size: int, channels: int, num_workers: int,
-                 progress: bool) -> dict:
+                 progress: bool, max_bad_fraction: float = BAD_FRACTION) -> dict:
     """Write one split's shards and labels; returns its meta.json entry."""
     from tqdm.auto import tqdm
 
@@ -207,7 +207,11 @@ def _write_split(dataset: Dataset, out: Path, split: str, image_size: int, chann
     bar.close()
     if filled:
         flush()
-    raise_if_too_many_bad(skipped, len(dataset), "nothing was prepared")
+    if skipped:  # every unreadable file, one a line (after the earlier splits'), also when there are too many
+        earlier = (out / BAD_FILES).read_bytes() if (out / BAD_FILES).is_file() else b""
+        atomic_write_bytes(out / BAD_FILES, earlier + "".join(f"{path}\n" for path in skipped).encode())
+    raise_if_too_many_bad(skipped, len(dataset), f"all listed in {out / BAD_FILES}; nothing was prepared",
+                          max_bad_fraction)
     if not labels:
         raise DataError(f"none of the {len(dataset)} images of the {split} split could be read; check the source")
     atomic_write_bytes(out / f"{split}-labels.npy", _npy_bytes(np.asarray(labels, dtype=np.int64)))
@@ -231,7 +235,8 @@ def _source_name(data: str) -> str:
 
 
 def prepare_dataset(data: str, image_size: int, out: Path, channels: int | None = None, conditional: bool = False,
-                    progress: bool = True, num_workers: int | None = None) -> Path:
+                    progress: bool = True, num_workers: int | None = None,
+                    max_bad_fraction: float = BAD_FRACTION) -> Path:
     """Decode DATA (anything load_dataset reads) once at `image_size` into a prepared folder `out` (module
     docstring); returns `out`. `num_workers`: decoding processes for image folders (default: the cores this
     process may use, at most 8). A folder already prepared at `out` is replaced; nothing else is overwritten."""
@@ -246,17 +251,19 @@ def prepare_dataset(data: str, image_size: int, out: Path, channels: int | None 
         num_workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)  # while the files change, the folder is not a prepared one
+    (out / BAD_FILES).unlink(missing_ok=True)
     splits = {}
     for split, info in (("train", train), ("holdout", holdout)):
         if info is not None:
-            entry = _write_split(info.dataset, out, split, image_size, train.channels, num_workers, progress)
+            entry = _write_split(info.dataset, out, split, image_size, train.channels, num_workers, progress,
+                                 max_bad_fraction)
             splits[split] = {"description": info.description, **entry}
     atomic_write_json(out / META, {
         "format": FORMAT, "version": VERSION, "image_size": image_size, "channels": train.channels,
         "count": splits["train"]["count"], "source": _source_name(data), "description": train.description,
         "conditional": conditional, "class_names": train.class_names, "splits": splits,
     })
-    kept = {META} | {name for entry in splits.values() for name in entry["shards"] + [entry["labels"]]}
+    kept = {META, BAD_FILES} | {name for entry in splits.values() for name in entry["shards"] + [entry["labels"]]}
     for stale in out.iterdir():  # a previous, larger preparation's shards
         if _OWN_FILE.fullmatch(stale.name) and stale.name not in kept and not stale.name.startswith("."):
             stale.unlink()
@@ -266,7 +273,7 @@ def prepare_dataset(data: str, image_size: int, out: Path, channels: int | None 
 # --------------------------------------------------------------------------------------------- command line
 
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
-    from .cli import HelpFormatter  # the one formatter: real defaults only
+    from .cli import HelpFormatter, folder_path  # the one formatter: real defaults only
 
     pr = subparsers.add_parser(
         "prepare", help="decode a dataset once into memory-mapped uint8 arrays, for training at full speed",
@@ -277,27 +284,32 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     pr.add_argument("--image-size", type=int, default=64, help="the training resolution the images are resized to")
     pr.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: 1 for mnist, else 3)")
     pr.add_argument("--conditional", action="store_true", help="keep the labels of an image folder's class subfolders")
-    pr.add_argument("--out", required=True, help="the folder to write (new, empty, or an earlier prepared copy to replace)")
+    pr.add_argument("--out", type=folder_path, required=True, help="the folder to write (new, empty, or an earlier prepared copy to replace)")
     pr.add_argument("--num-workers", type=int, help="decoding processes for image folders (default: available cores, at most 8)")
+    pr.add_argument("--max-bad-fraction", type=float, default=BAD_FRACTION, metavar="F",
+                    help="unreadable image files tolerated, as a fraction of the folder (at least 10 files); past it "
+                         "nothing is prepared and OUT/bad_files.txt lists them")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     return pr
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     """`ddpm prepare`: see add_prepare_parser. Returns the exit status."""
-    if args.image_size < 1:
-        raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
+    if not 1 <= args.image_size <= 8192:
+        raise DataError(f"--image-size must be between 1 and 8192 pixels, got {args.image_size}")
     if args.num_workers is not None and args.num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+        raise DataError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise DataError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
     start = time.perf_counter()
     out = prepare_dataset(args.data, args.image_size, Path(args.out), args.channels, args.conditional,
-                          progress=not args.quiet, num_workers=args.num_workers)
+                          progress=not args.quiet, num_workers=args.num_workers, max_bad_fraction=args.max_bad_fraction)
     meta = read_meta(out)
     skipped = [p for entry in meta["splits"].values() for p in entry["skipped"]]
     counts = ", ".join(f"{entry['count']:,} {name}" for name, entry in meta["splits"].items())
     print(f"prepared {counts} images ({meta['image_size']}x{meta['image_size']}, {meta['channels']} channel(s)) "
           f"of {meta['description']} into {out} in {time.perf_counter() - start:.1f}s")
     if skipped:
-        print(f"left out {len(skipped)} unreadable file(s), listed in {out / META}: {', '.join(skipped[:5])}")
+        print(f"left out {len(skipped)} unreadable file(s), listed in {out / BAD_FILES}: {', '.join(skipped[:5])}")
     print(f"train on it with: ddpm train {out} --image-size {meta['image_size']}" + (" --conditional" if args.conditional else ""))
     return 0

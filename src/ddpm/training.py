@@ -227,7 +227,8 @@ class Trainer:
     def check_data(self) -> list[str]:
         """The unreadable files met so far (each was replaced by the next readable one); stops the run with
         their list past the data module's threshold. Every rank reads the same log, so all stop together."""
-        return check_bad_files(self.bad_file_log if hasattr(self.info.dataset, "bad_log") else None, len(self.info.dataset))
+        return check_bad_files(self.bad_file_log if hasattr(self.info.dataset, "bad_log") else None, len(self.info.dataset),
+                               self.config.runtime.max_bad_fraction)
 
     def batches(self, start: int, stop: int):
         """(x0, labels) on the device for steps start..stop-1, from one DataLoader whose workers live all run."""

@@ -1,0 +1,58 @@
+"""What several test files share: the tiny model and the fake data folders. Test files import from here, never
+from each other (tests/ is on sys.path through pyproject's [tool.pytest.ini_options] pythonpath)."""
+import pickle
+
+import numpy as np
+from PIL import Image
+
+from ddpm import ModelConfig
+
+# A UNet small enough for CPU tests: two levels, width 8, 8x8 grayscale (the rest are ModelConfig's defaults).
+TINY_MODEL = dict(image_size=8, in_channels=1, base_channels=8, channel_mults=(1, 2), bottleneck_mult=2,
+                  time_embed_dim=16, num_heads=4)
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """TINY_MODEL with `overrides` (num_classes=10, image_size=16, ...) as a validated ModelConfig."""
+    return ModelConfig(**{**TINY_MODEL, **overrides})
+
+
+# ------------------------------------------------------------------------------------------ fake data on disk
+def write_mixed_folder(root):
+    """A class-folder tree of images in every awkward mode and size, plus one file that is not an image."""
+    (root / "cats").mkdir(parents=True)
+    (root / "dogs").mkdir()
+    Image.fromarray(np.full((20, 30), 200, np.uint8), "L").save(root / "cats" / "gray.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 10, 4), dtype=np.uint8), "RGBA").save(
+        root / "cats" / "rgba.png")
+    Image.fromarray(np.zeros((7, 7), np.uint8), "L").convert("P").save(root / "dogs" / "palette.gif")
+    Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(root / "dogs" / "sixteen.png")
+    Image.fromarray(np.zeros((100, 60, 3), np.uint8)).save(root / "dogs" / "big.jpg")
+    (root / "dogs" / "notes.txt").write_text("not an image")
+
+
+def write_fake_cifar(root, per_batch=4):
+    """CIFAR-10's python batches (5 x `per_batch` random images); returns the folder and the last batch's entry."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for b in range(1, 6):
+        entry = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": [(b + i) % 10 for i in range(per_batch)]}
+        with open(folder / f"data_batch_{b}", "wb") as f:
+            pickle.dump(entry, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{k}" for k in range(10)]}, f)
+    return folder, entry
+
+
+def write_with_bad_files(root):
+    """Five files, labelled by class folder: c0/0 ok, c0/1 bad, c1/2 bad, c1/3 ok, c1/4 bad (the last one)."""
+    files = (("c0/0.png", 10), ("c0/1.png", None), ("c1/2.jpg", None), ("c1/3.png", 200), ("c1/4.png", None))
+    for name, value in files:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if value is None:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        else:
+            Image.fromarray(np.full((8, 8), value, np.uint8), "L").save(path)
