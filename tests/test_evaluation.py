@@ -11,7 +11,8 @@ from PIL import Image
 
 from ddpm import DiffusionConfig, NoiseSchedule, UNet, save_pretrained
 from ddpm.classifier import classifier_for, predict, train_classifier
-from ddpm.cli import format_table, main
+from ddpm.cli import main
+from ddpm.evaluation import format_table
 from ddpm.config import SamplingConfig
 from ddpm.data import load_dataset, to_uint8
 from ddpm.evaluation import (
@@ -22,7 +23,9 @@ from ddpm.evaluation import (
     sweep_csv,
     write_sweep_files,
 )
-from ddpm.metrics import class_accuracy, frechet_distance_of_features, validation_loss, validation_set
+from ddpm.data import validation_set
+from ddpm.diffusion import validation_loss
+from ddpm.metrics import class_accuracy, frechet_distance_of_features
 
 SHORT = DiffusionConfig(timesteps=50)
 
@@ -215,11 +218,11 @@ def test_sweep_csv_has_the_floor_then_one_line_per_setting():
 def test_quality_lines_join_steps_and_keep_settings_apart():
     lines = quality_lines(sweep_record()["rows"], "classifier_fd")
     assert lines == {"ddim w=3": [(20, 4.0), (80, 2.0)], "ddim w=1": [(10, 3.0)],  # labels name only non-defaults
-                     "ddim w=3 guidance_interval=0.2-0.8": [(14, 1.0)], "dpmpp2m w=3": [(20, 1.5)]}
+                     "ddim w=3 interval=0.2-0.8": [(14, 1.0)], "dpmpp2m w=3": [(20, 1.5)]}
     first_row = sweep_record()["rows"][0]
     switched_off = {**first_row, "settings": {**first_row["settings"], "guidance_interval": None}}
     if SamplingConfig().guidance_interval is not None:
-        assert list(quality_lines([switched_off], "classifier_fd")) == ["ddim w=3 guidance_interval=none"]
+        assert list(quality_lines([switched_off], "classifier_fd")) == ["ddim w=3 no-interval"]
 
 
 def test_write_sweep_files_writes_a_csv_and_a_two_panel_png(tmp_path):

@@ -10,7 +10,8 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from ddpm import prepared
 from ddpm.data import DataError, load_dataset, to_uint8
-from ddpm.prepared import PreparedImages, prepare_dataset
+from ddpm.data import PreparedImages
+from ddpm.prepared import prepare_dataset
 from helpers import write_fake_cifar, write_mixed_folder, write_with_bad_files
 
 

@@ -10,11 +10,19 @@
 """
 from .checkpoint import find_run_guide, from_pretrained, load_guide, save_pretrained
 from .config import DiffusionConfig, ModelConfig, RunConfig, RuntimeConfig, SamplingConfig, TrainConfig
-from .diffusion import draw_training_inputs, posterior_mean, predict_eps, predict_x0, q_sample, training_loss, training_losses
+from .diffusion import (
+    draw_training_inputs,
+    posterior_mean,
+    predict_eps,
+    predict_x0,
+    q_sample,
+    training_loss,
+    training_losses,
+)
 from .ema import EMA
-from .guidance import ClassifierFreeGuidance, Guide, GuidedDenoiser, make_denoiser
 from .errors import DdpmError
 from .files import save_grid, save_images
+from .guidance import ClassifierFreeGuidance, Guide, GuidedDenoiser, make_denoiser
 from .pipeline import sample, sample_all, sample_batches
 from .samplers import ddim_sample, ddpm_sample, dpmpp_2m_sample
 from .schedule import NoiseSchedule, cosine_betas, linear_betas

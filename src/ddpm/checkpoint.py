@@ -12,7 +12,7 @@ import torch
 
 from .config import DiffusionConfig, ModelConfig, from_dict, to_dict
 from .errors import DdpmError
-from .files import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_safetensors
 from .guidance import Guide, check_guide_schedule
 
 CHECKPOINT_DIR = "checkpoints"
@@ -63,11 +63,8 @@ def load_training_state(path: Path, map_location="cpu") -> dict:
 
 def save_pretrained(model: torch.nn.Module, folder: Path, diffusion: DiffusionConfig, extra: dict | None = None) -> None:
     """Export weights as safetensors and the configs as JSON: all `from_pretrained` needs, no pickle."""
-    from safetensors.torch import save
-
     folder = Path(folder)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write_bytes(folder / WEIGHTS, save(tensors))
+    atomic_write_safetensors(folder / WEIGHTS, model)
     config = {"model": to_dict(model.config), "diffusion": to_dict(diffusion), **(extra or {})}
     atomic_write_json(folder / CONFIG, config)
 

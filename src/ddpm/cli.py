@@ -14,7 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-from .config import SAMPLERS, DiffusionConfig, ModelConfig, RunConfig, RuntimeConfig, SamplingConfig, TrainConfig
+from .config import (
+    AUTOGUIDED,
+    DEFAULT_CFG,
+    SAMPLERS,
+    DiffusionConfig,
+    ModelConfig,
+    RunConfig,
+    RuntimeConfig,
+    SamplingConfig,
+    TrainConfig,
+)
 from .errors import DdpmError
 from .presets import PRESETS
 
@@ -38,7 +48,7 @@ TRAIN_FLAGS = {
     "checkpoint_every": ("runtime", "checkpoint_every"), "keep_checkpoints": ("runtime", "keep_checkpoints"),
     "sample_every": ("runtime", "sample_every"), "sample_steps": ("runtime", "sample_steps"),
     "guidance": ("runtime", "guidance"), "val_every": ("runtime", "val_every"), "val_size": ("runtime", "val_size"),
-    "max_bad_fraction": ("runtime", "max_bad_fraction"),
+    "max_bad_fraction": ("runtime", "max_bad_fraction"), "guide_fraction": ("runtime", "guide_fraction"),
 }
 RESUME_FLAGS = tuple(flag for flag, (section, _) in TRAIN_FLAGS.items() if section == "runtime")
 
@@ -129,6 +139,8 @@ def add_train_parser(sub) -> None:
     a("--guidance", type=float, help="guidance scale w of the preview grids" + _default("guidance"))
     a("--val-every", type=int, help="held-out validation loss every N steps, 0 = never" + _default("val_every"))
     a("--val-size", type=int, help="held-out images for the validation loss" + _default("val_size"))
+    a("--guide-fraction", type=float, metavar="F", help="save the EMA weights at this fraction of the planned steps "
+      "to RUN/guide, kept for autoguidance (ddpm sample guides with it); 0 = none" + _default("guide_fraction"))
     a("--max-bad-fraction", type=float, metavar="F", help="unreadable image files tolerated, as a fraction of the "
       "folder (at least 10 files); past it the run stops with their list" + _default("max_bad_fraction"))
     a("--quiet", action="store_true", help="no progress bar")
@@ -142,27 +154,44 @@ def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> N
     a("--sampler", choices=SAMPLERS, nargs=nargs, help="ddpm: all T ancestral steps; ddim; dpmpp2m: DPM-Solver++(2M)"
       + ("" if many else f" (default {d.sampler})"))
     a("--sampling-steps", type=int, nargs=nargs, help="denoiser evaluations for ddim (default 50) and dpmpp2m (default 20); ddpm always takes T")
-    a("--guidance", type=float, nargs=nargs, help="classifier-free guidance w: 0 = unconditional, 1 = conditional, >1 = guided (default 3)")
+    a("--guidance", type=float, nargs=nargs, help="classifier-free guidance w: 0 = unconditional, 1 = conditional, "
+      f">1 = guided (default {DEFAULT_CFG:g}; {AUTOGUIDED['guidance']:g} when a guide is used)")
+    a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024): guide the model with a weaker version of itself, "
+      "a model folder, a run folder (its guide/ snapshot) or a checkpoint .pt (its EMA weights); 'none' = off "
+      "(default: the run's own guide/ when it has one)")
+    a("--guide-weight", type=float, nargs=nargs, metavar="G", help="autoguidance weight g: 1 = off, >1 = away from "
+      f"the guide (default {AUTOGUIDED['guide_weight']:g} when a guide is used)")
     a("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     a("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
     a("--dynamic-threshold", type=float, metavar="P", help="Imagen's dynamic thresholding of x0 at percentile P, e.g. 0.995 (default off)")
     a("--guidance-rescale", type=float, default=d.guidance_rescale, metavar="PHI", help="rescale the guided prediction's std to the conditional one's (Lin et al. 2024)")
-    a("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), default=d.guidance_interval,
-      help="guide only where t/(T-1) is in [LO, HI], one model call elsewhere (Kynkaenniemi et al. 2024); 0 1 = every step")
+    a("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+      help="guide only where t/(T-1) is in [LO, HI], one model call elsewhere (Kynkaenniemi et al. 2024); 0 1 = every "
+      f"step (default {d.guidance_interval[0]:g} {d.guidance_interval[1]:g}; with a guide: "
+      + ("every step" if AUTOGUIDED["guidance_interval"] is None else " ".join(map(str, AUTOGUIDED["guidance_interval"])))
+      + ")")
     a("--spacing", choices=("trailing", "logsnr"), default=d.spacing, help="dpmpp2m timesteps: uniform in t, or uniform in log-SNR")
 
 
-def sampling_configs(args: argparse.Namespace) -> list[SamplingConfig]:
-    """Every combination of the listed samplers, steps and guidance scales (one for `ddpm sample`)."""
+def sampling_configs(args: argparse.Namespace, guided: bool = False) -> list[SamplingConfig]:
+    """Every combination of the listed samplers, steps, guidance scales and guide weights (one for `ddpm sample`).
+    `guided`: a guide model is in use, so the measured autoguidance defaults (config.AUTOGUIDED) replace the
+    classifier-free ones wherever a flag is not given."""
     def listed(value, default):
         return [default] if value is None else (value if isinstance(value, list) else [value])
 
+    defaults = AUTOGUIDED if guided else {"guidance": DEFAULT_CFG, "guide_weight": 1.0,
+                                          "guidance_interval": SamplingConfig.guidance_interval}
+    interval = defaults["guidance_interval"] if args.guidance_interval is None else args.guidance_interval
+    interval = None if interval is not None and tuple(interval) == (0.0, 1.0) else interval
     configs = []
-    for sampler, steps, w in itertools.product(listed(args.sampler, SamplingConfig.sampler), listed(args.sampling_steps, None),
-                                               listed(args.guidance, 3.0)):
-        configs.append(SamplingConfig(sampler=sampler, steps=steps, eta=args.eta, guidance=w, clip_x0=args.clip_x0,
-                                      dynamic_threshold=args.dynamic_threshold, guidance_rescale=args.guidance_rescale,
-                                      guidance_interval=args.guidance_interval, spacing=args.spacing))
+    for sampler, steps, w, g in itertools.product(
+            listed(args.sampler, SamplingConfig.sampler), listed(args.sampling_steps, None),
+            listed(args.guidance, defaults["guidance"]), listed(args.guide_weight, defaults["guide_weight"])):
+        configs.append(SamplingConfig(sampler=sampler, steps=steps, eta=args.eta, guidance=w, guide_weight=g,
+                                      clip_x0=args.clip_x0, dynamic_threshold=args.dynamic_threshold,
+                                      guidance_rescale=args.guidance_rescale, guidance_interval=interval,
+                                      spacing=args.spacing))
     return _unique(configs)
 
 
@@ -226,19 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_sample_parser(sub)
     add_eval_parser(sub)
-    for command, module in OWN_MODULE_COMMANDS.items():
-        getattr(_module(module), f"add_{command}_parser")(sub)
+    add_prepare_parser(sub)
+    from .serve import add_serve_parser  # Gradio itself is imported only when the page runs
+
+    add_serve_parser(sub)
     return parser
-
-
-# `ddpm prepare` and `ddpm serve` keep their flags and their work in their own modules (imported lightly)
-OWN_MODULE_COMMANDS = {"prepare": "prepared", "serve": "serve"}
-
-
-def _module(name: str):
-    import importlib
-
-    return importlib.import_module(f".{name}", __package__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,7 +329,8 @@ def _labels_and_rows(args: argparse.Namespace, num_classes: int | None):
         if args.labels is not None or args.per_class is not None:
             raise DdpmError("this model is unconditional: it takes --n, not --labels or --per-class")
         if args.guidance is not None:
-            raise DdpmError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance)")
+            raise DdpmError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance, "
+                            "or guide it with a weaker version of itself: --guide, --guide-weight)")
         n = 16 if args.n is None else args.n
         return None, n, max(1, min(8, n))
     if args.labels is not None and args.per_class is not None:
@@ -341,6 +363,28 @@ def _load_model(args: argparse.Namespace):
     return model, schedule, config, device
 
 
+def resolve_guide(args: argparse.Namespace, model, schedule, device):
+    """(Guide or None, its path as text) from --guide: a path, 'none', or by default the run's own guide/ snapshot.
+    A run folder without one is said in one line on stderr (sampling goes on with classifier-free guidance)."""
+    from . import checkpoint as ckpt
+
+    if args.guide is not None and args.guide.lower() == "none":
+        return None, None
+    if args.guide is not None:
+        return ckpt.load_guide(Path(args.guide), model, device, schedule=schedule), args.guide
+    run = _run_folder(Path(args.model))
+    found = ckpt.find_run_guide(run)
+    if found is None:
+        if args.guide_weight is not None:
+            raise DdpmError(f"--guide-weight needs a guide, and {run} has no {ckpt.GUIDE_DIR}/ snapshot; give --guide PATH "
+                            "(a model folder, a run folder or a checkpoint .pt)")
+        if (run / ckpt.CHECKPOINT_DIR).is_dir():
+            print(f"note: {run} has no guide snapshot yet (written at --guide-fraction of the planned steps), so no "
+                  "autoguidance: classifier-free guidance only (--guide PATH to give one)", file=sys.stderr)
+        return None, None
+    return ckpt.load_guide(found, model, device, schedule=schedule), str(found)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -354,7 +398,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     labels, n, nrow = _labels_and_rows(args, model.config.num_classes)
     if n < 1:
         raise DdpmError(f"nothing to sample: --n must be >= 1, got {n}")
-    sampling = sampling_configs(args)[0]
+    guide, guide_path = resolve_guide(args, model, schedule, device)
+    sampling = sampling_configs(args, guided=guide is not None)[0]
     steps_total = sampling.steps_for(len(schedule))
     frames, keep_every, start = [], max(1, steps_total // 10), time.perf_counter()
 
@@ -366,13 +411,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     images = []
     for indices, x in sample_batches(model, schedule, n=n, labels=labels, sampling=sampling, batch_size=args.batch_size,
-                                     seed=args.seed, callback=record, progress=not args.quiet):
+                                     seed=args.seed, callback=record, progress=not args.quiet, guide=guide):
         save_images(x, out, None if labels is None else labels[indices.start : indices.stop], start=indices.start)
         images.append(x)
     elapsed = time.perf_counter() - start
     upscale = max(1, 64 // model.config.image_size)
     grid = save_grid(torch.cat(images), out / "grid.png", nrow=nrow, upscale=upscale)
-    print(f"{n} images ({sampling.sampler}, {steps_total} steps" + (f", guidance w={sampling.guidance:g}" if labels is not None else "")
+    guided = guide is not None and sampling.guide_weight != 1
+    print(f"{n} images ({sampling.sampler}, {steps_total} steps"
+          + (f", classifier-free guidance w={sampling.guidance:g}" if labels is not None else "")
+          + (f", autoguidance g={sampling.guide_weight:g} by {guide_path}" if guided else "")
           + f") in {elapsed:.1f}s on {device}")
     if args.process and frames:
         _save_process(frames, out, upscale)
@@ -416,52 +464,6 @@ def _training_data(run_dir: Path) -> str | None:
         return None
 
 
-def _format(value, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-METRIC_COLUMNS = (("fid", "FID", 2), ("accuracy", "class acc", 3), ("classifier_fd", "classifier FD", 3),
-                  ("precision", "precision", 3), ("recall", "recall", 3), ("saturated", "saturated", 4))
-OPTION_NAMES = {"eta": "eta", "clip_x0": "clip", "dynamic_threshold": "dt", "guidance_rescale": "rescale",
-                "guidance_interval": "interval", "spacing": "spacing"}
-
-
-def _option_text(name: str, value) -> str:
-    if value is True or value is None:  # None: an option switched off (e.g. guidance at every step)
-        return name if value else f"no-{name}"
-    if isinstance(value, (list, tuple)):
-        return f"{name}=" + "-".join(f"{v:g}" for v in value)
-    return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
-
-
-def _options(row: dict) -> str:
-    """The sampling options of a row that differ from the defaults, e.g. 'dt=0.995 rescale=0.7'."""
-    defaults, settings = dataclasses.asdict(SamplingConfig()), row.get("settings", {})
-    def plain(value):  # JSON turns tuples into lists
-        return tuple(value) if isinstance(value, list) else value
-
-    changed = [(name, settings[key]) for key, name in OPTION_NAMES.items() if key in settings and plain(settings[key]) != defaults[key]]
-    return " ".join(_option_text(name, value) for name, value in changed) or "-"
-
-
-def format_table(rows: list[dict], floor: dict) -> str:
-    """One line per setting, the real-data floor first; metric columns only for the metrics computed."""
-    columns = [(key, title, digits) for key, title, digits in METRIC_COLUMNS if key in floor or any(key in r for r in rows)]
-    widths = [max(len(title), 9) for _, title, _ in columns]
-    options = [_options(row) for row in rows]
-    width = max([len("options")] + [len(o) for o in options])
-    head = f"{'sampler':>8} {'steps':>5} {'calls':>5} {'w':>5}  {'options':<{width}}  "
-    lines = [head + "  ".join(title.rjust(w) for (_, title, _), w in zip(columns, widths))]
-    lines.append("-" * len(lines[0]))
-    lines.append(f"{'real':>8} {'':>5} {'':>5} {'':>5}  {'':<{width}}  "
-                 + "  ".join(_format(floor.get(k), d).rjust(w) for (k, _, d), w in zip(columns, widths)) + "   <- floor")
-    for row, option in zip(rows, options):
-        w = "-" if row["guidance"] is None else f"{row['guidance']:g}"
-        lines.append(f"{row['sampler']:>8} {row['steps']:>5} {row.get('model_calls', ''):>5} {w:>5}  {option:<{width}}  "
-                     + "  ".join(_format(row.get(k), d).rjust(wd) for (k, _, d), wd in zip(columns, widths)))
-    return "\n".join(lines)
-
-
 def _check_eval_args(args: argparse.Namespace) -> None:
     for name, value, least in (("--n", args.n, 2), ("--ref-n", args.ref_n, 2), ("--batch-size", args.batch_size, 1),
                                ("--classifier-steps", args.classifier_steps, 1)):
@@ -472,51 +474,38 @@ def _check_eval_args(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import prepare_evaluator, sweep
-    from .metrics import file_sha1
+    from .evaluation import eval_record, format_table, prepare_evaluator, sweep
 
     _check_eval_args(args)
     model_path = Path(args.model)
     model, schedule, config, device = _load_model(args)
     run_dir = Path(args.out) if args.out else _run_folder(model_path)
-    data = args.data or _training_data(run_dir)
+    data = args.data or _training_data(_run_folder(model_path))  # the run's data, wherever --out puts eval/
     if not data:
-        raise DdpmError(f"give --data DATA (the real images to compare with): {run_dir} has no run config naming its training data")
+        raise DdpmError(f"give --data DATA (the real images to compare with): {_run_folder(model_path)} has no run "
+                        "config naming its training data")
     num_classes = model.config.num_classes
     if num_classes is None and args.guidance is not None:
         raise DdpmError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance)")
-    if num_classes is not None and args.guidance is None:
-        args.guidance = [0.0, 1.0, 3.0]
-    settings = sampling_configs(args)
+    guide, guide_path = resolve_guide(args, model, schedule, device)
+    if guide is not None and args.guidance is None and args.guide_weight is None:
+        args.guidance, args.guide_weight = ([1.0] if num_classes else None), [1.0, AUTOGUIDED["guide_weight"]]
+    elif num_classes is not None and args.guidance is None:
+        args.guidance = [0.0, 1.0, DEFAULT_CFG] if guide is None else [AUTOGUIDED["guidance"]]
+    settings = sampling_configs(args, guided=guide is not None)
     eval_dir = run_dir / "eval"
     progress = not args.quiet
     try:
         evaluator = prepare_evaluator(
-            data, model.config.image_size, model.config.in_channels, num_classes, eval_dir / "cache", n=args.n, ref_n=args.ref_n,
-            inception_path=args.inception, fid=not args.no_fid, classifier_steps=args.classifier_steps, device=device, progress=progress)
-        floor = evaluator.floor()
-        from .checkpoint import WEIGHTS, resolve_model_dir
-
-        notes = evaluator.real.notes
-        record = {
-            "model": str(model_path), "model_step": config.get("step"), "model_sha1": file_sha1(resolve_model_dir(model_path) / WEIGHTS),
-            "data": data, "image_size": model.config.image_size, "channels": model.config.in_channels, "n": args.n,
-            "seed": args.seed, "batch_size": args.batch_size, "reference": notes["reference"],
-            "floor": {"description": notes["floor"] + ": what a model drawing fresh real images would score at this N "
-                                                      "(FID is biased upwards at small N; compare rows with it)",
-                      "n": len(evaluator.real.floor), **floor},
-            "inception": None if evaluator.inception is None else {
-                "file": str(evaluator.inception.path), "sha1": evaluator.inception.sha1,
-                "features": "Inception-v3 (TF 2015-12-05) 2048-d pool; uint8 -> RGB -> 299x299 bicubic with antialiasing (clean-fid)"},
-            "classifier": None if evaluator.classifier is None else {
-                "description": notes["classifier"], "file": notes["classifier_file"], "train_accuracy": notes["classifier_train_accuracy"],
-                "holdout_accuracy": notes.get("classifier_holdout_accuracy"), "train_seconds": notes.get("classifier_train_seconds"),
-                "classifier_fd": "Frechet distance of the classifier's penultimate features (samples vs reference); they are "
-                                 "trained to see stroke intensity as well as shape",
-                "precision_recall": "Kynkaanniemi et al. 2019, k = 3 nearest neighbours, in the same features"},
-        }
-        record = sweep(model, schedule, evaluator, settings, eval_dir, n=args.n, seed=args.seed, batch_size=args.batch_size,
-                       record=record, progress=progress)
+            data, model.config.image_size, model.config.in_channels, num_classes, eval_dir / "cache", n=args.n,
+            ref_n=args.ref_n, inception_path=args.inception, fid=not args.no_fid,
+            classifier_steps=args.classifier_steps, device=device, progress=progress)
+        record = eval_record(evaluator, model_path, config, data, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                             guide_path=guide_path)
+        record = sweep(model, schedule, evaluator, settings, eval_dir, n=args.n, seed=args.seed,
+                       batch_size=args.batch_size, record=record, progress=progress, guide=guide,
+                       guide_id=None if guide is None else record["guide"]["sha1"][:8])
+        floor = record["floor"]
     except KeyboardInterrupt:
         print("ddpm eval: interrupted; samples and features written so far are kept: run the same command again to continue", file=sys.stderr)
         return 130
@@ -539,16 +528,71 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# prepare
+
+
+def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
+    from .data import BAD_FRACTION
+
+    pr = subparsers.add_parser(
+        "prepare", help="decode a dataset once into memory-mapped uint8 arrays, for training at full speed",
+        formatter_class=HelpFormatter,
+        description="Decode and resize DATA once and store it as uint8 .npy shards in --out; `ddpm train OUT` then "
+                    "reads images without decoding them. Unreadable files are left out and listed in OUT/bad_files.txt.")
+    pr.add_argument("data", help="dataset: image folder, CIFAR-10 folder, 'mnist' or 'photos'")
+    pr.add_argument("--image-size", type=int, default=64, help="the training resolution the images are resized to")
+    pr.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: 1 for mnist, else 3)")
+    pr.add_argument("--conditional", action="store_true", help="keep the labels of an image folder's class subfolders")
+    pr.add_argument("--out", type=folder_path, required=True, help="the folder to write (new, empty, or an earlier prepared copy to replace)")
+    pr.add_argument("--num-workers", type=int, help="decoding processes for image folders (default: available cores, at most 8)")
+    pr.add_argument("--max-bad-fraction", type=float, default=BAD_FRACTION, metavar="F",
+                    help="unreadable image files tolerated, as a fraction of the folder (at least 10 files); past it "
+                         "nothing is prepared and OUT/bad_files.txt lists them")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    return pr
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """`ddpm prepare`: see add_prepare_parser. Returns the exit status."""
+    from .data import DataError, read_meta
+    from .prepared import BAD_FILES, prepare_dataset
+
+    if not 1 <= args.image_size <= 8192:
+        raise DataError(f"--image-size must be between 1 and 8192 pixels, got {args.image_size}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise DataError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise DataError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
+    start = time.perf_counter()
+    out = prepare_dataset(args.data, args.image_size, Path(args.out), args.channels, args.conditional,
+                          progress=not args.quiet, num_workers=args.num_workers, max_bad_fraction=args.max_bad_fraction)
+    meta = read_meta(out)
+    skipped = [p for entry in meta["splits"].values() for p in entry["skipped"]]
+    counts = ", ".join(f"{entry['count']:,} {name}" for name, entry in meta["splits"].items())
+    print(f"prepared {counts} images ({meta['image_size']}x{meta['image_size']}, {meta['channels']} channel(s)) "
+          f"of {meta['description']} into {out} in {time.perf_counter() - start:.1f}s")
+    if skipped:
+        print(f"left out {len(skipped)} unreadable file(s), listed in {out / BAD_FILES}: {', '.join(skipped[:5])}")
+    print(f"train on it with: ddpm train {out} --image-size {meta['image_size']}" + (" --conditional" if args.conditional else ""))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import run_serve
+
+    return run_serve(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     from .training import TrainingDiverged
 
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
+    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "prepare": cmd_prepare, "serve": cmd_serve}
     try:
-        command = commands.get(args.command) or getattr(_module(OWN_MODULE_COMMANDS[args.command]), f"run_{args.command}")
-        return command(args)
+        return commands[args.command](args)
     except TrainingDiverged as error:
         print(f"ddpm {args.command}: stopped: {error}", file=sys.stderr)
         return 3

@@ -8,8 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
+from typing import Any, ClassVar
 
 from .errors import DdpmError
 
@@ -191,6 +190,13 @@ class RuntimeConfig:
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+DEFAULT_CFG = 3.0  # classifier-free guidance w of `ddpm sample` when no guide model is used (the seed's)
+# `ddpm sample`'s defaults when the run has a guide (autoguidance, Karras et al. 2024): measured on the quickstart
+# model, benchmarks/RESULTS.md "Autoguidance". Flags given override each.
+AUTOGUIDED = {"guidance": 1.0, "guide_weight": 2.0, "guidance_interval": None}
+# images per sampling batch of `ddpm sample` and `ddpm serve`: batch b is seeded by (seed, b), so the two must agree
+# for one seed to draw the same images
+SAMPLE_BATCH = 256
 
 
 @dataclass
@@ -198,9 +204,9 @@ class SamplingConfig:
     """How to draw images: the sampler, its steps and the guidance options. Shared by `ddpm sample`, `ddpm eval`,
     the preview grids and `ddpm serve`, so one setting means the same images everywhere."""
 
-    # Defaults measured on the quickstart model (README, "How close to the data"): DPM-Solver++(2M) in 20 steps is
-    # as close to the data as DDIM in 100, and guiding only the noisier 60% of the steps cuts the distance to
-    # real digits 2.8x at w = 3 while the class stays right 97% of the time.
+    # Defaults measured on the quickstart model (README's quickstart table, benchmarks/RESULTS.md): DPM-Solver++(2M)
+    # in 20 steps is as close to the data as DDIM in 100, and guiding only the noisier steps keeps the class
+    # right while coming much closer to the real digits.
     sampler: str = "dpmpp2m"  # ddpm (all T ancestral steps) | ddim | dpmpp2m (DPM-Solver++(2M))
     steps: int | None = None  # denoiser evaluations; None: see steps_for
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 DDPM-like
@@ -229,6 +235,28 @@ class SamplingConfig:
         _check(self.dynamic_threshold is None or 0 < self.dynamic_threshold <= 1,
                f"dynamic_threshold={self.dynamic_threshold} must be a percentile in (0, 1], e.g. 0.995")
         _check(self.spacing in ("trailing", "logsnr"), f"spacing must be 'trailing' or 'logsnr', not {self.spacing!r}")
+
+    # the options `describe` names, with their short names (sampler, steps and the two weights have columns)
+    OPTION_NAMES: ClassVar[dict[str, str]] = {
+        "eta": "eta", "clip_x0": "clip", "dynamic_threshold": "dt", "guidance_rescale": "rescale",
+        "guidance_interval": "interval", "spacing": "spacing"}
+
+    def changed_options(self) -> dict[str, Any]:
+        """{field: value} of the options (OPTION_NAMES) that differ from a default SamplingConfig's."""
+        default = SamplingConfig()
+        return {key: getattr(self, key) for key in self.OPTION_NAMES if getattr(self, key) != getattr(default, key)}
+
+    def describe(self) -> str:
+        """Those options as short text, e.g. 'interval=0.5-1 rescale=0.7', 'no-interval' for an option switched
+        off, '-' for none: the one rendering that tables, plot legends and the page share."""
+        def text(name: str, value) -> str:
+            if value is True or value is None:
+                return name if value else f"no-{name}"
+            if isinstance(value, tuple):
+                return f"{name}=" + "-".join(f"{v:g}" for v in value)
+            return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+
+        return " ".join(text(self.OPTION_NAMES[k], v) for k, v in self.changed_options().items()) or "-"
 
     def steps_for(self, timesteps: int) -> int:
         """The number of denoiser evaluations this setting makes: T for ddpm; else `steps`, by default 50 for

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 import struct
 import warnings
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
@@ -75,9 +76,8 @@ def auto_workers(device: torch.device | str) -> int:
     GPU (any accelerator): the cores this process may use (its CPU affinity, shared between the processes that
     torchrun starts on the node), less one for the process itself, at most 8 (beyond that the loader outruns
     any single GPU at 64x64: see benchmarks/RESULTS.md, "Data loading").
-    CPU: 0. The step uses every core, and loading in the main process already feeds 1,100-1,350 images/s per
-    core at 64x64 (`python benchmarks/bench.py data`, 2-core development machine): 7 ms of a 3.5 s batch-8
-    step (2.3 images/s). A worker could save at most those 7 ms (0.2%) and takes a core from the step.
+    CPU: 0. The step uses every core, and loading in the main process costs a fraction of a percent of a step
+    (benchmarks/RESULTS.md, "Data loading"): a worker could save at most that and takes a core from the step.
     """
     if torch.device(device).type == "cpu":
         return 0
@@ -93,8 +93,8 @@ def _high_byte(image: torch.Tensor) -> torch.Tensor:
 
 # Decoding refuses, before any pixel is decoded, an image whose header claims more pixels than this (8192 x 8192,
 # 192 MiB as RGB): a decompression bomb (a few KB claiming 60000 x 60000) would otherwise take gigabytes, as
-# libjpeg through torchvision does (10.7 GB for one fuzzed 65535 x 65535 JPEG: benchmarks/RESULTS.md, "Malformed
-# files"). Camera photos (up to ~50 megapixels) pass.
+# libjpeg through torchvision did (benchmarks/RESULTS.md, "Malformed files"). Camera photos (up to ~50 megapixels)
+# pass.
 MAX_PIXELS = 8192 * 8192
 # A strip longer than this many times its width is cropped to that ratio around its centre before the resize:
 # the centre square that is kept comes from there anyway, and a 20000 x 2 strip resized to 64 rows would be
@@ -127,9 +127,8 @@ def decode_image(data: bytes, channels: int) -> torch.Tensor:
     No malformed file can crash the process, exhaust its memory or fill the terminal here (tests/test_fuzz.py):
     - every format is decoded by PIL, which raises on damaged data. torchvision.io is not used: its libpng
       wrapper (torchvision 0.29) dies with a segmentation fault on PNGs whose compressed data is damaged or short
-      (368 of the 1,200 fuzzed files), and its libjpeg wrapper prints a line to stderr for every damaged JPEG.
-      The decode costs 1.3-2x torchvision's for JPEG (the same pixels); the resize after it is torch's either way
-      (benchmarks/RESULTS.md, "Malformed files");
+      (benchmarks/RESULTS.md, "Malformed files", has the counts and the speed cost), and its libjpeg wrapper
+      prints a line to stderr for every damaged JPEG;
     - the header is read first (PIL's open reads nothing else) and sizes over MAX_PIXELS are refused."""
     with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as image:  # header only: no pixel decoded yet
         warnings.simplefilter("ignore")  # e.g. "Truncated File Read" for each damaged TIFF: files, not code, at fault
@@ -422,6 +421,126 @@ def photos(image_size: int, channels: int = 3, num_crops: int = 2048, seed: int 
     )
 
 
+# ------------------------------------------------------------------------------------------ prepared copies
+# The format `ddpm prepare` writes (prepared.py, the writer); this is its reader, as EDM's training/dataset.py
+# reads what its dataset_tool.py writes without importing it.
+PREPARED_FORMAT, PREPARED_VERSION, META = "ddpm-prepared", 1, "meta.json"
+SPLITS = ("train", "holdout")
+
+def read_meta(folder: Path) -> dict | None:
+    """The folder's meta.json if it is a prepared folder's, else None."""
+    path = Path(folder) / META
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == PREPARED_FORMAT else None
+
+
+def is_prepared(folder: Path) -> bool:
+    return read_meta(folder) is not None
+
+
+class PreparedImages(Dataset):
+    """One split of a prepared folder: items (float [C, S, S] in [-1, 1], label) read from memory-mapped shards.
+
+    The shards are mapped lazily in each process and never pickled: DataLoader workers (fork or spawn) map
+    their own, sharing the page cache."""
+
+    def __init__(self, folder: Path, shards: list[str], shard_size: int, labels: np.ndarray):
+        self.folder, self.shard_names, self.shard_size = Path(folder), list(shards), shard_size
+        self.labels = labels
+        self._shards: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shards": None}
+
+    def _mapped(self) -> list[np.ndarray]:
+        if self._shards is None:
+            self._shards = [np.load(self.folder / name, mmap_mode="r") for name in self.shard_names]
+        return self._shards
+
+    def uint8_item(self, index: int) -> tuple[torch.Tensor, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        shard, row = divmod(index % len(self), self.shard_size)
+        return torch.from_numpy(np.array(self._mapped()[shard][row])), int(self.labels[index])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.uint8_item(index)
+        return uint8_to_model_range(image), label
+
+
+def _split_dataset(folder: Path, entry: dict) -> PreparedImages:
+    labels = np.load(folder / entry["labels"])
+    if len(labels) != entry["count"]:
+        raise DataError(f"{folder / entry['labels']} has {len(labels)} labels, meta.json says {entry['count']}; prepare the folder again")
+    return PreparedImages(folder, entry["shards"], entry["shard_size"], labels)
+
+
+def _check_matches(folder: Path, meta: dict, image_size: int, channels: int | None, conditional: bool) -> None:
+    redo = f"or prepare the source again into a new folder: ddpm prepare {meta['source']}"
+    if meta["version"] > PREPARED_VERSION:
+        raise DataError(f"{folder} was prepared by a newer ddpm (format version {meta['version']}, this one reads {PREPARED_VERSION}); "
+                        f"upgrade ddpm {redo} --image-size {image_size} --out NEW_DIR")
+    if meta["image_size"] != image_size:
+        raise DataError(f"{folder} was prepared at {meta['image_size']}x{meta['image_size']} pixels, not {image_size}; "
+                        f"use --image-size {meta['image_size']} {redo} --image-size {image_size} --out NEW_DIR")
+    if channels is not None and meta["channels"] != channels:
+        raise DataError(f"{folder} was prepared with {meta['channels']} channel(s), not {channels}; use --channels {meta['channels']} "
+                        f"{redo} --image-size {image_size} --channels {channels} --out NEW_DIR")
+    if conditional and not meta["class_names"]:
+        raise DataError(f"--conditional needs labels, but {folder} was prepared without them; drop --conditional "
+                        f"{redo} --image-size {image_size} --conditional --out NEW_DIR")
+
+
+def load_prepared(folder: Path, image_size: int, channels: int | None = None, conditional: bool = False,
+                  split: str = "train") -> DataInfo:
+    """A prepared folder as a DataInfo (load_dataset's contract), after checking it matches the request."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if meta is None:
+        raise DataError(f"{folder} has no ddpm meta.json; prepare it with: ddpm prepare SOURCE --out {folder}")
+    _check_matches(folder, meta, image_size, channels, conditional)
+    wanted = {"train": ["train"], "holdout": ["holdout"], "all": list(SPLITS)}[split]
+    present = [s for s in wanted if s in meta["splits"]]
+    if split == "holdout" and not present:
+        raise DataError(f"{folder} has no held-out split (its source {meta['source']} keeps none; only mnist and CIFAR-10 do)")
+    parts = [_split_dataset(folder, meta["splits"][s]) for s in present]
+    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    names = meta["class_names"]
+    source = " + ".join(meta["splits"][s]["description"] for s in present)
+    return DataInfo(dataset, meta["channels"], len(names) if names else None, names,
+                    f"prepared copy of {source} ({len(dataset):,} images, {folder})")
+
+
+# ---------------------------------------------------------------------------------------- held-out images
+
+@dataclass
+class ValidationSet:
+    images: torch.Tensor  # [N, C, H, W] in [-1, 1]
+    labels: torch.Tensor | None  # [N] int64, or None for an unconditional model
+    description: str
+
+
+def validation_set(data: str, image_size: int, channels: int | None, conditional: bool, n: int = 512, seed: int = 0) -> ValidationSet | None:
+    """Up to `n` held-out images the diffusion model never trains on (MNIST's holdout split, CIFAR-10's
+    test_batch), a fixed seeded choice; None when DATA has no held-out part (folders, photos)."""
+    try:
+        info = load_dataset(data, image_size, channels, conditional, split="holdout")
+    except DataError:
+        return None
+    order = torch.randperm(len(info.dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    images, labels = zip(*(info.dataset[int(i)] for i in order))
+    labels = torch.as_tensor(labels, dtype=torch.long) if conditional else None
+    return ValidationSet(torch.stack(images), labels, f"{len(images)} images of {info.description}")
+
+
 _NO_HOLDOUT = "{data!r} has no held-out split: only mnist and CIFAR-10 (with its test_batch) keep images out of training"
 
 
@@ -432,8 +551,6 @@ def load_dataset(data: str, image_size: int, channels: int | None = None, condit
     `split`: 'train' (what a diffusion model trains on), 'holdout' (images kept from training: MNIST's last 100
     digits per class, CIFAR-10's test_batch, and their prepared copies; other sets have none and raise
     DataError) or 'all'."""
-    from .prepared import is_prepared, load_prepared  # prepared.py builds on this module
-
     if split not in ("train", "holdout", "all"):
         raise ValueError(f"split must be 'train', 'holdout' or 'all', not {split!r}")
     if data == "mnist":

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .modes import eval_mode
 from .schedule import NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -155,3 +156,42 @@ def eps_from_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
         return (schedule.extract("sqrt_alphas_cumprod", t, x_t.ndim) * output
                 + schedule.extract("sqrt_one_minus_alphas_cumprod", t, x_t.ndim) * x_t)
     raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+
+
+@torch.no_grad()
+def validation_loss(
+    model: torch.nn.Module,
+    schedule,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> float:
+    """Mean eps-prediction MSE (for a v model: of the eps its v implies, so runs compare in one unit) on fixed images, with fixed noise and timesteps: comparable across training steps.
+
+    The noise and the timesteps come from a CPU generator seeded by `seed`, so they are the same at every call
+    and on every device; the timesteps are spread evenly over 0..T-1 (then shuffled across images), which
+    gives a lower-variance estimate of the average over t than independent draws. Labels are used as given,
+    never dropped: for a conditional model this is the conditional objective (pass
+    `torch.full_like(labels, model.null_class)` for the unconditional one). The model is run in eval mode and
+    left in the mode it was in; the global RNG is not touched.
+    """
+    n = len(images)
+    if n < 1:
+        raise ValueError("validation_loss needs at least one image")
+    if (labels is None) != (getattr(model, "null_class", None) is None):
+        raise ValueError("validation_loss: give labels for a class-conditional model and none for an unconditional one")
+    generator = torch.Generator().manual_seed(seed)
+    timesteps = (torch.arange(n) * len(schedule) // n)[torch.randperm(n, generator=generator)]
+    noise = torch.randn(images.shape, generator=generator)
+    device = next(model.parameters()).device
+    total = 0.0
+    with eval_mode(model):
+        for start in range(0, n, batch_size):
+            part = slice(start, start + batch_size)
+            x0, eps, t = images[part].to(device), noise[part].to(device), timesteps[part].to(device)
+            y = labels[part].to(device) if labels is not None else None
+            x_t = q_sample(schedule, x0, t, eps)
+            predicted = eps_from_output(schedule, x_t, t, model(x_t, t, y), schedule.prediction)
+            total += F.mse_loss(predicted.float(), eps.float(), reduction="sum").item() / eps[0].numel()
+    return total / n

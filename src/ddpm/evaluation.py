@@ -37,7 +37,6 @@ import torch
 from .config import SamplingConfig
 from .errors import DdpmError
 from .files import atomic_write_json, read_png, sample_name, save_images, to_uint8
-
 from .metrics import (
     InceptionFeatures,
     MetricsError,
@@ -255,8 +254,46 @@ def prepare_evaluator(data: str, image_size: int, channels: int, num_classes: in
 # samples on disk, and the sweep
 
 
+def eval_record(evaluator: Evaluator, model_path: Path, config: dict, data: str, *, n: int, seed: int,
+                batch_size: int, guide_path: str | None = None) -> dict:
+    """What `ddpm eval` writes to eval.json besides the rows: the model, the data, the floor, the feature
+    extractors and the guide (autoguidance), each with what it means."""
+    from .checkpoint import WEIGHTS, resolve_model_dir
+    from .metrics import file_sha1
+
+    notes, model_config = evaluator.real.notes, config["model"]
+    floor = evaluator.floor()
+    guide = None
+    if guide_path is not None:
+        weights = Path(guide_path) if Path(guide_path).is_file() else resolve_model_dir(Path(guide_path)) / WEIGHTS
+        guide = {"path": guide_path, "sha1": file_sha1(weights),
+                 "description": "autoguidance (Karras et al. 2024): rows with guide_weight g != 1 move eps away from "
+                                "this weaker model's by g"}
+    return {
+        "model": str(model_path), "model_step": config.get("step"),
+        "model_sha1": file_sha1(resolve_model_dir(model_path) / WEIGHTS), "data": data,
+        "image_size": model_config["image_size"], "channels": model_config["in_channels"], "n": n, "seed": seed,
+        "batch_size": batch_size, "reference": notes["reference"], "guide": guide,
+        "floor": {"description": notes["floor"] + ": what a model drawing fresh real images would score at this N "
+                                                  "(FID is biased upwards at small N; compare rows with it)",
+                  "n": len(evaluator.real.floor), **floor},
+        "inception": None if evaluator.inception is None else {
+            "file": str(evaluator.inception.path), "sha1": evaluator.inception.sha1,
+            "features": "Inception-v3 (TF 2015-12-05) 2048-d pool; uint8 -> RGB -> 299x299 bicubic with antialiasing "
+                        "(clean-fid)"},
+        "classifier": None if evaluator.classifier is None else {
+            "description": notes["classifier"], "file": notes["classifier_file"],
+            "train_accuracy": notes["classifier_train_accuracy"],
+            "holdout_accuracy": notes.get("classifier_holdout_accuracy"),
+            "train_seconds": notes.get("classifier_train_seconds"),
+            "classifier_fd": "Frechet distance of the classifier's penultimate features (samples vs reference); they "
+                             "are trained to see stroke intensity as well as shape",
+            "precision_recall": "Kynkaanniemi et al. 2019, k = 3 nearest neighbours, in the same features"},
+    }
+
+
 def generate_samples(model, schedule, folder: Path, n: int, sampling: SamplingConfig, *, seed: int = 0, batch_size: int = 64,
-                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+                     progress: bool = False, guide=None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Make sure `folder` holds samples 0..n-1 as PNGs and return them (uint8), their labels and how many
     were generated now.
 
@@ -285,7 +322,7 @@ def generate_samples(model, schedule, folder: Path, n: int, sampling: SamplingCo
     with tqdm(total=n, desc=f"samples w={sampling.guidance:g}" if labels is not None else "samples", disable=not progress,
               dynamic_ncols=True) as bar:
         for indices, x in sample_batches(model, schedule, n=n, labels=labels, sampling=sampling, batch_size=batch_size,
-                                         seed=seed, skip=already_written):
+                                         seed=seed, skip=already_written, guide=guide):
             pixels = to_uint8(x)
             images[indices.start : indices.stop] = pixels
             save_images(pixels, folder, None if labels is None else labels[indices.start : indices.stop], start=indices.start)
@@ -314,28 +351,17 @@ def settings_tag(sampling: SamplingConfig, timesteps: int) -> str:
     return tag
 
 
-def sampler_timesteps(sampling: SamplingConfig, schedule) -> list[int]:
-    """The timestep indices at which `sampling`'s sampler calls the denoiser, once each."""
-    from .samplers import ddim_timesteps, dpmpp_2m_timesteps
+def model_calls_per_image(sampling: SamplingConfig, schedule, conditional: bool = True, guided: bool = False) -> int:
+    """Network evaluations per image, as `guidance.GuidedDenoiser` makes them on the CPU: one per sampler step;
+    at a guided step (t-index fraction t/(T-1) inside the guidance interval) one more for the null branch when w is
+    not 0 or 1 (conditional models), and one more for the guide when `guided` and g != 1."""
+    from .samplers import sampler_timesteps
 
-    steps = sampling.steps_for(len(schedule))
-    if sampling.sampler == "ddpm":
-        return list(range(len(schedule) - 1, -1, -1))
-    if sampling.sampler == "ddim":
-        return ddim_timesteps(len(schedule), steps)
-    return dpmpp_2m_timesteps(schedule, steps, sampling.spacing)
-
-
-def model_calls_per_image(sampling: SamplingConfig, schedule, conditional: bool = True) -> int:
-    """Network evaluations per image: one per sampler step, two for a guided step (conditional and null branch),
-    as `guidance.ClassifierFreeGuidance` makes them: a step is guided unless w is 0 or 1 or its t-index
-    fraction t/(T-1) lies outside the guidance interval. Unconditional models: one per step."""
     indices = sampler_timesteps(sampling, schedule)
-    if not conditional or sampling.guidance in (0.0, 1.0):
-        return len(indices)
+    extra = int(conditional and sampling.guidance not in (0.0, 1.0)) + int(guided and sampling.guide_weight != 1.0)
     lo, hi = sampling.guidance_interval if sampling.guidance_interval is not None else (0.0, 1.0)
     span = max(len(schedule) - 1, 1)
-    return sum(2 if lo <= index / span <= hi else 1 for index in indices)
+    return sum(1 + (extra if lo <= index / span <= hi else 0) for index in indices)
 
 
 def saturated_fraction(images: torch.Tensor) -> float:
@@ -345,22 +371,32 @@ def saturated_fraction(images: torch.Tensor) -> float:
 
 
 def sweep(model, schedule, evaluator: Evaluator, settings: list[SamplingConfig], eval_dir: Path, *, n: int, seed: int = 0,
-          batch_size: int = 64, record: dict | None = None, progress: bool = False) -> dict:
+          batch_size: int = 64, record: dict | None = None, progress: bool = False, guide=None,
+          guide_id: str | None = None) -> dict:
     """Sample and score the model once per setting; `eval.json` in `eval_dir` is rewritten after every row, so an
-    interrupted sweep keeps what it measured and a second call reuses every image already written."""
+    interrupted sweep keeps what it measured and a second call reuses every image already written.
+
+    `guide` (a `checkpoint.load_guide` result) serves the settings whose guide_weight is not 1; `guide_id` (e.g.
+    the guide's weights' sha1) names it in the sample folders and the rows. Rows already in `record` are kept, so
+    that sweeps with several guides add up to one record."""
     start = time.perf_counter()
-    record = dict(record or {}, rows=[])
+    record = dict(record or {})
+    record["rows"] = list(record.get("rows", []))
     prefix = f"model-{record.get('model_sha1', 'unknown')[:8]}"
     for sampling in settings:
         row_start = time.perf_counter()
         conditional = model.config.num_classes is not None
-        folder = eval_dir / f"{prefix}_{settings_tag(sampling, len(schedule))}_seed{seed}_batch{batch_size}" / (
+        guided = guide is not None and sampling.guide_weight != 1.0
+        tag = settings_tag(sampling, len(schedule)) + (f"_guide{guide_id}_g{sampling.guide_weight:g}" if guided else "")
+        folder = eval_dir / f"{prefix}_{tag}_seed{seed}_batch{batch_size}" / (
             f"w{sampling.guidance:g}" if conditional else "uncond")
         images, labels, generated = generate_samples(model, schedule, folder, n, sampling, seed=seed, batch_size=batch_size,
-                                                     progress=progress)
+                                                     progress=progress, guide=guide if guided else None)
         row = {"sampler": sampling.sampler, "steps": sampling.steps_for(len(schedule)),
-               "model_calls": model_calls_per_image(sampling, schedule, conditional),
-               "guidance": sampling.guidance if conditional else None, "settings": dataclasses.asdict(sampling),
+               "model_calls": model_calls_per_image(sampling, schedule, conditional, guided),
+               "guidance": sampling.guidance if conditional else None,
+               "guide": guide_id if guided else None, "guide_weight": sampling.guide_weight if guided else None,
+               "settings": dataclasses.asdict(sampling),
                **evaluator.score(images, labels), "saturated": saturated_fraction(images), "samples": str(folder),
                "generated_now": generated, "seconds": round(time.perf_counter() - row_start, 1)}
         record["rows"].append(row)
@@ -368,6 +404,45 @@ def sweep(model, schedule, evaluator: Evaluator, settings: list[SamplingConfig],
         record["files"] = write_sweep_files(record, eval_dir)
         atomic_write_json(eval_dir / "eval.json", record)
     return record
+
+
+def _format(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+METRIC_COLUMNS = (("fid", "FID", 2), ("accuracy", "class acc", 3), ("classifier_fd", "classifier FD", 3),
+                  ("precision", "precision", 3), ("recall", "recall", 3), ("saturated", "saturated", 4))
+def row_sampling(row: dict) -> SamplingConfig:
+    """The SamplingConfig of an eval.json row (JSON lists become tuples again)."""
+    from .config import from_dict
+
+    return from_dict(SamplingConfig, row.get("settings", {}))
+
+
+def _options(row: dict) -> str:
+    """A row's sampling options that differ from the defaults (`SamplingConfig.describe`), after its guide."""
+    options = row_sampling(row).describe()
+    if row.get("guide_weight") is None:
+        return options
+    return f"guide {row['guide']} g={row['guide_weight']:g}" + ("" if options == "-" else f" {options}")
+
+
+def format_table(rows: list[dict], floor: dict) -> str:
+    """One line per setting, the real-data floor first; metric columns only for the metrics computed."""
+    columns = [(key, title, digits) for key, title, digits in METRIC_COLUMNS if key in floor or any(key in r for r in rows)]
+    widths = [max(len(title), 9) for _, title, _ in columns]
+    options = [_options(row) for row in rows]
+    width = max([len("options")] + [len(o) for o in options])
+    head = f"{'sampler':>8} {'steps':>5} {'calls':>5} {'w':>5}  {'options':<{width}}  "
+    lines = [head + "  ".join(title.rjust(w) for (_, title, _), w in zip(columns, widths))]
+    lines.append("-" * len(lines[0]))
+    lines.append(f"{'real':>8} {'':>5} {'':>5} {'':>5}  {'':<{width}}  "
+                 + "  ".join(_format(floor.get(k), d).rjust(w) for (k, _, d), w in zip(columns, widths)) + "   <- floor")
+    for row, option in zip(rows, options):
+        w = "-" if row["guidance"] is None else f"{row['guidance']:g}"
+        lines.append(f"{row['sampler']:>8} {row['steps']:>5} {row.get('model_calls', ''):>5} {w:>5}  {option:<{width}}  "
+                     + "  ".join(_format(row.get(k), d).rjust(wd) for (k, _, d), wd in zip(columns, widths)))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,15 +479,10 @@ def sweep_csv(record: dict) -> str:
 
 
 def _line_label(row: dict) -> str:
-    """(sampler, w, options that differ from the defaults): one plotted line per label, steps along it."""
-    defaults = dataclasses.asdict(SamplingConfig())
-    settings = row.get("settings", {})
+    """(sampler, w, guide, options that differ from the defaults): one plotted line per label, steps along it."""
     parts = [row["sampler"]] + ([] if row.get("guidance") is None else [f"w={row['guidance']:g}"])
-    for key in OPTION_COLUMNS:
-        value = settings.get(key)
-        if key in settings and value != defaults[key] and not (isinstance(value, list) and tuple(value) == defaults[key]):
-            parts.append(f"{key}={'none' if value is None else _csv_value(value)}")  # none: switched off
-    return " ".join(parts)
+    options = _options(row)
+    return " ".join(parts + ([] if options == "-" else [options]))
 
 
 def quality_lines(rows: list[dict], metric: str) -> dict[str, list[tuple[int, float]]]:

@@ -1,4 +1,5 @@
-"""Every file the package writes goes through here: atomic bytes and JSON, PNG images and grids, sample names.
+"""Every file the package writes goes through here: atomic bytes and JSON, PNG images and grids, sample names,
+the denoising process (strip and GIF).
 
 Atomic: a temporary file in the same folder, fsync, then rename over the target, so a reader (or a crash)
 sees the old file or the new one, never half of one.
@@ -93,7 +94,63 @@ def make_grid(images: torch.Tensor, nrow: int, upscale: int = 1) -> torch.Tensor
     return to_uint8(grid * 2 - 1)
 
 
+GRID_MIN_PIXELS = 64  # grids of small images are enlarged (nearest) to at least this many pixels per image
+
+
+def grid_upscale(image_size: int) -> int:
+    """How many times grids of `image_size` images are enlarged: to at least GRID_MIN_PIXELS per image."""
+    return max(1, GRID_MIN_PIXELS // image_size)
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int, upscale: int = 1) -> Path:
     """One PNG grid of images in [-1, 1] (see `make_grid`)."""
     atomic_write_bytes(Path(path), png_bytes(make_grid(images, nrow, upscale)))
     return Path(path)
+
+
+def atomic_write_safetensors(path: Path, module: torch.nn.Module) -> None:
+    """A module's state_dict as safetensors (no pickle), written atomically: the one weights writer."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    atomic_write_bytes(Path(path), save(tensors))
+
+
+# -- the denoising process: frames kept over the steps, as one grid (rows: images, columns: steps) and a GIF -------
+PROCESS_FRAMES = 10  # about this many columns: every (total // PROCESS_FRAMES)-th step, and always the last one
+PROCESS_GIF_SIZE = 128  # pixels a side of process.gif (nearest-neighbour enlargement)
+
+
+def keeps_process_frame(step: int, total: int) -> bool:
+    """Whether step `step` (0-based) of `total` is a column of the process strip (see PROCESS_FRAMES)."""
+    return step % max(1, total // PROCESS_FRAMES) == 0 or step == total - 1
+
+
+def process_strip(frames: Sequence[torch.Tensor], upscale: int = 1) -> torch.Tensor:
+    """The frames (each [N, C, H, W] in [-1, 1], one per kept step) as one uint8 grid [C, H, W]: one row per image,
+    one column per frame (`make_grid`'s padding, enlarged `upscale` times)."""
+    strip = torch.stack([frame.cpu() for frame in frames], 1).flatten(0, 1)
+    return make_grid(strip, nrow=len(frames), upscale=upscale)
+
+
+def process_gif_bytes(frames: Sequence[torch.Tensor], size: int = PROCESS_GIF_SIZE, frame_ms: int = 200) -> bytes:
+    """The first image of each frame as an endless GIF animation, enlarged to size x size (nearest)."""
+    from PIL import Image
+
+    pictures = []
+    for frame in frames:
+        array = to_uint8(frame[0]).cpu().permute(1, 2, 0).numpy()
+        picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        pictures.append(picture.resize((size, size), Image.NEAREST))
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=frame_ms, loop=0)
+    return buffer.getvalue()
+
+
+def save_process(frames: Sequence[torch.Tensor], folder: Path, upscale: int = 1) -> tuple[Path, Path]:
+    """folder/process.png (`process_strip`) and folder/process.gif (`process_gif_bytes`); returns both paths."""
+    folder = Path(folder)
+    png, gif = folder / "process.png", folder / "process.gif"
+    atomic_write_bytes(png, png_bytes(process_strip(frames, upscale)))
+    atomic_write_bytes(gif, process_gif_bytes(frames))
+    return png, gif

@@ -14,7 +14,6 @@ import importlib.util
 import io
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -249,74 +248,3 @@ def class_accuracy(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch
     """Fraction of rows whose argmax is the label."""
     predicted = np.asarray(logits).argmax(1)
     return float((predicted == np.asarray(labels)).mean())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# validation loss during training
-
-
-@dataclass
-class ValidationSet:
-    images: torch.Tensor  # [N, C, H, W] in [-1, 1]
-    labels: torch.Tensor | None  # [N] int64, or None for an unconditional model
-    description: str
-
-
-def validation_set(data: str, image_size: int, channels: int | None, conditional: bool, n: int = 512, seed: int = 0) -> ValidationSet | None:
-    """Up to `n` held-out images the diffusion model never trains on (MNIST's holdout split, CIFAR-10's
-    test_batch), a fixed seeded choice; None when DATA has no held-out part (folders, photos)."""
-    from .data import DataError, load_dataset
-
-    try:
-        info = load_dataset(data, image_size, channels, conditional, split="holdout")
-    except DataError:
-        return None
-    order = torch.randperm(len(info.dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    images, labels = zip(*(info.dataset[int(i)] for i in order))
-    labels = torch.as_tensor(labels, dtype=torch.long) if conditional else None
-    return ValidationSet(torch.stack(images), labels, f"{len(images)} images of {info.description}")
-
-
-@torch.no_grad()
-def validation_loss(
-    model: torch.nn.Module,
-    schedule,
-    images: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    seed: int = 0,
-    batch_size: int = 256,
-) -> float:
-    """Mean eps-prediction MSE (for a v model: of the eps its v implies, so runs compare in one unit) on fixed images, with fixed noise and timesteps: comparable across training steps.
-
-    The noise and the timesteps come from a CPU generator seeded by `seed`, so they are the same at every call
-    and on every device; the timesteps are spread evenly over 0..T-1 (then shuffled across images), which
-    gives a lower-variance estimate of the average over t than independent draws. Labels are used as given,
-    never dropped: for a conditional model this is the conditional objective (pass
-    `torch.full_like(labels, model.null_class)` for the unconditional one). The model is run in eval mode and
-    left in the mode it was in; the global RNG is not touched.
-    """
-    from .diffusion import eps_from_output, q_sample
-
-    n = len(images)
-    if n < 1:
-        raise ValueError("validation_loss needs at least one image")
-    if (labels is None) != (getattr(model, "null_class", None) is None):
-        raise ValueError("validation_loss: give labels for a class-conditional model and none for an unconditional one")
-    generator = torch.Generator().manual_seed(seed)
-    timesteps = (torch.arange(n) * len(schedule) // n)[torch.randperm(n, generator=generator)]
-    noise = torch.randn(images.shape, generator=generator)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    try:
-        for start in range(0, n, batch_size):
-            part = slice(start, start + batch_size)
-            x0, eps, t = images[part].to(device), noise[part].to(device), timesteps[part].to(device)
-            y = labels[part].to(device) if labels is not None else None
-            x_t = q_sample(schedule, x0, t, eps)
-            predicted = eps_from_output(schedule, x_t, t, model(x_t, t, y), schedule.prediction)
-            total += F.mse_loss(predicted.float(), eps.float(), reduction="sum").item() / eps[0].numel()
-    finally:
-        model.train(was_training)
-    return total / n

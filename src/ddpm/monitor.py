@@ -117,7 +117,7 @@ class RankZeroMonitor(Monitor):
         self.guide_step = guide_step(config.runtime.guide_fraction, last_step)
 
     def _validation_set(self, trainer):
-        from .metrics import validation_set
+        from .data import validation_set
 
         c = self.config
         return validation_set(c.train.data, c.model.image_size, trainer.info.channels, c.model.num_classes is not None, n=c.runtime.val_size)
@@ -147,7 +147,7 @@ class RankZeroMonitor(Monitor):
         self.extra_seconds += time.perf_counter() - start
 
     def _validate(self, trainer, step: int) -> None:
-        from .metrics import validation_loss
+        from .diffusion import validation_loss
 
         images = self.held_out.images.to(trainer.device)
         labels = None if self.held_out.labels is None else self.held_out.labels.to(trainer.device)

@@ -14,6 +14,7 @@ import torch
 from .config import SamplingConfig
 from .errors import DdpmError
 from .guidance import Guide, make_denoiser
+from .modes import eval_mode
 from .samplers import StepCallback, run_sampler
 from .schedule import NoiseSchedule
 
@@ -76,15 +77,10 @@ def sample(
     c = model.config
     shape = (n, c.in_channels, c.image_size, c.image_size)
     networks = [model] + ([_guide_module(guide, device)] if guide is not None else [])
-    was_training = [net.training for net in networks]
-    for net in networks:
-        net.eval()
-    try:
+    with eval_mode(*networks):
         denoiser = make_denoiser(model, labels, sampling, schedule=schedule, batched=batched_guidance, guide=guide)
-        return run_sampler(denoiser, schedule, shape, sampling, generator=generator, device=device, callback=callback, progress=progress)
-    finally:
-        for net, training in zip(networks, was_training):
-            net.train(training)  # leave the networks as they were (an EMA copy stays in eval mode)
+        return run_sampler(denoiser, schedule, shape, sampling, generator=generator, device=device, callback=callback,
+                           progress=progress)
 
 
 def _guide_module(guide: torch.nn.Module | Guide, device: torch.device) -> torch.nn.Module:

@@ -322,6 +322,16 @@ def dpmpp_2m_sample(
 # settings -> sampler
 
 
+def sampler_timesteps(sampling: SamplingConfig, schedule) -> list[int]:
+    """The timestep indices at which `sampling`'s sampler calls the denoiser, once each."""
+    steps = sampling.steps_for(len(schedule))
+    if sampling.sampler == "ddpm":
+        return list(range(len(schedule) - 1, -1, -1))
+    if sampling.sampler == "ddim":
+        return ddim_timesteps(len(schedule), steps)
+    return dpmpp_2m_timesteps(schedule, steps, sampling.spacing)
+
+
 def run_sampler(
     denoiser: Denoiser,
     schedule: NoiseSchedule,
