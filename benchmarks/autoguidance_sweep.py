@@ -73,11 +73,14 @@ def main() -> None:
     conditional = model.config.num_classes is not None
     steps = int(config["step"])
     eval_dir = run / "eval"
-    evaluator = prepare_evaluator("mnist", model.config.image_size, model.config.in_channels, model.config.num_classes,
+    # the digits' classes train the evaluation classifier even for an unconditional model: its samples are then
+    # scored in the same features (all but the class accuracy)
+    evaluator = prepare_evaluator("mnist", model.config.image_size, model.config.in_channels, 10,
                                   eval_dir / "cache", n=args.n, ref_n=args.ref_n, fid=False, progress=True)
     floor = evaluator.floor()
     record = {"model": str(run), "model_step": steps, "model_sha1": file_sha1(run / "model" / "model.safetensors"),
-              "data": "mnist", "n": args.n, "seed": 0, "batch_size": 64, "floor": {"n": len(evaluator.real.floor), **floor},
+              "data": "mnist", "n": args.n, "seed": 0, "batch_size": 64,
+              "floor": {"n": len(evaluator.real.floor), **floor},
               "classifier": evaluator.real.notes.get("classifier")}
     record = sweep(model, schedule, evaluator, cfg_rows(conditional), eval_dir, n=args.n, record=record, progress=True)
     for fraction in args.fractions:

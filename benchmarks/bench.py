@@ -487,7 +487,8 @@ def torchvision_png_row(files: list[Path], image_size: int, per_format: int) -> 
     blobs = [p.read_bytes() for p in files if p.suffix == ".png"][:per_format]
     times = {}
     for name, fn in (("PIL", lambda d: pil_pipeline(d, image_size)),
-                     ("tv", lambda d: resize_center_crop(torchvision_decode(torch.frombuffer(bytearray(d), dtype=torch.uint8)),
+                     ("tv", lambda d: resize_center_crop(torchvision_decode(torch.frombuffer(bytearray(d),
+                                                                                             dtype=torch.uint8)),
                                                          image_size))) * 2:
         start = time.perf_counter()
         for data in blobs:
@@ -588,7 +589,8 @@ def bench_fuzz(args) -> None:
     torch.set_num_threads(1)
     decoders = {"ours (data.decode_image)": lambda d: resize_center_crop(decode_image(d, 3), 64)}
     if args.old_decoder:  # torchvision.io first for JPEG/PNG, what data.py did before (slow: it allocates GBs)
-        decoders["torchvision.io.decode_image"] = lambda d: torchvision_decode(torch.frombuffer(bytearray(d), dtype=torch.uint8))
+        decoders["torchvision.io.decode_image"] = lambda d: torchvision_decode(
+            torch.frombuffer(bytearray(d), dtype=torch.uint8))
     files = malformed_files(args.images)
     for name, decode in decoders.items():
         start, outcomes, peak = time.perf_counter(), collections.Counter(), 0.0

@@ -108,7 +108,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=20)
     parser.add_argument("--only", default="train,sample,eval,prepare,serve")
     args = parser.parse_args()
-    from ddpm.cli import build_parser, main as ddpm_main
+    from ddpm.cli import build_parser
+    from ddpm.cli import main as ddpm_main
 
     ddpm_parser = build_parser()
     folder = Path(tempfile.mkdtemp(prefix="ddpm-flag-fuzz-"))

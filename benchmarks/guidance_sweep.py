@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from ddpm.checkpoint import from_pretrained
-from ddpm.evaluation import format_table
 from ddpm.config import SamplingConfig
-from ddpm.evaluation import prepare_evaluator, sweep, write_sweep_files
+from ddpm.evaluation import format_table, prepare_evaluator, sweep, write_sweep_files
 from ddpm.metrics import file_sha1
 
 

@@ -170,7 +170,9 @@ def test_check_bad_files_threshold(tmp_path):
     assert len(check_bad_files(log, 100)) == 10  # 10 tolerated in a small set
     with open(log, "a") as f:
         f.write("/data/10.png\n")
-    with pytest.raises(DataError, match=r"11 of 100 image files cannot be read.*/data/0.png, .*/data/9.png and 1 more \(all listed in .*bad.txt\)"):
+    expected = (r"11 of 100 image files cannot be read.*/data/0.png, .*/data/9.png and 1 more "
+                r"\(all listed in .*bad.txt\)")
+    with pytest.raises(DataError, match=expected):
         check_bad_files(log, 100)
     assert len(check_bad_files(log, 1100)) == 11  # 1% of 1,100 = 11
     with pytest.raises(DataError, match="more than the 10 tolerated"):
@@ -258,7 +260,7 @@ def test_huge_headers_are_refused_before_decoding_and_strips_are_cropped_first(m
 
     import ddpm.data as data_module
     from ddpm.data import MAX_ASPECT, ImageTooLarge
-    from image_fuzz import with_ihdr, huge_header
+    from image_fuzz import huge_header, with_ihdr
 
     rng = random.Random(0)
     for fmt in ("PNG", "JPEG", "GIF", "BMP"):

@@ -12,10 +12,11 @@ from PIL import Image
 from ddpm import DiffusionConfig, NoiseSchedule, UNet, save_pretrained
 from ddpm.classifier import classifier_for, predict, train_classifier
 from ddpm.cli import main
-from ddpm.evaluation import format_table
 from ddpm.config import SamplingConfig
-from ddpm.data import load_dataset, to_uint8
+from ddpm.data import load_dataset, to_uint8, validation_set
+from ddpm.diffusion import validation_loss
 from ddpm.evaluation import (
+    format_table,
     model_calls_per_image,
     quality_lines,
     quality_plot_png,
@@ -23,8 +24,6 @@ from ddpm.evaluation import (
     sweep_csv,
     write_sweep_files,
 )
-from ddpm.data import validation_set
-from ddpm.diffusion import validation_loss
 from ddpm.metrics import class_accuracy, frechet_distance_of_features
 
 SHORT = DiffusionConfig(timesteps=50)

@@ -42,7 +42,8 @@ def free_port():
 
 
 def _ddp_worker(rank, world, port, out, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     result = train(tiny_run(out, device="cpu"), progress=False)
     torch.save(result.model.state_dict(), Path(result_dir) / f"rank{rank}.pt")
@@ -50,7 +51,8 @@ def _ddp_worker(rank, world, port, out, result_dir):
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2,
+                                join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # DDP keeps the ranks identical
     single = train(tiny_run(tmp_path / "single", device="cpu"), progress=False).model.state_dict()
@@ -90,7 +92,8 @@ def test_kill_minus_9_mid_training_leaves_a_loadable_checkpoint_and_resume_is_ex
     a resume to the end: the weights, the EMA and its update count equal an uninterrupted run's."""
     run = tmp_path / "run"
     steps = 60
-    ema = ["--ema-warmup", "2", "--ema-decay", "0.8"]  # the EMA averages from step 3: a rebuilt or reset EMA would differ
+    # the EMA averages from step 3: a rebuilt or reset EMA would differ
+    ema = ["--ema-warmup", "2", "--ema-decay", "0.8"]
     first = [sys.executable, "-m", "ddpm", "train", "mnist", "--conditional", "--out", str(run), "--steps", str(steps),
              "--checkpoint-every", "1", *ema, *TINY]
     kills = []
@@ -110,7 +113,8 @@ def test_kill_minus_9_mid_training_leaves_a_loadable_checkpoint_and_resume_is_ex
     assert kills == sorted(kills) and len(set(kills)) == 3
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     straight = tmp_path / "straight"
-    assert main(["train", "mnist", "--conditional", "--out", str(straight), "--steps", str(steps), "--checkpoint-every", "1",
+    assert main(["train", "mnist", "--conditional", "--out", str(straight), "--steps", str(steps),
+                 "--checkpoint-every", "1",
                  *ema, *TINY]) == 0
     a, b = load_training_state(latest_checkpoint(run)), load_training_state(latest_checkpoint(straight))
     assert a["step"] == b["step"] == steps
@@ -155,14 +159,16 @@ def test_nan_loss_skips_then_stops_with_the_last_good_checkpoint(tmp_path, monke
     monkeypatch.setattr(training, "training_losses", sometimes_nan)
     with pytest.warns(UserWarning, match="non-finite"):
         with pytest.raises(TrainingDiverged, match="last good checkpoint is step 5"):
-            train(tiny_run(tmp_path / "run", steps=50, checkpoint_every=1, log_every=1, max_nonfinite_steps=3), progress=False)
+            train(tiny_run(tmp_path / "run", steps=50, checkpoint_every=1, log_every=1, max_nonfinite_steps=3),
+                  progress=False)
     state = load_training_state(latest_checkpoint(tmp_path / "run"))
     assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "4", "--checkpoint-every", "2", *TINY]) == 0
+    assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "4", "--checkpoint-every", "2",
+                 *TINY]) == 0
     newest = latest_checkpoint(run)
     newest.write_bytes(newest.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated"):
@@ -196,7 +202,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
     assert "multiple of 8" in err(capsys)
     assert main(["train", "mnist", "--out", str(tmp_path / "r5"), "--lr", "-1", "--steps", "1", "--quiet"]) == 2
     assert "lr" in err(capsys)
-    assert main(["train", "mnist", "--out", str(tmp_path / "r5"), "--guidance-dropout", "1.5", "--steps", "1", "--quiet"]) == 2
+    assert main(["train", "mnist", "--out", str(tmp_path / "r5"), "--guidance-dropout", "1.5", "--steps", "1",
+                 "--quiet"]) == 2
     assert "guidance-dropout" in err(capsys)
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -306,17 +313,20 @@ def test_compile_option_trains_the_same_weights_and_samples_the_same_images(tmp_
         torch.testing.assert_close(state[k], eager[k], atol=1e-5, rtol=1e-4)
     assert load_training_state(latest_checkpoint(tmp_path / "compiled"))["model"].keys() == eager.keys()
     # --compile and --device say how and where a run continues, so --resume takes them (and records them)
-    assert main(["train", "--resume", str(tmp_path / "eager"), "--steps", "4", "--compile", "--device", "cpu", "--quiet"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "eager"), "--steps", "4", "--compile", "--device", "cpu",
+                 "--quiet"]) == 0
     assert compiled == ["UNet", "UNet"]
     resumed = load_training_state(latest_checkpoint(tmp_path / "eager"))
-    assert resumed["step"] == 4 and resumed["config"]["runtime"]["device"] == "cpu" and resumed["config"]["runtime"]["compile"]
+    runtime = resumed["config"]["runtime"]
+    assert resumed["step"] == 4 and runtime["device"] == "cpu" and runtime["compile"]
     # a run moved from a GPU: its noise generator state (CUDA's Philox, 16 bytes) cannot seed a CPU generator
     path = latest_checkpoint(tmp_path / "eager")
     resumed["rng"]["noise"] = torch.zeros(16, dtype=torch.uint8)
     torch.save(resumed, path)
     with pytest.warns(UserWarning, match="another kind of device"):
         # the runtime saved with the run carries over (compile would stay on); --no-compile turns it off
-        assert main(["train", "--resume", str(tmp_path / "eager"), "--steps", "5", "--device", "cpu", "--no-compile", "--quiet"]) == 0
+        assert main(["train", "--resume", str(tmp_path / "eager"), "--steps", "5", "--device", "cpu", "--no-compile",
+                     "--quiet"]) == 0
     assert load_training_state(latest_checkpoint(tmp_path / "eager"))["step"] == 5
 
     args = ["--per-class", "1", "--sampler", "ddim", "--sampling-steps", "3", "--quiet"]
@@ -334,7 +344,8 @@ def test_unreadable_files_are_replaced_reported_and_past_a_threshold_stop_the_ru
         Image.fromarray(np.full((9, 9, 3), i * 20, np.uint8)).save(folder / f"{i:02d}.png")
     (folder / "05.png").write_bytes(b"not a png")  # found only when first loaded
     run = tmp_path / "run"
-    tiny = [a if a != "8" or TINY[i - 1] != "--batch-size" else "12" for i, a in enumerate(TINY)]  # the whole folder per step
+    # the whole folder per step
+    tiny = [a if a != "8" or TINY[i - 1] != "--batch-size" else "12" for i, a in enumerate(TINY)]
     assert main(["train", str(folder), "--out", str(run), "--steps", "2", *tiny]) == 0
     assert (run / "bad_files.txt").read_text().split() == [str(folder / "05.png")]
     assert "1 unreadable image file" in capsys.readouterr().out

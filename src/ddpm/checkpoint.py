@@ -49,7 +49,9 @@ def latest_checkpoint(run_dir: Path) -> Path:
             return path
     found = sorted((run_dir / CHECKPOINT_DIR).glob("step_*.pt"))
     if not found:
-        raise CheckpointError(f"no checkpoint in {run_dir} (expected {CHECKPOINT_DIR}/step_*.pt); start a new run without --resume")
+        raise CheckpointError(
+            f"no checkpoint in {run_dir} (expected {CHECKPOINT_DIR}/step_*.pt); start a new run without --resume"
+        )
     return found[-1]
 
 
@@ -58,10 +60,14 @@ def load_training_state(path: Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure here means the file is unusable
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(error).__name__}: {error}); it may be truncated, use an older one") from error
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(error).__name__}: {error}); it may be truncated, use an older one"
+        ) from error
 
 
-def save_pretrained(model: torch.nn.Module, folder: Path, diffusion: DiffusionConfig, extra: dict | None = None) -> None:
+def save_pretrained(
+    model: torch.nn.Module, folder: Path, diffusion: DiffusionConfig, extra: dict | None = None
+) -> None:
     """Export weights as safetensors and the configs as JSON: all `from_pretrained` needs, no pickle."""
     folder = Path(folder)
     atomic_write_safetensors(folder / WEIGHTS, model)
@@ -88,9 +94,13 @@ def from_pretrained(path: Path, device: torch.device | str = "cpu"):
     if not folder.is_dir():
         raise CheckpointError(f"{path} is not a folder; give a run folder or a folder with {WEIGHTS} and {CONFIG}")
     if not (folder / CONFIG).is_file():
-        raise CheckpointError(f"{folder} has no {CONFIG}; it is not a ddpm model folder (export one with save_pretrained)")
+        raise CheckpointError(
+            f"{folder} has no {CONFIG}; it is not a ddpm model folder (export one with save_pretrained)"
+        )
     if not (folder / WEIGHTS).is_file():
-        raise CheckpointError(f"{folder} has no {WEIGHTS}; the run has not exported weights yet (it does at each checkpoint)")
+        raise CheckpointError(
+            f"{folder} has no {WEIGHTS}; the run has not exported weights yet (it does at each checkpoint)"
+        )
     try:
         config = json.loads((folder / CONFIG).read_text())
     except ValueError as error:  # JSONDecodeError, or bytes that are not UTF-8

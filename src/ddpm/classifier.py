@@ -260,12 +260,14 @@ def classifier_for(
         except Exception:  # noqa: BLE001 - a damaged cache entry is retrained, not fatal
             pass
     start = time.perf_counter()
-    model = train_classifier(images, labels, num_classes, steps=steps, augmentation=augmentation, seed=seed, device=device,
-                             progress=progress)
+    model = train_classifier(
+        images, labels, num_classes, steps=steps, augmentation=augmentation, seed=seed, device=device, progress=progress
+    )
     seconds = time.perf_counter() - start
     record = {
         "trained_on": description, "images": len(images), "steps": steps, "augmentation": asdict(augmentation),
-        "seed": seed, "train_seconds": round(seconds, 1), "train_accuracy": class_accuracy(predict(model, images)[0], labels),
+        "seed": seed, "train_seconds": round(seconds, 1),
+        "train_accuracy": class_accuracy(predict(model, images)[0], labels),
     }
     if holdout_images is not None and holdout_labels is not None and len(holdout_images):
         record["holdout_images"] = len(holdout_images)

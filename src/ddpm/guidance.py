@@ -27,7 +27,8 @@ from .schedule import NoiseSchedule
 
 
 def default_batched(device: torch.device | str) -> bool:
-    """One pass over 2N on accelerators (better occupancy); two passes of N on CPU (faster there: benchmarks/RESULTS.md)."""
+    """One pass over 2N on accelerators (better occupancy); two passes of N on CPU (faster there:
+    benchmarks/RESULTS.md)."""
     return torch.device(device).type != "cpu"
 
 

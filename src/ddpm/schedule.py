@@ -13,7 +13,9 @@ from torch import nn
 from .config import DiffusionConfig
 
 
-def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, max_beta: float = 0.999) -> torch.Tensor:
+def linear_betas(
+    timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, max_beta: float = 0.999
+) -> torch.Tensor:
     """beta_1..beta_T spaced linearly (Ho et al. 2020, section 4), float64.
 
     `beta_start` and `beta_end` are the values for T = 1000; other T scale both by 1000/T (as improved-diffusion
@@ -42,8 +44,8 @@ class NoiseSchedule(nn.Module):
       sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod        (x0 = these . [x_t, eps], eq. 4 inverted),
       posterior_variance = beta_tilde_t = (1-abar_{t-1})/(1-abar_t) beta_t              (eq. 7),
       posterior_log_variance_clipped (beta_tilde_0 = 0, so index 0 borrows index 1's value),
-      posterior_mean_coef1 = sqrt(abar_{t-1}) beta_t/(1-abar_t), posterior_mean_coef2 = sqrt(a_t)(1-abar_{t-1})/(1-abar_t)
-                                                                                      (eq. 7, mu_tilde)
+      posterior_mean_coef1 = sqrt(abar_{t-1}) beta_t/(1-abar_t),
+      posterior_mean_coef2 = sqrt(a_t)(1-abar_{t-1})/(1-abar_t)                       (eq. 7, mu_tilde)
     """
 
     def __init__(self, betas: torch.Tensor, prediction: str = "eps"):

@@ -90,7 +90,9 @@ class StepBatches(Sampler[list[int]]):
     [r*B/K, (r+1)*B/K) of every global batch of size B.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, size: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world_size: int = 1
+    ):
         self.size, self.batch_size, self.seed, self.start, self.stop = size, batch_size, seed, start, stop
         self.share = batch_size // world_size
         self.offset = rank * self.share
@@ -172,7 +174,8 @@ class Trainer:
         self.amp_dtype = resolve_amp(config.runtime.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = EMA(self.model, t.ema_decay, t.ema_warmup) if self.ctx.is_main else None
-        self.noise_gen = torch.Generator(device).manual_seed(t.seed + 1)  # identical on every rank: each takes its slice
+        # identical on every rank: each takes its slice
+        self.noise_gen = torch.Generator(device).manual_seed(t.seed + 1)
         self.hflip = t.hflip if t.hflip is not None else t.data != "mnist"  # digits are not mirror-symmetric
         self.step_count = 0
         self.bad_run = torch.zeros((), device=device, dtype=torch.long)  # consecutive skipped steps, on the device
@@ -182,7 +185,9 @@ class Trainer:
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         net = model
         if self.ctx.enabled:
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         if self.config.runtime.compile:
             net = torch.compile(net)  # `self.model` keeps the plain parameter names for checkpoints and the EMA
         return net
@@ -192,7 +197,8 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step_count,
-            "config": self.config.to_dict(), "rng": {"noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()},
+            "config": self.config.to_dict(),
+            "rng": {"noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -210,8 +216,10 @@ class Trainer:
             self.noise_gen.set_state(state["rng"]["noise"].to(torch.uint8))
         except RuntimeError:  # saved by another kind of device (--device moved the run): CPU and CUDA states differ
             self.noise_gen.manual_seed(self.config.train.seed + 1 + self.step_count)
-            warnings.warn(f"the checkpoint's noise generator comes from another kind of device; continuing on {self.device} "
-                          "with a fresh stream, so the run is no longer bit-identical to an uninterrupted one", stacklevel=2)
+            warnings.warn(f"the checkpoint's noise generator comes from another kind of device; "
+                          f"continuing on {self.device} "
+                          "with a fresh stream, so the run is no longer bit-identical to an uninterrupted one",
+                          stacklevel=2)
         torch.set_rng_state(state["rng"]["torch"])
 
     # -- data ----------------------------------------------------------------------------------------------------
@@ -227,8 +235,8 @@ class Trainer:
     def check_data(self) -> list[str]:
         """The unreadable files met so far (each was replaced by the next readable one); stops the run with
         their list past the data module's threshold. Every rank reads the same log, so all stop together."""
-        return check_bad_files(self.bad_file_log if hasattr(self.info.dataset, "bad_log") else None, len(self.info.dataset),
-                               self.config.runtime.max_bad_fraction)
+        return check_bad_files(self.bad_file_log if hasattr(self.info.dataset, "bad_log") else None,
+                               len(self.info.dataset), self.config.runtime.max_bad_fraction)
 
     def batches(self, start: int, stop: int):
         """(x0, labels) on the device for steps start..stop-1, from one DataLoader whose workers live all run."""
@@ -239,8 +247,9 @@ class Trainer:
             self.info.dataset.bad_log = self.bad_file_log
         sampler = StepBatches(len(self.info.dataset), self.config.train.batch_size, self.config.train.seed, start, stop,
                               self.ctx.rank, self.ctx.world_size)
-        loader = DataLoader(self.info.dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.config.train.seed))
+        loader = DataLoader(self.info.dataset, batch_sampler=sampler, num_workers=workers,
+                            persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(self.config.train.seed))
         conditional = self.config.model.num_classes is not None
         for x0, labels in loader:
             x0 = x0.to(self.device, non_blocking=True)
@@ -255,7 +264,9 @@ class Trainer:
         t, ctx = self.config.train, self.ctx
         share = t.batch_size // ctx.world_size
         mine = slice(ctx.rank * share, (ctx.rank + 1) * share)
-        draws = draw_training_inputs(self.schedule, (t.batch_size, *x0.shape[1:]), t.p_uncond, self.noise_gen, self.device)[mine]
+        draws = draw_training_inputs(
+            self.schedule, (t.batch_size, *x0.shape[1:]), t.p_uncond, self.noise_gen, self.device
+        )[mine]
         flips = torch.rand(t.batch_size, device=self.device, generator=self.noise_gen)[mine] < 0.5
         if self.hflip:
             x0 = random_hflip(x0, flips)
@@ -268,7 +279,8 @@ class Trainer:
             with sync, autocast(self.device, self.amp_dtype):
                 per_sample, ts = training_losses(
                     self.net, self.schedule, x0[part], labels[part] if labels is not None else None, draws=draws[part],
-                    null_class=self.model.null_class, prediction=self.config.diffusion.prediction, snr_gamma=t.snr_gamma)
+                    null_class=self.model.null_class, prediction=self.config.diffusion.prediction,
+                    snr_gamma=t.snr_gamma)
                 # sum / share: the micro-batches add up to this rank's mean; DDP averages the ranks
                 self.scaler.scale(per_sample.sum() / share).backward()
             losses.append(per_sample.detach())
@@ -287,7 +299,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         per_sample, timesteps = self.forward_backward(x0, labels)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")
+        )
         skipped = ~torch.isfinite(per_sample.sum())
         if self.amp_dtype != torch.float16:
             skipped |= ~torch.isfinite(grad_norm)  # fp16 overflow is the GradScaler's business
@@ -324,7 +338,8 @@ class Trainer:
         limit = self.config.train.max_nonfinite_steps
         if worst >= limit:
             raise TrainingDiverged(
-                f"the loss was NaN/inf for {worst} steps in a row (up to step {self.step_count}); the last good checkpoint "
+                f"the loss was NaN/inf for {worst} steps in a row (up to step {self.step_count}); "
+                "the last good checkpoint "
                 f"is step {last_saved} in {run_dir}. Lower --lr, keep gradient clipping on, or check the data")
         return worst
 
@@ -387,7 +402,9 @@ def _check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; give a folder path")
     if (run_dir / ckpt.LATEST).exists() or any((run_dir / ckpt.CHECKPOINT_DIR).glob("step_*.pt")):
-        raise ConfigError(f"{run_dir} already holds a run; continue it with `ddpm train --resume {run_dir}` or choose another --out")
+        raise ConfigError(
+            f"{run_dir} already holds a run; continue it with `ddpm train --resume {run_dir}` or choose another --out"
+        )
 
 
 def prepare(config: RunConfig) -> tuple[RunConfig, DataInfo]:
@@ -395,8 +412,12 @@ def prepare(config: RunConfig) -> tuple[RunConfig, DataInfo]:
     t = config.train
     info = load_dataset(t.data, config.model.image_size, t.channels, t.conditional)
     if len(info.dataset) < t.batch_size:
-        raise ConfigError(f"the dataset has {len(info.dataset)} images, fewer than --batch-size {t.batch_size}; lower --batch-size")
-    model = dataclasses.replace(config.model, in_channels=info.channels, out_channels=None, num_classes=info.num_classes)
+        raise ConfigError(
+            f"the dataset has {len(info.dataset)} images, fewer than --batch-size {t.batch_size}; lower --batch-size"
+        )
+    model = dataclasses.replace(
+        config.model, in_channels=info.channels, out_channels=None, num_classes=info.num_classes
+    )
     return dataclasses.replace(config, model=model), info
 
 

@@ -176,7 +176,10 @@ class UNet(nn.Module):
 def attention_resolutions(model: UNet, image_size: int) -> list[int]:
     """The spatial sizes at which the model's SelfAttention blocks run for a given input size (by a forward hook)."""
     sizes: list[int] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for m in model.modules() if isinstance(m, SelfAttention)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+        for m in model.modules() if isinstance(m, SelfAttention)
+    ]
     try:
         c = model.config
         x = torch.zeros(1, c.in_channels, image_size, image_size, device=next(model.parameters()).device)
