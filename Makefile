@@ -24,11 +24,13 @@ demo: install
 
 # The browser test needs Debian's chromium: installed here when running as root with apt-get; otherwise that one
 # test is skipped and says how to install it (under CI=true it fails instead).
+# The suite, then ruff's checks (a lint finding fails `make test` too).
 test: install
 	bash scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check src tests benchmarks
 
-# ruff's checks (pyproject.toml [tool.ruff]); `make test` does not run it yet: src/ still has findings.
+# ruff's checks alone (pyproject.toml [tool.ruff]).
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 

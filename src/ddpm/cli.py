@@ -17,6 +17,7 @@ from pathlib import Path
 from .config import (
     AUTOGUIDED,
     DEFAULT_CFG,
+    SAMPLE_BATCH,
     SAMPLERS,
     DiffusionConfig,
     ModelConfig,
@@ -24,6 +25,7 @@ from .config import (
     RuntimeConfig,
     SamplingConfig,
     TrainConfig,
+    sampling_defaults,
 )
 from .errors import DdpmError
 from .presets import PRESETS
@@ -113,6 +115,13 @@ def add_train_parser(sub) -> None:
     a("--preset", choices=sorted(PRESETS), help="start from a named configuration; other flags override it")
     a("--conditional", action=argparse.BooleanOptionalAction, default=None,
       help="class-conditional with classifier-free guidance (labels from class subfolders)")
+    _add_recipe_flags(a)
+    _add_runtime_flags(a)
+    a("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_recipe_flags(a) -> None:
+    """What a run computes: the model, the diffusion process and the training recipe (fixed for its life)."""
     a("--image-size", type=int, help="training resolution, a multiple of 2^(levels-1)" + _default("image_size"))
     a("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: 1 for mnist, else 3)")
     a("--base-channels", type=int, help="UNet width at full resolution" + _default("base_channels"))
@@ -125,8 +134,6 @@ def add_train_parser(sub) -> None:
     a("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5 "
       "(default: off, the plain MSE)")
     a("--batch-size", type=int, help="images per optimizer step" + _default("batch_size"))
-    a("--steps", type=int, help="optimizer steps to train for")
-    a("--epochs", type=int, help="passes over the data (when --steps is not given)")
     a("--lr", type=float, help="AdamW learning rate" + _default("lr"))
     a("--warmup-steps", type=int, help="linear learning-rate warm-up steps" + _default("warmup_steps"))
     a("--weight-decay", type=float, help="AdamW weight decay" + _default("weight_decay"))
@@ -140,6 +147,12 @@ def add_train_parser(sub) -> None:
     a("--hflip", action=argparse.BooleanOptionalAction, default=None,
       help="random horizontal flips (default: on, off for mnist)")
     a("--seed", type=int, help="seed for data order, noise and initial weights" + _default("seed"))
+
+
+def _add_runtime_flags(a) -> None:
+    """How a run executes: the flags `--resume` accepts (RuntimeConfig's fields, except --out)."""
+    a("--steps", type=int, help="optimizer steps to train for")
+    a("--epochs", type=int, help="passes over the data (when --steps is not given)")
     a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     a("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision; auto = bf16 on CUDA, off on CPU"
       + _default("amp"))
@@ -161,7 +174,6 @@ def add_train_parser(sub) -> None:
       "to RUN/guide, kept for autoguidance (ddpm sample guides with it); 0 = none" + _default("guide_fraction"))
     a("--max-bad-fraction", type=float, metavar="F", help="unreadable image files tolerated, as a fraction of the "
       "folder (at least 10 files); past it the run stops with their list" + _default("max_bad_fraction"))
-    a("--quiet", action="store_true", help="no progress bar")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> None:
@@ -204,8 +216,7 @@ def sampling_configs(args: argparse.Namespace, guided: bool = False) -> list[Sam
     def listed(value, default):
         return [default] if value is None else (value if isinstance(value, list) else [value])
 
-    defaults = AUTOGUIDED if guided else {"guidance": DEFAULT_CFG, "guide_weight": 1.0,
-                                          "guidance_interval": SamplingConfig.guidance_interval}
+    defaults = sampling_defaults(guided)
     interval = defaults["guidance_interval"] if args.guidance_interval is None else args.guidance_interval
     interval = None if interval is not None and tuple(interval) == (0.0, 1.0) else interval
     configs = []
@@ -244,7 +255,7 @@ def add_sample_parser(sub) -> None:
     a("--seed", type=int, default=0, help="random seed (same seed, same device: same images)")
     a("--ema", action=argparse.BooleanOptionalAction, default=True,
       help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
-    a("--batch-size", type=int, default=256, help="images per sampling batch (batch b is seeded by (seed, b))")
+    a("--batch-size", type=int, default=SAMPLE_BATCH, help="images per sampling batch (batch b is seeded by (seed, b))")
     a("--process", action="store_true", help="also write the denoising process (x_t over the steps) "
       "as process.png and process.gif")
     a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
@@ -430,7 +441,7 @@ def resolve_guide(args: argparse.Namespace, model, schedule, device):
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .files import save_grid, save_images
+    from .files import grid_upscale, keeps_process_frame, save_grid, save_images
     from .pipeline import sample_batches
 
     out = Path(args.out)
@@ -443,13 +454,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     guide, guide_path = resolve_guide(args, model, schedule, device)
     sampling = sampling_configs(args, guided=guide is not None)[0]
     steps_total = sampling.steps_for(len(schedule))
-    frames, keep_every, start = [], max(1, steps_total // 10), time.perf_counter()
+    frames, start = [], time.perf_counter()
 
     def record(i: int, index: int, x, x0) -> None:
         if args.compile and i == 0 and not args.quiet:
             print(f"torch.compile: the first step took {time.perf_counter() - start:.0f}s (compilation included)",
                   file=sys.stderr)
-        if args.process and (i % keep_every == 0 or index == 0):
+        if args.process and keeps_process_frame(i, steps_total):  # ~10 columns, the last step always
             frames.append(x[: min(len(x), 8)].detach().cpu().clone())
 
     images = []
@@ -458,7 +469,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         save_images(x, out, None if labels is None else labels[indices.start : indices.stop], start=indices.start)
         images.append(x)
     elapsed = time.perf_counter() - start
-    upscale = max(1, 64 // model.config.image_size)
+    upscale = grid_upscale(model.config.image_size)
     grid = save_grid(torch.cat(images), out / "grid.png", nrow=nrow, upscale=upscale)
     guided = guide is not None and sampling.guide_weight != 1
     print(f"{n} images ({sampling.sampler}, {steps_total} steps"
@@ -473,17 +484,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _save_process(frames, out: Path, upscale: int) -> None:
     """process.png (rows: images, columns: steps) and process.gif (the first image over the steps)."""
-    import torch
-    from PIL import Image
+    from .files import save_process
 
-    from .files import save_grid, to_uint8
-
-    strip = torch.stack(frames, 1).flatten(0, 1)
-    save_grid(strip, out / "process.png", nrow=len(frames), upscale=upscale)
-    pictures = [Image.fromarray(to_uint8(f[0]).permute(1, 2, 0).squeeze(-1).numpy()).resize((128, 128), Image.NEAREST)
-                for f in frames]
-    pictures[0].save(out / "process.gif", save_all=True, append_images=pictures[1:], duration=200, loop=0)
-    print(f"denoising process: {out / 'process.png'} and {out / 'process.gif'}")
+    png, gif = save_process(frames, out, upscale)
+    print(f"denoising process: {png} and {gif}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -203,6 +203,15 @@ DEFAULT_CFG = 3.0  # classifier-free guidance w of `ddpm sample` when no guide m
 # `ddpm sample`'s defaults when the run has a guide (autoguidance, Karras et al. 2024): measured on the quickstart
 # model, benchmarks/RESULTS.md "Autoguidance". Flags given override each.
 AUTOGUIDED = {"guidance": 1.0, "guide_weight": 2.0, "guidance_interval": None}
+
+
+def sampling_defaults(guided: bool) -> dict[str, Any]:
+    """`ddpm sample`'s (and the page's) guidance defaults: AUTOGUIDED when a guide model is in use, else
+    classifier-free guidance at DEFAULT_CFG over SamplingConfig's interval. Keys: guidance, guide_weight,
+    guidance_interval (None: every step)."""
+    if guided:
+        return dict(AUTOGUIDED)
+    return {"guidance": DEFAULT_CFG, "guide_weight": 1.0, "guidance_interval": SamplingConfig.guidance_interval}
 # images per sampling batch of `ddpm sample` and `ddpm serve`: batch b is seeded by (seed, b), so the two must agree
 # for one seed to draw the same images
 SAMPLE_BATCH = 256

@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .config import SamplingConfig
+from .config import SAMPLE_BATCH, SamplingConfig
 from .errors import DdpmError
 from .guidance import Guide, make_denoiser
 from .modes import eval_mode
@@ -99,7 +99,7 @@ def sample_batches(
     n: int | None = None,
     labels: torch.Tensor | None = None,
     sampling: SamplingConfig | None = None,
-    batch_size: int = 256,
+    batch_size: int = SAMPLE_BATCH,
     seed: int = 0,
     skip: Callable[[range], bool] | None = None,
     callback: StepCallback | None = None,

@@ -1,15 +1,21 @@
 """`ddpm serve`: a local web page (Gradio) to sample a trained model. Optional extra: pip install -e '.[ui]'.
 
-The page draws through `pipeline.sample_batches` with the same batch size and seed that `ddpm sample` uses, so a
-seed and settings shown on the page give the same images from the command line (same device). The sampler runs
-on one long-lived torch thread (TorchThread); its step callback feeds a queue that the Gradio generator function
-drains, so the page shows "step i of K" and the current x0 prediction live. Nothing is written to the model folder: images go to a
+The page draws through `pipeline.sample_batches` with the batch size (config.SAMPLE_BATCH), seed and guide that
+`ddpm sample` uses, and prints the `ddpm sample` command that draws the same images (same device). A run's guide
+snapshot (RUN/guide, or --guide PATH) is loaded with the model for autoguidance; the page then starts from
+`ddpm sample`'s guided defaults (config.AUTOGUIDED), otherwise from its classifier-free ones.
+
+The request logic is plain functions (parse_request, cli_equivalent, sample_live, respond) that need no Gradio;
+build_app only lays out the widgets and wires them to `respond`. The sampler runs on one long-lived torch thread
+(TorchThread); its step callback feeds a queue that the Gradio generator function drains, so the page shows
+"step i of K" and the current x0 prediction live. Nothing is written to the model folder: images go to a
 temporary folder that is removed when the server stops.
 """
 from __future__ import annotations
 
 import argparse
 import atexit
+import itertools
 import queue
 import random
 import shlex
@@ -20,29 +26,33 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from .config import SAMPLERS, SamplingConfig
+from .config import SAMPLE_BATCH, SAMPLERS, SamplingConfig, sampling_defaults
 from .errors import DdpmError
+from .files import grid_upscale, keeps_process_frame, make_grid, process_strip, save_images
+from .guidance import Guide
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only; another address must be asked for with --host
 DEFAULT_PORT = 7860
 MAX_IMAGES = 16  # per request: the page is for trying a model, not for drawing data sets
 MAX_STEPS = 200  # per request, for the samplers that take a step count (ddpm always takes all T steps)
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 3.0
-MAX_GUIDANCE = 10.0
-DEFAULT_SAMPLER = SamplingConfig.sampler  # the measured default of `ddpm sample`
+DEFAULT_IMAGES = 4
+MAX_GUIDANCE = 10.0  # classifier-free guidance w
+MAX_GUIDE_WEIGHT = 5.0  # autoguidance g (Karras et al. 2024 use about 1.5 to 3)
 RANDOM_SEED = "random"
 MAX_SEED = 2**32 - 1
-CLI_BATCH_SIZE = 256  # `ddpm sample --batch-size` default: batch b is seeded by (seed, b), so it must match
-PROCESS_FRAMES = 10  # columns of the "show process" strip
+NO_GUIDE = "none"  # --guide none: no autoguidance even when the run has a guide snapshot
 INSTALL_HINT = "pip install -e '.[ui]' (in a clone of ddpm) or pip install 'ddpm[ui]'"
 # tiny images shown large, without blur
 CSS = "#result img, #process img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
+# the page's fields, in the order the "generate" endpoint takes them; and the outputs it updates
+FIELDS = ("class_index", "guidance", "guide_weight", "sampler", "steps", "seed", "count", "show_process",
+          "interval_lo", "interval_hi", "rescale", "threshold")
+OUTPUTS = ("status", "result", "seed_used", "files", "process")
 
 
 def import_gradio():
@@ -50,7 +60,8 @@ def import_gradio():
     try:
         import gradio
     except ImportError as error:
-        raise DdpmError(f"ddpm serve needs Gradio, which is not installed ({error}); install it with {INSTALL_HINT}") from error
+        raise DdpmError(f"ddpm serve needs Gradio, which is not installed ({error}); "
+                        f"install it with {INSTALL_HINT}") from error
     return gradio
 
 
@@ -98,6 +109,8 @@ class ServedModel:
     device: torch.device
     source: Path
     class_names: list[str] | None = field(default=None)
+    guide: Guide | None = None  # autoguidance: a `checkpoint.load_guide` result
+    guide_path: Path | None = None  # where the guide came from (printed as `ddpm sample --guide PATH`)
     worker: TorchThread = field(default_factory=TorchThread, repr=False)
 
     @property
@@ -109,12 +122,14 @@ class ServedModel:
         kind = f"{c.num_classes} classes" if c.num_classes else "unconditional"
         step = self.config.get("step")
         trained = f", trained {step} steps" if step is not None else ""
+        guide = f"guided by `{self.guide_path}` (autoguidance)" if self.guide is not None else "no guide"
         return (f"`{self.source}`: {c.image_size}x{c.image_size}, {c.in_channels} channel(s), {kind}{trained}; "
-                f"T={len(self.schedule)} diffusion steps; running on {self.device}")
+                f"T={len(self.schedule)} diffusion steps; {guide}; running on {self.device}")
 
 
 def class_names_for(config: dict, num_classes: int | None) -> list[str] | None:
-    """The saved class names (one per class), or "class 0", "class 1", ... when none were saved; None if unconditional."""
+    """The saved class names (one per class), or "class 0", "class 1", ... when none were saved; None if
+    unconditional."""
     if not num_classes:
         return None
     names = config.get("class_names")
@@ -123,26 +138,45 @@ def class_names_for(config: dict, num_classes: int | None) -> list[str] | None:
     return [f"class {i}" for i in range(num_classes)]
 
 
-def load_served_model(model_dir: Path | str, device: torch.device | str | None = None) -> ServedModel:
+def load_served_model(model_dir: Path | str, device: torch.device | str | None = None,
+                      guide: Path | str | None = None) -> ServedModel:
     """Load a run folder or model folder (only reads it) the way `ddpm sample` does, on the page's torch thread
-    (see TorchThread); DdpmError if unusable."""
+    (see TorchThread); DdpmError if unusable. `guide` as `ddpm sample --guide`: None = the run's own guide snapshot
+    when it has one, "none" = no autoguidance, or a path (a model folder, a run folder or a checkpoint .pt)."""
     worker = TorchThread()
-    return worker.run(_load, Path(model_dir), device, worker)
+    return worker.run(_load, Path(model_dir), device, guide, worker)
 
 
-def _load(source: Path, device, worker: TorchThread) -> ServedModel:
-    from .checkpoint import from_pretrained
+def run_guide_path(source: Path) -> Path | None:
+    """The guide snapshot of the run that `source` is (a run folder) or belongs to (its model/ folder), if any."""
+    from .checkpoint import MODEL_DIR, find_run_guide
+
+    found = find_run_guide(source)
+    if found is None and source.name == MODEL_DIR:
+        found = find_run_guide(source.parent)
+    return found
+
+
+def _load(source: Path, device, guide, worker: TorchThread) -> ServedModel:
+    from .checkpoint import from_pretrained, load_guide
     from .devices import configure_for_speed, pick_device
 
     if not source.exists():
-        raise DdpmError(f"{source} does not exist; give a run folder (runs/NAME) or a model folder (model.safetensors + config.json)")
+        raise DdpmError(f"{source} does not exist; give a run folder (runs/NAME) or a model folder "
+                        "(model.safetensors + config.json)")
     try:
         torch_device = pick_device(str(device) if device is not None else None)
     except ValueError as error:  # pick_device's message names the flag and the fix
         raise DdpmError(str(error)) from error
     model, schedule, config = from_pretrained(source, torch_device)
     model, _ = configure_for_speed(model)  # as `ddpm sample` does (results unchanged, steps faster)
-    return ServedModel(model, schedule, config, torch_device, source, class_names_for(config, model.config.num_classes), worker)
+    if guide is None:
+        guide_path = run_guide_path(source)
+    else:
+        guide_path = None if str(guide).strip().lower() == NO_GUIDE else Path(guide)
+    loaded = None if guide_path is None else load_guide(guide_path, model, torch_device, schedule=schedule)
+    return ServedModel(model, schedule, config, torch_device, source, class_names_for(config, model.config.num_classes),
+                       loaded, guide_path, worker)
 
 
 # ---------------------------------------------------------------------------------------------------- one request
@@ -160,6 +194,32 @@ class Request:
         return self.sampling.steps_for(timesteps)
 
 
+@dataclass(frozen=True)
+class GuidanceDefaults:
+    """Where the guidance controls start: `ddpm sample`'s defaults for a model with or without a guide."""
+
+    guidance: float  # classifier-free guidance w
+    guide_weight: float  # autoguidance g (1 = off)
+    interval: tuple[float, float]  # as the two sliders show it: (0, 1) = every step
+
+
+def guidance_defaults(guided: bool) -> GuidanceDefaults:
+    """config.AUTOGUIDED when a guide is loaded; else config.DEFAULT_CFG and SamplingConfig's interval."""
+    d = sampling_defaults(guided)
+    interval = d["guidance_interval"]
+    return GuidanceDefaults(d["guidance"], d["guide_weight"], (0.0, 1.0) if interval is None else tuple(interval))
+
+
+def page_defaults(served: ServedModel, max_steps: int = MAX_STEPS, max_images: int = MAX_IMAGES) -> dict[str, Any]:
+    """The value every field (FIELDS) starts from on the page: `ddpm sample`'s defaults (see guidance_defaults)."""
+    d, sampling = guidance_defaults(served.guide is not None), SamplingConfig()
+    return {"class_index": 0 if served.num_classes else None, "guidance": d.guidance, "guide_weight": d.guide_weight,
+            "sampler": sampling.sampler, "steps": min(sampling.steps_for(len(served.schedule)), max_steps),
+            "seed": RANDOM_SEED, "count": min(DEFAULT_IMAGES, max_images), "show_process": False,
+            "interval_lo": d.interval[0], "interval_hi": d.interval[1], "rescale": sampling.guidance_rescale,
+            "threshold": sampling.dynamic_threshold or 0.0}  # the threshold slider's 0 is off
+
+
 def parse_seed(text, rng: random.Random | None = None) -> int:
     """'random' draws a fresh seed (shown afterwards, so the result can be redrawn); otherwise 0..2^32-1."""
     value = "" if text is None else str(text).strip()
@@ -170,7 +230,8 @@ def parse_seed(text, rng: random.Random | None = None) -> int:
     try:
         seed = int(value)
     except ValueError:
-        raise DdpmError(f"seed {value!r} is not a whole number: type a number (0 to {MAX_SEED}) or '{RANDOM_SEED}'") from None
+        raise DdpmError(f"seed {value!r} is not a whole number: type a number (0 to {MAX_SEED}) "
+                        f"or '{RANDOM_SEED}'") from None
     if not 0 <= seed <= MAX_SEED:
         raise DdpmError(f"seed {seed} is out of range: use 0 to {MAX_SEED} or '{RANDOM_SEED}'")
     return seed
@@ -188,52 +249,89 @@ def _whole_number(value, name: str, low: int, high: int) -> int:
     return int(number)
 
 
-def parse_request(served: ServedModel, class_index, guidance, sampler, steps, seed_text, count, show_process=False, *,
-                  interval=SamplingConfig.guidance_interval, rescale=0.0, threshold=None,
-                  max_steps: int = MAX_STEPS, max_images: int = MAX_IMAGES, rng: random.Random | None = None) -> Request:
-    """The page's fields -> a Request, or a one-line DdpmError naming the field and the allowed values."""
+def _number(value, name: str, low: float, high: float) -> float:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DdpmError(f"{name} is empty: give a number from {low:g} to {high:g}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DdpmError(f"{name} {value!r} is not a number: give one from {low:g} to {high:g}") from None
+    if not low <= number <= high:  # also rejects nan
+        raise DdpmError(f"{name} must be from {low:g} to {high:g}, got {value}")
+    return number
+
+
+def _class_index(served: ServedModel, value) -> int:
+    if isinstance(value, str) and value in served.class_names:  # a client may send the name instead of the index
+        value = served.class_names.index(value)
+    return _whole_number(value, "the class", 0, served.num_classes - 1)
+
+
+def _guide_weight(served: ServedModel, value, default: float) -> float:
+    g = default if value is None else _number(value, "guide weight g", 0.0, MAX_GUIDE_WEIGHT)
+    if served.guide is None and g != 1.0:
+        raise DdpmError(f"guide weight g={g:g} needs a guide model and this page has none: keep g at 1, or start "
+                        "ddpm serve with --guide PATH (a model folder, a run folder or a checkpoint .pt)")
+    return g
+
+
+def _interval(interval, default: tuple[float, float]) -> tuple[float, float] | None:
+    """The sliders' (lo, hi) as SamplingConfig takes it: (0, 1) is every step, None, as `ddpm sample` reads it."""
+    lo, hi = (float(v) for v in (default if interval is None else interval))
+    return None if (lo, hi) == (0.0, 1.0) else (lo, hi)
+
+
+def parse_request(served: ServedModel, class_index, guidance, sampler, steps, seed_text, count, show_process=False,
+                  *, guide_weight=None, interval=None, rescale=0.0, threshold=None, max_steps: int = MAX_STEPS,
+                  max_images: int = MAX_IMAGES, rng: random.Random | None = None) -> Request:
+    """The page's fields -> a Request, or a one-line DdpmError naming the field and the allowed values.
+
+    `guide_weight` and `interval` (lo, hi) left as None take the page's defaults for this model (see
+    guidance_defaults); a `threshold` of 0 is off, as the page's slider starts there."""
     count = _whole_number(count, "the number of images", 1, max_images)
     if sampler not in SAMPLERS:
         raise DdpmError(f"sampler {sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
     steps = _whole_number(steps, "steps", 1, min(max_steps, len(served.schedule)))
-    labels = None
-    w = DEFAULT_GUIDANCE
+    defaults = guidance_defaults(served.guide is not None)
+    labels, w = None, defaults.guidance
     if served.num_classes:
-        names = served.class_names
-        if isinstance(class_index, str) and class_index in names:  # a client may send the name instead of the index
-            class_index = names.index(class_index)
-        label = _whole_number(class_index, "the class", 0, served.num_classes - 1)
-        labels = (label,) * count
-        if guidance is None or (isinstance(guidance, str) and not guidance.strip()):
-            raise DdpmError(f"guidance w is empty: give a number from 0 to {MAX_GUIDANCE:g}")
-        try:
-            w = float(guidance)
-        except (TypeError, ValueError):
-            raise DdpmError(f"guidance w {guidance!r} is not a number: give one from 0 to {MAX_GUIDANCE:g}") from None
-        if not 0 <= w <= MAX_GUIDANCE:  # also rejects nan
-            raise DdpmError(f"guidance w must be from 0 to {MAX_GUIDANCE:g}, got {guidance}")
+        labels = (_class_index(served, class_index),) * count
+        w = _number(guidance, "guidance w", 0.0, MAX_GUIDANCE)
+    g = _guide_weight(served, guide_weight, defaults.guide_weight)
     seed = parse_seed(seed_text, rng)
-    # the guidance options, checked by SamplingConfig (a ConfigError is a DdpmError naming the field); a threshold
-    # of 0 means off, as the page's slider starts there
-    threshold = None if threshold in (None, 0, 0.0) else float(threshold)
-    interval = None if interval is None else tuple(float(v) for v in interval)
-    sampling = SamplingConfig(sampler=sampler, steps=steps, guidance=w, guidance_interval=interval,
-                              guidance_rescale=float(rescale or 0.0), dynamic_threshold=threshold)
+    # the remaining options are checked by SamplingConfig (a ConfigError is a DdpmError naming the field)
+    sampling = SamplingConfig(sampler=sampler, steps=None if sampler == "ddpm" else steps, guidance=w, guide_weight=g,
+                              guidance_interval=_interval(interval, defaults.interval),
+                              guidance_rescale=float(rescale or 0.0),
+                              dynamic_threshold=None if threshold in (None, 0, 0.0) else float(threshold))
     return Request(labels, count, sampling, seed, bool(show_process))
 
 
+def request_from_fields(served: ServedModel, fields: Mapping[str, Any], **limits) -> Request:
+    """parse_request on the page's fields by name (FIELDS); `limits`: max_steps, max_images, rng."""
+    return parse_request(served, fields["class_index"], fields["guidance"], fields["sampler"], fields["steps"],
+                         fields["seed"], fields["count"], fields["show_process"], guide_weight=fields["guide_weight"],
+                         interval=(fields["interval_lo"], fields["interval_hi"]), rescale=fields["rescale"],
+                         threshold=fields["threshold"], **limits)
+
+
 def cli_equivalent(served: ServedModel, request: Request) -> str:
-    """The `ddpm sample` command that draws the same images (same device)."""
+    """The `ddpm sample` command that draws the same images (same device). Every weight is written with all its
+    digits (repr) and the guide by its path (or `--guide none`), so no default of `ddpm sample` decides anything."""
     s = request.sampling
     parts = ["ddpm sample", shlex.quote(str(served.source))]
-    if request.labels is not None:  # repr: every digit of w, so the command draws exactly these images
+    if request.labels is not None:
         parts += ["--labels", ",".join(str(y) for y in request.labels), "--guidance", repr(s.guidance)]
     else:
         parts += ["--n", str(request.count)]
+    if served.guide is not None:
+        parts += ["--guide", shlex.quote(str(served.guide_path)), "--guide-weight", repr(s.guide_weight)]
+    else:
+        parts += ["--guide", NO_GUIDE]
     parts += ["--sampler", s.sampler]
     if s.sampler != "ddpm":
         parts += ["--sampling-steps", str(s.steps)]
-    if request.labels is not None:
+    if request.labels is not None or served.guide is not None:  # the options of either guidance
         lo, hi = s.guidance_interval if s.guidance_interval is not None else (0.0, 1.0)
         parts += ["--guidance-interval", repr(lo), repr(hi)]
         if s.guidance_rescale:
@@ -242,6 +340,18 @@ def cli_equivalent(served: ServedModel, request: Request) -> str:
         parts += ["--dynamic-threshold", repr(s.dynamic_threshold)]
     parts += ["--seed", str(request.seed), "--device", str(served.device), "--out", "OUT"]
     return " ".join(parts)
+
+
+def finished_text(served: ServedModel, request: Request, seconds: float) -> str:
+    """The status line of a finished request, with the command that draws the same images."""
+    s = request.sampling
+    weights = ([f"w={s.guidance:g}"] if request.labels is not None else []) + \
+        ([f"g={s.guide_weight:g}"] if served.guide is not None else [])
+    what = f" of {served.class_names[request.labels[0]]}" if request.labels is not None else ""
+    what += f" ({', '.join(weights)})" if weights else ""
+    return (f"done: {request.count} image(s){what}, {s.sampler} {request.total_steps(len(served.schedule))} steps, "
+            f"seed {request.seed}, {seconds:.1f}s on {served.device}.  \n"
+            f"Same images from the command line: `{cli_equivalent(served, request)}`")
 
 
 # ---------------------------------------------------------------------------------------------------- live sampling
@@ -258,7 +368,7 @@ class Step:
 class Finished:
     images: torch.Tensor  # [N, C, H, W] in [-1, 1], CPU
     grid: np.ndarray  # the images as one uint8 grid (grid_array)
-    process: np.ndarray | None  # x0 predictions over ~PROCESS_FRAMES steps (process_array), if asked for
+    process: np.ndarray | None  # x0 predictions over the kept steps (process_array), if asked for
     seconds: float
 
 
@@ -276,8 +386,8 @@ def _sample(served: ServedModel, request: Request, callback) -> torch.Tensor:
 
     labels = torch.tensor(request.labels, dtype=torch.long) if request.labels is not None else None
     parts = sample_batches(served.model, served.schedule, n=None if labels is not None else request.count,
-                           labels=labels, sampling=request.sampling, batch_size=CLI_BATCH_SIZE, seed=request.seed,
-                           callback=callback)
+                           labels=labels, sampling=request.sampling, batch_size=SAMPLE_BATCH, seed=request.seed,
+                           callback=callback, guide=served.guide)
     return torch.cat([images for _, images in parts])
 
 
@@ -290,7 +400,6 @@ def sample_live(served: ServedModel, request: Request) -> Iterator[Step | Finish
     (at most one step). Errors from the sampler are re-raised here, in the consumer's thread.
     """
     total = request.total_steps(len(served.schedule))
-    keep_every = max(1, total // PROCESS_FRAMES)
     size = served.model.config.image_size
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
@@ -300,7 +409,7 @@ def sample_live(served: ServedModel, request: Request) -> Iterator[Step | Finish
         if stop.is_set():
             raise _Stopped
         x0 = x0.detach().float().cpu()
-        if request.show_process and (i % keep_every == 0 or i == total - 1):
+        if request.show_process and keeps_process_frame(i, total):
             frames.append(x0.clone())
         events.put(Step(i, total, grid_array(x0, size)))
 
@@ -317,156 +426,185 @@ def sample_live(served: ServedModel, request: Request) -> Iterator[Step | Finish
 
     job = served.worker.submit(work)
     try:
-        while True:
-            pending = [events.get()]
-            while True:  # take everything already queued: only the newest step is worth showing
-                try:
-                    pending.append(events.get_nowait())
-                except queue.Empty:
-                    break
-            steps = [event for event in pending if isinstance(event, Step)]
-            if steps:
-                yield steps[-1]
-            for event in pending:
-                if isinstance(event, BaseException):
-                    raise event
-                if isinstance(event, Finished):
-                    yield event
-                    return
+        yield from _newest_events(events)
     finally:
         stop.set()  # the page went away (or we are done): the sampler stops at its next step...
         job.result()  # ...and is done before the next request starts (one request at a time)
 
 
-# ---------------------------------------------------------------------------------------------------- pictures
-def grid_array(images: torch.Tensor, image_size: int, nrow: int | None = None):
-    """Images in [-1, 1] as one uint8 numpy grid (H, W[, C]), enlarged to at least 64 px per image like `ddpm sample`."""
-    from .files import make_grid
+def _newest_events(events: queue.Queue) -> Iterator[Step | Finished]:
+    """Drain `events` until Finished (yielded last) or an error (raised): of the steps queued since the last
+    look, only the newest is yielded."""
+    while True:
+        pending = [events.get()]
+        while True:  # take everything already queued: only the newest step is worth showing
+            try:
+                pending.append(events.get_nowait())
+            except queue.Empty:
+                break
+        steps = [event for event in pending if isinstance(event, Step)]
+        if steps:
+            yield steps[-1]
+        for event in pending:
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, Finished):
+                yield event
+                return
 
-    grid = make_grid(images, nrow=nrow or min(len(images), 8), upscale=max(1, 64 // image_size))
+
+def respond(served: ServedModel, fields: Mapping[str, Any], folder: Path, **limits) -> Iterator[dict[str, Any]]:
+    """One press of Generate, without Gradio: yields updates {output name (OUTPUTS): value}; "process" None means
+    hidden, and "warning" carries the message of a refused or failed request. The PNGs go to `folder`, named as
+    `ddpm sample` names them. `limits`: max_steps, max_images (see parse_request)."""
+    try:
+        request = request_from_fields(served, fields, **limits)
+    except DdpmError as error:
+        yield {"status": f"**Not started:** {error}", "warning": str(error)}
+        return
+    yield {"status": "starting...", "seed_used": str(request.seed), "files": None, "process": None}
+    try:
+        for event in sample_live(served, request):
+            if isinstance(event, Step):
+                yield {"status": f"step {event.index + 1} of {event.total}", "result": event.preview}
+                continue
+            paths = save_images(event.images, folder, request.labels)
+            yield {"status": finished_text(served, request, event.seconds), "result": event.grid,
+                   "seed_used": str(request.seed), "files": [str(p) for p in paths], "process": event.process}
+    except (DdpmError, NotImplementedError) as error:  # a setting this model or build cannot do
+        yield {"status": f"**Failed:** {error}", "warning": str(error)}
+
+
+# ---------------------------------------------------------------------------------------------------- pictures
+def _as_array(grid: torch.Tensor) -> np.ndarray:
     array = grid.permute(1, 2, 0).numpy()
     return array[..., 0] if array.shape[-1] == 1 else array
 
 
-def process_array(frames: list[torch.Tensor], image_size: int):
-    """The x0 predictions over the steps: one row per image, one column per kept step."""
-    strip = torch.stack(frames, 1).flatten(0, 1)
-    return grid_array(strip, image_size, nrow=len(frames))
+def grid_array(images: torch.Tensor, image_size: int, nrow: int | None = None) -> np.ndarray:
+    """Images in [-1, 1] as one uint8 numpy grid (H, W[, C]), enlarged like `ddpm sample`'s grids."""
+    return _as_array(make_grid(images, nrow=nrow or min(len(images), 8), upscale=grid_upscale(image_size)))
 
 
-def write_pngs(images: torch.Tensor, labels: tuple[int, ...] | None, folder: Path) -> list[Path]:
-    """Each image as its own PNG, named and encoded as `ddpm sample` writes them (sample_00000_class7.png)."""
-    from .files import atomic_write_bytes, png_bytes, sample_name
-
-    paths = []
-    for i, image in enumerate(images):
-        path = folder / sample_name(i, None if labels is None else labels[i])
-        atomic_write_bytes(path, png_bytes(image))
-        paths.append(path)
-    return paths
+def process_array(frames: list[torch.Tensor], image_size: int) -> np.ndarray:
+    """The x0 predictions over the steps (files.process_strip): one row per image, one column per kept step."""
+    return _as_array(process_strip(frames, grid_upscale(image_size)))
 
 
 # ---------------------------------------------------------------------------------------------------- the page
 def build_app(model_dir: Path | str, device: torch.device | str | None = None, *, max_steps: int = MAX_STEPS,
-              max_images: int = MAX_IMAGES, served: ServedModel | None = None):
+              max_images: int = MAX_IMAGES, served: ServedModel | None = None, guide: Path | str | None = None):
     """The Gradio page (a gr.Blocks, queued one request at a time) for the model in `model_dir`.
 
-    Loads the model at once, so a missing or broken model fails here with a one-line DdpmError. Give `served`
-    (from `load_served_model`) to reuse a loaded model. Launch with `launch_app`, which keeps it local.
+    Loads the model (and its guide, see load_served_model) at once, so a missing or broken model fails here with
+    a one-line DdpmError. Give `served` (from `load_served_model`) to reuse a loaded model. Launch with
+    `launch_app`, which keeps it local.
     """
     gr = import_gradio()
-    served = served or load_served_model(model_dir, device)
-    max_steps = max(1, min(max_steps, len(served.schedule)))
+    served = served or load_served_model(model_dir, device, guide)
+    limits = {"max_steps": max(1, min(max_steps, len(served.schedule))), "max_images": max_images}
     workdir = Path(tempfile.mkdtemp(prefix="ddpm-serve-"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    requests_done = [0]
-    conditional = bool(served.num_classes)
+    requests = itertools.count(1)
+
+    def generate(*values):
+        folder = workdir / f"request_{next(requests):05d}"
+        for update in respond(served, dict(zip(FIELDS, values)), folder, **limits):
+            yield _gradio_update(gr, outputs, update)
 
     with gr.Blocks(title="ddpm: sample a model", analytics_enabled=False) as app:
         gr.Markdown(f"## Sample a diffusion model\n{served.describe()}")
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                choices = [(name, i) for i, name in enumerate(served.class_names or [])]
-                class_box = gr.Dropdown(choices=choices, value=0 if conditional else None, label="Class",
-                                        visible=conditional, elem_id="class")
-                guidance_box = gr.Slider(0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE, step=0.1, label="Guidance w",
-                                         info="0 unconditional, 1 conditional, >1 guided", visible=conditional,
-                                         elem_id="guidance")
-                sampler_box = gr.Dropdown(choices=list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
-                                          info=f"ddpm always takes all T={len(served.schedule)} steps", elem_id="sampler")
-                steps_box = gr.Slider(1, max_steps, value=min(DEFAULT_STEPS, max_steps), step=1, label="Steps",
-                                      elem_id="steps")
-                seed_box = gr.Textbox(value=RANDOM_SEED, label="Seed", info=f"'{RANDOM_SEED}' or a number from 0 to {MAX_SEED}",
-                                      elem_id="seed")
-                count_box = gr.Slider(1, max_images, value=min(4, max_images), step=1, label="Number of images",
-                                      elem_id="count")
-                process_box = gr.Checkbox(value=False, label="Show process (x0 predictions over the steps)",
-                                          elem_id="show-process")
-                lo, hi = SamplingConfig.guidance_interval
-                with gr.Accordion("Guidance options", open=False, visible=conditional):
-                    interval_lo = gr.Slider(0, 1, value=lo, step=0.05, label="Guide from t/(T-1) =", elem_id="interval-lo",
-                                            info="guidance only on the noisier steps (Kynkaenniemi et al. 2024); 0 and 1 = every step")
-                    interval_hi = gr.Slider(0, 1, value=hi, step=0.05, label="to t/(T-1) =", elem_id="interval-hi")
-                    rescale_box = gr.Slider(0, 1, value=0.0, step=0.05, label="Guidance rescale phi", elem_id="rescale",
-                                            info="rescale the guided x0's spread to the conditional one's (Lin et al. 2024)")
-                threshold_box = gr.Slider(0, 1, value=0.0, step=0.005, label="Dynamic threshold percentile", elem_id="threshold",
-                                          info="0 = off; e.g. 0.995 (Imagen)")
+                controls = _controls(gr, served, page_defaults(served, **limits), **limits)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
-                status = gr.Markdown("Choose the settings and press **Generate**.", elem_id="status")
-                result = gr.Image(label="Result", type="numpy", format="png", interactive=False, height=320, elem_id="result")
-                seed_used = gr.Textbox(label="Seed used (type it into Seed to draw the same images again)",
-                                       interactive=False, elem_id="seed-used")
-                files = gr.File(label="Images as PNG", file_count="multiple", interactive=False, elem_id="files")
-                process = gr.Image(label="Process: x0 prediction at every tenth step (rows: images)", type="numpy",
-                                   format="png", interactive=False, visible=False, elem_id="process")
-
-        def generate(class_index, guidance, sampler, steps, seed_text, count, show_process, lo=lo, hi=hi, rescale=0.0,
-                     threshold=0.0):
-            try:
-                request = parse_request(served, class_index, guidance, sampler, steps, seed_text, count, show_process,
-                                        interval=(lo, hi), rescale=rescale, threshold=threshold,
-                                        max_steps=max_steps, max_images=max_images)
-            except DdpmError as error:
-                gr.Warning(str(error))
-                yield {status: f"**Not started:** {error}"}
-                return
-            yield {status: "starting...", seed_used: str(request.seed), files: None,
-                   process: gr.update(value=None, visible=False)}
-            try:
-                for event in sample_live(served, request):
-                    if isinstance(event, Step):
-                        yield {status: f"step {event.index + 1} of {event.total}", result: event.preview}
-                    else:
-                        yield finish(request, event)
-            except (DdpmError, NotImplementedError) as error:  # a setting this model or build cannot do
-                gr.Warning(str(error))
-                yield {status: f"**Failed:** {error}"}
-
-        def finish(request: Request, done: Finished) -> dict:
-            requests_done[0] += 1
-            folder = workdir / f"request_{requests_done[0]:05d}"
-            paths = write_pngs(done.images, request.labels, folder)
-            what = ""
-            if request.labels is not None:
-                what = f" of {served.class_names[request.labels[0]]} (w={request.sampling.guidance:g})"
-            text = (f"done: {request.count} image(s){what}, {request.sampling.sampler} "
-                    f"{request.total_steps(len(served.schedule))} steps, seed {request.seed}, "
-                    f"{done.seconds:.1f}s on {served.device}.  \nSame images from the command line: "
-                    f"`{cli_equivalent(served, request)}`")
-            strip = done.process if request.show_process else None
-            return {status: text, result: done.grid, seed_used: str(request.seed),
-                    files: [str(p) for p in paths], process: gr.update(value=strip, visible=strip is not None)}
-
-        inputs = [class_box, guidance_box, sampler_box, steps_box, seed_box, count_box, process_box, interval_lo, interval_hi,
-                  rescale_box, threshold_box]
-        button.click(generate, inputs, [status, result, seed_used, files, process], api_name="generate",
-                     concurrency_limit=1)
+                outputs = _outputs(gr)
+        button.click(generate, [controls[name] for name in FIELDS], [outputs[name] for name in OUTPUTS],
+                     api_name="generate", concurrency_limit=1)
     app.queue(default_concurrency_limit=1, max_size=16)
     return app
 
 
-def launch_app(app, host: str = DEFAULT_HOST, port: int | None = DEFAULT_PORT, *, block: bool = True, quiet: bool = False):
+def _gradio_update(gr, outputs: dict, update: dict[str, Any]) -> dict:
+    """A `respond` update keyed by the output components; a warning pops up, the process image shows or hides."""
+    if "warning" in update:
+        gr.Warning(update["warning"])
+    values = {outputs[name]: value for name, value in update.items() if name in outputs}
+    if "process" in update:
+        values[outputs["process"]] = gr.update(value=update["process"], visible=update["process"] is not None)
+    return values
+
+
+def _controls(gr, served: ServedModel, start: dict[str, Any], max_steps: int, max_images: int) -> dict[str, Any]:
+    """The settings column's widgets, by field name (FIELDS), starting at `start` (page_defaults)."""
+    conditional = bool(served.num_classes)
+    controls = {
+        "class_index": gr.Dropdown(choices=[(name, i) for i, name in enumerate(served.class_names or [])],
+                                   value=start["class_index"], label="Class", visible=conditional, elem_id="class"),
+        "guidance": gr.Slider(0, MAX_GUIDANCE, value=start["guidance"], step=0.1, label="Classifier-free guidance w",
+                              info="0 unconditional, 1 conditional, >1 guided", visible=conditional,
+                              elem_id="guidance"),
+        "guide_weight": _guide_slider(gr, served, start["guide_weight"]),
+        "sampler": gr.Dropdown(choices=list(SAMPLERS), value=start["sampler"], label="Sampler",
+                               info=f"ddpm always takes all T={len(served.schedule)} steps", elem_id="sampler"),
+        "steps": gr.Slider(1, max_steps, value=start["steps"], step=1, label="Steps", elem_id="steps"),
+        "seed": gr.Textbox(value=start["seed"], label="Seed", info=f"'{RANDOM_SEED}' or a number from 0 to {MAX_SEED}",
+                           elem_id="seed"),
+        "count": gr.Slider(1, max_images, value=start["count"], step=1, label="Number of images", elem_id="count"),
+        "show_process": gr.Checkbox(value=start["show_process"], label="Show process (x0 predictions over the steps)",
+                                    elem_id="show-process"),
+    }
+    with gr.Accordion("Guidance options", open=False, elem_id="guidance-options"):
+        controls.update(_guidance_options(gr, served, start))
+    return controls
+
+
+def _guide_slider(gr, served: ServedModel, value: float):
+    """Autoguidance's weight g; without a guide it stays at 1 (off), greyed out, with a note on how to get one."""
+    if served.guide is None:
+        info = "no guide for this model (start ddpm serve with --guide PATH): autoguidance is off"
+    else:
+        info = f"autoguidance by `{served.guide_path}`: 1 = off, >1 = away from the weaker guide's errors"
+    return gr.Slider(0, MAX_GUIDE_WEIGHT, value=value, step=0.1, label="Guide weight g", info=info,
+                     interactive=served.guide is not None, elem_id="guide-weight")
+
+
+def _guidance_options(gr, served: ServedModel, start: dict[str, Any]) -> dict[str, Any]:
+    """The collapsed options: where and how strongly to guide (shown when there is guidance: a conditional model
+    or a guide), and dynamic thresholding (any model)."""
+    guided = bool(served.num_classes) or served.guide is not None
+    return {
+        "interval_lo": gr.Slider(0, 1, value=start["interval_lo"], step=0.05, label="Guide from t/(T-1) =",
+                                 visible=guided, elem_id="interval-lo",
+                                 info="guidance only on the noisier steps (Kynkaenniemi et al. 2024); "
+                                      "0 and 1 = every step"),
+        "interval_hi": gr.Slider(0, 1, value=start["interval_hi"], step=0.05, label="to t/(T-1) =", visible=guided,
+                                 elem_id="interval-hi"),
+        "rescale": gr.Slider(0, 1, value=start["rescale"], step=0.05, label="Guidance rescale phi", visible=guided,
+                             elem_id="rescale",
+                             info="rescale the guided x0's spread to the conditional one's (Lin et al. 2024)"),
+        "threshold": gr.Slider(0, 1, value=start["threshold"], step=0.005, label="Dynamic threshold percentile",
+                               elem_id="threshold", info="0 = off; e.g. 0.995 (Imagen)"),
+    }
+
+
+def _outputs(gr) -> dict[str, Any]:
+    """The result column's widgets, by output name (OUTPUTS)."""
+    return {
+        "status": gr.Markdown("Choose the settings and press **Generate**.", elem_id="status"),
+        "result": gr.Image(label="Result", type="numpy", format="png", interactive=False, height=320,
+                           elem_id="result"),
+        "seed_used": gr.Textbox(label="Seed used (type it into Seed to draw the same images again)",
+                                interactive=False, elem_id="seed-used"),
+        "files": gr.File(label="Images as PNG", file_count="multiple", interactive=False, elem_id="files"),
+        "process": gr.Image(label="Process: the x0 prediction over the steps (rows: images, columns: steps)",
+                            type="numpy", format="png", interactive=False, visible=False, elem_id="process"),
+    }
+
+
+def launch_app(app, host: str = DEFAULT_HOST, port: int | None = DEFAULT_PORT, *, block: bool = True,
+               quiet: bool = False):
     """Serve the page on host:port only: no share link, no browser opened, no telemetry. Returns the app
     (with `app.local_url`) when `block` is False; otherwise serves until Ctrl-C."""
     try:
@@ -479,28 +617,38 @@ def launch_app(app, host: str = DEFAULT_HOST, port: int | None = DEFAULT_PORT, *
 
 # ---------------------------------------------------------------------------------------------------- the command
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `ddpm serve` to the CLI's sub-commands (Gradio is imported only when it runs)."""
+    """Add `ddpm serve` to the CLI's sub-commands (Gradio is imported only when it runs). Defaults are written
+    into the help texts (argparse's own formatter would print "(default: None)" for flags without one)."""
     parser = subparsers.add_parser(
         "serve", help="a local web page to sample a trained model (needs the [ui] extra)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Open a web page to sample a run folder or a model folder: choose the class, guidance, sampler, "
-                    f"steps and seed and watch the images form. Needs Gradio: {INSTALL_HINT}.")
-    parser.add_argument("model", help="run folder or model folder (only read, never written)")
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="address to listen on; the default serves this machine only, 0.0.0.0 opens the page to your network")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    parser.add_argument("--max-steps", type=int, default=MAX_STEPS, help="most sampling steps one request may ask for")
+        description="Open a web page to sample a run folder or a model folder: choose the class, guidance (and "
+                    "autoguidance, when the run has a guide), sampler, steps and seed and watch the images form. "
+                    f"Needs Gradio: {INSTALL_HINT}.")
+    a = parser.add_argument
+    a("model", help="run folder or model folder (only read, never written)")
+    a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024), as `ddpm sample --guide`: a model folder, a "
+      f"run folder (its guide/ snapshot) or a checkpoint .pt; '{NO_GUIDE}' = off (default: the run's own guide/ "
+      "snapshot when it has one)")
+    a("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only); "
+      "0.0.0.0 opens the page to your network")
+    a("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    a("--max-steps", type=int, default=MAX_STEPS,
+      help=f"most sampling steps one request may ask for (default {MAX_STEPS})")
     return parser
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """`ddpm serve`: load the model (one-line DdpmError if unusable), then serve the page until Ctrl-C."""
+    """`ddpm serve`: load the model and its guide (one-line DdpmError if unusable), then serve the page until
+    Ctrl-C."""
     if not 1 <= args.port <= 65535:
         raise DdpmError(f"--port {args.port} is not a port number; use 1 to 65535 (default {DEFAULT_PORT})")
     if args.max_steps < 1:
         raise DdpmError(f"--max-steps must be >= 1, got {args.max_steps}")
-    app = build_app(args.model, args.device, max_steps=args.max_steps)
-    print(f"ddpm serve: {args.model} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    import_gradio()  # before the model loads: without Gradio nothing else is worth doing
+    served = load_served_model(args.model, args.device, args.guide)
+    app = build_app(args.model, max_steps=args.max_steps, served=served)
+    guide = f"guide {served.guide_path}" if served.guide is not None else "no guide"
+    print(f"ddpm serve: {args.model} ({guide}) on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     launch_app(app, args.host, args.port, block=True)
     return 0
