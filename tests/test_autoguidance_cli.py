@@ -93,3 +93,10 @@ def test_eval_records_the_guide_and_its_weight(runs, tmp_path):
     assert [(r["guidance"], r["guide_weight"]) for r in rows] == [(1.0, None), (1.0, AUTOGUIDED["guide_weight"])]
     assert rows[0]["model_calls"] == 3 and rows[1]["model_calls"] == 6  # the guide: one more call per step
     assert rows[0]["samples"] != rows[1]["samples"]
+    # --guide and --guide-weight by hand: a checkpoint's EMA as the guide, two weights, one record
+    assert main(["eval", str(guided), "--out", str(out), "--n", "8", "--ref-n", "16", "--no-fid", "--sampling-steps",
+                 "3", "--classifier-steps", "2", "--guide", str(guided / "checkpoints" / "step_00000003.pt"),
+                 "--guide-weight", "1.5", "3", "--quiet"]) == 0
+    record = json.loads((out / "eval" / "eval.json").read_text())
+    assert record["guide"]["path"].endswith("step_00000003.pt")
+    assert [r["guide_weight"] for r in record["rows"]] == [1.5, 3.0]

@@ -364,7 +364,8 @@ def test_respond_runs_a_request_without_gradio(guided, tmp_path):
     steps = [u["status"] for u in updates[1:-1]]
     assert steps and steps[-1] == "step 2 of 2" and all(text.startswith("step ") for text in steps), steps
     done = updates[-1]
-    assert done["status"].startswith("done: 2 image(s) of 4 (w=1, g=2), ddim 2 steps, seed 123"), done["status"]
+    expected = f"done: 2 image(s) of 4 (w=1, g={AUTOGUIDED['guide_weight']:g}), ddim 2 steps, seed 123"
+    assert done["status"].startswith(expected), done["status"]
     assert done["files"] == [str(tmp_path / "r1" / f"sample_0000{i}_class4.png") for i in range(2)]
     assert done["result"].shape[:2] == ((8 + 4) * 8, (2 * 10 + 2) * 8) and done["process"] is not None
     refused = list(serve.respond(guided, fields(guided, guide_weight=-1), tmp_path / "r2"))

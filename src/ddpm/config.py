@@ -202,7 +202,7 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 DEFAULT_CFG = 3.0  # classifier-free guidance w of `ddpm sample` when no guide model is used (the seed's)
 # `ddpm sample`'s defaults when the run has a guide (autoguidance, Karras et al. 2024): measured on the quickstart
 # model, benchmarks/RESULTS.md "Autoguidance". Flags given override each.
-AUTOGUIDED = {"guidance": 1.0, "guide_weight": 2.0, "guidance_interval": None}
+AUTOGUIDED = {"guidance": 1.0, "guide_weight": 2.5, "guidance_interval": None}
 
 
 def sampling_defaults(guided: bool) -> dict[str, Any]:

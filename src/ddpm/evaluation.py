@@ -539,8 +539,9 @@ def quality_plot_png(record: dict) -> bytes | None:
     figure = Figure(figsize=(5.5 * len(metrics), 4.2 + 0.22 * (entries + 1) // 2), layout="constrained")
     floor = record.get("floor") or {}
     for axes, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics):
-        for label, points in quality_lines(rows, metric).items():
-            axes.plot(*zip(*points), marker="o", label=label)
+        for i, (label, points) in enumerate(quality_lines(rows, metric).items()):
+            # ten colours, then the next marker shape: no two of a sweep's lines look alike
+            axes.plot(*zip(*points), marker="os^Dv<>PX*"[i // 10 % 10], color=f"C{i % 10}", label=label)
         if floor.get(metric) is not None:
             axes.axhline(floor[metric], color="black", linestyle="--", linewidth=1, label="real floor")
         axes.set_xscale("log")
