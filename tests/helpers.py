@@ -12,6 +12,11 @@ TINY_MODEL = dict(image_size=8, in_channels=1, base_channels=8, channel_mults=(1
                   time_embed_dim=16, num_heads=4)
 
 
+# The same model as `ddpm train` flags (a 1-step run of it takes about a second).
+TINY_TRAIN_ARGS = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--bottleneck-mult", "2",
+                   "--batch-size", "8", "--sample-every", "0", "--quiet"]
+
+
 def tiny_model_config(**overrides) -> ModelConfig:
     """TINY_MODEL with `overrides` (num_classes=10, image_size=16, ...) as a validated ModelConfig."""
     return ModelConfig(**{**TINY_MODEL, **overrides})

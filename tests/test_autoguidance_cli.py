@@ -8,9 +8,9 @@ from PIL import Image
 
 from ddpm.cli import main
 from ddpm.config import AUTOGUIDED
+from helpers import TINY_TRAIN_ARGS
 
-TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--bottleneck-mult", "2",
-        "--batch-size", "8", "--sample-every", "0", "--val-every", "0", "--quiet"]
+TINY = [*TINY_TRAIN_ARGS, "--val-every", "0"]
 FAST = ["--sampling-steps", "3", "--labels", "0,1,2", "--quiet"]
 
 

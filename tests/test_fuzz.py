@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import TINY_TRAIN_ARGS
 from image_fuzz import good_files, malformed_files
 
 MALFORMED, GOOD = 1200, 336  # 1,536 files: 24 batches of 64, so one epoch visits every file
@@ -87,8 +88,7 @@ def test_prepare_and_train_survive_malformed_files_and_account_for_every_one(fuz
     assert images.shape == (meta["count"], 3, 8, 8)
 
     # one epoch of training in the main process visits every file once: the same files come out bad
-    tiny = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--bottleneck-mult", "2",
-            "--batch-size", "64", "--sample-every", "0", "--val-every", "0", "--device", "cpu", "--quiet"]
+    tiny = [*TINY_TRAIN_ARGS, "--batch-size", "64", "--val-every", "0", "--device", "cpu"]  # the last value counts
     run = tmp_path / "run"
     status, _, err, rss = run_measured(["train", str(folder), "--conditional", "--out", str(run), "--epochs", "1",
                                         "--max-bad-fraction", "1", *tiny], tmp_path, timeout=60)

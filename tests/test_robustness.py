@@ -17,10 +17,10 @@ from ddpm import ModelConfig, RunConfig, RuntimeConfig, TrainConfig
 from ddpm.checkpoint import CheckpointError, latest_checkpoint, load_training_state
 from ddpm.cli import main
 from ddpm.training import TrainingDiverged, train
+from helpers import TINY_TRAIN_ARGS
 
 TINY_MODEL = dict(image_size=8, base_channels=8, channel_mults=(1, 2), bottleneck_mult=2, time_embed_dim=16)
-TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--bottleneck-mult", "2",
-        "--batch-size", "8", "--sample-every", "0", "--quiet"]
+TINY = TINY_TRAIN_ARGS
 
 
 RUNTIME_FIELDS = {f for f in RuntimeConfig.__dataclass_fields__}
