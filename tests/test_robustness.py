@@ -282,6 +282,8 @@ def test_the_last_tracebacks_are_one_line_errors(tmp_path, capsys):
     for flag in ("--n", "--per-class"):
         assert main(["sample", str(run), "--out", str(tmp_path / "s"), flag, huge, "--quiet"]) == 2
         assert "more than the 10,000,000" in one_line(capsys), flag
+    assert main(["eval", str(run), "--out", str(tmp_path / "e"), "--n", huge, "--no-fid", "--quiet"]) == 2
+    assert "more than the 10,000,000" in one_line(capsys)
     assert main(["prepare", "mnist", "--out", str(tmp_path / "p"), "--image-size", huge, "--quiet"]) == 2
     assert "between 1 and 8192" in one_line(capsys)
     for argv in (["train", "mnist", "--out=", "--steps", "1"], ["sample", str(run), "--out="]):  # not the cwd

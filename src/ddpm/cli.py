@@ -519,6 +519,8 @@ def _check_eval_args(args: argparse.Namespace) -> None:
                                ("--classifier-steps", args.classifier_steps, 1)):
         if value < least:
             raise DdpmError(f"{name} must be >= {least}, got {value}")
+    if args.n > MAX_SAMPLES:
+        raise DdpmError(f"--n {args.n:,} samples per row is more than the {MAX_SAMPLES:,} one command draws")
     if args.guidance is not None and not all(math.isfinite(w) for w in args.guidance):
         raise DdpmError(f"--guidance values must be finite numbers, got {args.guidance}")
 
