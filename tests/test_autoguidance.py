@@ -227,6 +227,7 @@ def test_snapshot_is_the_ema_at_its_step_and_survives_pruning_and_resume(trained
     run, two = trained / "run", trained / "two"
     assert [p.name for p in (run / "checkpoints").glob("step_*.pt")] == ["step_00000004.pt"]
     assert find_run_guide(run) == run / "guide" and find_run_guide(two) is None
+    assert find_run_guide(run / "model") == run / "guide"  # `ddpm sample RUN/model` finds its run's guide too
     assert json.loads((run / "guide" / "config.json").read_text())["step"] == 2
     snapshot, reference = weights_of(run / "guide"), weights_of(two / "model")  # the EMA after step 2, both
     assert all(torch.equal(snapshot[k], reference[k]) for k in reference)

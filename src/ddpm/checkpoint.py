@@ -117,9 +117,14 @@ def from_pretrained(path: Path, device: torch.device | str = "cpu"):
 
 # -- autoguidance: the run's guide snapshot and loading any guide ---------------------------------------------------
 def find_run_guide(run_dir: Path) -> Path | None:
-    """RUN/guide when the run has written its guide snapshot, else None."""
-    folder = Path(run_dir) / GUIDE_DIR
-    return folder if (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file() else None
+    """RUN/guide when the run has written its guide snapshot, else None. `run_dir` may also be the run's model/
+    export (what `ddpm sample RUN/model` is given): its run folder is then the parent."""
+    run_dir = Path(run_dir)
+    for run in (run_dir, run_dir.parent) if run_dir.name == MODEL_DIR else (run_dir,):
+        folder = run / GUIDE_DIR
+        if (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file():
+            return folder
+    return None
 
 
 def save_guide_snapshot(run_dir: Path, model: torch.nn.Module, diffusion: DiffusionConfig, extra: dict) -> bool:

@@ -425,7 +425,7 @@ def resolve_guide(args: argparse.Namespace, model, schedule, device):
     if args.guide is not None:
         return ckpt.load_guide(Path(args.guide), model, device, schedule=schedule), args.guide
     run = _run_folder(Path(args.model))
-    found = ckpt.find_run_guide(run)
+    found = ckpt.find_run_guide(Path(args.model))
     if found is None:
         if args.guide_weight is not None:
             raise DdpmError(f"--guide-weight needs a guide, and {run} has no {ckpt.GUIDE_DIR}/ snapshot; "

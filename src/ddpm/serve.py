@@ -147,31 +147,18 @@ def load_served_model(model_dir: Path | str, device: torch.device | str | None =
     return worker.run(_load, Path(model_dir), device, guide, worker)
 
 
-def run_guide_path(source: Path) -> Path | None:
-    """The guide snapshot of the run that `source` is (a run folder) or belongs to (its model/ folder), if any."""
-    from .checkpoint import MODEL_DIR, find_run_guide
-
-    found = find_run_guide(source)
-    if found is None and source.name == MODEL_DIR:
-        found = find_run_guide(source.parent)
-    return found
-
-
 def _load(source: Path, device, guide, worker: TorchThread) -> ServedModel:
-    from .checkpoint import from_pretrained, load_guide
+    from .checkpoint import find_run_guide, from_pretrained, load_guide
     from .devices import configure_for_speed, pick_device
 
     if not source.exists():
         raise DdpmError(f"{source} does not exist; give a run folder (runs/NAME) or a model folder "
                         "(model.safetensors + config.json)")
-    try:
-        torch_device = pick_device(str(device) if device is not None else None)
-    except ValueError as error:  # pick_device's message names the flag and the fix
-        raise DdpmError(str(error)) from error
+    torch_device = pick_device(str(device) if device is not None else None)  # DdpmError naming the fix
     model, schedule, config = from_pretrained(source, torch_device)
     model, _ = configure_for_speed(model)  # as `ddpm sample` does (results unchanged, steps faster)
     if guide is None:
-        guide_path = run_guide_path(source)
+        guide_path = find_run_guide(source)
     else:
         guide_path = None if str(guide).strip().lower() == NO_GUIDE else Path(guide)
     loaded = None if guide_path is None else load_guide(guide_path, model, torch_device, schedule=schedule)
