@@ -602,9 +602,38 @@ def bench_fuzz(args) -> None:
               f"{dict(outcomes)}; largest child peak RSS {peak:,.0f} MB")
 
 
+def bench_decoders(args) -> None:
+    """Ours (PIL decode) against torchvision.io's decoders, each + the same torch resize to 64 and centre crop:
+    300 files per format of the loader benchmark's folder, one thread, interleaved rounds, best of 3."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as torchvision_decode
+
+    from ddpm.data import decode_image, list_images, resize_center_crop
+
+    torch.set_num_threads(1)
+    files = list_images(generated_folder(args.images))
+    candidates = {
+        "ours (PIL)": lambda d: resize_center_crop(decode_image(d, 3), 64),
+        "torchvision.io": lambda d: resize_center_crop(
+            torchvision_decode(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB), 64),
+    }
+    for suffix in (".jpg", ".png"):
+        blobs = [p.read_bytes() for p in files if p.suffix == suffix][:300]
+        best = {name: float("inf") for name in candidates}
+        for _ in range(3):
+            for name, decode in candidates.items():
+                start = time.perf_counter()
+                for data in blobs:
+                    decode(data)
+                best[name] = min(best[name], (time.perf_counter() - start) / len(blobs) * 1e3)
+        print(f"{suffix[1:].upper()}: " + ", ".join(f"{k} {v:.3f} ms/img" for k, v in best.items())
+              + f"; ours / torchvision {best['ours (PIL)'] / best['torchvision.io']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("train", "sample", "memory", "ceiling", "data", "fuzz", "all", "_rss"))
+    parser.add_argument("what", choices=("train", "sample", "memory", "ceiling", "data", "decoders", "fuzz", "all",
+                                         "_rss"))
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="training steps timed per round")
@@ -630,6 +659,8 @@ def main() -> None:
         bench_ceiling(argparse.Namespace(**{**vars(args), "batch": args.batch or 8}))
     if args.what == "data":  # not part of `all`: it writes ~10,000 files under /tmp the first time
         bench_data(args)
+    if args.what == "decoders":
+        bench_decoders(args)
     if args.what == "fuzz":
         bench_fuzz(args)
 
