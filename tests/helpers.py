@@ -22,6 +22,24 @@ def tiny_model_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**TINY_MODEL, **overrides})
 
 
+def traced_capture(step, stream=None):
+    """A CPU stand-in for CUDA graph capture (step_graph.StepRunner's `capture`): make_fx traces `step` while
+    running it once, and the traced graph replays the same ops on the same tensors with every Python value frozen
+    at the trace, as a CUDA graph does. A step that reads a Python number which changes between steps, or rebinds a
+    tensor instead of writing into it, goes wrong here as it would on a GPU."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ran = {}
+
+    def run(_):
+        ran["outputs"] = step()
+        return ran["outputs"]
+
+    graph = make_fx(run)(torch.zeros(()))
+    return (lambda: graph(torch.zeros(()))), ran["outputs"]
+
+
 # ------------------------------------------------------------------------------------------ fake data on disk
 def write_mixed_folder(root):
     """A class-folder tree of images in every awkward mode and size, plus one file that is not an image."""

@@ -60,3 +60,20 @@ def test_state_dict_round_trip_continues_the_same_average():
 def test_bad_decay():
     with pytest.raises(ValueError, match="decay"):
         EMA(make_model(), decay=1.0)
+
+
+def test_a_device_tensor_weight_gives_the_bits_of_the_float_weight():
+    # The bug it catches: the CUDA-graph step averages with the weight as a 0-dim tensor (read from memory at each
+    # replay); if that path rounded differently, or copied instead of averaging, graphed and eager runs would part.
+    model = make_model()
+    by_float, by_tensor = EMA(model, decay=0.9, warmup_steps=2), EMA(model, decay=0.9, warmup_steps=2)
+    weight = torch.zeros(())
+    for step in range(5):
+        perturb(model, step)
+        by_float.update(model)
+        weight.fill_(by_tensor.next_weight())
+        by_tensor.average(model, weight)
+        for a, b in zip(by_float.model.parameters(), by_tensor.model.parameters()):
+            assert torch.equal(a, b)
+    assert by_tensor.num_updates == 5 and weight.item() == pytest.approx(0.1)
+    assert not torch.equal(next(by_float.model.parameters()), next(model.parameters()))  # it did average

@@ -48,6 +48,7 @@ TRAIN_FLAGS = {
     "snr_gamma": ("train", "snr_gamma"), "seed": ("train", "seed"),
     "out": ("runtime", "out_dir"), "steps": ("runtime", "steps"), "epochs": ("runtime", "epochs"),
     "device": ("runtime", "device"), "amp": ("runtime", "amp"), "compile": ("runtime", "compile"),
+    "cuda_graphs": ("runtime", "cuda_graphs"),
     "num_workers": ("runtime", "num_workers"), "log_every": ("runtime", "log_every"),
     "checkpoint_every": ("runtime", "checkpoint_every"), "keep_checkpoints": ("runtime", "keep_checkpoints"),
     "sample_every": ("runtime", "sample_every"), "sample_steps": ("runtime", "sample_steps"),
@@ -158,6 +159,9 @@ def _add_runtime_flags(a) -> None:
       + _default("amp"))
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the model (first step compiles; may pay off on long GPU runs)")
+    a("--cuda-graphs", choices=("auto", "on", "off"), help="capture the whole training step as a CUDA graph and "
+      "replay it (CUDA only, one process, bf16 or no amp); auto = where measured faster, not yet anywhere"
+      + _default("cuda_graphs"))
     a("--num-workers", type=_workers, help="data loading processes, or auto "
       "(default auto: from the cores on CUDA, 0 on CPU)")
     a("--log-every", type=int, help="TensorBoard scalars every N steps" + _default("log_every"))

@@ -167,6 +167,8 @@ class RuntimeConfig:
     amp: str = "auto"  # auto | bf16 | fp16 | none
     # torch.compile the model: the first step compiles (a minute or more), later ones may run faster
     compile: bool = False
+    # CUDA graphs of the whole training step (step_graph.py): auto | on | off. auto: where measured faster
+    cuda_graphs: str = "auto"
     num_workers: int | None = None  # None: auto (see data.auto_workers)
     log_every: int = 25
     checkpoint_every: int = 500
@@ -187,6 +189,7 @@ class RuntimeConfig:
         _check(self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1")
         _check(self.epochs is None or self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
         _check(self.amp in ("auto", "bf16", "fp16", "none"), f"amp={self.amp!r} must be auto, bf16, fp16 or none")
+        _check(self.cuda_graphs in ("auto", "on", "off"), f"cuda_graphs={self.cuda_graphs!r} must be auto, on or off")
         _check(self.log_every >= 1 and self.checkpoint_every >= 1, "log_every and checkpoint_every must be >= 1")
         _check(self.sample_every >= 0 and self.sample_steps >= 1, "sample_every must be >= 0 and sample_steps >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")

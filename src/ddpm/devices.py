@@ -36,11 +36,12 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """An autocast context for `dtype`, or a no-op when None."""
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """An autocast context for `dtype`, or a no-op when None. `cache=False` recasts the weights at each use (what a
+    CUDA graph needs; the values are the same)."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def configure_for_speed(model: torch.nn.Module, x: torch.Tensor | None = None):

@@ -23,15 +23,28 @@ class EMA:
         self.num_updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def next_weight(self) -> float:
+        """Count one update and return its interpolation weight: 1 (a copy) during the warm-up, then 1 - decay."""
+        self.num_updates += 1
+        return 1.0 if self.num_updates <= self.warmup_steps else 1.0 - self.decay
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.num_updates += 1
+        self.average(model, self.next_weight())
+
+    @torch.no_grad()
+    def average(self, model: nn.Module, weight: float | torch.Tensor) -> None:
+        """ema = lerp(ema, param, weight) = ema + weight * (param - ema); weight 1 copies exactly.
+
+        `weight` may be a 0-dim tensor on the model's device (what a CUDA graph of the training step needs: the
+        graph replays the same kernels, so the weight must be read from memory, not baked in at capture). Both
+        forms give the same bits (tests/test_ema.py)."""
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
-        if self.num_updates <= self.warmup_steps:
-            torch._foreach_copy_(ema_params, params)
+        if isinstance(weight, torch.Tensor):  # foreach lerp has no overload for a single tensor weight
+            torch._foreach_lerp_(ema_params, params, [weight] * len(params))
         else:
-            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)  # ema += (1 - decay) * (p - ema)
+            torch._foreach_lerp_(ema_params, params, weight)
         for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
             ema_buf.copy_(buf)
 

@@ -23,11 +23,12 @@ from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, RuntimeConfig
 from .data import DataInfo, auto_workers, check_bad_files, load_dataset
 from .devices import autocast, configure_for_speed, pick_device, resolve_amp
-from .diffusion import draw_training_inputs, training_losses
+from .diffusion import TrainingDraws, draw_training_inputs, training_losses
 from .ema import EMA
 from .errors import DdpmError
 from .monitor import Monitor, RankZeroMonitor
 from .schedule import NoiseSchedule
+from .step_graph import StaticInputs, StepRunner, graphs_decision
 from .unet import UNet
 
 
@@ -121,11 +122,24 @@ def random_hflip(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW with the fused kernel where available: one pass over all parameters, and it can skip a step on
-    the device (`found_inf`) without a host sync."""
+    the device (`found_inf`) without a host sync. It is capturable, with the learning rate as a device tensor,
+    so that a CUDA graph of the step replays it with each step's rate (the same bits as a float rate, tested).
+    Elsewhere the foreach kernels with a float rate."""
+    params = list(model.parameters())
     try:
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=torch.tensor(lr, device=params[0].device), weight_decay=weight_decay,
+                                 fused=True, capturable=True)
     except (RuntimeError, ValueError):  # a device without a fused implementation
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Write the rate in place when it is a device tensor (a CUDA graph reads it there), else as a number."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def total_steps(config: RunConfig, dataset_size: int) -> int:
@@ -144,7 +158,8 @@ def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
 
 @dataclasses.dataclass
 class StepStats:
-    """What one step measured, all on the training device (reading any of them syncs)."""
+    """What one step measured, all on the training device (reading any of them syncs). Under CUDA graphs the
+    tensors are the graph's outputs, overwritten by the next step: read them before it."""
 
     per_sample: torch.Tensor  # loss per sample of this rank [N]
     timesteps: torch.Tensor  # their t [N]
@@ -181,6 +196,17 @@ class Trainer:
         self.bad_run = torch.zeros((), device=device, dtype=torch.long)  # consecutive skipped steps, on the device
         self.worst_bad_run = torch.zeros((), device=device, dtype=torch.long)  # the longest since the last check
         self.net = self._wrap(self.model)
+        # what the step reads from memory (so that a CUDA graph can replay it), and the numbers last written there
+        self.static = StaticInputs()
+        self.lr_value: float | None = None
+        self.ema_weight = torch.zeros((), device=device)
+        self.ema_weight_value: float | None = None
+        graphs, notice = graphs_decision(config.runtime.cuda_graphs, device, distributed=self.ctx.enabled,
+                                         grad_scaler=self.scaler.is_enabled(),
+                                         capturable_optimizer=bool(self.optimizer.defaults.get("capturable")))
+        if notice:
+            warnings.warn(notice, stacklevel=2)
+        self.runner = StepRunner(graphs)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         net = model
@@ -189,7 +215,7 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         if self.config.runtime.compile:
-            net = torch.compile(net)  # `self.model` keeps the plain parameter names for checkpoints and the EMA
+            net = torch.compile(net, dynamic=False)  # `self.model` keeps the plain parameter names for checkpoints and the EMA
         return net
 
     # -- the checkpoint payload -------------------------------------------------------------------------------
@@ -206,7 +232,10 @@ class Trainer:
             self.model.load_state_dict(state["model"])
         except RuntimeError as error:
             raise ckpt.CheckpointError(f"the checkpoint does not fit the model of its own config: {error}") from error
+        bound = {key: self.optimizer.param_groups[0][key] for key in ("lr", "capturable", "fused", "foreach")}
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the saved rate and flags would replace the device-tensor rate
+            group.update(bound)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
@@ -258,9 +287,9 @@ class Trainer:
             yield x0, labels.to(self.device, non_blocking=True) if conditional else None
 
     # -- one optimizer step --------------------------------------------------------------------------------------
-    def forward_backward(self, x0: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw the step's randomness for the global batch, take this rank's slice, and backpropagate the loss
-        over `grad_accum` micro-batches. Returns (loss per sample, t)."""
+    def load_inputs(self, x0: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Draw the step's randomness for the global batch (the same generator calls on every rank and in every
+        mode), take this rank's slice, and copy it with the batch into the static inputs that `update` reads."""
         t, ctx = self.config.train, self.ctx
         share = t.batch_size // ctx.world_size
         mine = slice(ctx.rank * share, (ctx.rank + 1) * share)
@@ -268,15 +297,28 @@ class Trainer:
             self.schedule, (t.batch_size, *x0.shape[1:]), t.p_uncond, self.noise_gen, self.device
         )[mine]
         flips = torch.rand(t.batch_size, device=self.device, generator=self.noise_gen)[mine] < 0.5
+        inputs = {"x0": x0, "t": draws.t, "noise": draws.noise, "drop": draws.drop, "flips": flips}
+        if labels is not None:
+            inputs["labels"] = labels
+        return self.static.load(**inputs)
+
+    def forward_backward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backpropagate the loss of this rank's inputs over `grad_accum` micro-batches. Returns (loss per sample,
+        t)."""
+        t, ctx = self.config.train, self.ctx
+        share = t.batch_size // ctx.world_size
+        x0, labels = inputs["x0"], inputs.get("labels")
+        draws = TrainingDraws(inputs["t"], inputs["noise"], inputs["drop"])
         if self.hflip:
-            x0 = random_hflip(x0, flips)
+            x0 = random_hflip(x0, inputs["flips"])
         micro = share // t.grad_accum
         losses, timesteps = [], []
         for m in range(t.grad_accum):
             part = slice(m * micro, (m + 1) * micro)
             last = m == t.grad_accum - 1
             sync = self.net.no_sync() if ctx.enabled and not last else torch.enable_grad()
-            with sync, autocast(self.device, self.amp_dtype):
+            # no autocast weight cache: a CUDA graph must not keep casts made at capture time
+            with sync, autocast(self.device, self.amp_dtype, cache=False):
                 per_sample, ts = training_losses(
                     self.net, self.schedule, x0[part], labels[part] if labels is not None else None, draws=draws[part],
                     null_class=self.model.null_class, prediction=self.config.diffusion.prediction,
@@ -288,16 +330,32 @@ class Trainer:
         return torch.cat(losses), torch.cat(timesteps)
 
     def step(self, x0: torch.Tensor, labels: torch.Tensor | None) -> StepStats:
-        """One optimizer step. A non-finite loss or gradient skips the update on the device (fused AdamW's
-        `found_inf`, as GradScaler does for fp16), so nothing waits for the host; `check_divergence` reads the
-        count of consecutive skips at logging steps. The EMA still averages on a skipped step (towards the
-        unchanged weights)."""
+        """One optimizer step: the host's part (learning rate, EMA weight, random draws into the static inputs),
+        then `update` on the device, run directly or replayed as a CUDA graph (step_graph.py)."""
         t = self.config.train
         lr = learning_rate(self.step_count, t.lr, t.warmup_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if lr != self.lr_value:  # a launch saved per step once the warm-up is over
+            set_learning_rate(self.optimizer, lr)
+            self.lr_value = lr
+        if self.ema is not None:
+            weight = self.ema.next_weight()
+            if weight != self.ema_weight_value:
+                self.ema_weight.fill_(weight)
+                self.ema_weight_value = weight
+        self.load_inputs(x0, labels)
+        per_sample, timesteps, grad_norm, skipped = self.runner(self.update)
+        self.step_count += 1
+        return StepStats(per_sample, timesteps, grad_norm, skipped, lr, len(x0) * self.ctx.world_size)
+
+    def update(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The device side of a step. It reads only the static inputs and state updated in place, and makes no
+        host-device sync: what a CUDA graph captures. A non-finite loss or gradient skips the update on the device
+        (fused AdamW's `found_inf`, as GradScaler does for fp16), and `check_divergence` reads the count of
+        consecutive skips at logging steps. The EMA still averages on a skipped step (towards the unchanged
+        weights). Returns (loss per sample, t, gradient norm before clipping, skipped)."""
+        t = self.config.train
         self.optimizer.zero_grad(set_to_none=True)
-        per_sample, timesteps = self.forward_backward(x0, labels)
+        per_sample, timesteps = self.forward_backward(self.static.buffers)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")
@@ -310,12 +368,11 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank must skip together
             skipped = flag[0] > 0
         self._apply_update(skipped)
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self.bad_run = (self.bad_run + 1) * skipped
-        self.worst_bad_run = torch.maximum(self.worst_bad_run, self.bad_run)
-        self.step_count += 1
-        return StepStats(per_sample, timesteps, grad_norm, skipped, lr, len(x0) * self.ctx.world_size)
+        if self.ema is not None:  # a graph reads the weight from memory; eagerly a number is a launch cheaper
+            self.ema.average(self.model, self.ema_weight if self.runner.enabled else self.ema_weight_value)
+        self.bad_run.add_(1).mul_(skipped)  # in place: a replay reads and writes this same memory
+        torch.maximum(self.worst_bad_run, self.bad_run, out=self.worst_bad_run)
+        return per_sample, timesteps, grad_norm, skipped
 
     def _apply_update(self, skipped: torch.Tensor) -> None:
         fused = self.optimizer.defaults.get("fused")

@@ -1,0 +1,114 @@
+"""The graph-ready training step (step_graph.py, Trainer.step/update). A CUDA graph cannot be captured on a CPU, so
+these tests replay the step through `traced_capture` (tests/helpers.py), which freezes Python values and tensor
+bindings exactly as a capture does, and demand the same bits as the eager step."""
+import pytest
+import torch
+from helpers import tiny_model_config, traced_capture
+from torch.utils.data import TensorDataset
+
+from ddpm import RunConfig, RuntimeConfig, TrainConfig
+from ddpm.cli import main
+from ddpm.data import DataInfo
+from ddpm.step_graph import WARMUP_STEPS, StepRunner, graphs_decision
+from ddpm.training import Trainer
+
+STEPS = WARMUP_STEPS + 5  # the warm-up, the capture, then replays
+
+
+def make_trainer() -> Trainer:
+    # the learning-rate warm-up and the EMA warm-up both end inside the replayed steps, so that a rate or an EMA
+    # weight frozen at the capture shows; flips on, gradient clipping on, labels dropped
+    model = tiny_model_config(num_classes=3, in_channels=3)
+    train = TrainConfig(batch_size=6, conditional=True, warmup_steps=WARMUP_STEPS + 3, ema_warmup=WARMUP_STEPS + 2,
+                        ema_decay=0.9, hflip=True, grad_clip=0.05, lr=1e-2, p_uncond=0.3)
+    config = RunConfig(model=model, train=train, runtime=RuntimeConfig(device="cpu", amp="none"))
+    data = TensorDataset(torch.zeros(6, 3, 8, 8), torch.zeros(6, dtype=torch.long))
+    trainer = Trainer(config, DataInfo(data, 3, 3, None, "random"), torch.device("cpu"))
+    trainer.model.train()
+    return trainer
+
+
+def batches():
+    generator = torch.Generator().manual_seed(0)
+    for step in range(STEPS):
+        x0 = torch.rand(6, 3, 8, 8, generator=generator) * 2 - 1
+        if step in (WARMUP_STEPS + 2, WARMUP_STEPS + 3):
+            x0[0, 0, 0, 0] = float("nan")  # two replayed steps in a row that must be skipped on the device
+        yield x0, torch.randint(0, 3, (6,), generator=generator)
+
+
+def train_both(capture) -> tuple[Trainer, Trainer, list, list]:
+    eager, graphed = make_trainer(), make_trainer()
+    graphed.runner = StepRunner(True, capture=capture)
+    eager_stats, graphed_stats = [], []
+    for x0, labels in batches():
+        eager_stats.append(eager.step(x0, labels))
+        graphed_stats.append(graphed.step(x0, labels))
+        assert int(graphed.bad_run) == int(eager.bad_run)  # the count of skips in a row, step by step
+    return eager, graphed, eager_stats, graphed_stats
+
+
+def assert_same_state(a: Trainer, b: Trainer) -> None:
+    for name, x in a.model.state_dict().items():
+        assert torch.equal(x, b.model.state_dict()[name]), f"weights differ: {name}"
+    for name, x in a.ema.model.state_dict().items():
+        assert torch.equal(x, b.ema.model.state_dict()[name]), f"EMA differs: {name}"
+    for key, state in a.optimizer.state_dict()["state"].items():
+        for field, value in state.items():
+            assert torch.equal(value, b.optimizer.state_dict()["state"][key][field]), f"optimizer {field} differs"
+    assert torch.equal(a.bad_run, b.bad_run) and torch.equal(a.worst_bad_run, b.worst_bad_run)
+    assert torch.equal(a.noise_gen.get_state(), b.noise_gen.get_state())
+
+
+def test_a_replayed_step_gives_the_eager_weights_ema_optimizer_state_and_statistics():
+    # Bugs it catches: a learning rate or EMA weight passed as a number (frozen at the capture), a batch or a draw
+    # read from the step's arguments instead of the static buffers, the skip counter rebound instead of updated in
+    # place, a step replayed twice or not at all.
+    eager, graphed, eager_stats, graphed_stats = train_both(traced_capture)
+    assert graphed.runner.graphed and graphed.runner.capture_seconds is not None
+    assert_same_state(eager, graphed)
+    for a, b in zip(eager_stats, graphed_stats):
+        for field in ("per_sample", "timesteps", "grad_norm", "skipped"):
+            torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=0, atol=0, equal_nan=True,
+                                       msg=field)
+        assert a.lr == b.lr
+    assert [bool(s.skipped) for s in graphed_stats].count(True) == 2 and int(graphed.worst_bad_run) == 2
+    assert eager.ema_weight_value == pytest.approx(0.1) and eager_stats[-1].lr == pytest.approx(1e-2)
+
+
+def test_a_failed_capture_warns_and_the_run_continues_eagerly_with_the_same_bits():
+    def broken_capture(step, stream):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    with pytest.warns(UserWarning, match=r"capture of the training step failed \(RuntimeError: operation not "
+                                         r"permitted when stream is capturing\); training continues without"):
+        eager, graphed, _, _ = train_both(broken_capture)
+    assert not graphed.runner.enabled and not graphed.runner.graphed
+    assert_same_state(eager, graphed)
+
+
+def test_when_graphs_are_used_and_what_a_user_is_told_otherwise():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    plain = dict(distributed=False, grad_scaler=False, capturable_optimizer=True)
+    assert graphs_decision("off", cuda, **plain) == (False, None)
+    assert graphs_decision("auto", cpu, **plain) == (False, None)
+    assert graphs_decision("on", cuda, **plain) == (True, None)
+    used, notice = graphs_decision("on", cpu, **plain)
+    assert not used and "need a CUDA device" in notice
+    for blocker, words in (("distributed", "torchrun"), ("grad_scaler", "--amp bf16"),
+                           ("capturable_optimizer", "fused AdamW")):
+        used, notice = graphs_decision("on", cuda, **{**plain, blocker: not plain[blocker]})
+        assert not used and words in notice
+        assert graphs_decision("auto", cuda, **{**plain, blocker: not plain[blocker]}) == (False, None)
+
+
+def test_cuda_graphs_flag(tmp_path, capsys):
+    from helpers import TINY_TRAIN_ARGS
+
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device; training on cpu runs eagerly"):
+        assert main(["train", "mnist", "--out", str(tmp_path / "run"), "--steps", "1", "--device", "cpu",
+                     "--cuda-graphs", "on", *TINY_TRAIN_ARGS]) == 0
+    assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "2", "--cuda-graphs", "off", "--quiet"]) == 0
+    with pytest.raises(SystemExit):
+        main(["train", "mnist", "--out", str(tmp_path / "bad"), "--cuda-graphs", "sometimes", *TINY_TRAIN_ARGS])
+    assert "--cuda-graphs: invalid choice" in capsys.readouterr().err
