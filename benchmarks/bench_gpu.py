@@ -1,158 +1,372 @@
-"""GPU training throughput of `Trainer.step` (the step `ddpm train` runs) for our seed UNet and the peers' UNets,
-in bf16 autocast and channels_last, eager and torch.compile, at batch 64 and 128: images/s, achieved TFLOP/s,
-percent of the card's bf16 dense peak, and peak memory. One sampling step (and its CUDA graph) for ours.
+"""GPU measurements for benchmarks/gpu_check.sh, one part per call, each row appended to a JSON-lines file as soon
+as it is measured (a part stopped by its time cap keeps the rows it finished):
 
-    python benchmarks/bench_gpu.py [--batches 64 128] [--steps 20] [--compile no yes] [--peers]
+    python benchmarks/bench_gpu.py train   --net ours --modes eager graphs --batches 64 128 [--classes 10]
+    python benchmarks/bench_gpu.py equal   [--steps 8]        # graphed and eager steps give the same weights?
+    python benchmarks/bench_gpu.py kernels                     # GroupNorm layouts, SDPA backends at 32x32
+    python benchmarks/bench_gpu.py sample  --batches 16 256    # the whole sampler loop as one CUDA graph
+    python benchmarks/bench_gpu.py report  --out DIR           # DIR/gpu_check.md and DIR/gpu_check.json
 
-Run by benchmarks/gpu_check.sh on a machine with a CUDA GPU; prints Markdown tables for benchmarks/RESULTS.md.
+`train` times `Trainer.step` (the step `ddpm train` runs: loss, backward, clipping, the NaN skip, fused AdamW,
+the EMA) in bf16 autocast and channels_last. Modes: eager, graphs (`--cuda-graphs on`), compile (`--compile`),
+compile+graphs, reduce-overhead (torch.compile's own CUDA graphs of the network, the optimizer left eager).
+`--net lucidrains|diffusers` trains the peers' UNets through the same step (benchmarks/trainer_step.py PeerNet).
+`--device cpu` runs any part on a CPU with `--tiny` sizes, to check the script itself (no numbers to keep).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainer_step import PeerNet, seed_trainer, trainer_step
 
-# bf16 dense tensor-core peaks (no sparsity), TFLOP/s, from the vendor's data sheets
+# bf16 dense tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets
 BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0,
                     "L4": 121.0}
+MODES = ("eager", "graphs", "compile", "compile+graphs", "reduce-overhead")
+# issue 18's targets, checked by `report`
+TARGETS = {"seed batch 14 img/s": 1500, "batch 128 img/s": 4500, "x best peer at 128, both compiled": 2.0,
+           "first step s (compile and capture)": 90}
 
 
 def peak_tflops(name: str) -> float | None:
     return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
-def timed(fn, steps: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def append_row(path: Path, row: dict) -> None:
+    with open(path, "a") as file:
+        file.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def timed(fn, steps: int, device: torch.device) -> float:
+    """Seconds per call of `fn`, after 3 untimed calls."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
-def step_flops(step) -> float:
+# ---------------------------------------------------------------------------------------------------- train
+def build_net(name: str, tiny: bool):
+    """None for ours (the Trainer builds the UNet), else a PeerNet around the peer's UNet."""
+    if name == "ours":
+        return None
+    from bench import diffusers_unet, lucidrains_unet
+
+    net, forward = {"lucidrains": lucidrains_unet, "diffusers": diffusers_unet}[name]()
+    return PeerNet(net, forward)
+
+
+def model_config(args, classes: int | None):
+    from ddpm import ModelConfig
+
+    if args.tiny:
+        return ModelConfig(image_size=16, base_channels=8, channel_mults=(1, 2), num_classes=classes)
+    return ModelConfig(num_classes=classes)
+
+
+def make_trainer(args, mode: str, batch: int, net_name: str):
+    classes = args.classes if net_name == "ours" else None
+    trainer = seed_trainer(batch, args.device, num_classes=classes, amp="bf16" if args.device == "cuda" else "none",
+                           compile_model=mode in ("compile", "compile+graphs"), model=model_config(args, classes),
+                           net=build_net(net_name, args.tiny), cuda_graphs="on" if "graphs" in mode else "off")
+    if mode == "reduce-overhead":
+        trainer.net = torch.compile(trainer.model, mode="reduce-overhead", dynamic=False)
+    return trainer
+
+
+def step_flops(args, batch: int, net_name: str) -> float:
+    """FLOPs of one eager step (forward and backward), counted once per network and batch."""
+    trainer = make_trainer(args, "eager", batch, net_name)
+    step = trainer_step(trainer)
     counter = FlopCounterMode(display=False)
     with counter:
         step()
     return float(counter.get_total_flops())
 
 
-def networks(peers: bool):
-    """(name, builder of a network or None for ours)."""
-    yield "ddpm (ours) seed UNet", None
-    if not peers:
-        return
-    from bench import diffusers_unet, lucidrains_unet
-
-    for name, build in (("lucidrains Unet(dim=64)", lucidrains_unet),
-                        ("diffusers UNet2DModel 64-128-256-256", diffusers_unet)):
-        try:
-            net, forward = build()
-        except ImportError as error:
-            print(f"skipping {name}: {error}")
-            continue
-        yield name, (lambda net=net, forward=forward: PeerNet(net, forward))
-
-
-def bench_training(args) -> list[tuple]:
-    rows = []
-    peak = peak_tflops(torch.cuda.get_device_name())
-    for name, build in networks(args.peers):
-        for compile_model in [c == "yes" for c in args.compile]:
-            for batch in args.batches:
+def bench_train(args) -> None:
+    device = torch.device(args.device)
+    for batch in args.batches:
+        flops = step_flops(args, batch, args.net) if not args.no_flops else None
+        for mode in args.modes:
+            torch._dynamo.reset()
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+            row = {"part": "train", "net": args.net, "mode": mode, "batch": batch, "classes": args.classes
+                   if args.net == "ours" else None, "device": device_name(device), "torch": torch.__version__}
+            try:
+                start = time.perf_counter()
+                trainer = make_trainer(args, mode, batch, args.net)
+                step = trainer_step(trainer)
+                for _ in range(4):  # compile, the graph warm-up and the capture all happen here
+                    step()
+                synchronize(device)
+                row["first_steps_s"] = time.perf_counter() - start
+                seconds = timed(step, args.steps, device)
+            except Exception as error:  # noqa: BLE001 - one failing configuration must not lose the others
+                row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+                append_row(args.jsonl, row)
+                continue
+            row.update(images_per_s=batch / seconds, step_ms=1000 * seconds, graphed=trainer.runner.graphed,
+                       capture_s=trainer.runner.capture_seconds, flops=flops,
+                       peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+            if flops:
+                row["tflops"] = flops / seconds / 1e12
+            append_row(args.jsonl, row)
+            del trainer, step
+
+
+def bench_equal(args) -> None:
+    """Weights, EMA and losses after `--steps` steps, graphed against eager (and compiled+graphed against
+    compiled), from the same initial weights and batches: max |difference|."""
+    device = torch.device(args.device)
+    for plain_mode, graph_mode in (("eager", "graphs"), ("compile", "compile+graphs")):
+        if plain_mode not in args.modes:
+            continue
+        torch._dynamo.reset()
+        trainers = [make_trainer(args, mode, args.batches[0], "ours") for mode in (plain_mode, graph_mode)]
+        steps = [trainer_step(trainer, seed=s) for trainer in trainers for s in range(args.steps)]
+        losses = [[], []]
+        for i in range(args.steps):
+            for k, trainer in enumerate(trainers):
+                stats = steps[k * args.steps + i]()
+                losses[k].append(stats.per_sample.float().mean().item())
+        synchronize(device)
+        a, b = trainers
+
+        def max_diff(x, y):
+            return max((p - q).abs().max().item() for p, q in zip(x.parameters(), y.parameters()))
+
+        append_row(args.jsonl, {"part": "equal", "modes": f"{plain_mode} vs {graph_mode}", "steps": args.steps,
+                                "graphed": b.runner.graphed, "max_weight_diff": max_diff(a.model, b.model),
+                                "max_ema_diff": max_diff(a.ema.model, b.ema.model),
+                                "max_loss_diff": max(abs(x - y) for x, y in zip(*losses))})
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+def attention_shapes(args) -> list[tuple[int, int, int, int]]:
+    """(channels, height, width, heads) of each self-attention layer of the seed UNet at 64x64."""
+    from ddpm import UNet
+    from ddpm.unet import SelfAttention
+
+    model = UNet(model_config(args, None))
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((*i[0].shape[1:], m.num_heads)))
+             for m in model.modules() if isinstance(m, SelfAttention)]
+    size = model.config.image_size
+    with torch.no_grad():
+        model(torch.zeros(1, model.config.in_channels, size, size), torch.zeros(1, dtype=torch.long))
+    for hook in hooks:
+        hook.remove()
+    return sorted(set(shapes), reverse=True)
+
+
+def bench_kernels(args) -> None:
+    """GroupNorm(1, C) forward+backward in NCHW and channels_last, eager and compiled with the GELU after it; the
+    attention of the largest resolution with each SDPA backend. At the training batch, in bf16 autocast."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device, batch = torch.device(args.device), args.batches[0]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def fwd_bwd(fn, x):
+        def run():
+            x.grad = None
+            fn(x).float().sum().backward()
+        return run
+
+    shapes = [(64, 64, 64), (128, 32, 32), (256, 16, 16)] if not args.tiny else [(8, 16, 16)]
+    for c, h, w in shapes:
+        norm = torch.nn.GroupNorm(1, c).to(device)
+        for layout in ("nchw", "channels_last"):
+            x = torch.randn(batch, c, h, w, device=device, dtype=dtype)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+            fused = torch.compile(lambda x: F.gelu(norm(x)), dynamic=False)
+            for name, fn in (("GroupNorm", lambda x: norm(x)), ("compiled GroupNorm+GELU", fused)):
                 try:
-                    trainer = seed_trainer(batch, "cuda", amp="bf16", compile_model=compile_model,
-                                           net=build() if build else None)
-                    step = trainer_step(trainer)
-                    start = time.perf_counter()
-                    step()  # compiles when asked
-                    first = time.perf_counter() - start
-                    flops = step_flops(step) if not compile_model else None
-                    seconds = timed(step, args.steps)
-                except Exception as error:  # noqa: BLE001 - one failing configuration must not lose the others
-                    print(f"{name} batch {batch} compile={compile_model}: failed: {type(error).__name__}: {error}")
-                    continue
-                memory = torch.cuda.max_memory_allocated() / 2**30
-                rows.append((name, compile_model, batch, batch / seconds, flops, seconds, memory, first, peak))
-                print(f"{name} compile={compile_model} batch {batch}: {batch / seconds:.0f} img/s", flush=True)
-                del trainer, step
-    return rows
+                    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                        seconds = timed(fwd_bwd(fn, x), args.steps, device)
+                    append_row(args.jsonl, {"part": "kernels", "op": name, "layout": layout, "shape": [batch, c, h, w],
+                                            "ms": 1000 * seconds})
+                except Exception as error:  # noqa: BLE001
+                    append_row(args.jsonl, {"part": "kernels", "op": name, "layout": layout, "error": str(error)[:200]})
+    c, h, w, heads = attention_shapes(args)[0]
+    q, k, v = (torch.randn(batch, heads, h * w, c // heads, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    for backend in (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                    SDPBackend.CUDNN_ATTENTION):
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v).float().sum().backward()
+        row = {"part": "kernels", "op": f"SDPA {backend.name}", "shape": [batch, heads, h * w, c // heads]}
+        try:
+            row["ms"] = 1000 * timed(run, args.steps, device)
+        except Exception as error:  # noqa: BLE001 - a backend that does not run here is a result too
+            row["error"] = str(error).strip().splitlines()[0][:200]
+        append_row(args.jsonl, row)
 
 
-def print_training(rows: list[tuple]) -> None:
-    flops_of = {(r[0], r[2]): r[4] for r in rows if r[4] is not None}  # the eager count serves the compiled row too
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; Trainer.step, bf16 autocast, channels_last, "
-          "fused AdamW, EMA")
-    print("| network | compile | batch | train images/s | TFLOP/s | % of bf16 dense peak | peak GiB | first step s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, compiled, batch, ips, _, seconds, memory, first, peak in rows:
-        flops = flops_of.get((name, batch))
-        tflops = flops / seconds / 1e12 if flops else None
-        share = f"{100 * tflops / peak:.1f}%" if tflops and peak else "-"
-        tflops_text = f"{tflops:.0f}" if tflops else "-"
-        print(f"| {name} | {'yes' if compiled else 'no'} | {batch} | {ips:.0f} | {tflops_text} | {share} "
-              f"| {memory:.1f} | {first:.1f} |")
-
-
-def bench_sampling(args) -> None:
-    from ddpm import ModelConfig, UNet
+# ---------------------------------------------------------------------------------------------------- sampling
+def bench_sample(args) -> None:
+    """One batch of `ddpm sample`'s default (autoguided DPM-Solver++, 20 steps) and of DDIM 50 steps with CFG w=3,
+    eager and as one CUDA graph of the whole sampler loop (fp32, as `ddpm sample` runs)."""
+    from ddpm import NoiseSchedule, SamplingConfig, UNet
+    from ddpm.config import AUTOGUIDED, DiffusionConfig
     from ddpm.devices import configure_for_speed
+    from ddpm.guidance import make_denoiser
+    from ddpm.samplers import run_sampler
 
-    print("\n| batch | sampling images/s (one guided-free step, bf16) | with a CUDA graph |")
-    print("|---|---|---|")
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    model, _ = configure_for_speed(UNet(ModelConfig()).cuda().eval())
+    model, guide = (configure_for_speed(UNet(model_config(args, 10)).to(device).eval())[0] for _ in range(2))
+    schedule = NoiseSchedule.from_config(DiffusionConfig()).to(device)
+    settings = {"autoguided dpmpp2m 20": (SamplingConfig(**AUTOGUIDED), guide),
+                "cfg ddim 50": (SamplingConfig(sampler="ddim", steps=50, guidance=3.0), None)}
     for batch in args.batches:
-        x = torch.randn(batch, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
-        t = torch.full((batch,), 500, device="cuda")
-        def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        labels = torch.arange(batch, device=device) % 10
+        shape = (batch, model.config.in_channels, model.config.image_size, model.config.image_size)
+        for name, (sampling, guide_net) in settings.items():
+            def draw(sampling=sampling, guide_net=guide_net):
+                with torch.no_grad():
+                    denoiser = make_denoiser(model, labels, sampling, schedule=schedule, guide=guide_net)
+                    return run_sampler(denoiser, schedule, shape, sampling, device=device)
 
-        def one_step():
-            with torch.inference_mode(), autocast():
-                return model(x, t)
+            row = {"part": "sample", "setting": name, "batch": batch}
+            row["eager_images_per_s"] = batch / timed(draw, max(2, args.steps // 10), device)
+            if device.type == "cuda":
+                try:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        draw()
+                    row["graph_images_per_s"] = batch / timed(graph.replay, max(2, args.steps // 10), device)
+                except Exception as error:  # noqa: BLE001
+                    row["graph_error"] = str(error).strip().splitlines()[0][:200]
+            append_row(args.jsonl, row)
 
-        plain = timed(one_step, args.steps)
-        graph_s = float("nan")
-        try:  # a CUDA graph of one step removes the launch overhead of a few hundred small kernels
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.no_grad(), autocast():
-                for _ in range(3):
-                    model(x, t)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.no_grad(), autocast():
-                model(x, t)
-            graph_s = timed(graph.replay, args.steps)
-        except Exception as error:  # noqa: BLE001
-            print(f"CUDA graph capture failed: {error}")
-        print(f"| {batch} | {batch / plain:.0f} | {batch / graph_s:.0f} |")
+
+# ---------------------------------------------------------------------------------------------------- report
+def _number(value, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def training_table(rows: list[dict]) -> list[str]:
+    lines = ["| network | mode | batch | train img/s | step ms | TFLOP/s | % of bf16 peak | peak GiB | first 4 steps s "
+             "| graphed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['net']} | {r['mode']} | {r['batch']} | failed: {r['error']} |||||||")
+            continue
+        peak = peak_tflops(r["device"])
+        share = f"{100 * r['tflops'] / peak:.1f}%" if r.get("tflops") and peak else "-"
+        lines.append(f"| {r['net']}{' (10 classes)' if r.get('classes') else ''} | {r['mode']} | {r['batch']} "
+                     f"| {_number(r['images_per_s'])} | {_number(r['step_ms'], 1)} | {_number(r.get('tflops'))} "
+                     f"| {share} | {_number(r.get('peak_gib'), 1)} | {_number(r['first_steps_s'], 1)} "
+                     f"| {'yes' if r['graphed'] else 'no'} |")
+    return lines
+
+
+def targets(train: list[dict]) -> dict:
+    """Issue 18's targets from the training rows: value, target and met (None when not measured)."""
+    ok = [r for r in train if "error" not in r]
+    ours = [r for r in ok if r["net"] == "ours"]
+    compiled = ("compile", "compile+graphs", "reduce-overhead")
+
+    def best(rows):
+        return max(rows, key=lambda r: r["images_per_s"], default=None)
+
+    seed = best([r for r in ours if r["batch"] == 14 and r.get("classes") == 10])
+    at_128 = best([r for r in ours if r["batch"] == 128])
+    ours_compiled = best([r for r in ours if r["batch"] == 128 and r["mode"] in compiled])
+    peer = best([r for r in ok if r["net"] != "ours" and r["batch"] == 128 and r["mode"] in compiled])
+    ratio = ours_compiled["images_per_s"] / peer["images_per_s"] if ours_compiled and peer else None
+    values = {"seed batch 14 img/s": seed and seed["images_per_s"],
+              "batch 128 img/s": at_128 and at_128["images_per_s"],
+              "x best peer at 128, both compiled": ratio,
+              "first step s (compile and capture)": at_128 and at_128["first_steps_s"]}
+    result = {}
+    for name, target in TARGETS.items():
+        value = values[name]
+        met = None if value is None else (value < target if name.startswith("first") else value >= target)
+        result[name] = {"value": value, "target": target, "met": met}
+    return result
+
+
+def bench_report(args) -> None:
+    rows = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()] \
+        if args.jsonl.exists() else []
+    train = [r for r in rows if r["part"] == "train"]
+    goals = targets(train)
+    lines = ["## Training step (Trainer.step: bf16 autocast, channels_last, fused AdamW, EMA)", "",
+             *training_table(train), "", "## Targets (issue 18)", "", "| target | measured | goal | met |",
+             "|---|---|---|---|"]
+    for name, goal in goals.items():
+        met = {None: "not measured", True: "MET", False: "NOT MET"}[goal["met"]]
+        lines.append(f"| {name} | {_number(goal['value'], 1)} | {goal['target']} | {met} |")
+    for part, title in (("equal", "Graphed against eager, same weights and batches"),
+                        ("kernels", "Kernels (forward + backward)"), ("sample", "Sampling one batch")):
+        part_rows = [{k: v for k, v in r.items() if k != "part"} for r in rows if r["part"] == part]
+        if part_rows:
+            keys = list(dict.fromkeys(k for r in part_rows for k in r))
+            lines += ["", f"## {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(_cell(r.get(k, "-")) for k in keys) + " |" for r in part_rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.json").write_text(json.dumps({"rows": rows, "targets": goals}, indent=1))
+    (args.out / "gpu_check_tables.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--compile", nargs="+", choices=("no", "yes"), default=["no", "yes"])
-    parser.add_argument("--peers", action="store_true",
-                        help="also lucidrains' and diffusers' UNets (their packages must import)")
+    parser.add_argument("part", choices=("train", "equal", "kernels", "sample", "report"))
+    parser.add_argument("--net", choices=("ours", "lucidrains", "diffusers"), default="ours")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["eager", "graphs"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[128])
+    parser.add_argument("--classes", type=int, default=None, help="our UNet class-conditional with N classes")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (an extra eager step)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a tiny UNet (a CPU check of this script)")
+    parser.add_argument("--jsonl", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")) / "gpu.jsonl")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("no CUDA GPU is visible here; on a CPU run `python benchmarks/bench.py all` instead")
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    print_training(bench_training(args))
-    bench_sampling(args)
+    if args.part != "report" and args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA GPU is visible here; `--device cpu --tiny` checks the script itself")
+    args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    {"train": bench_train, "equal": bench_equal, "kernels": bench_kernels, "sample": bench_sample,
+     "report": bench_report}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issue 13). On a machine with one CUDA GPU and no network, from the repo root:
+# The one prepared GPU check (issues 13 and 18). On a machine with one CUDA GPU and no network, from the repo root:
 #
-#   bash benchmarks/gpu_check.sh            # about 7 minutes; writes $OUT/gpu_check.md (or benchmarks/results/)
+#   bash benchmarks/gpu_check.sh      # at most about 6.5 minutes: every part has its own time cap
 #
-# It needs nothing downloaded: the package runs from src/ (PYTHONPATH), and the peers' packages come from wheels
-# in .whl/ made beforehand on a machine with PyPI (`make gpu-wheels`; the device tool carries the folder).
-# Steps: (1) bench_gpu.py: Trainer.step for ours, lucidrains' Unet(dim=64) and diffusers' UNet2DModel, bf16,
-# channels_last, eager and compiled, batch 64 and 128; (2) `ddpm prepare` the bundled photos at 64x64 and train the
-# seed's 64x64 conditional configuration on it for 3 minutes with CUDA's sync debug mode "error" inside every
-# step; (3) `ddpm sample` a grid from it. Everything printed also goes to the results file.
+# Results: $OUT/gpu_check.md (everything printed), $OUT/gpu_check.json and $OUT/gpu_check_tables.md (the rows and
+# issue 18's targets), $OUT/gpu.jsonl (raw rows), $OUT/gpu_grid.png. Without $OUT: benchmarks/results/.
+# It needs nothing downloaded: the package runs from src/ (PYTHONPATH), and the peers' packages come from wheels in
+# .whl/ made beforehand on a machine with PyPI (`make gpu-wheels`; the device tool carries the folder).
+# A part that reaches its cap is cut there; the rows it finished are kept and the report says what is missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS_DIR="${OUT:-benchmarks/results}"
 mkdir -p "$RESULTS_DIR"
 RESULTS="$RESULTS_DIR/gpu_check.md"
+ROWS="$RESULTS_DIR/gpu.jsonl"
+rm -f "$ROWS"
 WORK="$(mktemp -d)"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"  # a cold compile cache: the compile times a first run pays
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:$WORK/site"
 fi
+bench() {  # bench CAP_SECONDS PART ARGS...: one part of bench_gpu.py under its time cap
+  local cap=$1; shift
+  timeout -k 5 "$cap" "$PY" benchmarks/bench_gpu.py "$@" --jsonl "$ROWS" || echo "bench_gpu.py $*: exit $? (124: cut at its ${cap}s cap)"
+}
 
 {
   echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -28,19 +34,34 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
   "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
   echo
-  echo "## 1. Training step throughput (bench_gpu.py)"
-  timeout 300 "$PY" benchmarks/bench_gpu.py --batches 64 128 --steps 20 --compile no yes --peers || echo "bench_gpu.py: exit $?"
+  echo "## 1. Training step, eager and CUDA-graphed: the seed's batch 14 (10 classes), then 64, 128, 256"
+  bench 20 train --modes eager graphs --batches 14 --classes 10
+  bench 25 train --modes eager graphs --batches 128 64 256
+  echo "## 2. Graphed against eager: the same weights after 8 steps?"
+  bench 12 equal --modes eager graphs --batches 64 --steps 8
+  echo "## 3. Compiled (cold cache), with and without CUDA graphs: batch 128, then the seed's batch 14"
+  bench 90 train --modes compile+graphs compile --batches 128
+  bench 30 train --modes compile+graphs --batches 14 --classes 10 --no-flops
+  echo "## 4. The peers compiled at batch 128, each under its own cap"
+  bench 35 train --net lucidrains --modes compile --batches 128
+  bench 35 train --net diffusers --modes compile --batches 128
+  echo "## 5. Kernels: GroupNorm in NCHW and channels_last, SDPA backends at 32x32"
+  bench 13 kernels --batches 128 --steps 10
+  echo "## 6. Sampling one batch, eager and as one CUDA graph of the sampler loop"
+  bench 15 sample --batches 16 256 --steps 20
   echo
-  echo "## 2. Three minutes of the seed's 64x64 conditional run on a prepared copy of the bundled photos"
-  "$PY" -m ddpm prepare photos --conditional --image-size 64 --out "$WORK/photos64" || echo "ddpm prepare: exit $?"
-  timeout -s INT 180 "$PY" benchmarks/train_sync_checked.py train "$WORK/photos64" --preset cifar10-64 --steps 1000000 \
-    --out "$WORK/run" --checkpoint-every 500 --sample-every 0 --num-workers auto
+  echo "## 7. 90 seconds of the seed's 64x64 conditional run with CUDA graphs, no host sync allowed in any step"
+  timeout 15 "$PY" -m ddpm prepare photos --conditional --image-size 64 --out "$WORK/photos64" || echo "ddpm prepare: exit $?"
+  timeout -s INT 90 "$PY" benchmarks/train_sync_checked.py train "$WORK/photos64" --preset cifar10-64 --steps 1000000 \
+    --out "$WORK/run" --checkpoint-every 500 --sample-every 0 --num-workers auto --cuda-graphs on
   status=$?
-  echo "train exit status $status (124 = stopped by the 3-minute timeout as planned, the last checkpoint kept; anything else failed)"
+  echo "train exit status $status (124 = stopped by the 90-second timeout as planned, the last checkpoint kept; anything else failed)"
   echo
-  echo "## 3. A sample grid"
-  "$PY" -m ddpm sample "$WORK/run" --out "$WORK/samples" --per-class 4 --sampler dpmpp2m --sampling-steps 20 \
+  echo "## 8. A sample grid"
+  timeout 15 "$PY" -m ddpm sample "$WORK/run" --out "$WORK/samples" --per-class 4 --sampler dpmpp2m --sampling-steps 20 \
     || echo "ddpm sample: exit $?"
+  echo
+  "$PY" benchmarks/bench_gpu.py report --jsonl "$ROWS" --out "$RESULTS_DIR"
 } 2>&1 | tee "$RESULTS"
 cp "$WORK/samples/grid.png" "$RESULTS_DIR/gpu_grid.png" 2>/dev/null || true
 echo "results: $RESULTS"

@@ -28,12 +28,13 @@ class PeerNet(torch.nn.Module):
 
 def seed_trainer(batch: int, device: str | torch.device = "cpu", *, num_classes: int | None = None, amp: str = "none",
                  compile_model: bool = False, model: ModelConfig | None = None,
-                 net: torch.nn.Module | None = None) -> Trainer:
+                 net: torch.nn.Module | None = None, cuda_graphs: str = "off") -> Trainer:
     """A Trainer for the seed model (64x64 RGB unless `model` says otherwise) with the seed's recipe; `net`
-    (e.g. a PeerNet) replaces our UNet."""
+    (e.g. a PeerNet) replaces our UNet; `cuda_graphs` is `--cuda-graphs`."""
     model = model or ModelConfig(num_classes=num_classes)
     config = RunConfig(model=model, train=TrainConfig(batch_size=batch, conditional=num_classes is not None),
-                       runtime=RuntimeConfig(device=str(device), amp=amp, compile=compile_model))
+                       runtime=RuntimeConfig(device=str(device), amp=amp, compile=compile_model,
+                                                          cuda_graphs=cuda_graphs))
     images = torch.zeros(batch, model.in_channels, model.image_size, model.image_size)
     info = DataInfo(TensorDataset(images, torch.zeros(batch, dtype=torch.long)), model.in_channels, num_classes, None,
                     "random")

@@ -3,7 +3,6 @@ these tests replay the step through `traced_capture` (tests/helpers.py), which f
 bindings exactly as a capture does, and demand the same bits as the eager step."""
 import pytest
 import torch
-from helpers import tiny_model_config, traced_capture
 from torch.utils.data import TensorDataset
 
 from ddpm import RunConfig, RuntimeConfig, TrainConfig
@@ -11,17 +10,18 @@ from ddpm.cli import main
 from ddpm.data import DataInfo
 from ddpm.step_graph import WARMUP_STEPS, StepRunner, graphs_decision
 from ddpm.training import Trainer
+from helpers import tiny_model_config, traced_capture
 
 STEPS = WARMUP_STEPS + 5  # the warm-up, the capture, then replays
 
 
-def make_trainer() -> Trainer:
+def make_trainer(compile: bool = False) -> Trainer:
     # the learning-rate warm-up and the EMA warm-up both end inside the replayed steps, so that a rate or an EMA
     # weight frozen at the capture shows; flips on, gradient clipping on, labels dropped
     model = tiny_model_config(num_classes=3, in_channels=3)
     train = TrainConfig(batch_size=6, conditional=True, warmup_steps=WARMUP_STEPS + 3, ema_warmup=WARMUP_STEPS + 2,
                         ema_decay=0.9, hflip=True, grad_clip=0.05, lr=1e-2, p_uncond=0.3)
-    config = RunConfig(model=model, train=train, runtime=RuntimeConfig(device="cpu", amp="none"))
+    config = RunConfig(model=model, train=train, runtime=RuntimeConfig(device="cpu", amp="none", compile=compile))
     data = TensorDataset(torch.zeros(6, 3, 8, 8), torch.zeros(6, dtype=torch.long))
     trainer = Trainer(config, DataInfo(data, 3, 3, None, "random"), torch.device("cpu"))
     trainer.model.train()
@@ -112,3 +112,24 @@ def test_cuda_graphs_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "mnist", "--out", str(tmp_path / "bad"), "--cuda-graphs", "sometimes", *TINY_TRAIN_ARGS])
     assert "--cuda-graphs: invalid choice" in capsys.readouterr().err
+
+
+def test_the_compiled_step_compiles_once_through_both_warm_ups_and_a_skipped_step(monkeypatch):
+    # The bug it catches: something that changes from step to step reaching the compiled network (a rate, a step
+    # count, a batch shape), which recompiles it; a recompile after the first marks shapes dynamic and gives
+    # slower kernels. error_on_recompile turns any recompile into a failure.
+    import torch._dynamo
+
+    real_compile, options = torch.compile, []
+
+    def compile_cheaply(model, **kwargs):  # the step's guards, not inductor's code generation (minutes on a CPU)
+        options.append(kwargs)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_cheaply)
+    torch._dynamo.reset()
+    trainer = make_trainer(compile=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for x0, labels in batches():
+            trainer.step(x0, labels)
+    assert options == [{"dynamic": False}] and trainer.step_count == STEPS

@@ -114,6 +114,7 @@ class RankZeroMonitor(Monitor):
         self.bar = tqdm(total=last_step, initial=step, disable=not show_progress, desc="train", dynamic_ncols=True)
         self.start_time, self.start_step, self.extra_seconds = time.perf_counter(), step, 0.0
         self.bad_files_reported = 0
+        self.capture_reported = False
         self.guide_step = guide_step(config.runtime.guide_fraction, last_step)
 
     def _validation_set(self, trainer):
@@ -183,9 +184,16 @@ class RankZeroMonitor(Monitor):
 
     def progress(self, trainer) -> None:
         self.bar.update(1)
-        if self.config.runtime.compile and trainer.step_count == self.start_step + 1 and self.show_progress:
+        if not self.show_progress:
+            return
+        if self.config.runtime.compile and trainer.step_count == self.start_step + 1:
             self.bar.write(f"torch.compile: the first step took {time.perf_counter() - self.start_time:.0f}s "
                            "(compilation included)")
+        if trainer.runner.capture_seconds is not None and not self.capture_reported:
+            self.capture_reported = True
+            self.bar.write(f"CUDA graphs: step {trainer.step_count} captured the training step in "
+                           f"{trainer.runner.capture_seconds:.1f}s ({time.perf_counter() - self.start_time:.0f}s "
+                           "since the start); every later step replays it")
 
     def close(self, trainer) -> None:
         self.bar.close()

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, RuntimeConfig
 from .data import DataInfo, auto_workers, check_bad_files, load_dataset
-from .devices import autocast, configure_for_speed, pick_device, resolve_amp
+from .devices import autocast, compile_for_training, configure_for_speed, pick_device, resolve_amp
 from .diffusion import TrainingDraws, draw_training_inputs, training_losses
 from .ema import EMA
 from .errors import DdpmError
@@ -214,8 +214,8 @@ class Trainer:
             net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        if self.config.runtime.compile:
-            net = torch.compile(net, dynamic=False)  # `self.model` keeps the plain parameter names for checkpoints and the EMA
+        if self.config.runtime.compile:  # `self.model` keeps the plain parameter names for checkpoints and the EMA
+            net = compile_for_training(net)
         return net
 
     # -- the checkpoint payload -------------------------------------------------------------------------------
