@@ -1,7 +1,8 @@
 """`ddpm train ...` with CUDA's sync debug mode set to "error" inside every `Trainer.step`: any host-device
 synchronisation in the step (a `.item()`, a `bool(tensor)`, a blocking copy) raises instead of silently
 stalling the GPU. With `--cuda-graphs on` the warm-up steps and every replay are checked; the one step that
-captures the graph is not (`torch.cuda.graph` synchronises the device before capturing). Logging, validation and checkpoints run outside the step, where syncs are allowed.
+captures the graph is not (`torch.cuda.graph` synchronises the device before capturing). Logging, validation
+and checkpoints run outside the step, where syncs are allowed.
 
     python benchmarks/train_sync_checked.py train DATA --out RUN ...   (the arguments of `ddpm train`)
 """
