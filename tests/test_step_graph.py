@@ -1,6 +1,8 @@
 """The graph-ready training step (step_graph.py, Trainer.step/update). A CUDA graph cannot be captured on a CPU, so
 these tests replay the step through `traced_capture` (tests/helpers.py), which freezes Python values and tensor
 bindings exactly as a capture does, and demand the same bits as the eager step."""
+import os
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -133,3 +135,19 @@ def test_the_compiled_step_compiles_once_through_both_warm_ups_and_a_skipped_ste
         for x0, labels in batches():
             trainer.step(x0, labels)
     assert options == [{"dynamic": False}] and trainer.step_count == STEPS
+
+
+def test_compiled_kernels_are_kept_outside_tmp_unless_the_user_says_where(monkeypatch, tmp_path):
+    # The bug it catches: inductor's default cache under /tmp (emptied by a reboot, so every run pays the whole
+    # compile again), or a cache folder chosen over the user's own TORCHINDUCTOR_CACHE_DIR.
+    from ddpm.devices import compile_cache_dir, compile_for_training
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache_dir() == tmp_path / "xdg" / "ddpm" / "torchinductor"
+    monkeypatch.setattr(torch, "compile", lambda net, **options: net)
+    compile_for_training(torch.nn.Linear(1, 1))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "ddpm" / "torchinductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compile_for_training(torch.nn.Linear(1, 1))
+    assert compile_cache_dir() == tmp_path / "mine" and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
