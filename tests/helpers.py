@@ -37,7 +37,12 @@ def traced_capture(step, stream=None):
         return ran["outputs"]
 
     graph = make_fx(run)(torch.zeros(()))
-    return (lambda: graph(torch.zeros(()))), ran["outputs"]
+
+    def replay():
+        with torch.no_grad():  # the trace holds the backward's ops already; a CUDA graph's outputs have no autograd
+            return graph(torch.zeros(()))
+
+    return replay, ran["outputs"]
 
 
 # ------------------------------------------------------------------------------------------ fake data on disk

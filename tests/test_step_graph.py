@@ -17,12 +17,13 @@ from helpers import tiny_model_config, traced_capture
 STEPS = WARMUP_STEPS + 5  # the warm-up, the capture, then replays
 
 
-def make_trainer(compile: bool = False) -> Trainer:
+def make_trainer(compile: bool = False, grad_accum: int = 1) -> Trainer:
     # the learning-rate warm-up and the EMA warm-up both end inside the replayed steps, so that a rate or an EMA
     # weight frozen at the capture shows; flips on, gradient clipping on, labels dropped
     model = tiny_model_config(num_classes=3, in_channels=3)
     train = TrainConfig(batch_size=6, conditional=True, warmup_steps=WARMUP_STEPS + 3, ema_warmup=WARMUP_STEPS + 2,
-                        ema_decay=0.9, hflip=True, grad_clip=0.05, lr=1e-2, p_uncond=0.3)
+                        ema_decay=0.9, hflip=True, grad_clip=0.05, lr=1e-2, p_uncond=0.3,
+                        grad_accum=grad_accum)
     config = RunConfig(model=model, train=train, runtime=RuntimeConfig(device="cpu", amp="none", compile=compile))
     data = TensorDataset(torch.zeros(6, 3, 8, 8), torch.zeros(6, dtype=torch.long))
     trainer = Trainer(config, DataInfo(data, 3, 3, None, "random"), torch.device("cpu"))
@@ -39,8 +40,8 @@ def batches():
         yield x0, torch.randint(0, 3, (6,), generator=generator)
 
 
-def train_both(capture) -> tuple[Trainer, Trainer, list, list]:
-    eager, graphed = make_trainer(), make_trainer()
+def train_both(capture, grad_accum: int = 1) -> tuple[Trainer, Trainer, list, list]:
+    eager, graphed = make_trainer(grad_accum=grad_accum), make_trainer(grad_accum=grad_accum)
     graphed.runner = StepRunner(True, capture=capture)
     eager_stats, graphed_stats = [], []
     for x0, labels in batches():
@@ -62,11 +63,12 @@ def assert_same_state(a: Trainer, b: Trainer) -> None:
     assert torch.equal(a.noise_gen.get_state(), b.noise_gen.get_state())
 
 
-def test_a_replayed_step_gives_the_eager_weights_ema_optimizer_state_and_statistics():
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_a_replayed_step_gives_the_eager_weights_ema_optimizer_state_and_statistics(grad_accum):
     # Bugs it catches: a learning rate or EMA weight passed as a number (frozen at the capture), a batch or a draw
     # read from the step's arguments instead of the static buffers, the skip counter rebound instead of updated in
-    # place, a step replayed twice or not at all.
-    eager, graphed, eager_stats, graphed_stats = train_both(traced_capture)
+    # place, a step replayed twice or not at all. With --grad-accum the graph holds every micro-batch.
+    eager, graphed, eager_stats, graphed_stats = train_both(traced_capture, grad_accum)
     assert graphed.runner.graphed and graphed.runner.capture_seconds is not None
     assert_same_state(eager, graphed)
     for a, b in zip(eager_stats, graphed_stats):
@@ -151,3 +153,56 @@ def test_compiled_kernels_are_kept_outside_tmp_unless_the_user_says_where(monkey
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     compile_for_training(torch.nn.Linear(1, 1))
     assert compile_cache_dir() == tmp_path / "mine" and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_a_run_of_replayed_steps_resumed_midway_ends_with_the_eager_runs_bits(tmp_path, monkeypatch, capsys):
+    # The bug it catches: the loop around the step breaking under a graph: the monitor keeping the graph's output
+    # tensors (overwritten by the next replay), previews or validation between replays, a checkpoint or the guide
+    # snapshot taken from the graph's memory, or a resumed run that does not capture anew.
+    import functools
+
+    import ddpm.training as training
+    from ddpm.checkpoint import latest_checkpoint, load_training_state
+
+    def run(out, steps, resume=False):
+        recipe = TrainConfig(data="mnist", conditional=True, batch_size=8, lr=1e-3, ema_warmup=2, warmup_steps=5)
+        runtime = RuntimeConfig(out_dir=str(out), steps=steps, device="cpu", checkpoint_every=3, sample_every=4,
+                                sample_steps=2, val_every=5, val_size=8, log_every=2, num_workers=0)
+        training.train(RunConfig(model=tiny_model_config(), train=recipe, runtime=runtime), resume=resume)
+        return load_training_state(latest_checkpoint(out))
+
+    eager = run(tmp_path / "eager", 14)
+    monkeypatch.setattr(training, "graphs_decision", lambda *args, **kwargs: (True, None))
+    monkeypatch.setattr(training, "StepRunner", functools.partial(StepRunner, capture=traced_capture))
+    run(tmp_path / "graphed", 6)  # 3 warm-up steps, the capture at step 4, 2 replays
+    assert "CUDA graphs: step 4 captured the training step" in capsys.readouterr().out
+    graphed = run(tmp_path / "graphed", 14, resume=True)  # the capture again at step 10, then 4 replays
+    assert "CUDA graphs: step 10 captured" in capsys.readouterr().out
+    assert graphed["step"] == eager["step"] == 14
+    for part in ("model", "ema"):
+        want = eager[part] if part == "model" else eager[part]["model"]
+        got = graphed[part] if part == "model" else graphed[part]["model"]
+        assert all(torch.equal(got[name], value) for name, value in want.items()), part
+    for key, state in eager["optimizer"]["state"].items():
+        assert all(torch.equal(value, graphed["optimizer"]["state"][key][field]) for field, value in state.items())
+    logged = sorted((tmp_path / "graphed" / "tensorboard").iterdir())
+    assert logged  # the monitor wrote its scalars from the replayed steps' statistics
+
+
+def test_a_checkpoint_from_before_graphs_keeps_the_capturable_optimizer_and_its_rate_tensor():
+    # The bug it catches: Optimizer.load_state_dict restores the saved group settings, so a checkpoint written
+    # before the graph-ready step (a float rate, capturable off) would silently turn the optimizer back into one
+    # that a CUDA graph cannot capture, and the rate written by each step would go to a tensor nobody reads.
+    trainer = make_trainer()
+    for x0, labels in list(batches())[:2]:
+        trainer.step(x0, labels)
+    state = trainer.state_dict()
+    for group in state["optimizer"]["param_groups"]:  # what the optimizer of the previous version saved
+        group.update(lr=1e-2, capturable=False)
+    resumed = make_trainer()
+    rate = resumed.optimizer.param_groups[0]["lr"]
+    resumed.load_state_dict(state)
+    group = resumed.optimizer.param_groups[0]
+    assert group["lr"] is rate and group["capturable"] and group["fused"]
+    resumed.step(*next(iter(batches())))
+    assert rate.item() == pytest.approx(resumed.lr_value)
