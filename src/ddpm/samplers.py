@@ -203,7 +203,7 @@ def ddim_sample(
 def _alphas_cumprod_float64(schedule: NoiseSchedule) -> torch.Tensor:
     """abar in float64 on the CPU, rebuilt from the betas: 1 - abar near index 0 is ~beta_1 ~ 1e-4, which the
     float32 abar table holds to only ~3 digits (1 - 0.9999 in float32); the float32 betas hold it to ~7."""
-    return torch.cumprod(1.0 - schedule.betas.detach().to("cpu", torch.float64), dim=0)
+    return torch.cumprod(1.0 - schedule.betas_host, dim=0)  # the host copy: no device read
 
 
 def log_snr(schedule: NoiseSchedule) -> torch.Tensor:

@@ -82,6 +82,10 @@ class NoiseSchedule(nn.Module):
         for name, table in tables.items():
             # Not persistent: the config rebuilds them exactly; checkpoints hold only learned weights.
             self.register_buffer(name, table.to(torch.float32), persistent=False)
+        # The float32 betas as float64 on the host, a plain attribute that `.to(device)` leaves alone: the samplers'
+        # float64 coefficients come from it without reading the device (no host sync, so a sampling loop can be
+        # captured as a CUDA graph).
+        self.betas_host = self.betas.to(torch.float64)
 
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> "NoiseSchedule":
