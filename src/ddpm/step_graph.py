@@ -94,12 +94,14 @@ class StepRunner:
     executed), so that step is then simply run eagerly. `capture` replaces `capture_cuda_graph` (the tests give
     one that traces the step on a CPU, which freezes every Python value as a graph does)."""
 
-    def __init__(self, enabled: bool, capture: Callable | None = None):
+    def __init__(self, enabled: bool, capture: Callable | None = None, device: torch.device | None = None):
         self.enabled = enabled
         self.capture = capture or capture_cuda_graph
         self.warmup_left = WARMUP_STEPS
         self.replay: Callable[[], object] | None = None
-        self.stream = torch.cuda.Stream() if enabled and capture is None else None
+        # the training device, not the current one (`--device cuda:1` leaves the current device at 0)
+        self.device = device if device is not None and device.type == "cuda" else None
+        self.stream = torch.cuda.Stream(device=self.device) if enabled and capture is None else None
         self.capture_seconds: float | None = None  # how long the capture took, once it happened
 
     @property
@@ -119,16 +121,21 @@ class StepRunner:
     def _warm_up(self, step: Callable[[], object]):
         if self.stream is None:
             return step()
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            outputs = step()
-        torch.cuda.current_stream().wait_stream(self.stream)
+        with torch.cuda.device(self.device):
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                outputs = step()
+            torch.cuda.current_stream().wait_stream(self.stream)
         return outputs
 
     def _capture(self, step: Callable[[], object]):
         start = time.perf_counter()
         try:
-            self.replay, outputs = self.capture(step, self.stream)
+            if self.stream is None:
+                self.replay, outputs = self.capture(step, self.stream)
+            else:
+                with torch.cuda.device(self.device):
+                    self.replay, outputs = self.capture(step, self.stream)
         except Exception as error:  # noqa: BLE001 - whatever broke the capture, eager training still works
             self.enabled, self.replay = False, None
             lines = str(error).strip().splitlines()
@@ -136,7 +143,7 @@ class StepRunner:
                           f"{lines[0] if lines else ''}); training continues without CUDA graphs "
                           "(--cuda-graphs off skips the attempt)", stacklevel=3)
             if self.stream is not None:
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(self.device)
             return step()
         self.capture_seconds = time.perf_counter() - start
         return outputs

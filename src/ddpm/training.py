@@ -206,7 +206,7 @@ class Trainer:
                                          capturable_optimizer=bool(self.optimizer.defaults.get("capturable")))
         if notice:
             warnings.warn(notice, stacklevel=2)
-        self.runner = StepRunner(graphs)
+        self.runner = StepRunner(graphs, device=device)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         net = model
