@@ -323,6 +323,22 @@ def targets(train: list[dict]) -> dict:
     return result
 
 
+def speedups(train: list[dict], sample: list[dict]) -> list[str]:
+    """The ratios that decide the defaults: graphs over eager and compile+graphs over graphs, per network and
+    batch, and the sampler graph over the eager loop."""
+    speed = {(r["net"], r["batch"], r["mode"]): r["images_per_s"] for r in train if "error" not in r}
+    lines = ["| what | network | batch | speed-up |", "|---|---|---|---|"]
+    for (net, batch, mode), value in sorted(speed.items()):
+        base = {"graphs": "eager", "compile+graphs": "graphs", "compile": "eager"}.get(mode)
+        if base and (net, batch, base) in speed:
+            lines.append(f"| {mode} / {base} | {net} | {batch} | {value / speed[(net, batch, base)]:.2f}x |")
+    for r in sample:
+        if r.get("graph_images_per_s"):
+            lines.append(f"| sampler graph / eager loop ({r['setting']}) | ours | {r['batch']} "
+                         f"| {r['graph_images_per_s'] / r['eager_images_per_s']:.2f}x |")
+    return lines
+
+
 def bench_report(args) -> None:
     rows = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()] \
         if args.jsonl.exists() else []
@@ -334,6 +350,10 @@ def bench_report(args) -> None:
     for name, goal in goals.items():
         met = {None: "not measured", True: "MET", False: "NOT MET"}[goal["met"]]
         lines.append(f"| {name} | {_number(goal['value'], 1)} | {goal['target']} | {met} |")
+    lines += ["", "## Speed-ups that decide the defaults", "",
+              "`--cuda-graphs auto` may turn on (step_graph.GRAPHS_MEASURED_FASTER_ON_CUDA) once graphs / eager is",
+              "above 1 at every batch and the equality rows show no drift.", "",
+              *speedups(train, [r for r in rows if r["part"] == "sample"])]
     for part, title in (("equal", "Graphed against eager, same weights and batches"),
                         ("kernels", "Kernels (forward + backward)"), ("sample", "Sampling one batch")):
         part_rows = [{k: v for k, v in r.items() if k != "part"} for r in rows if r["part"] == part]
