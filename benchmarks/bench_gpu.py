@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainer_step import PeerNet, seed_trainer, trainer_step
@@ -116,6 +117,7 @@ def bench_train(args) -> None:
                 torch.cuda.reset_peak_memory_stats()
             row = {"part": "train", "net": args.net, "mode": mode, "batch": batch, "classes": args.classes
                    if args.net == "ours" else None, "device": device_name(device), "torch": torch.__version__}
+            counters.clear()
             try:
                 start = time.perf_counter()
                 trainer = make_trainer(args, mode, batch, args.net)
@@ -124,7 +126,11 @@ def bench_train(args) -> None:
                     step()
                 synchronize(device)
                 row["first_steps_s"] = time.perf_counter() - start
+                compiled_frames = counters["frames"]["ok"]
                 seconds = timed(step, args.steps, device)
+                # compiled modes: frames compiled (1 = no graph break) and any recompiled during the timed steps
+                row.update(frames=compiled_frames, recompiled=counters["frames"]["ok"] - compiled_frames,
+                           graph_breaks=sum(counters["graph_break"].values()))
             except Exception as error:  # noqa: BLE001 - one failing configuration must not lose the others
                 row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
                 append_row(args.jsonl, row)
@@ -283,17 +289,19 @@ def _cell(value) -> str:
 
 def training_table(rows: list[dict]) -> list[str]:
     lines = ["| network | mode | batch | train img/s | step ms | TFLOP/s | % of bf16 peak | peak GiB | first 4 steps s "
-             "| graphed |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| graphed | compiled frames / recompiles in the timed steps / graph breaks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['net']} | {r['mode']} | {r['batch']} | failed: {r['error']} |||||||")
+            lines.append(f"| {r['net']} | {r['mode']} | {r['batch']} | failed: {r['error']} ||||||||")
             continue
         peak = peak_tflops(r["device"])
         share = f"{100 * r['tflops'] / peak:.1f}%" if r.get("tflops") and peak else "-"
         lines.append(f"| {r['net']}{' (10 classes)' if r.get('classes') else ''} | {r['mode']} | {r['batch']} "
                      f"| {_number(r['images_per_s'])} | {_number(r['step_ms'], 1)} | {_number(r.get('tflops'))} "
                      f"| {share} | {_number(r.get('peak_gib'), 1)} | {_number(r['first_steps_s'], 1)} "
-                     f"| {'yes' if r['graphed'] else 'no'} |")
+                     f"| {'yes' if r['graphed'] else 'no'} "
+                     f"| {r.get('frames', '-')} / {r.get('recompiled', '-')} / {r.get('graph_breaks', '-')} |")
     return lines
 
 
