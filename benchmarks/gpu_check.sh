@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issues 13 and 18). On a machine with one CUDA GPU and no network, from the repo root:
 #
-#   bash benchmarks/gpu_check.sh      # at most about 6.5 minutes: every part has its own time cap
+#   bash benchmarks/gpu_check.sh      # at most about 6.5 minutes: every part has its own time cap (396 s)
 #
 # Results: $OUT/gpu_check.md (everything printed), $OUT/gpu_check.json and $OUT/gpu_check_tables.md (the rows and
 # issue 18's targets), $OUT/gpu.jsonl (raw rows), $OUT/gpu_grid.png. Without $OUT: benchmarks/results/.
@@ -38,28 +38,29 @@ bench() {  # bench CAP_SECONDS PART ARGS...: one part of bench_gpu.py under its 
   bench 20 train --modes eager graphs --batches 14 --classes 10
   bench 25 train --modes eager graphs --batches 128 64 256
   echo "## 2. Graphed against eager: the same weights after 8 steps?"
-  bench 12 equal --modes eager graphs --batches 64 --steps 8
-  echo "## 3. Compiled (cold cache), with and without CUDA graphs: batch 128, then the seed's batch 14"
-  bench 90 train --modes compile+graphs compile --batches 128
-  bench 30 train --modes compile+graphs --batches 14 --classes 10 --no-flops
-  echo "## 4. The peers compiled at batch 128, each under its own cap"
-  bench 35 train --net lucidrains --modes compile --batches 128
-  bench 35 train --net diffusers --modes compile --batches 128
-  echo "## 5. Kernels: GroupNorm in NCHW and channels_last, SDPA backends at 32x32"
-  bench 13 kernels --batches 128 --steps 10
-  echo "## 6. Sampling one batch, eager and as one CUDA graph of the sampler loop"
-  bench 15 sample --batches 16 256 --steps 20
+  bench 10 equal --modes eager graphs --batches 64 --steps 8
   echo
-  echo "## 7. 90 seconds of the seed's 64x64 conditional run with CUDA graphs, no host sync allowed in any step"
+  echo "## 3. 90 seconds of the seed's 64x64 conditional run with CUDA graphs, no host sync allowed in any step"
   timeout 15 "$PY" -m ddpm prepare photos --conditional --image-size 64 --out "$WORK/photos64" || echo "ddpm prepare: exit $?"
   timeout -s INT 90 "$PY" benchmarks/train_sync_checked.py train "$WORK/photos64" --preset cifar10-64 --steps 1000000 \
     --out "$WORK/run" --checkpoint-every 500 --sample-every 0 --num-workers auto --cuda-graphs on
   status=$?
   echo "train exit status $status (124 = stopped by the 90-second timeout as planned, the last checkpoint kept; anything else failed)"
   echo
-  echo "## 8. A sample grid"
+  echo "## 4. A sample grid"
   timeout 15 "$PY" -m ddpm sample "$WORK/run" --out "$WORK/samples" --per-class 4 --sampler dpmpp2m --sampling-steps 20 \
     || echo "ddpm sample: exit $?"
+  echo
+  echo "## 5. Compiled (cold cache), with and without CUDA graphs: batch 128, then the seed's batch 14"
+  bench 100 train --modes compile+graphs compile --batches 128
+  bench 25 train --modes compile+graphs compile --batches 14 --classes 10 --no-flops
+  echo "## 6. The peers compiled at batch 128, each under its own cap"
+  bench 28 train --net lucidrains --modes compile --batches 128
+  bench 28 train --net diffusers --modes compile --batches 128
+  echo "## 7. Kernels: GroupNorm in NCHW and channels_last, SDPA backends at 32x32"
+  bench 10 kernels --batches 128 --steps 10
+  echo "## 8. Sampling one batch, eager and as one CUDA graph of the sampler loop"
+  bench 20 sample --batches 16 64
   echo
   "$PY" benchmarks/bench_gpu.py report --jsonl "$ROWS" --out "$RESULTS_DIR"
 } 2>&1 | tee "$RESULTS"
