@@ -22,6 +22,8 @@ class EMA:
         self.warmup_steps = warmup_steps
         self.num_updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._source: nn.Module | None = None
+        self._tensors: tuple[list[torch.Tensor], ...] = ()
 
     def next_weight(self) -> float:
         """Count one update and return its interpolation weight: 1 (a copy) during the warm-up, then 1 - decay."""
@@ -39,14 +41,23 @@ class EMA:
         `weight` may be a 0-dim tensor on the model's device (what a CUDA graph of the training step needs: the
         graph replays the same kernels, so the weight must be read from memory, not baked in at capture). Both
         forms give the same bits (tests/test_ema.py)."""
-        ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
+        ema_params, params, ema_buffers, buffers = self._pairs(model)
         if isinstance(weight, torch.Tensor):  # foreach lerp has no overload for a single tensor weight
             torch._foreach_lerp_(ema_params, params, [weight] * len(params))
         else:
             torch._foreach_lerp_(ema_params, params, weight)
-        for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
+        for ema_buf, buf in zip(ema_buffers, buffers):
             ema_buf.copy_(buf)
+
+    def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], ...]:
+        """(EMA parameters, model parameters, EMA buffers, model buffers), listed once per source model: walking
+        the module tree costs about half a millisecond of host time each (more than a whole step's kernels take to
+        launch on a GPU). The Parameter objects stay the same through `.to()` and `load_state_dict`."""
+        if model is not self._source:
+            self._source = model
+            self._tensors = (list(self.model.parameters()), list(model.parameters()), list(self.model.buffers()),
+                             list(model.buffers()))
+        return self._tensors
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
