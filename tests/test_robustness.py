@@ -356,3 +356,19 @@ def test_unreadable_files_are_replaced_reported_and_past_a_threshold_stop_the_ru
     assert main(["train", str(folder), "--out", str(tmp_path / "run2"), "--steps", "2", *tiny]) == 2
     err = capsys.readouterr().err
     assert "cannot be read" in err and "00.png" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ddpm_warnings_print_as_one_line_and_other_libraries_keep_their_format():
+    # The bug it catches: a warning a user must read (a fallback from CUDA graphs, a skipped file, a skipped
+    # step) printed as Python's two lines with a source file path, or the CLI's format leaking out of main().
+    import warnings
+
+    from ddpm.cli import one_line_warnings
+    from ddpm.errors import DdpmWarning
+
+    default = warnings.formatwarning
+    with one_line_warnings("train"):
+        ours = warnings.formatwarning(DdpmWarning("CUDA graphs need a CUDA device"), DdpmWarning, "/x/t.py", 3, "s")
+        theirs = warnings.formatwarning(UserWarning("deprecated"), UserWarning, "/x/lib.py", 7, "src")
+    assert ours == "ddpm train: warning: CUDA graphs need a CUDA device\n"
+    assert "lib.py:7" in theirs and warnings.formatwarning is default

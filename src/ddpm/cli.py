@@ -6,12 +6,14 @@ line on stderr and exit 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .config import (
@@ -27,7 +29,7 @@ from .config import (
     TrainConfig,
     sampling_defaults,
 )
-from .errors import DdpmError
+from .errors import DdpmError, DdpmWarning
 from .presets import PRESETS
 
 SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig, "runtime": RuntimeConfig}
@@ -651,13 +653,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def one_line_warnings(command: str):
+    """ddpm's own warnings (DdpmWarning) as one line each, `ddpm train: warning: ...`: Python's default format adds
+    a file, a line number and a source line, which tell a user nothing. Other libraries' warnings keep theirs."""
+    default = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if issubclass(category, DdpmWarning):
+            return f"ddpm {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
+
+
 def main(argv: list[str] | None = None) -> int:
     from .training import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "prepare": cmd_prepare, "serve": cmd_serve}
     try:
-        return commands[args.command](args)
+        with one_line_warnings(args.command):
+            return commands[args.command](args)
     except TrainingDiverged as error:
         print(f"ddpm {args.command}: stopped: {error}", file=sys.stderr)
         return 3

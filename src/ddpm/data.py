@@ -27,7 +27,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
-from .errors import DdpmError
+from .errors import DdpmError, DdpmWarning
 from .files import to_uint8  # noqa: F401  (re-exported: the data range's inverse)
 
 BUNDLED = ("mnist", "photos")
@@ -255,7 +255,8 @@ class ImageFiles(Dataset):
             _append_line(Path(self.bad_log), path)
         else:
             warnings.warn(
-                f"unreadable image file {path} ({error}); the next readable file takes its place", stacklevel=3
+                f"unreadable image file {path} ({error}); the next readable file takes its place", DdpmWarning,
+                stacklevel=3
             )
 
 

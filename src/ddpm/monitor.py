@@ -13,6 +13,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import SamplingConfig
+from .errors import DdpmWarning
 from .files import atomic_write_json, make_grid
 
 
@@ -131,7 +132,7 @@ class RankZeroMonitor(Monitor):
         postfix = self.logger.flush(trainer.step_count, stats.lr, float(stats.grad_norm))
         if skips:
             warnings.warn(f"step {trainer.step_count}: {skips} step(s) in a row had a non-finite loss or gradient "
-                          "and were skipped", stacklevel=1)
+                          "and were skipped", DdpmWarning, stacklevel=1)
         self.bar.set_postfix(postfix)
 
     def extras(self, trainer) -> None:

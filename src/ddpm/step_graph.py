@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from .errors import DdpmWarning
+
 # `--cuda-graphs auto` turns graphs on where they were measured to win. Nothing has been measured yet (no GPU
 # session since they exist; benchmarks/gpu_check.sh measures them), so auto means off until that run says so.
 GRAPHS_MEASURED_FASTER_ON_CUDA = False
@@ -141,7 +143,7 @@ class StepRunner:
             lines = str(error).strip().splitlines()
             warnings.warn(f"CUDA graph capture of the training step failed ({type(error).__name__}: "
                           f"{lines[0] if lines else ''}); training continues without CUDA graphs "
-                          "(--cuda-graphs off skips the attempt)", stacklevel=3)
+                          "(--cuda-graphs off skips the attempt)", DdpmWarning, stacklevel=3)
             if self.stream is not None:
                 torch.cuda.synchronize(self.device)
             return step()

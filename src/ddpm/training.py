@@ -25,7 +25,7 @@ from .data import DataInfo, auto_workers, check_bad_files, load_dataset
 from .devices import autocast, compile_for_training, configure_for_speed, pick_device, resolve_amp
 from .diffusion import TrainingDraws, draw_training_inputs, training_losses
 from .ema import EMA
-from .errors import DdpmError
+from .errors import DdpmError, DdpmWarning
 from .monitor import Monitor, RankZeroMonitor
 from .schedule import NoiseSchedule
 from .step_graph import StaticInputs, StepRunner, graphs_decision
@@ -206,7 +206,7 @@ class Trainer:
                                          grad_scaler=self.scaler.is_enabled(),
                                          capturable_optimizer=bool(self.optimizer.defaults.get("capturable")))
         if notice:
-            warnings.warn(notice, stacklevel=2)
+            warnings.warn(notice, DdpmWarning, stacklevel=2)
         self.runner = StepRunner(graphs, device=device)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -249,7 +249,7 @@ class Trainer:
             warnings.warn(f"the checkpoint's noise generator comes from another kind of device; "
                           f"continuing on {self.device} "
                           "with a fresh stream, so the run is no longer bit-identical to an uninterrupted one",
-                          stacklevel=2)
+                          DdpmWarning, stacklevel=2)
         torch.set_rng_state(state["rng"]["torch"])
 
     # -- data ----------------------------------------------------------------------------------------------------
@@ -432,7 +432,7 @@ def _load_latest_state(run_dir: Path) -> dict:
         try:
             return ckpt.load_training_state(path)
         except ckpt.CheckpointError as error:
-            warnings.warn(f"{error}; trying an older checkpoint", stacklevel=2)
+            warnings.warn(f"{error}; trying an older checkpoint", DdpmWarning, stacklevel=2)
     raise ckpt.CheckpointError(f"no checkpoint in {run_dir / ckpt.CHECKPOINT_DIR} can be read; start a new run")
 
 
