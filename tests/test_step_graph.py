@@ -107,10 +107,10 @@ def test_when_graphs_are_used_and_what_a_user_is_told_otherwise():
 
 
 def test_cuda_graphs_flag(tmp_path, capsys):
-    from helpers import TINY_TRAIN_ARGS
-
     import subprocess
     import sys
+
+    from helpers import TINY_TRAIN_ARGS
 
     done = subprocess.run([sys.executable, "-m", "ddpm", "train", "mnist", "--out", str(tmp_path / "run"), "--steps",
                            "1", "--device", "cpu", "--cuda-graphs", "on", *TINY_TRAIN_ARGS],
