@@ -173,7 +173,7 @@ def bench_equal(args) -> None:
 
 # ---------------------------------------------------------------------------------------------------- kernels
 def attention_shapes(args) -> list[tuple[int, int, int, int]]:
-    """(channels, height, width, heads) of each self-attention layer of the seed UNet at 64x64."""
+    """(channels, height, width, heads) of each self-attention layer of the seed UNet, the most tokens first."""
     from ddpm import UNet
     from ddpm.unet import SelfAttention
 
@@ -186,7 +186,7 @@ def attention_shapes(args) -> list[tuple[int, int, int, int]]:
         model(torch.zeros(1, model.config.in_channels, size, size), torch.zeros(1, dtype=torch.long))
     for hook in hooks:
         hook.remove()
-    return sorted(set(shapes), reverse=True)
+    return sorted(set(shapes), key=lambda shape: shape[1] * shape[2], reverse=True)  # the most tokens first
 
 
 def bench_kernels(args) -> None:
