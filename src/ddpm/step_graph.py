@@ -48,8 +48,8 @@ def graphs_decision(setting: str, device: torch.device, *, distributed: bool, gr
         reason = "CUDA graphs are not used under torchrun (DDP's gradient all-reduce is not captured); training " \
                  "runs eagerly"
     elif grad_scaler:
-        reason = "CUDA graphs are not used with --amp fp16 (the GradScaler adjusts its scale on the host); use " \
-                 "--amp bf16, or training runs eagerly"
+        reason = "CUDA graphs are not used with --amp fp16 (its gradient scaler is not verified under capture); " \
+                 "use --amp bf16, or training runs eagerly"
     elif not capturable_optimizer:
         reason = "CUDA graphs need the fused AdamW, which this PyTorch lacks here; training runs eagerly"
     return reason is None, (reason if setting == "on" else None)
