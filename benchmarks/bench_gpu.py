@@ -108,6 +108,12 @@ def step_flops(args, batch: int, net_name: str) -> float:
 
 def bench_train(args) -> None:
     device = torch.device(args.device)
+    try:
+        build_net(args.net, args.tiny)
+    except ImportError as error:  # a peer whose wheel is missing (`make gpu-wheels`)
+        append_row(args.jsonl, {"part": "train", "net": args.net, "mode": ",".join(args.modes), "batch": 0,
+                                "error": f"not installed ({error}); make gpu-wheels carries it"})
+        return
     for batch in args.batches:
         flops = step_flops(args, batch, args.net) if not args.no_flops else None
         for mode in args.modes:
@@ -190,8 +196,8 @@ def attention_shapes(args) -> list[tuple[int, int, int, int]]:
 
 
 def bench_kernels(args) -> None:
-    """GroupNorm(1, C) forward+backward in NCHW and channels_last, eager and compiled with the GELU after it; the
-    attention of the largest resolution with each SDPA backend. At the training batch, in bf16 autocast."""
+    """The attention with the most tokens under each SDPA backend; GroupNorm(1, C) forward+backward in NCHW and
+    channels_last, eager and compiled with the GELU after it. At the training batch, in bf16 autocast."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -204,23 +210,7 @@ def bench_kernels(args) -> None:
             fn(x).float().sum().backward()
         return run
 
-    shapes = [(64, 64, 64), (128, 32, 32), (256, 16, 16)] if not args.tiny else [(8, 16, 16)]
-    for c, h, w in shapes:
-        norm = torch.nn.GroupNorm(1, c).to(device)
-        for layout in ("nchw", "channels_last"):
-            x = torch.randn(batch, c, h, w, device=device, dtype=dtype)
-            if layout == "channels_last":
-                x = x.contiguous(memory_format=torch.channels_last)
-            x.requires_grad_(True)
-            fused = torch.compile(lambda x: F.gelu(norm(x)), dynamic=False)
-            for name, fn in (("GroupNorm", lambda x: norm(x)), ("compiled GroupNorm+GELU", fused)):
-                try:
-                    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-                        seconds = timed(fwd_bwd(fn, x), args.steps, device)
-                    append_row(args.jsonl, {"part": "kernels", "op": name, "layout": layout, "shape": [batch, c, h, w],
-                                            "ms": 1000 * seconds})
-                except Exception as error:  # noqa: BLE001
-                    append_row(args.jsonl, {"part": "kernels", "op": name, "layout": layout, "error": str(error)[:200]})
+    # the attention with the most tokens (32x32 in the seed UNet) under each SDPA backend
     c, h, w, heads = attention_shapes(args)[0]
     q, k, v = (torch.randn(batch, heads, h * w, c // heads, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
@@ -235,6 +225,26 @@ def bench_kernels(args) -> None:
         except Exception as error:  # noqa: BLE001 - a backend that does not run here is a result too
             row["error"] = str(error).strip().splitlines()[0][:200]
         append_row(args.jsonl, row)
+    # GroupNorm eagerly at each level of the UNet, then compiled with the GELU after it at the largest (the
+    # compiles come last: a few seconds each, and the part has a time cap)
+    shapes = [(64, 64, 64), (128, 32, 32), (256, 16, 16)] if not args.tiny else [(8, 16, 16)]
+    for compiled, shapes_here in ((False, shapes), (True, shapes[:1])):
+        for c, h, w in shapes_here:
+            norm = torch.nn.GroupNorm(1, c).to(device)
+            for layout in ("nchw", "channels_last"):
+                x = torch.randn(batch, c, h, w, device=device, dtype=dtype)
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_(True)
+                name = "compiled GroupNorm+GELU" if compiled else "GroupNorm"
+                fn = torch.compile(lambda x, norm=norm: F.gelu(norm(x)), dynamic=False) if compiled else norm
+                row = {"part": "kernels", "op": name, "layout": layout, "shape": [batch, c, h, w]}
+                try:
+                    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                        row["ms"] = 1000 * timed(fwd_bwd(fn, x), args.steps, device)
+                except Exception as error:  # noqa: BLE001
+                    row["error"] = str(error).strip().splitlines()[0][:200]
+                append_row(args.jsonl, row)
 
 
 # ---------------------------------------------------------------------------------------------------- sampling

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issues 13 and 18). On a machine with one CUDA GPU and no network, from the repo root:
 #
-#   bash benchmarks/gpu_check.sh      # at most about 6.5 minutes: every part has its own time cap (396 s)
+#   bash benchmarks/gpu_check.sh      # at most about 6.5 minutes: every part has its own time cap (392 s)
 #
 # Results: $OUT/gpu_check.md (everything printed), $OUT/gpu_check.json and $OUT/gpu_check_tables.md (the rows and
 # issue 18's targets), $OUT/gpu.jsonl (raw rows), $OUT/gpu_grid.png. Without $OUT: benchmarks/results/.
@@ -23,9 +23,12 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:$WORK/site"
 fi
+# BENCH_EXTRA="--device cpu --tiny --steps 2" checks this script on a CPU (the GPU-only parts then fail fast).
 bench() {  # bench CAP_SECONDS PART ARGS...: one part of bench_gpu.py under its time cap
   local cap=$1; shift
-  timeout -k 5 "$cap" "$PY" benchmarks/bench_gpu.py "$@" --jsonl "$ROWS" || echo "bench_gpu.py $*: exit $? (124: cut at its ${cap}s cap)"
+  # shellcheck disable=SC2086
+  timeout -k 5 "$cap" "$PY" benchmarks/bench_gpu.py "$@" ${BENCH_EXTRA:-} --jsonl "$ROWS" \
+    || echo "bench_gpu.py $*: exit $? (124: cut at its ${cap}s cap)"
 }
 
 {
@@ -55,10 +58,10 @@ bench() {  # bench CAP_SECONDS PART ARGS...: one part of bench_gpu.py under its 
   bench 100 train --modes compile+graphs compile --batches 128
   bench 25 train --modes compile+graphs compile --batches 14 --classes 10 --no-flops
   echo "## 6. The peers compiled at batch 128, each under its own cap"
-  bench 28 train --net lucidrains --modes compile --batches 128
-  bench 28 train --net diffusers --modes compile --batches 128
+  bench 26 train --net lucidrains --modes compile --batches 128
+  bench 26 train --net diffusers --modes compile --batches 128
   echo "## 7. Kernels: GroupNorm in NCHW and channels_last, SDPA backends at 32x32"
-  bench 10 kernels --batches 128 --steps 10
+  bench 15 kernels --batches 128 --steps 10
   echo "## 8. Sampling one batch, eager and as one CUDA graph of the sampler loop"
   bench 20 sample --batches 16 64
   echo
