@@ -53,3 +53,27 @@ def test_training_step_in_channels_last_matches_the_plain_layout(tiny_config):
         model(x.contiguous(memory_format=torch.channels_last) if model is fast else x, t).square().mean().backward()
     for a, b in zip(plain.parameters(), fast.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_rate_as_a_tensor_moves_the_weights_exactly_as_the_rate_as_a_number(tiny_config):
+    # The bug it catches: the graph-ready optimizer (fused, capturable, its rate a device tensor) changing the
+    # bits of CPU training. A float32 rate did: at 8e-5 (step 4 of the quickstart's warm-up) it moved weights by
+    # an ulp, and 1,000 steps later the quickstart grid had changed.
+    from ddpm.training import set_learning_rate
+
+    torch.manual_seed(0)
+    a, b = UNet(tiny_config()), UNet(tiny_config())
+    b.load_state_dict(a.state_dict())
+    graph_ready = make_optimizer(a, 1e-3, 0.01)
+    by_number = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    assert graph_ready.defaults["capturable"] and isinstance(graph_ready.param_groups[0]["lr"], torch.Tensor)
+    for step in range(8):
+        rate = 2e-3 * (step + 1) / 100  # the quickstart's warm-up rates
+        set_learning_rate(graph_ready, rate)
+        set_learning_rate(by_number, rate)
+        for model in (a, b):
+            for i, p in enumerate(model.parameters()):
+                p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32).view_as(p) * (step + 1) + i)
+        graph_ready.step()
+        by_number.step()
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))

@@ -123,12 +123,17 @@ def random_hflip(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW with the fused kernel where available: one pass over all parameters, and it can skip a step on
     the device (`found_inf`) without a host sync. It is capturable, with the learning rate as a device tensor,
-    so that a CUDA graph of the step replays it with each step's rate (the same bits as a float rate, tested).
-    Elsewhere the foreach kernels with a float rate."""
+    so that a CUDA graph of the step replays it with each step's rate. Elsewhere the foreach kernels with a
+    float rate.
+
+    The rate's dtype: CUDA's fused kernel reads a float32 tensor. The CPU kernel reads a float64 one exactly as
+    it reads a Python number (a float32 rate moves the weights by an ulp now and then), so CPU training keeps
+    the bits it had before the rate became a tensor."""
     params = list(model.parameters())
+    device = params[0].device
+    rate = torch.tensor(lr, device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
     try:
-        return torch.optim.AdamW(params, lr=torch.tensor(lr, device=params[0].device), weight_decay=weight_decay,
-                                 fused=True, capturable=True)
+        return torch.optim.AdamW(params, lr=rate, weight_decay=weight_decay, fused=True, capturable=True)
     except (RuntimeError, ValueError):  # a device without a fused implementation
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
