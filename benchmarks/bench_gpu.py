@@ -121,7 +121,8 @@ def bench_train(args) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            row = {"part": "train", "net": args.net, "mode": mode, "batch": batch, "classes": args.classes
+            row = {"part": "cold" if args.cold else "train", "net": args.net, "mode": mode, "batch": batch,
+                   "classes": args.classes
                    if args.net == "ours" else None, "device": device_name(device), "torch": torch.__version__}
             counters.clear()
             try:
@@ -315,8 +316,9 @@ def training_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def targets(train: list[dict]) -> dict:
-    """Issue 18's targets from the training rows: value, target and met (None when not measured)."""
+def targets(train: list[dict], cold: list[dict] = ()) -> dict:
+    """Issue 18's targets from the training rows: value, target and met (None when not measured). The first step's
+    time comes from the cold-cache rows when there are any (later rows find the cache those filled)."""
     ok = [r for r in train if "error" not in r]
     ours = [r for r in ok if r["net"] == "ours"]
     compiled = ("compile", "compile+graphs", "reduce-overhead")
@@ -332,13 +334,20 @@ def targets(train: list[dict]) -> dict:
     values = {"seed batch 14 img/s": seed and seed["images_per_s"],
               "batch 128 img/s": at_128 and at_128["images_per_s"],
               "x best peer at 128, both compiled": ratio,
-              "first step s (compile and capture)": at_128 and at_128["first_steps_s"]}
+              "first step s (compile and capture)": first_step_seconds(cold, at_128)}
     result = {}
     for name, target in TARGETS.items():
         value = values[name]
         met = None if value is None else (value < target if name.startswith("first") else value >= target)
         result[name] = {"value": value, "target": target, "met": met}
     return result
+
+
+def first_step_seconds(cold: list[dict], at_128: dict | None) -> float | None:
+    """The first 4 steps of the compiled and graphed step at batch 128 with an empty compile cache, else (no cold
+    row) those of the fastest batch-128 row."""
+    times = [r["first_steps_s"] for r in cold if "error" not in r and r["net"] == "ours" and r["batch"] == 128]
+    return min(times) if times else (at_128 and at_128["first_steps_s"])
 
 
 def speedups(train: list[dict], sample: list[dict]) -> list[str]:
@@ -361,7 +370,8 @@ def bench_report(args) -> None:
     rows = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()] \
         if args.jsonl.exists() else []
     train = [r for r in rows if r["part"] == "train"]
-    goals = targets(train)
+    cold = [r for r in rows if r["part"] == "cold"]
+    goals = targets(train, cold)
     lines = ["## Training step (Trainer.step: bf16 autocast, channels_last, fused AdamW, EMA)", "",
              *training_table(train), "", "## Targets (issue 18)", "", "| target | measured | goal | met |",
              "|---|---|---|---|"]
@@ -372,6 +382,11 @@ def bench_report(args) -> None:
               "`--cuda-graphs auto` may turn on (step_graph.GRAPHS_MEASURED_FASTER_ON_CUDA) once graphs / eager is",
               "above 1 at every batch and the equality rows show no drift.", "",
               *speedups(train, [r for r in rows if r["part"] == "sample"])]
+    if cold:
+        lines += ["", "## Compiling with an empty cache (beside the 90 s training run; only the time to the first fast "
+                  "step counts)", "", "| network | mode | batch | first 4 steps s | error |", "|---|---|---|---|---|"]
+        lines += [f"| {r['net']} | {r['mode']} | {r['batch']} | {_number(r.get('first_steps_s'), 1)} "
+                  f"| {r.get('error', '')} |" for r in cold]
     for part, title in (("equal", "Graphed against eager, same weights and batches"),
                         ("kernels", "Kernels (forward + backward)"), ("sample", "Sampling one batch")):
         part_rows = [{k: v for k, v in r.items() if k != "part"} for r in rows if r["part"] == part]
@@ -394,6 +409,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=None, help="our UNet class-conditional with N classes")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (an extra eager step)")
+    parser.add_argument("--cold", action="store_true",
+                        help="rows of a compile with an empty cache, run beside other GPU work: only their first "
+                             "steps' time counts (the first-step target); they also fill the cache for later rows")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny UNet (a CPU check of this script)")
     parser.add_argument("--jsonl", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")) / "gpu.jsonl")
