@@ -334,7 +334,21 @@ def test_unconditional_models_have_one_row_and_refuse_a_guidance_list(tmp_path, 
     assert "unconditional" in err and len(err.strip().splitlines()) == 1
     assert main(["eval", str(run), "--n", "4", "--no-fid", *EVAL]) == 0
     result = json.loads((run / "eval" / "eval.json").read_text())
-    assert [r["guidance"] for r in result["rows"]] == [None] and result["classifier"] is None
+    row = result["rows"][0]
+    assert [r["guidance"] for r in result["rows"]] == [None]
+    # the photos are labelled by photo, so a classifier of those labels scores the unconditional samples in its
+    # features (the bug this catches: no classifier at all, hence no metric but FID for unconditional models)
+    assert result["classifier"] is not None and "accuracy" not in row and row["classifier_fd"] > 0
+    assert 0 <= result["floor"]["accuracy"] <= 1 and 0 <= row["precision"] <= 1
+
+
+def test_the_data_says_whether_it_has_classes(tmp_path):
+    from ddpm.evaluation import data_classes
+
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8), "L").save(tmp_path / f"flat_{i}.png")
+    assert data_classes(str(tmp_path), 8, 1) is None  # a flat folder: nothing to train a classifier on
+    assert data_classes("mnist", 8, 1) == 10 and data_classes("photos", 8, 3) == 7
 
 
 def test_eval_errors_are_one_line(tmp_path, tiny_config, capsys):

@@ -48,6 +48,10 @@ class DataError(DdpmError):
     """The data cannot be used as given; the message says what is wrong and how to fix it."""
 
 
+class NoLabels(DataError):
+    """Labels were asked for (--conditional) but the data has none."""
+
+
 @dataclass
 class DataInfo:
     dataset: Dataset
@@ -277,7 +281,7 @@ def image_folder(root: Path, image_size: int, channels: int, labelled: bool) -> 
     if labelled:
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not classes:
-            raise DataError(
+            raise NoLabels(
                 f"--conditional needs one subfolder per class in {root}, but it has none; "
                 "sort the images into class folders or train without --conditional"
             )
@@ -533,7 +537,7 @@ def _check_matches(folder: Path, meta: dict, image_size: int, channels: int | No
                         f"use --channels {meta['channels']} "
                         f"{redo} --image-size {image_size} --channels {channels} --out NEW_DIR")
     if conditional and not meta["class_names"]:
-        raise DataError(f"--conditional needs labels, but {folder} was prepared without them; drop --conditional "
+        raise NoLabels(f"--conditional needs labels, but {folder} was prepared without them; drop --conditional "
                         f"{redo} --image-size {image_size} --conditional --out NEW_DIR")
 
 
@@ -623,7 +627,7 @@ def load_dataset(
         else:
             info = image_folder(path, image_size, channels or 3, labelled=conditional)
     if conditional and info.num_classes is None:
-        raise DataError(f"--conditional needs labels, but {info.description} has none; drop --conditional")
+        raise NoLabels(f"--conditional needs labels, but {info.description} has none; drop --conditional")
     if not conditional:
         info.num_classes = None  # labels ignored: an unconditional model
     return info

@@ -85,18 +85,16 @@ def _uint8_items(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def _load_splits(data: str, image_size: int, channels: int, num_classes: int | None):
     """DATA's train split (checked against the model's classes) and its held-out split, or None without one."""
-    from .data import DataError, load_dataset
+    from .data import DataError, NoLabels, load_dataset
 
     conditional = num_classes is not None
     try:
         info = load_dataset(data, image_size, channels, conditional=conditional, split="train")
-    except DataError as error:
-        if conditional and "needs labels" in str(error):
-            raise DataError(
-                f"the model is class-conditional but {data!r} has no class labels; give the labelled DATA it was "
-                "trained on"
-            ) from error
-        raise
+    except NoLabels as error:
+        raise DataError(
+            f"the model is class-conditional but {data!r} has no class labels; give the labelled DATA it was "
+            "trained on"
+        ) from error
     if conditional and info.num_classes != num_classes:
         raise DataError(
             f"the model has {num_classes} classes but {info.description} has {info.num_classes}; "
@@ -237,14 +235,31 @@ class Evaluator:
         return self.score(to_uint8(images), labels, cache_label=None)
 
 
+def data_classes(data: str, image_size: int, channels: int) -> int | None:
+    """How many classes DATA's labels name, or None when it has no labels (a flat folder, a prepared copy made
+    without --conditional)."""
+    from .data import NoLabels, load_dataset
+
+    try:
+        return load_dataset(data, image_size, channels, conditional=True, split="train").num_classes
+    except NoLabels:
+        return None
+
+
 def prepare_evaluator(data: str, image_size: int, channels: int, num_classes: int | None, cache_dir: Path, *, n: int,
                       ref_n: int = 1000, inception_path: Path | None = None, fid: bool = True,
                       classifier_steps: int = 800, device: torch.device | str = "cpu",
                       progress: bool = False) -> Evaluator:
-    """Real sets, Inception extractor (unless `fid` is False), classifier (conditional models; trained once and
-    cached in `cache_dir`) and reference features: everything `Evaluator.score` needs."""
+    """Real sets, Inception extractor (unless `fid` is False), classifier (trained once and cached in `cache_dir`)
+    and reference features: everything `Evaluator.score` needs.
+
+    `num_classes` is the model's (None: unconditional). The classifier learns DATA's labels whenever DATA has
+    them, so an unconditional model's samples are scored in its features too (all but the class accuracy); only
+    unlabelled DATA leaves FID alone."""
     from .classifier import classifier_for
 
+    if num_classes is None:
+        num_classes = data_classes(data, image_size, channels)
     real = real_sets(data, image_size, channels, num_classes, n, ref_n)
     inception = None
     if fid:
