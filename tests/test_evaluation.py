@@ -343,12 +343,12 @@ def test_unconditional_models_have_one_row_and_refuse_a_guidance_list(tmp_path, 
 
 
 def test_the_data_says_whether_it_has_classes(tmp_path):
-    from ddpm.evaluation import data_classes
-
-    for i in range(3):
-        Image.fromarray(np.full((8, 8), 40 * i, np.uint8), "L").save(tmp_path / f"flat_{i}.png")
-    assert data_classes(str(tmp_path), 8, 1) is None  # a flat folder: nothing to train a classifier on
-    assert data_classes("mnist", 8, 1) == 10 and data_classes("photos", 8, 3) == 7
+    # an unconditional model (num_classes None) takes DATA's labels whenever DATA has them
+    for i in range(12):
+        Image.fromarray(np.full((8, 8), 20 * i, np.uint8), "L").save(tmp_path / f"flat_{i}.png")
+    assert real_sets(str(tmp_path), 8, 1, None, n=4, ref_n=4).num_classes is None  # a flat folder: no classifier
+    assert real_sets("mnist", 8, 1, None, n=4, ref_n=4).num_classes == 10
+    assert real_sets("photos", 8, 3, None, n=4, ref_n=4).num_classes == 7
 
 
 def test_eval_errors_are_one_line(tmp_path, tiny_config, capsys):

