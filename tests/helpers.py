@@ -22,27 +22,44 @@ def tiny_model_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**TINY_MODEL, **overrides})
 
 
-def traced_capture(step, stream=None):
-    """A CPU stand-in for CUDA graph capture (step_graph.StepRunner's `capture`): make_fx traces `step` while
-    running it once, and the traced graph replays the same ops on the same tensors with every Python value frozen
-    at the trace, as a CUDA graph does. A step that reads a Python number which changes between steps, or rebinds a
-    tensor instead of writing into it, goes wrong here as it would on a GPU."""
-    import torch
-    from torch.fx.experimental.proxy_tensor import make_fx
+class TracedCapture:
+    """A CPU stand-in for CUDA graph capture (step_graph.StepRunner's `capture`) that counts its replays.
 
-    ran = {}
+    make_fx traces the step while running it once, and the traced graph replays the same ops on the same tensors
+    with every Python value frozen at the trace, as a CUDA graph does. Like a CUDA graph, every replay writes its
+    results into the same output tensors (the ones the capture returned), so a caller that keeps a step's outputs
+    past the next step sees them overwritten, as it would on a GPU. A step that reads a Python number which changes
+    between steps, or rebinds a tensor instead of writing into it, goes wrong here as it would on a GPU.
 
-    def run(_):
-        ran["outputs"] = step()
-        return ran["outputs"]
+    `replays[k]` counts the replays of the k-th capture: a runner that captures and then runs the step eagerly
+    leaves it at 0."""
 
-    graph = make_fx(run)(torch.zeros(()))
+    def __init__(self):
+        self.replays: list[int] = []
 
-    def replay():
-        with torch.no_grad():  # the trace holds the backward's ops already; a CUDA graph's outputs have no autograd
-            return graph(torch.zeros(()))
+    def __call__(self, step, stream=None):
+        import torch
+        from torch.fx.experimental.proxy_tensor import make_fx
 
-    return replay, ran["outputs"]
+        ran = {}
+
+        def run(_):
+            ran["outputs"] = step()
+            return ran["outputs"]
+
+        graph = make_fx(run)(torch.zeros(()))
+        outputs = ran["outputs"]
+        index = len(self.replays)
+        self.replays.append(0)
+
+        def replay():
+            with torch.no_grad():  # the trace holds the backward's ops already; a CUDA graph's outputs have no autograd
+                for static, fresh in zip(outputs, graph(torch.zeros(())), strict=True):
+                    static.copy_(fresh)  # one address per output, overwritten by each replay
+            self.replays[index] += 1
+            return outputs
+
+        return replay, outputs
 
 
 # ------------------------------------------------------------------------------------------ fake data on disk

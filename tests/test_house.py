@@ -9,11 +9,17 @@ PACKAGE = Path(ddpm.__file__).parent
 
 
 def imports_of(path: Path) -> set[str]:
-    """The package modules a file imports, at the top or inside functions (`from .x import y`, `from . import x`)."""
+    """The package modules a file imports, at the top or inside functions: relative (`from .x import y`,
+    `from . import x`) and absolute (`from ddpm.x import y`, `from ddpm import x`, `import ddpm.x`)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found |= {node.module.split(".")[0]} if node.module else {alias.name for alias in node.names}
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.level == 0 and node.module and (
+                node.module == "ddpm" or node.module.startswith("ddpm.")))):
+            inside = node.module.split(".", 1)[1] if node.level == 0 and "." in node.module else (
+                None if node.level == 0 else node.module)
+            found |= {inside.split(".")[0]} if inside else {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("ddpm.")}
     return found
 
 
@@ -43,6 +49,15 @@ def test_the_import_graph_has_no_circle():
     graph = {name: imports_of(path) & set(modules) for name, path in modules.items()}
     assert cycle_in(graph) is None, " -> ".join(cycle_in(graph))
     assert cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check itself can fail
+
+
+def test_every_spelling_of_a_package_import_is_seen(tmp_path):
+    # The bug it catches: a circle written with absolute imports (`from ddpm import training`) passing unseen.
+    source = tmp_path / "m.py"
+    source.write_text("from . import a\nfrom .b import x\nfrom ddpm import c\nfrom ddpm.d import y\n"
+                      "import ddpm.e\nimport ddpm.f.g as h\nimport os\nfrom os import path\n"
+                      "def later():\n    from ddpm.i import j\n")
+    assert imports_of(source) == {"a", "b", "c", "d", "e", "f", "i"}
 
 
 def test_no_function_is_longer_than_a_screen():

@@ -202,8 +202,10 @@ def test_dynamic_threshold_percentile_is_numpys_linear_percentile():
     dict(sampler="dpmpp2m", steps=4, spacing="logsnr", guidance=3.0, guidance_interval=(0.2, 0.8),
          guidance_rescale=0.5, dynamic_threshold=0.9),
     dict(sampler="ddim", steps=4, guidance=3.0, clip_x0=True),
+    dict(sampler="ddim", steps=4, eta=1.0, guidance=3.0, guide_weight=2.0),
+    dict(sampler="ddpm", guidance=3.0, guidance_rescale=0.5),
 ])
-def test_a_deterministic_sampling_loop_never_reads_the_device(sampling, tiny_config):
+def test_a_sampling_loop_never_reads_the_device(sampling, tiny_config):
     # The bug it catches: a host read inside the loop (.item(), .tolist(), .cpu() of a device tensor, a bool() of
     # one). On a GPU each is a sync, and it makes the loop impossible to capture as a CUDA graph. On the meta
     # device any read raises, so the whole loop, guidance and the guide included, must run there.

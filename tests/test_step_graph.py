@@ -1,6 +1,9 @@
 """The graph-ready training step (step_graph.py, Trainer.step/update). A CUDA graph cannot be captured on a CPU, so
-these tests replay the step through `traced_capture` (tests/helpers.py), which freezes Python values and tensor
-bindings exactly as a capture does, and demand the same bits as the eager step."""
+these tests replay the step through `TracedCapture` (tests/helpers.py), which freezes Python values and tensor
+bindings exactly as a capture does, overwrites the same output tensors at every replay and counts the replays, and
+demand the same bits as the eager step."""
+import dataclasses
+import json
 import os
 
 import pytest
@@ -12,9 +15,10 @@ from ddpm.cli import main
 from ddpm.data import DataInfo
 from ddpm.step_graph import WARMUP_STEPS, StepRunner, graphs_decision
 from ddpm.training import Trainer
-from helpers import tiny_model_config, traced_capture
+from helpers import TracedCapture, tiny_model_config
 
 STEPS = WARMUP_STEPS + 5  # the warm-up, the capture, then replays
+REPLAYS = STEPS - WARMUP_STEPS - 1
 
 
 def make_trainer(compile: bool = False, grad_accum: int = 1) -> Trainer:
@@ -40,13 +44,19 @@ def batches():
         yield x0, torch.randint(0, 3, (6,), generator=generator)
 
 
+def kept(stats):
+    """A copy of a step's statistics that outlives the next step (a replay overwrites the graph's outputs)."""
+    return dataclasses.replace(stats, **{field: getattr(stats, field).clone()
+                                         for field in ("per_sample", "timesteps", "grad_norm", "skipped")})
+
+
 def train_both(capture, grad_accum: int = 1) -> tuple[Trainer, Trainer, list, list]:
     eager, graphed = make_trainer(grad_accum=grad_accum), make_trainer(grad_accum=grad_accum)
     graphed.runner = StepRunner(True, capture=capture)
     eager_stats, graphed_stats = [], []
     for x0, labels in batches():
         eager_stats.append(eager.step(x0, labels))
-        graphed_stats.append(graphed.step(x0, labels))
+        graphed_stats.append(kept(graphed.step(x0, labels)))
         assert int(graphed.bad_run) == int(eager.bad_run)  # the count of skips in a row, step by step
     return eager, graphed, eager_stats, graphed_stats
 
@@ -67,9 +77,12 @@ def assert_same_state(a: Trainer, b: Trainer) -> None:
 def test_a_replayed_step_gives_the_eager_weights_ema_optimizer_state_and_statistics(grad_accum):
     # Bugs it catches: a learning rate or EMA weight passed as a number (frozen at the capture), a batch or a draw
     # read from the step's arguments instead of the static buffers, the skip counter rebound instead of updated in
-    # place, a step replayed twice or not at all. With --grad-accum the graph holds both micro-batches.
-    eager, graphed, eager_stats, graphed_stats = train_both(traced_capture, grad_accum)
+    # place, a step replayed twice or not at all, a runner that captures and then runs every step eagerly. With
+    # --grad-accum the graph holds both micro-batches.
+    capture = TracedCapture()
+    eager, graphed, eager_stats, graphed_stats = train_both(capture, grad_accum)
     assert graphed.runner.graphed and graphed.runner.capture_seconds is not None
+    assert capture.replays == [REPLAYS]
     assert_same_state(eager, graphed)
     for a, b in zip(eager_stats, graphed_stats):
         for field in ("per_sample", "timesteps", "grad_norm", "skipped"):
@@ -161,29 +174,45 @@ def test_compiled_kernels_are_kept_outside_tmp_unless_the_user_says_where(monkey
     assert compile_cache_dir() == tmp_path / "mine" and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
+def logged_losses(run_dir) -> dict[int, float]:
+    """The run's train/loss scalars by step, read back from its event files (a resumed run's purge applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars("train/loss")}
+
+
 def test_a_run_of_replayed_steps_resumed_midway_ends_with_the_eager_runs_bits(tmp_path, monkeypatch, capsys):
     # The bug it catches: the loop around the step breaking under a graph: the monitor keeping the graph's output
-    # tensors (overwritten by the next replay), previews or validation between replays, a checkpoint or the guide
-    # snapshot taken from the graph's memory, or a resumed run that does not capture anew.
+    # tensors (overwritten by the next replay) or logging nothing from them, previews or validation between
+    # replays, a checkpoint or the guide snapshot taken from the graph's memory, or a resumed run that does not
+    # capture anew or never replays. Both runs stop at step 5 and resume to 11, so the loss windows and the guide
+    # step (5, a replayed step: guide_fraction 0.95 of the first 5 steps) are the same in both.
     import functools
 
     import ddpm.training as training
     from ddpm.checkpoint import latest_checkpoint, load_training_state
+    from ddpm.step_graph import StepRunner as RealRunner
 
     def run(out, steps, resume=False):
         recipe = TrainConfig(data="mnist", conditional=True, batch_size=8, lr=1e-3, ema_warmup=2, warmup_steps=5)
         runtime = RuntimeConfig(out_dir=str(out), steps=steps, device="cpu", checkpoint_every=5, sample_every=4,
-                                sample_steps=2, val_every=5, val_size=8, log_every=2, num_workers=0)
+                                sample_steps=2, val_every=5, val_size=8, log_every=2, num_workers=0,
+                                guide_fraction=0.95)
         training.train(RunConfig(model=tiny_model_config(), train=recipe, runtime=runtime), resume=resume)
         return load_training_state(latest_checkpoint(out))
 
-    eager = run(tmp_path / "eager", 11)
+    run(tmp_path / "eager", 5)
+    eager = run(tmp_path / "eager", 11, resume=True)
+    capture = TracedCapture()
     monkeypatch.setattr(training, "graphs_decision", lambda *args, **kwargs: (True, None))
-    monkeypatch.setattr(training, "StepRunner", functools.partial(StepRunner, capture=traced_capture))
+    monkeypatch.setattr(training, "StepRunner", functools.partial(RealRunner, capture=capture))
     run(tmp_path / "graphed", 5)  # 3 warm-up steps, the capture at step 4, 1 replay
     assert "CUDA graphs: step 4 captured the training step" in capsys.readouterr().out
     graphed = run(tmp_path / "graphed", 11, resume=True)  # the capture again at step 9, then 2 replays
     assert "CUDA graphs: step 9 captured" in capsys.readouterr().out
+    assert capture.replays == [1, 2]
     assert graphed["step"] == eager["step"] == 11
     for part in ("model", "ema"):
         want = eager[part] if part == "model" else eager[part]["model"]
@@ -191,8 +220,13 @@ def test_a_run_of_replayed_steps_resumed_midway_ends_with_the_eager_runs_bits(tm
         assert all(torch.equal(got[name], value) for name, value in want.items()), part
     for key, state in eager["optimizer"]["state"].items():
         assert all(torch.equal(value, graphed["optimizer"]["state"][key][field]) for field, value in state.items())
-    logged = sorted((tmp_path / "graphed" / "tensorboard").iterdir())
-    assert logged  # the monitor wrote its scalars from the replayed steps' statistics
+    losses = logged_losses(tmp_path / "graphed")
+    assert sorted(losses) == [2, 4, 5, 6, 8, 10, 11] and losses == logged_losses(tmp_path / "eager")
+    from safetensors.torch import load_file
+
+    guides = [load_file(str(tmp_path / name / "guide" / "model.safetensors")) for name in ("eager", "graphed")]
+    assert all(torch.equal(guides[1][name], value) for name, value in guides[0].items())
+    assert json.loads((tmp_path / "graphed" / "guide" / "config.json").read_text())["step"] == 5
 
 
 def test_a_checkpoint_from_before_graphs_keeps_the_capturable_optimizer_and_its_rate_tensor():

@@ -107,7 +107,8 @@ class RankZeroMonitor(Monitor):
         self.config, self.show_progress, self.last_step = config, show_progress, last_step
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.run_dir / ckpt.CONFIG, config.to_dict())
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step if step else None)
+        # a resumed run drops what was logged after its checkpoint (a killed run logs past it), not at its step
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1 if step else None)
         if step == 0:
             self.writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```")
         self.logger = LossLogger(self.writer, len(trainer.schedule), trainer.device)
