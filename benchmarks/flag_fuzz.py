@@ -1,16 +1,25 @@
 """Every flag of every `ddpm` command with a wrong type, a negative, zero, a huge value, NaN and an empty string.
 
-    python benchmarks/flag_fuzz.py [--timeout 20] [--only train,sample]
+    python benchmarks/flag_fuzz.py [--timeout 20] [--only train,sample] [--flags serve:--host,train:--steps]
 
-Each case runs `ddpm.cli.main(argv)` in a forked child (the parent imports torch once) on a tiny trained run.
-A case holds when the command exits 0 (the value is valid), or 2 with one line on stderr and no traceback, or is
-still working at the time limit (a valid value that takes long, e.g. --steps 10^12); it fails on a traceback, a
-signal, another exit status, or more than one line of error. Results: one line per failure, then the counts.
+Each case runs `ddpm.cli.main(argv)` in a forked child (the parent imports torch once) on a tiny trained run,
+from a base command that works and ends at once (serve listens on a free port, then closes instead of serving),
+so the fuzzed flag is what fails. Every case falls in one column:
+
+- "one-line error": exit 2 with one line on stderr, no traceback: what a bad value must give;
+- "accepted": exit 0. It holds only where `ALLOWED` says the value is valid, and that flag's help says so;
+  otherwise it is "accepted a bad value", a failure (e.g. a negative count run as if it were fine);
+- "crash": a traceback, a signal, another exit status, or an error of more than one line: a failure;
+- "hang": still running at the time limit: a failure (a valid value must not run forever either: huge values
+  of lengths and counts are refused with one line).
+
+Results: one line per failure, then the counts per column. tests/test_flag_fuzz.py runs a bounded subset.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -18,24 +27,58 @@ from pathlib import Path
 
 BAD_VALUES = {"wrong type": "abc", "negative": "-1", "zero": "0", "huge": "1000000000000", "NaN": "nan", "empty": ""}
 SKIP = {"-h", "--help"}
+HOLDS = ("one-line error", "accepted")  # the columns that are not failures
+
+# Values that a flag's help says are valid, so that exit 0 is right: (command, flag) -> {kind: words of its help}.
+# The words are checked against the help text, so that an entry cannot outlive what the help promises.
+ALLOWED: dict[tuple[str, str], dict[str, str]] = {}
 
 
-def value_flags(parser: argparse.ArgumentParser, command: str) -> list[tuple[str, int]]:
-    """(flag, how many values it takes) for every option of `command` that takes a value."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+def value_flags(parser: argparse.ArgumentParser, command: str) -> list[tuple[str, int, str]]:
+    """(flag, how many values it takes, help text) for every option of `command` that takes a value."""
+    sub = subparser(parser, command)
     flags = []
     for action in sub._actions:
         if not action.option_strings or action.option_strings[0] in SKIP or action.nargs == 0:
             continue
-        flags.append((action.option_strings[-1], action.nargs if isinstance(action.nargs, int) else 1))
+        flags.append((action.option_strings[-1], action.nargs if isinstance(action.nargs, int) else 1,
+                      action.help or ""))
     return flags
 
 
+def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _serve_once() -> None:
+    """In a case's child: `ddpm serve` opens its page as usual, then closes it instead of serving until Ctrl-C."""
+    import ddpm.serve as serve
+
+    launch = serve.launch_app
+
+    def launch_and_close(app, host, port, **options):
+        launch(app, host, port, **{**options, "block": False, "quiet": True})
+        app.close()
+        return app
+
+    serve.launch_app = launch_and_close
+
+
 def run_case(argv: list[str], folder: Path, timeout: float) -> tuple[str, str]:
-    """(outcome, last stderr line) of main(argv) in a forked child."""
+    """(outcome, last stderr line) of main(argv) in a forked child: "one-line error", "exit 0", "hang", or a
+    crash's description."""
     err_path = folder / "stderr.txt"
     pid = os.fork()
     if pid == 0:
+        # a fresh working folder per case: a relative path one case writes (train --out abc) must not become a
+        # valid value of the next (sample --guide abc)
+        os.chdir(tempfile.mkdtemp(dir=folder, prefix="cwd"))
         fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 2)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
@@ -45,6 +88,8 @@ def run_case(argv: list[str], folder: Path, timeout: float) -> tuple[str, str]:
             torch.set_num_threads(1)
             from ddpm.cli import main
 
+            if argv[0] == "serve":
+                _serve_once()
             status = main(argv)
         except SystemExit as exit_:  # argparse's own errors: exit 2 and a usage line
             status = exit_.code if isinstance(exit_.code, int) else 1
@@ -63,7 +108,7 @@ def run_case(argv: list[str], folder: Path, timeout: float) -> tuple[str, str]:
         if time.monotonic() > deadline:
             os.kill(pid, 9)
             os.waitpid(pid, 0)
-            return "running at the time limit", ""
+            return "hang", f"still running after {timeout:.0f}s"
         time.sleep(0.05)
     text = err_path.read_text(errors="replace").strip()
     lines = [line for line in text.splitlines() if not line.startswith("usage:") and not line.startswith("  ")]
@@ -73,10 +118,20 @@ def run_case(argv: list[str], folder: Path, timeout: float) -> tuple[str, str]:
     if "Traceback" in text:
         return "traceback", text.splitlines()[-1] if text else ""
     if code == 0:
-        return "ok", ""
+        return "exit 0", ""
     if code == 2 and len(lines) == 1:
         return "one-line error", lines[0]
     return f"exit {code}, {len(lines)} lines", text[-300:]
+
+
+def column(outcome: str, command: str, flag: str, kind: str, help_text: str) -> str:
+    """The column of a case: one-line error, accepted, accepted a bad value, hang or crash."""
+    if outcome == "exit 0":
+        words = ALLOWED.get((command, flag), {}).get(kind)
+        return "accepted" if words is not None and words in help_text else "accepted a bad value"
+    if outcome in ("one-line error", "hang"):
+        return outcome
+    return "crash"
 
 
 def base_argv(command: str, run: Path, out: Path) -> list[str]:
@@ -88,7 +143,7 @@ def base_argv(command: str, run: Path, out: Path) -> list[str]:
         "eval": ["eval", str(run), "--out", str(out / "eval"), "--n", "4", "--ref-n", "8", "--no-fid",
                  "--sampling-steps", "2", "--guidance", "1", "--classifier-steps", "2", "--quiet"],
         "prepare": ["prepare", "mnist", "--out", str(out / "prepared"), "--image-size", "8", "--quiet"],
-        "serve": ["serve", str(run), "--port", "0", "--max-steps", "2"],
+        "serve": ["serve", str(run), "--port", str(free_port()), "--max-steps", "2", "--device", "cpu"],
     }[command]
 
 
@@ -103,35 +158,60 @@ def with_value(argv: list[str], flag: str, values: list[str]) -> list[str]:
     return argv + [f"{flag}={values[0]}"] + values[1:] if values[0].startswith("-") else argv + [flag, *values]
 
 
+def train_tiny_run(folder: Path) -> Path:
+    """The tiny conditional run every sample/eval/serve case reads."""
+    from ddpm.cli import main as ddpm_main
+
+    run = folder / "run"
+    argv = base_argv("train", run, folder)
+    argv[argv.index("--out") + 1] = str(run)
+    assert ddpm_main(argv) == 0
+    return run
+
+
+def fuzz(cases: list[tuple[str, str]] | None, commands: list[str], timeout: float, folder: Path,
+         report=print) -> dict[str, list[str]]:
+    """Run every bad value of every flag of `commands` (or of the (command, flag) pairs `cases`); returns the
+    cases of each column, each as 'ddpm COMMAND FLAG VALUE (KIND): outcome: line'."""
+    from ddpm.cli import build_parser
+
+    parser = build_parser()
+    run = train_tiny_run(folder)
+    columns: dict[str, list[str]] = {}
+    tried = 0
+    for command in commands:
+        for flag, nargs, help_text in value_flags(parser, command):
+            if cases is not None and (command, flag) not in cases:
+                continue
+            for kind, value in BAD_VALUES.items():
+                argv = with_value(base_argv(command, run, folder / f"case{tried}"), flag, [value] * nargs)
+                outcome, line = run_case(argv, folder, timeout)
+                tried += 1
+                where = column(outcome, command, flag, kind, help_text)
+                entry = f"ddpm {command} {flag} {value!r} ({kind}): {outcome}: {line}"
+                columns.setdefault(where, []).append(entry)
+                if where not in HOLDS:
+                    report(f"FAIL {entry}")
+    return columns
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timeout", type=float, default=20)
     parser.add_argument("--only", default="train,sample,eval,prepare,serve")
+    parser.add_argument("--flags", help="only these, as COMMAND:FLAG,COMMAND:FLAG")
     args = parser.parse_args()
-    from ddpm.cli import build_parser
-    from ddpm.cli import main as ddpm_main
-
-    ddpm_parser = build_parser()
+    cases = [tuple(pair.split(":", 1)) for pair in args.flags.split(",")] if args.flags else None
+    commands = sorted({c for c, _ in cases}) if cases else args.only.split(",")
     folder = Path(tempfile.mkdtemp(prefix="ddpm-flag-fuzz-"))
     os.chdir(folder)  # a relative path value (e.g. --out abc) lands here, not in the checkout
-    run = folder / "run"
-    assert ddpm_main(base_argv("train", run, folder)[:4] + [str(run)] + base_argv("train", run, folder)[5:]) == 0
-    counts: dict[str, int] = {}
-    tried = held = 0
     start = time.perf_counter()
-    for command in args.only.split(","):
-        for flag, nargs in value_flags(ddpm_parser, command):
-            for kind, value in BAD_VALUES.items():
-                out = folder / f"case{tried}"
-                argv = with_value(base_argv(command, run, out), flag, [value] * nargs)
-                outcome, line = run_case(argv, folder, args.timeout)
-                tried += 1
-                counts[outcome] = counts.get(outcome, 0) + 1
-                if outcome in ("ok", "one-line error", "running at the time limit"):
-                    held += 1
-                else:
-                    print(f"FAIL ddpm {command} {flag} {value!r} ({kind}): {outcome}: {line}", flush=True)
-    print(f"{tried} cases tried ({len(BAD_VALUES)} values x every flag of {args.only}), {held} held, "
+    columns = fuzz(cases, commands, args.timeout, folder, report=lambda line: print(line, flush=True))
+    tried = sum(len(v) for v in columns.values())
+    held = sum(len(columns.get(c, [])) for c in HOLDS)
+    counts = ", ".join(f"{name} {len(columns.get(name, []))}" for name in
+                       ("one-line error", "accepted", "accepted a bad value", "crash", "hang"))
+    print(f"{tried} cases tried ({len(BAD_VALUES)} values x every flag of {','.join(commands)}), {held} held, "
           f"{tried - held} failed, in {time.perf_counter() - start:.0f}s: {counts}")
 
 

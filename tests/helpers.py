@@ -1,6 +1,7 @@
 """What several test files share: the tiny model and the fake data folders. Test files import from here, never
 from each other (tests/ is on sys.path through pyproject's [tool.pytest.ini_options] pythonpath)."""
 import pickle
+import socket
 
 import numpy as np
 from PIL import Image
@@ -15,6 +16,13 @@ TINY_MODEL = dict(image_size=8, in_channels=1, base_channels=8, channel_mults=(1
 # The same model as `ddpm train` flags (a 1-step run of it takes about a second).
 TINY_TRAIN_ARGS = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--bottleneck-mult", "2",
                    "--batch-size", "8", "--sample-every", "0", "--quiet"]
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

@@ -2,6 +2,7 @@
 training run, and load_guide's three path kinds and its refusals."""
 import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -221,10 +222,12 @@ def trained(tmp_path_factory):
     return root
 
 
-def test_snapshot_is_the_ema_at_its_step_and_survives_pruning_and_resume(trained):
+def test_snapshot_is_the_ema_at_its_step_and_survives_pruning_and_resume(trained, tmp_path):
     """Catches the snapshot taken at the wrong step (or from the raw weights), pruned with the checkpoints,
-    overwritten by a resumed run, or written when guide_fraction is 0."""
-    run, two = trained / "run", trained / "two"
+    overwritten by a resumed run, or written when guide_fraction is 0. It resumes a copy of the shared run, which
+    the other tests read as it was trained."""
+    run, two = tmp_path / "run", trained / "two"
+    shutil.copytree(trained / "run", run)
     assert [p.name for p in (run / "checkpoints").glob("step_*.pt")] == ["step_00000004.pt"]
     assert find_run_guide(run) == run / "guide" and find_run_guide(two) is None
     assert find_run_guide(run / "model") == run / "guide"  # `ddpm sample RUN/model` finds its run's guide too

@@ -2,7 +2,6 @@
 import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from ddpm import ModelConfig, RunConfig, RuntimeConfig, TrainConfig
 from ddpm.checkpoint import CheckpointError, latest_checkpoint, load_training_state
 from ddpm.cli import main
 from ddpm.training import TrainingDiverged, train
-from helpers import TINY_TRAIN_ARGS
+from helpers import TINY_TRAIN_ARGS, free_port
 
 TINY_MODEL = dict(image_size=8, base_channels=8, channel_mults=(1, 2), bottleneck_mult=2, time_embed_dim=16)
 TINY = TINY_TRAIN_ARGS
@@ -33,12 +32,6 @@ def tiny_run(out, **fields):
     for name, value in fields.items():
         (runtime if name in RUNTIME_FIELDS else recipe)[name] = value
     return RunConfig(model=ModelConfig(**TINY_MODEL), train=TrainConfig(**recipe), runtime=RuntimeConfig(**runtime))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank, world, port, out, result_dir):

@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -56,8 +57,16 @@ TRAIN_FLAGS = {
     "sample_every": ("runtime", "sample_every"), "sample_steps": ("runtime", "sample_steps"),
     "guidance": ("runtime", "guidance"), "val_every": ("runtime", "val_every"), "val_size": ("runtime", "val_size"),
     "max_bad_fraction": ("runtime", "max_bad_fraction"), "guide_fraction": ("runtime", "guide_fraction"),
+    "time_limit": ("runtime", "time_limit"),
 }
 RESUME_FLAGS = tuple(flag for flag, (section, _) in TRAIN_FLAGS.items() if section == "runtime")
+# `ddpm train`'s exit statuses besides 0 (done) and 2 (bad input): documented in its --help and the README
+EXIT_DIVERGED, EXIT_WRITE_FAILED, EXIT_STOPPED, EXIT_INTERRUPTED = 3, 4, 75, 130
+TRAIN_EPILOG = (f"exit status: 0 the run reached its last step; 2 bad input (one line says what); {EXIT_DIVERGED} the "
+                f"loss diverged; {EXIT_WRITE_FAILED} a file could not be written; {EXIT_STOPPED} stopped early by "
+                "SIGTERM, SIGINT, SIGUSR1 or --time-limit after writing a checkpoint (continue with --resume RUN_DIR "
+                f"or the same command with --resume-if-exists); {EXIT_INTERRUPTED} a second Ctrl-C stopped it at once, "
+                "without a new checkpoint")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -101,9 +110,18 @@ def _workers(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of processes or 'auto', got {text!r}") from None
 
 
+def duration(text: str) -> float:
+    from .distributed import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_train_parser(sub) -> None:
     tr = sub.add_parser("train", help="train a model (or continue one with --resume)", formatter_class=HelpFormatter,
-                        description="Train a diffusion model. "
+                        epilog=TRAIN_EPILOG, description="Train a diffusion model. "
                                     "DATA: a folder of images (class subfolders = labels with --conditional), "
                                     "a CIFAR-10 folder (cifar-10-batches-py), a folder made by `ddpm prepare`, "
                                     "or a bundled set: mnist, photos.")
@@ -115,6 +133,9 @@ def add_train_parser(sub) -> None:
     a("--resume", type=folder_path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint; "
       "only the flags of how it runs "
       "(--steps/--epochs, --device, --amp, --compile, --num-workers, logging and checkpoint intervals) may be given")
+    a("--resume-if-exists", action="store_true", help="when --out already holds this same run, continue it "
+      "(a job restarted by torchrun --max-restarts, a SLURM requeue or a shell loop runs the same command line); "
+      "a folder holding another run is refused")
     a("--preset", choices=sorted(PRESETS), help="start from a named configuration; other flags override it")
     a("--conditional", action=argparse.BooleanOptionalAction, default=None,
       help="class-conditional with classifier-free guidance (labels from class subfolders)")
@@ -178,6 +199,8 @@ def _add_runtime_flags(a) -> None:
     a("--val-size", type=int, help="held-out images for the validation loss" + _default("val_size"))
     a("--guide-fraction", type=float, metavar="F", help="save the EMA weights at this fraction of the planned steps "
       "to RUN/guide, kept for autoguidance (ddpm sample guides with it); 0 = none" + _default("guide_fraction"))
+    a("--time-limit", type=duration, metavar="DURATION", help="stop at a checkpoint before this much time has "
+      "passed, e.g. 3h50m, 90m or seconds (exit 75; continue with --resume); for jobs of fixed length")
     a("--max-bad-fraction", type=float, metavar="F", help="unreadable image files tolerated, as a fraction of the "
       "folder (at least 10 files); past it the run stops with their list" + _default("max_bad_fraction"))
 
@@ -339,29 +362,76 @@ def train_config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import resume_config, train
+    from .distributed import StopRequest, stop_on_signals
 
+    stop = StopRequest()  # --time-limit counts from here
     if args.resume:
-        fixed = [flag for flag in TRAIN_FLAGS if flag not in RESUME_FLAGS and getattr(args, flag, None) is not None]
-        if args.data or args.preset or fixed or args.out:
-            given = (([args.data] if args.data else []) + (["--preset"] if args.preset else [])
-                     + (["--out"] if args.out else []) + ["--" + f.replace("_", "-") for f in fixed])
-            raise DdpmError(f"--resume continues a run with its saved recipe; {', '.join(given)} cannot change it "
-                            "(only how it runs: "
-                            f"{', '.join('--' + f.replace('_', '-') for f in RESUME_FLAGS if f != 'out')}): "
-                            "start a new run with another --out instead")
-        changes = {TRAIN_FLAGS[f][1]: getattr(args, f) for f in RESUME_FLAGS if getattr(args, f, None) is not None}
-        if changes.get("num_workers") == "auto":
-            changes["num_workers"] = None  # resume_config ignores None: auto is spelt by leaving the saved value
-        run_dir = train(resume_config(Path(args.resume), **changes), resume=True, progress=not args.quiet).run_dir
+        config, resume = resumed_config_from_args(args), True
     else:
         if not args.data and not (args.preset and "data" in PRESETS[args.preset].get("train", {})):
             raise DdpmError("give DATA (an image folder, a CIFAR-10 folder, mnist or photos), a --preset with data, "
                             "or --resume RUN_DIR")
-        run_dir = train(train_config_from_args(args), progress=not args.quiet).run_dir
+        config, resume = train_config_from_args(args), False
+    run_dir = Path(config.runtime.out_dir)
+    try:
+        with stop_on_signals(stop):
+            result = _train(config, resume, args, stop)
+    except KeyboardInterrupt:  # the second Ctrl-C: at once, wherever the step was
+        raise Interrupted(f"interrupted twice: stopped at once; {_what_is_kept(run_dir)}") from None
+    if result.stopped:
+        from .distributed import describe_stop
+
+        if _is_rank_zero():
+            print(f"ddpm train: stopped by {describe_stop(result.stopped)} at step {result.step}, checkpoint "
+                  f"written; continue with `ddpm train --resume {run_dir}`", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
     print(f"run folder: {run_dir}  (TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'})")
     print(f"sample it:  ddpm sample {run_dir} --out {run_dir / 'samples'}")
     return 0
+
+
+def _train(config: RunConfig, resume: bool, args: argparse.Namespace, stop):
+    from .training import train
+
+    return train(config, resume=resume, progress=not args.quiet, stop=stop, if_exists=args.resume_if_exists)
+
+
+def resumed_config_from_args(args: argparse.Namespace) -> RunConfig:
+    """--resume RUN_DIR: the saved run under the runtime flags given (the only ones it accepts)."""
+    from .training import resume_config
+
+    fixed = [flag for flag in TRAIN_FLAGS if flag not in RESUME_FLAGS and getattr(args, flag, None) is not None]
+    if args.data or args.preset or fixed or args.out or args.resume_if_exists:
+        given = (([args.data] if args.data else []) + (["--preset"] if args.preset else [])
+                 + (["--out"] if args.out else []) + (["--resume-if-exists"] if args.resume_if_exists else [])
+                 + ["--" + f.replace("_", "-") for f in fixed])
+        raise DdpmError(f"--resume continues a run with its saved recipe; {', '.join(given)} cannot change it "
+                        "(only how it runs: "
+                        f"{', '.join('--' + f.replace('_', '-') for f in RESUME_FLAGS if f != 'out')}): "
+                        "start a new run with another --out instead")
+    changes = {TRAIN_FLAGS[f][1]: getattr(args, f) for f in RESUME_FLAGS if getattr(args, f, None) is not None}
+    if changes.get("num_workers") == "auto":
+        changes["num_workers"] = None  # resume_config ignores None: auto is spelt by leaving the saved value
+    return resume_config(Path(args.resume), **changes)
+
+
+class Interrupted(DdpmError):
+    """Stopped at once by a second Ctrl-C (exit 130)."""
+
+
+def _what_is_kept(run_dir: Path) -> str:
+    from .checkpoint import CheckpointError, latest_checkpoint
+
+    try:
+        step = int(latest_checkpoint(run_dir).stem.split("_")[-1])
+    except (CheckpointError, ValueError):
+        return f"no checkpoint was written yet, so nothing of this run is kept in {run_dir}"
+    return (f"nothing since the last checkpoint (step {step}) is kept; continue with `ddpm train --resume "
+            f"{run_dir}`")
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -681,14 +751,17 @@ def main(argv: list[str] | None = None) -> int:
             return commands[args.command](args)
     except TrainingDiverged as error:
         print(f"ddpm {args.command}: stopped: {error}", file=sys.stderr)
-        return 3
+        return EXIT_DIVERGED
+    except Interrupted as error:
+        print(f"ddpm {args.command}: {error}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except DdpmError as error:
         print(f"ddpm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # disk full, permissions: earlier checkpoints are intact (writes are atomic)
         print(f"ddpm {args.command}: error: cannot write {error.filename or ''}: {error.strerror or error}; "
               "files written before are intact (free space or fix permissions, then --resume)", file=sys.stderr)
-        return 4
+        return EXIT_WRITE_FAILED
     except KeyboardInterrupt:
         print(f"ddpm {args.command}: interrupted; the last checkpoint is kept (continue with --resume)",
               file=sys.stderr)

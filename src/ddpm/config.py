@@ -184,9 +184,14 @@ class RuntimeConfig:
     # Autoguidance (Karras et al. 2024) guides a model with a weaker version of itself: at this fraction of the
     # planned steps the EMA weights are exported once to RUN/guide/, which checkpoint pruning never touches. 0: none.
     guide_fraction: float = 0.5
+    # Seconds this process may train (from the start of `ddpm train`): before the next step and the final checkpoint
+    # would pass it, the run saves and stops (exit 75), to be continued; for fixed-length jobs (SLURM --time).
+    time_limit: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1")
+        _check(self.time_limit is None or 0 < self.time_limit < math.inf,
+               f"time_limit={self.time_limit} must be a positive number of seconds")
         _check(self.epochs is None or self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
         _check(self.amp in ("auto", "bf16", "fp16", "none"), f"amp={self.amp!r} must be auto, bf16, fp16 or none")
         _check(self.cuda_graphs in ("auto", "on", "off"), f"cuda_graphs={self.cuda_graphs!r} must be auto, on or off")

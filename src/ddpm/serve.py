@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ipaddress
 import itertools
 import queue
 import random
 import shlex
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -625,6 +627,29 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """A one-line DdpmError unless this process can listen on host:port. Checked before Gradio starts: its own
+    failure is a log line from uvicorn plus a message about port ranges, whatever was wrong."""
+    hint = f"use {DEFAULT_HOST} (this machine only) or 0.0.0.0 (your network)"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:  # a host name, which must resolve; "0" or "1e3" would be read as odd IPv4 spellings
+        if not host or not any(c.isalpha() for c in host):
+            raise DdpmError(f"--host {host!r} is not an IP address or host name; {hint}") from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        raise DdpmError(f"--host {host!r} is not a known address ({error}); {hint}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds, so the check agrees
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise DdpmError(f"cannot listen on {host}:{port} ({error.strerror or error}); pass a free --port, "
+                            f"or a --host of this machine") from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """`ddpm serve`: load the model and its guide (one-line DdpmError if unusable), then serve the page until
     Ctrl-C."""
@@ -632,6 +657,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise DdpmError(f"--port {args.port} is not a port number; use 1 to 65535 (default {DEFAULT_PORT})")
     if args.max_steps < 1:
         raise DdpmError(f"--max-steps must be >= 1, got {args.max_steps}")
+    check_listen_address(args.host, args.port)
     import_gradio()  # before the model loads: without Gradio nothing else is worth doing
     served = load_served_model(args.model, args.device, args.guide)
     app = build_app(args.model, max_steps=args.max_steps, served=served)

@@ -10,8 +10,9 @@ loss or gradient is not finite is skipped on the device (see `Trainer.step`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-import os
+import time
 import warnings
 from pathlib import Path
 
@@ -22,8 +23,16 @@ from torch.utils.data import DataLoader, Sampler
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, RuntimeConfig
 from .data import DataInfo, auto_workers, check_bad_files, load_dataset
-from .devices import autocast, compile_for_training, configure_for_speed, pick_device, resolve_amp
+from .devices import autocast, compile_for_training, configure_for_speed, resolve_amp
 from .diffusion import TrainingDraws, draw_training_inputs, training_losses
+from .distributed import (
+    AGREE_EVERY_CUDA,
+    DistributedContext,
+    StopRequest,
+    distributed_context,
+    ignore_stop_signals,
+    setup_device,
+)
 from .ema import EMA
 from .errors import DdpmError, DdpmWarning
 from .monitor import Monitor, RankZeroMonitor
@@ -38,48 +47,11 @@ class TrainResult:
     model: torch.nn.Module  # the trained (raw) weights of this process
     ema_model: torch.nn.Module | None  # rank 0 only
     step: int
+    stopped: int = 0  # 0: reached its last step; else why it saved and stopped early (distributed.stop_code)
 
 
 class TrainingDiverged(DdpmError):
     """The loss stayed NaN/inf; the message names the last good checkpoint."""
-
-
-@dataclasses.dataclass
-class DistributedContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def distributed_context() -> DistributedContext:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a plain launch is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return DistributedContext(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def setup_device(ctx: DistributedContext, device_name: str | None) -> torch.device:
-    """The device of this process; under torchrun also the process group (nccl on GPUs, gloo on CPUs)."""
-    if not ctx.enabled:
-        return pick_device(device_name)
-    use_cuda = torch.cuda.is_available() and device_name in (None, "cuda")
-    device = torch.device(f"cuda:{ctx.local_rank}") if use_cuda else pick_device(device_name or "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
 
 
 class StepBatches(Sampler[list[int]]):
@@ -199,6 +171,7 @@ class Trainer:
         self.noise_gen = torch.Generator(device).manual_seed(t.seed + 1)
         self.hflip = t.hflip if t.hflip is not None else t.data != "mnist"  # digits are not mirror-symmetric
         self.step_count = 0
+        self.save_seconds: float | None = None  # how long the last checkpoint took (rank 0's write and the wait)
         self.bad_run = torch.zeros((), device=device, dtype=torch.long)  # consecutive skipped steps, on the device
         self.worst_bad_run = torch.zeros((), device=device, dtype=torch.long)  # the longest since the last check
         self.net = self._wrap(self.model)
@@ -284,6 +257,7 @@ class Trainer:
                               self.ctx.rank, self.ctx.world_size)
         loader = DataLoader(self.info.dataset, batch_sampler=sampler, num_workers=workers,
                             persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
+                            worker_init_fn=ignore_stop_signals,
                             generator=torch.Generator().manual_seed(self.config.train.seed))
         conditional = self.config.model.num_classes is not None
         for x0, labels in loader:
@@ -405,27 +379,58 @@ class Trainer:
         return worst
 
     # -- the loop --------------------------------------------------------------------------------------------------
-    def fit(self, last_step: int, monitor: Monitor) -> None:
-        """Train up to `last_step`; the monitor logs, validates, draws previews and saves on its schedule."""
+    def fit(self, last_step: int, monitor: Monitor, stop: StopRequest | None = None) -> int:
+        """Train up to `last_step`; the monitor logs, validates, draws previews and saves on its schedule. Returns
+        0 at `last_step`, or the code of the stop request (distributed.stop_code) at which it saved and ended."""
         r = self.config.runtime
         last_saved = self.step_count
-        for x0, labels in self.batches(self.step_count, last_step):
-            stats = self.step(x0, labels)
-            step = self.step_count
-            final = step == last_step
-            monitor.record(stats)
-            if step % r.log_every == 0 or final:
-                skips = self.check_divergence(monitor.run_dir, last_saved)
-                monitor.log(self, stats, skips)
-            monitor.extras(self)
-            if step % self.steps_per_epoch == 0 or final:
-                monitor.end_of_epoch(self, self.check_data())
-            # never save in the middle of a run of skipped steps (a sync, at checkpoint steps only)
-            if (step % r.checkpoint_every == 0 or final) and bool(self.bad_run == 0):
-                monitor.save(self)
-                self.ctx.barrier()
-                last_saved = step
-            monitor.progress(self)
+        step_times = collections.deque(maxlen=10)  # the slowest of the last few steps sizes --time-limit's margin
+        batches = self.batches(self.step_count, last_step)
+        try:
+            started = time.perf_counter()
+            for x0, labels in batches:
+                stats = self.step(x0, labels)
+                step = self.step_count
+                final = step == last_step
+                monitor.record(stats)
+                if step % r.log_every == 0 or final:
+                    skips = self.check_divergence(monitor.run_dir, last_saved)
+                    monitor.log(self, stats, skips)
+                monitor.extras(self)
+                if step % self.steps_per_epoch == 0 or final:
+                    monitor.end_of_epoch(self, self.check_data())
+                # never save in the middle of a run of skipped steps (a sync, at checkpoint steps only)
+                if (step % r.checkpoint_every == 0 or final) and bool(self.bad_run == 0):
+                    last_saved = self.save(monitor)
+                monitor.progress(self)
+                step_times.append(time.perf_counter() - started)
+                code = 0 if final else self.stop_code(stop, max(step_times))
+                if code:
+                    if last_saved != step:  # a stop is the one save that a run of skipped steps does not wait for
+                        self.save(monitor)
+                    return code
+                started = time.perf_counter()
+        finally:
+            batches.close()  # ends the loader's workers now, not when the generator is collected
+        return 0
+
+    def save(self, monitor: Monitor) -> int:
+        """Rank 0 writes the checkpoint and the exported model; every rank waits for it. Returns the step."""
+        start = time.perf_counter()
+        monitor.save(self)
+        self.ctx.barrier()
+        self.save_seconds = time.perf_counter() - start
+        return self.step_count
+
+    def stop_code(self, stop: StopRequest | None, step_seconds: float) -> int:
+        """The stop request's code, agreed by all ranks (MAX): every step in one process or on CPUs, every
+        AGREE_EVERY_CUDA steps under torchrun on GPUs (an agreement waits for the host; a step should not)."""
+        if stop is None:
+            return 0
+        every = AGREE_EVERY_CUDA if self.ctx.enabled and self.device.type == "cuda" else 1
+        if self.step_count % every:
+            return 0
+        return self.ctx.agree_max(stop.code(every * step_seconds, self.save_seconds))
 
 
 def _load_latest_state(run_dir: Path) -> dict:
@@ -459,13 +464,40 @@ def resume_config(run_dir: Path, **runtime_changes) -> RunConfig:
     return config
 
 
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / ckpt.LATEST).exists() or any((run_dir / ckpt.CHECKPOINT_DIR).glob("step_*.pt"))
+
+
 def _check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; give a folder path")
-    if (run_dir / ckpt.LATEST).exists() or any((run_dir / ckpt.CHECKPOINT_DIR).glob("step_*.pt")):
+    if holds_run(run_dir):
         raise ConfigError(
-            f"{run_dir} already holds a run; continue it with `ddpm train --resume {run_dir}` or choose another --out"
+            f"{run_dir} already holds a run; continue it with `ddpm train --resume {run_dir}` (or run the same "
+            "command with --resume-if-exists) or choose another --out"
         )
+
+
+def first_difference(saved: RunConfig, given: RunConfig) -> str | None:
+    """'section.field: A in the run, B here' for the first field of the model, diffusion or recipe that differs
+    (how the run executes, the runtime section, may differ), or None."""
+    a, b = RunConfig.from_dict(saved.to_dict()).to_dict(), RunConfig.from_dict(given.to_dict()).to_dict()
+    for section in ("model", "diffusion", "train"):
+        for field, value in a[section].items():
+            if b[section].get(field) != value:
+                return f"{section}.{field}: {value!r} in the run, {b[section].get(field)!r} here"
+    return None
+
+
+def continued_config(state: dict, config: RunConfig, run_dir: Path) -> RunConfig:
+    """--resume-if-exists: the saved run under this command's runtime settings, when this command describes the
+    same run (`config` already prepared from its data); otherwise the one-line refusal a new run gets."""
+    saved = RunConfig.from_dict(state["config"])
+    difference = first_difference(saved, config)
+    if difference:
+        raise ConfigError(f"{run_dir} holds a run with another configuration ({difference}); continue it with "
+                          f"`ddpm train --resume {run_dir}`, or choose another --out")
+    return dataclasses.replace(saved, runtime=config.runtime)
 
 
 def prepare(config: RunConfig) -> tuple[RunConfig, DataInfo]:
@@ -482,20 +514,26 @@ def prepare(config: RunConfig) -> tuple[RunConfig, DataInfo]:
     return dataclasses.replace(config, model=model), info
 
 
-def train(config: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(config: RunConfig, resume: bool = False, progress: bool = True, stop: StopRequest | None = None,
+          if_exists: bool = False) -> TrainResult:
     """Train the run in `config.runtime.out_dir`; with `resume`, continue its saved run (model, diffusion and
-    recipe from the checkpoint) under `config.runtime` (see `resume_config`).
+    recipe from the checkpoint) under `config.runtime` (see `resume_config`). With `if_exists`, continue the run
+    the folder holds when it is this same run (a restarted job), else start it.
 
-    Under `torchrun` (WORLD_SIZE > 1) it runs DistributedDataParallel: rank 0 alone keeps the EMA, logs,
-    draws grids and writes checkpoints; every rank resumes from the same file."""
+    `stop` (set by signal handlers, see distributed.stop_on_signals) and `--time-limit` end the run early at a
+    checkpoint; `TrainResult.stopped` says why. Under `torchrun` (WORLD_SIZE > 1) it runs
+    DistributedDataParallel: rank 0 alone keeps the EMA, logs, draws grids and writes checkpoints; every rank
+    resumes from the same file and all stop at the same step."""
     ctx = distributed_context()
     run_dir = Path(config.runtime.out_dir)
-    state = _load_latest_state(run_dir) if resume else None
-    if state is not None:
+    state = _load_latest_state(run_dir) if resume or (if_exists and holds_run(run_dir)) else None
+    if resume:
         config = dataclasses.replace(RunConfig.from_dict(state["config"]), runtime=config.runtime)
-    else:
+    elif state is None:
         _check_new_run_dir(run_dir)
     config, info = prepare(config)
+    if state is not None and not resume:
+        config = continued_config(state, config, run_dir)
     if config.train.batch_size % (ctx.world_size * config.train.grad_accum):
         raise ConfigError(f"--batch-size {config.train.batch_size} must divide by processes x grad_accum = "
                           f"{ctx.world_size} x {config.train.grad_accum}")
@@ -503,14 +541,17 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     if state is not None:
         trainer.load_state_dict(state)
     last_step = total_steps(config, len(info.dataset))
+    stop = stop or StopRequest()
+    stop.time_limit = config.runtime.time_limit
     monitor = RankZeroMonitor(trainer, run_dir, last_step, progress) if ctx.is_main else Monitor(run_dir)
     try:
-        trainer.fit(last_step, monitor)
+        stopped = trainer.fit(last_step, monitor, stop)
     finally:
         monitor.close(trainer)
         if ctx.enabled:
             dist.destroy_process_group()
-    return TrainResult(run_dir, trainer.model, trainer.ema.model if trainer.ema else None, trainer.step_count)
+    return TrainResult(run_dir, trainer.model, trainer.ema.model if trainer.ema else None, trainer.step_count,
+                       stopped)
 
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "RuntimeConfig", "train", "resume_config", "StepBatches"]

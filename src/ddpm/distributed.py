@@ -1,0 +1,171 @@
+"""The processes of a training run and how they stop: torchrun's environment, each process's device and process
+group, and the stop request that signals and `--time-limit` raise between steps.
+
+Why a flag: a signal handler runs at an arbitrary point of the step (inside a kernel launch, an allocator lock,
+a collective), so it does nothing but record the signal (Python's `signal` docs). The training loop reads the
+request between steps, saves a checkpoint and ends. Under torchrun the ranks agree on the request with one
+all-reduce (MAX) at fixed steps, so a signal that reached one node stops every rank at the same step.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import signal
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from .devices import pick_device
+
+# SLURM's `--signal=USR1@120` warns with SIGUSR1; Kubernetes, spot instances and torchrun send SIGTERM.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+TIME_LIMIT = 1  # the stop code of --time-limit; a signal's code is its number (all > 1)
+# A signal's stop code is agreed every step on a CPU (the step's gradient all-reduce costs far more), every
+# this many steps on CUDA: an agreement reads a number on the host, and no step on a GPU should wait for that.
+AGREE_EVERY_CUDA = 10
+SAVE_SECONDS_UNMEASURED = 5.0  # what --time-limit reserves for the final checkpoint before one is timed
+
+
+@dataclasses.dataclass
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    # a CPU (gloo) group for host-side agreement under nccl, so that agreeing touches no GPU stream
+    host_group: object = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def agree_max(self, code: int) -> int:
+        """The largest `code` of all ranks (a host-side all-reduce); `code` itself in a single process."""
+        if not self.enabled:
+            return code
+        value = torch.tensor([code], dtype=torch.int64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.host_group)
+        return int(value[0])
+
+
+def distributed_context() -> DistributedContext:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a plain launch is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistributedContext(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup_device(ctx: DistributedContext, device_name: str | None) -> torch.device:
+    """The device of this process; under torchrun also the process group (nccl on GPUs, gloo on CPUs) and a gloo
+    group for host-side agreement."""
+    if not ctx.enabled:
+        return pick_device(device_name)
+    use_cuda = torch.cuda.is_available() and device_name in (None, "cuda")
+    device = torch.device(f"cuda:{ctx.local_rank}") if use_cuda else pick_device(device_name or "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ctx.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return device
+
+
+def init_process_group(backend: str) -> None:
+    """torchrun's process group, with the keys of each restart apart from the last one's.
+
+    Why: torchrun (2.11-2.14 at least) keeps one store across `--max-restarts`, and a restarted gloo group read
+    the addresses that the previous attempt's ranks had published there: "Gloo connectFullMesh failed ...
+    Connection refused" whenever rank 0 came up later than rank 1. A prefix per attempt
+    (TORCHELASTIC_RESTART_COUNT) gives each attempt its own keys."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:  # not under torchrun: its env:// variables as they are
+        dist.init_process_group(backend)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"ddpm/attempt_{attempt}", store), rank=rank,
+                            world_size=world_size)
+
+
+# ---------------------------------------------------------------------------------------------------------- stopping
+def parse_duration(text: str) -> float:
+    """Seconds from '3h50m', '90m', '1h', '45s', '1d2h' or a plain number of seconds ('3600', '0.5')."""
+    text = text.strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?",
+                             text)
+        if not text or parts is None:
+            raise ValueError(f"expected a duration such as 3h50m, 90m, 45s or seconds, got {text!r}") from None
+        seconds = sum(float(v) * unit for v, unit in zip(parts.groups(), (86400, 3600, 60, 1)) if v)
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"a duration must be a positive number of seconds, got {text!r}")
+    return seconds
+
+
+def stop_code(signal_number: int | None, elapsed: float, time_limit: float | None, step_seconds: float,
+              save_seconds: float) -> int:
+    """Why a run should stop before its next step: the number of the signal received, TIME_LIMIT when the next
+    step and the final checkpoint would no longer fit in `time_limit` seconds, else 0. A pure function: the loop
+    gives it the clock's readings."""
+    if signal_number is not None:
+        return signal_number
+    if time_limit is not None and elapsed + step_seconds + save_seconds > time_limit:
+        return TIME_LIMIT
+    return 0
+
+
+def describe_stop(code: int) -> str:
+    return "the time limit (--time-limit)" if code == TIME_LIMIT else signal.Signals(code).name
+
+
+class StopRequest:
+    """What the training loop asks between steps: has a signal come, or would the time limit pass? Handlers only
+    set `signal_number` (no torch, no lock, no I/O). A second SIGINT raises KeyboardInterrupt at once: the user
+    asked twice, and gets the last checkpoint instead of a new one."""
+
+    def __init__(self, time_limit: float | None = None, clock=time.monotonic):
+        self.signal_number: int | None = None
+        self.time_limit, self.clock, self.started = time_limit, clock, clock()
+
+    def handle(self, signum, frame=None) -> None:
+        if signum == signal.SIGINT and self.signal_number is not None:
+            raise KeyboardInterrupt
+        self.signal_number = signum
+
+    def code(self, step_seconds: float, save_seconds: float | None) -> int:
+        save = SAVE_SECONDS_UNMEASURED if save_seconds is None else save_seconds
+        return stop_code(self.signal_number, self.clock() - self.started, self.time_limit, step_seconds, save)
+
+
+@contextlib.contextmanager
+def stop_on_signals(request: StopRequest):
+    """SIGTERM, SIGINT and SIGUSR1 set `request` while the block runs; the former handlers come back after. Only
+    the main thread can install handlers: elsewhere (a notebook's worker thread) nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    former = {number: signal.signal(number, request.handle) for number in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for number, handler in former.items():
+            signal.signal(number, handler)
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A data loader worker's start: the stop signals are the main process's to act on. A worker that died of a
+    Ctrl-C sent to the whole process group would end the run with "DataLoader worker exited unexpectedly"
+    before the main process could save; the main process shuts its workers down when the loop ends."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)

@@ -1,0 +1,262 @@
+"""Long runs on clusters: a signal or --time-limit stops at a checkpoint, a second Ctrl-C stops at once with a true
+message, and a restarted job (torchrun --max-restarts, two launchers as two nodes) continues to the same bits."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm.checkpoint import latest_checkpoint, load_training_state
+from ddpm.cli import main
+from ddpm.distributed import TIME_LIMIT, StopRequest, parse_duration, stop_code
+from ddpm.training import train
+from helpers import TINY_TRAIN_ARGS, free_port
+
+# torchrun's workers, one thread each (bits depend on the thread count: compare runs of the same launch only)
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# the EMA averages from step 3, so a rebuilt or reset EMA shows
+RECIPE = ["--ema-warmup", "2", "--ema-decay", "0.8", "--log-every", "1", "--val-every", "0"]
+
+
+def train_argv(out, steps, *extra):
+    return ["train", "mnist", "--conditional", "--out", str(out), "--steps", str(steps), *RECIPE, *TINY_TRAIN_ARGS,
+            *extra]
+
+
+def final_state(run):
+    return load_training_state(latest_checkpoint(run))
+
+
+def assert_same_bits(a, b):
+    assert a["step"] == b["step"]
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), f"weights differ: {name}"
+    for name, value in a["ema"]["model"].items():
+        assert torch.equal(value, b["ema"]["model"][name]), f"EMA differs: {name}"
+    for key, state in a["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][key][field]), f"optimizer {field} differs"
+
+
+def logged_steps(run) -> int:
+    """How many train/loss scalars the run has flushed so far (--log-every 1): read without torch while it runs."""
+    folder = run / "tensorboard"
+    return sum(f.stat().st_size for f in folder.iterdir()) if folder.is_dir() else 0
+
+
+def start_and_signal(argv, run, signals, *, group=False, after_bytes=2000):
+    """Start `ddpm train` in a child, wait until it has logged some steps, then send `signals` (to its process
+    group with `group`, as a terminal's Ctrl-C does, reaching the loader workers too). Returns the finished process
+    and its stderr."""
+    # the child starts with SIGINT at its default, whatever this shell gave us (a background job ignores SIGINT)
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm", *argv], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, start_new_session=group,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while logged_steps(run) < after_bytes and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the signal"
+    for number in signals:
+        os.killpg(proc.pid, number) if group else proc.send_signal(number)
+    _, err = proc.communicate(timeout=120)
+    return proc, err
+
+
+# -- the pure parts -------------------------------------------------------------------------------------------------
+def test_durations_parse_as_a_job_scheduler_writes_them():
+    assert [parse_duration(t) for t in ("3h50m", "90m", "45s", "3600", "0.5", "1d2h", "1h30m15s", " 2H ")] == [
+        13800, 5400, 45, 3600, 0.5, 93600, 5415, 7200]
+    for bad in ("", "abc", "-1", "0", "nan", "inf", "3x", "h"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_the_stop_code_is_the_signal_or_a_time_limit_that_the_next_step_and_save_would_pass():
+    assert stop_code(None, 10.0, None, 1.0, 5.0) == 0
+    assert stop_code(signal.SIGTERM, 0.0, None, 1.0, 5.0) == signal.SIGTERM
+    assert stop_code(None, 93.9, 100.0, 1.0, 5.0) == 0  # 93.9 + 1 + 5 still fits
+    assert stop_code(None, 94.1, 100.0, 1.0, 5.0) == TIME_LIMIT
+    clock = iter([0.0, 55.0, 55.0])
+    request = StopRequest(time_limit=60.0, clock=lambda: next(clock))
+    assert request.code(1.0, None) == TIME_LIMIT  # 55 + 1 + 5 s reserved for a save not yet timed > 60
+    assert request.code(1.0, 2.0) == 0  # a save measured at 2 s fits
+
+
+def test_a_second_sigint_raises_at_once_and_other_signals_only_set_the_flag():
+    request = StopRequest()
+    request.handle(signal.SIGUSR1)
+    request.handle(signal.SIGTERM)  # no raise: the loop stops at its next step anyway
+    assert request.signal_number == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        request.handle(signal.SIGINT)
+    first = StopRequest()
+    first.handle(signal.SIGINT)
+    assert first.signal_number == signal.SIGINT
+
+
+# -- a graceful stop ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigterm_mid_run_writes_a_checkpoint_at_the_stop_step_and_resume_gives_the_uninterrupted_bits(tmp_path):
+    # The bug it catches: SIGTERM killing the run with no checkpoint (exit -15), as before: with --checkpoint-every
+    # past the end of the run, a stop that did not save would leave nothing. Then: a resume from the stop's
+    # checkpoint that does not continue the same stream.
+    run, steps = tmp_path / "run", 300
+    proc, err = start_and_signal(train_argv(run, steps, "--checkpoint-every", "1000", "--quiet", "--num-workers", "0"),
+                                 run, [signal.SIGTERM])
+    stopped = final_state(run)["step"]
+    assert proc.returncode == 75, err
+    assert 0 < stopped < steps
+    assert err.strip().splitlines() == [f"ddpm train: stopped by SIGTERM at step {stopped}, checkpoint written; "
+                                        f"continue with `ddpm train --resume {run}`"]
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    straight = tmp_path / "straight"
+    assert main(train_argv(straight, steps, "--checkpoint-every", "1000", "--quiet")) == 0
+    assert_same_bits(final_state(run), final_state(straight))
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_before_the_first_checkpoint_writes_one_and_says_so(tmp_path):
+    # The bugs it catch: "the last checkpoint is kept" printed when none existed (--resume then failed), and loader
+    # workers dying of the terminal's SIGINT ("DataLoader worker exited unexpectedly") before the main process
+    # could save. Two workers get the same SIGINT as the main process.
+    run = tmp_path / "run"
+    proc, err = start_and_signal(train_argv(run, 100_000, "--checkpoint-every", "100000", "--num-workers", "2",
+                                            "--quiet"), run, [signal.SIGINT], group=True)
+    assert proc.returncode == 75, err
+    step = final_state(run)["step"]
+    assert err.strip().splitlines()[-1] == (f"ddpm train: stopped by SIGINT at step {step}, checkpoint written; "
+                                            f"continue with `ddpm train --resume {run}`")
+    assert "Traceback" not in err and "exited unexpectedly" not in err
+    assert main(["train", "--resume", str(run), "--steps", str(step + 2), "--quiet", "--num-workers", "0"]) == 0
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_what_is_kept(tmp_path, monkeypatch, capsys):
+    # The bug it catches: a message that claims a checkpoint when there is none, or names no step.
+    import ddpm.cli as cli
+
+    def interrupted(config, resume, args, stop):
+        raise KeyboardInterrupt  # what StopRequest.handle raises at the second SIGINT
+
+    monkeypatch.setattr(cli, "_train", interrupted)
+    assert main(train_argv(tmp_path / "none", 5, "--quiet")) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"ddpm train: interrupted twice: stopped at once; no checkpoint was written yet, so nothing of this run is "
+        f"kept in {tmp_path / 'none'}")
+    monkeypatch.undo()
+    assert main(train_argv(tmp_path / "some", 3, "--quiet")) == 0
+    monkeypatch.setattr(cli, "_train", interrupted)
+    assert main(["train", "--resume", str(tmp_path / "some"), "--steps", "9"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "ddpm train: interrupted twice: stopped at once; nothing since the last checkpoint (step 3) is kept; "
+        f"continue with `ddpm train --resume {tmp_path / 'some'}`")
+
+
+def test_time_limit_stops_at_a_checkpoint_and_the_resumed_run_ends_with_the_same_bits(tmp_path, capsys):
+    # The bug it catches: a time limit that stops without saving, after the limit, or at a step the resume does not
+    # continue exactly. A fake clock makes the stop step certain: 1 s per reading, a 9.5 s limit, 5 s reserved for
+    # the first checkpoint.
+    from ddpm.cli import build_parser, train_config_from_args
+
+    config = train_config_from_args(build_parser().parse_args(train_argv(tmp_path / "run", 12, "--time-limit", "9.5",
+                                                                         "--checkpoint-every", "100")))
+    assert config.runtime.time_limit == 9.5
+    ticks = iter(range(1000))
+    result = train(config, progress=False, stop=StopRequest(clock=lambda: float(next(ticks))))
+    assert result.stopped == TIME_LIMIT and 0 < result.step < 12
+    assert final_state(tmp_path / "run")["step"] == result.step
+    assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+    assert main(train_argv(tmp_path / "straight", 12, "--checkpoint-every", "100", "--quiet")) == 0
+    assert_same_bits(final_state(tmp_path / "run"), final_state(tmp_path / "straight"))
+    capsys.readouterr()
+    # the flag end to end, on the real clock: a limit shorter than one step stops after the first
+    assert main(["train", "--resume", str(tmp_path / "straight"), "--steps", "20", "--time-limit", "0.01s",
+                 "--quiet"]) == 75
+    assert capsys.readouterr().err.strip() == (
+        f"ddpm train: stopped by the time limit (--time-limit) at step 13, checkpoint written; continue with "
+        f"`ddpm train --resume {tmp_path / 'straight'}`")
+    assert final_state(tmp_path / "straight")["step"] == 13
+
+
+# -- restarts ---------------------------------------------------------------------------------------------------------
+def test_resume_if_exists_continues_the_same_run_and_refuses_another(tmp_path, capsys):
+    # The bugs it catches: a restarted job refused ("already holds a run"), as torchrun's restarts were; a folder
+    # holding another run continued silently under the new flags.
+    run = tmp_path / "run"
+    argv = train_argv(run, 6, "--checkpoint-every", "3", "--quiet", "--resume-if-exists")
+    assert main(argv[:argv.index("--steps") + 1] + ["3"] + argv[argv.index("--steps") + 2:]) == 0
+    assert main(argv) == 0 and final_state(run)["step"] == 6  # the same command, longer: continued from step 3
+    assert main(train_argv(tmp_path / "straight", 6, "--checkpoint-every", "3", "--quiet")) == 0
+    assert_same_bits(final_state(run), final_state(tmp_path / "straight"))
+    assert main(argv) == 0 and final_state(run)["step"] == 6  # a finished run: nothing to do, still a success
+    capsys.readouterr()
+    assert main(argv + ["--lr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ddpm train: error: {run} holds a run with another configuration (train.lr: 0.0003 in the run, "
+                   f"0.01 here); continue it with `ddpm train --resume {run}`, or choose another --out")
+    assert main(train_argv(run, 6, "--quiet")) == 2
+    assert "--resume-if-exists" in capsys.readouterr().err  # the plain refusal names the opt-in
+    assert main(["train", "--resume", str(run), "--resume-if-exists"]) == 2
+    assert "--resume-if-exists cannot change it" in capsys.readouterr().err
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def torchrun(*options, argv):
+    return [sys.executable, "-m", "torch.distributed.run", *options, "-m", "ddpm", *argv]
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_two_nodes_give_the_single_node_bits(tmp_path):
+    # The bugs it catches: each restart refused because the folder holds a run (torchrun then gave up with exit 1);
+    # a restart that does not continue the same bits; ranks on two nodes that compute another run than on one.
+    steps, every = 40, 5
+    base = train_argv(tmp_path / "straight", steps, "--checkpoint-every", str(every), "--device", "cpu", "--quiet",
+                      "--num-workers", "0", "--resume-if-exists")
+    done = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", argv=base), env=TORCHRUN_ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    straight = final_state(tmp_path / "straight")
+
+    run = tmp_path / "restarted"
+    argv = [str(run) if a == str(tmp_path / "straight") else a for a in base]
+    job = subprocess.Popen(torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "2",
+                                    "--monitor-interval", "0.1", argv=argv),
+                           env=TORCHRUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "latest").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = children_of(job.pid)
+    assert job.poll() is None and len(workers) == 2, "no run in progress to kill a worker of"
+    os.kill(workers[-1], signal.SIGKILL)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-2000:]
+    assert_same_bits(final_state(run), straight)
+    assert "already holds a run" not in err
+
+    port = free_port()
+    nodes = tmp_path / "nodes"
+    argv = [str(nodes) if a == str(tmp_path / "straight") else a for a in base]
+    launchers = [subprocess.Popen(torchrun("--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+                                           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                                           "--rdzv-id", "two-nodes", argv=argv),
+                                  env=TORCHRUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for rank in (0, 1)]
+    for launcher in launchers:
+        _, err = launcher.communicate(timeout=300)
+        assert launcher.returncode == 0, err[-2000:]
+    assert_same_bits(final_state(nodes), straight)
