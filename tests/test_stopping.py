@@ -248,6 +248,26 @@ def test_torchrun_restarts_a_killed_worker_and_two_nodes_give_the_single_node_bi
     assert_same_bits(final_state(run), straight)
     assert "already holds a run" not in err
 
+    # SIGTERM to one worker only (a node that saw it first): both ranks stop at one step, rank 0 saves, and the
+    # same command continues to the same bits
+    run = tmp_path / "one_signal"
+    argv = [str(run) if a == str(tmp_path / "straight") else a for a in base]
+    job = subprocess.Popen(torchrun("--standalone", "--nproc-per-node", "2", argv=argv), env=TORCHRUN_ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (run / "latest").exists() and job.poll() is None and time.time() < deadline + 120:
+        time.sleep(0.01)
+    workers = children_of(job.pid)
+    assert job.poll() is None and len(workers) == 2, "no run in progress to signal"
+    os.kill(workers[-1], signal.SIGTERM)
+    _, err = job.communicate(timeout=300)
+    stopped = final_state(run)["step"]
+    assert job.returncode != 0 and "exitcode  : 75" in err and stopped < steps, err[-2000:]
+    assert f"ddpm train: stopped by SIGTERM at step {stopped}, checkpoint written" in err
+    done = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", argv=argv), env=TORCHRUN_ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_bits(final_state(run), straight)
+
     port = free_port()
     nodes = tmp_path / "nodes"
     argv = [str(nodes) if a == str(tmp_path / "straight") else a for a in base]
