@@ -31,7 +31,22 @@ HOLDS = ("one-line error", "accepted")  # the columns that are not failures
 
 # Values that a flag's help says are valid, so that exit 0 is right: (command, flag) -> {kind: words of its help}.
 # The words are checked against the help text, so that an entry cannot outlive what the help promises.
-ALLOWED: dict[tuple[str, str], dict[str, str]] = {}
+NAMES = {"wrong type": "folder", "negative": "folder", "zero": "folder", "huge": "folder", "NaN": "folder"}
+ALLOWED: dict[tuple[str, str], dict[str, str]] = {
+    # any name is a folder name (the empty one is refused)
+    ("train", "--out"): NAMES, ("sample", "--out"): NAMES, ("eval", "--out"): NAMES,
+    ("prepare", "--out"): NAMES,
+    **{("train", flag): {"zero": "0 = "} for flag in (
+        "--warmup-steps", "--weight-decay", "--grad-clip", "--ema-decay", "--ema-warmup", "--guidance-dropout",
+        "--num-workers", "--sample-every", "--guidance", "--val-every", "--guide-fraction", "--max-bad-fraction")},
+    **{(command, "--seed"): {"zero": "from 0", "huge": "to 2^63 - 1"} for command in ("train", "sample", "eval")},
+    ("sample", "--labels"): {"zero": "class labels"},
+    **{(command, flag): {"zero": "0 = "} for command in ("sample", "eval") for flag in (
+        "--guidance", "--guide-weight", "--guidance-rescale")},
+    **{(command, "--eta"): {"zero": "0 deterministic"} for command in ("sample", "eval")},
+    **{(command, "--guidance-interval"): {"zero": "[LO, HI]"} for command in ("sample", "eval")},
+    ("prepare", "--num-workers"): {"zero": "0 = "}, ("prepare", "--max-bad-fraction"): {"zero": "0 = "},
+}
 
 
 def value_flags(parser: argparse.ArgumentParser, command: str) -> list[tuple[str, int, str]]:

@@ -20,6 +20,8 @@ from pathlib import Path
 from .config import (
     AUTOGUIDED,
     DEFAULT_CFG,
+    MAX_SEED,
+    MAX_WORKERS,
     SAMPLE_BATCH,
     SAMPLERS,
     DiffusionConfig,
@@ -110,6 +112,19 @@ def _workers(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of processes or 'auto', got {text!r}") from None
 
 
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number from 0 to 2^63 - 1, got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give cpu, cuda, cuda:N or mps (or leave the flag out)")
+    return text
+
+
 def duration(text: str) -> float:
     from .distributed import parse_duration
 
@@ -159,25 +174,25 @@ def _add_recipe_flags(a) -> None:
       "(default: off, the plain MSE)")
     a("--batch-size", type=int, help="images per optimizer step" + _default("batch_size"))
     a("--lr", type=float, help="AdamW learning rate" + _default("lr"))
-    a("--warmup-steps", type=int, help="linear learning-rate warm-up steps" + _default("warmup_steps"))
-    a("--weight-decay", type=float, help="AdamW weight decay" + _default("weight_decay"))
+    a("--warmup-steps", type=int, help="linear learning-rate warm-up steps, 0 = none" + _default("warmup_steps"))
+    a("--weight-decay", type=float, help="AdamW weight decay, 0 = none" + _default("weight_decay"))
     a("--grad-clip", type=float, help="clip the global gradient norm to this, 0 = off" + _default("grad_clip"))
     a("--grad-accum", type=int, help="micro-batches per step; --batch-size stays the global batch"
       + _default("grad_accum"))
-    a("--ema-decay", type=float, help="EMA decay per step" + _default("ema_decay"))
-    a("--ema-warmup", type=int, help="steps during which the EMA copies the weights" + _default("ema_warmup"))
-    a("--guidance-dropout", type=float, help="probability of dropping each label to the null class"
+    a("--ema-decay", type=float, help="EMA decay per step, 0 = no averaging" + _default("ema_decay"))
+    a("--ema-warmup", type=int, help="steps during which the EMA copies the weights, 0 = none" + _default("ema_warmup"))
+    a("--guidance-dropout", type=float, help="probability of dropping each label to the null class, 0 = never"
       + _default("guidance_dropout"))
     a("--hflip", action=argparse.BooleanOptionalAction, default=None,
       help="random horizontal flips (default: on, off for mnist)")
-    a("--seed", type=int, help="seed for data order, noise and initial weights" + _default("seed"))
+    a("--seed", type=int, help="seed for data order, noise and initial weights, from 0 to 2^63 - 1" + _default("seed"))
 
 
 def _add_runtime_flags(a) -> None:
     """How a run executes: the flags `--resume` accepts (RuntimeConfig's fields, except --out)."""
     a("--steps", type=int, help="optimizer steps to train for")
     a("--epochs", type=int, help="passes over the data (when --steps is not given)")
-    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    a("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     a("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision; auto = bf16 on CUDA, off on CPU"
       + _default("amp"))
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -185,7 +200,7 @@ def _add_runtime_flags(a) -> None:
     a("--cuda-graphs", choices=("auto", "on", "off"), help="capture the whole training step as a CUDA graph and "
       "replay it (CUDA only, one process, bf16 or no amp); auto = where measured faster, not yet anywhere"
       + _default("cuda_graphs"))
-    a("--num-workers", type=_workers, help="data loading processes, or auto "
+    a("--num-workers", type=_workers, help="data loading processes (0 = in the main process), or auto "
       "(default auto: from the cores on CUDA, 0 on CPU)")
     a("--log-every", type=int, help="TensorBoard scalars every N steps" + _default("log_every"))
     a("--checkpoint-every", type=int, help="checkpoint every N steps" + _default("checkpoint_every"))
@@ -194,7 +209,7 @@ def _add_runtime_flags(a) -> None:
       + _default("sample_every"))
     a("--sample-steps", type=int, help="sampling steps of the preview grids (default sampler)"
       + _default("sample_steps"))
-    a("--guidance", type=float, help="guidance scale w of the preview grids" + _default("guidance"))
+    a("--guidance", type=float, help="guidance scale w of the preview grids, 0 = unconditional" + _default("guidance"))
     a("--val-every", type=int, help="held-out validation loss every N steps, 0 = never" + _default("val_every"))
     a("--val-size", type=int, help="held-out images for the validation loss" + _default("val_size"))
     a("--guide-fraction", type=float, metavar="F", help="save the EMA weights at this fraction of the planned steps "
@@ -202,7 +217,7 @@ def _add_runtime_flags(a) -> None:
     a("--time-limit", type=duration, metavar="DURATION", help="stop at a checkpoint before this much time has "
       "passed, e.g. 3h50m, 90m or seconds (exit 75; continue with --resume); for jobs of fixed length")
     a("--max-bad-fraction", type=float, metavar="F", help="unreadable image files tolerated, as a fraction of the "
-      "folder (at least 10 files); past it the run stops with their list" + _default("max_bad_fraction"))
+      "folder (at least 10 files), 0 = none; past it the run stops with their list" + _default("max_bad_fraction"))
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> None:
@@ -221,13 +236,13 @@ def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> N
       "a model folder, a run folder (its guide/ snapshot) or a checkpoint .pt (its EMA weights); 'none' = off "
       "(default: the run's own guide/ when it has one)")
     a("--guide-weight", type=float, nargs=nargs, metavar="G", help="autoguidance weight g: 1 = off, >1 = away from "
-      f"the guide (default {AUTOGUIDED['guide_weight']:g} when a guide is used)")
+      f"the guide, 0 = the guide's prediction alone (default {AUTOGUIDED['guide_weight']:g} when a guide is used)")
     a("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     a("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
     a("--dynamic-threshold", type=float, metavar="P", help="Imagen's dynamic thresholding of x0 at percentile P, "
       "e.g. 0.995 (default off)")
     a("--guidance-rescale", type=float, default=d.guidance_rescale, metavar="PHI",
-      help="rescale the guided prediction's std to the conditional one's (Lin et al. 2024)")
+      help="rescale the guided prediction's std to the conditional one's (Lin et al. 2024); 0 = off")
     a("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
       help="guide only where t/(T-1) is in [LO, HI], one model call elsewhere (Kynkaenniemi et al. 2024); 0 1 = every "
       f"step (default {d.guidance_interval[0]:g} {d.guidance_interval[1]:g}; with a guide: "
@@ -281,13 +296,13 @@ def add_sample_parser(sub) -> None:
     a("--labels", type=_ints, help="class labels to draw, e.g. 0,1,2 (conditional models)")
     a("--per-class", type=int, help="K images of every class, one grid row per class (conditional default: 8)")
     add_sampling_flags(sa)
-    a("--seed", type=int, default=0, help="random seed (same seed, same device: same images)")
+    a("--seed", type=seed, default=0, help="random seed, from 0 to 2^63 - 1 (same seed, same device: same images)")
     a("--ema", action=argparse.BooleanOptionalAction, default=True,
       help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
     a("--batch-size", type=int, default=SAMPLE_BATCH, help="images per sampling batch (batch b is seeded by (seed, b))")
     a("--process", action="store_true", help="also write the denoising process (x_t over the steps) "
       "as process.png and process.gif")
-    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    a("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     a("--compile", action="store_true",
       help="torch.compile the model (the first step compiles; worth it for many steps)")
     a("--quiet", action="store_true", help="no progress bar")
@@ -310,7 +325,7 @@ def add_eval_parser(sub) -> None:
       "(default: the run's training data)")
     a("--n", type=int, default=250, help="samples per row (also the floor's size, up to a quarter of DATA)")
     add_sampling_flags(ev, many=True)
-    a("--seed", type=int, default=0, help="seed of the sample noise (the same for every row)")
+    a("--seed", type=seed, default=0, help="seed of the sample noise, from 0 to 2^63 - 1 (the same for every row)")
     a("--batch-size", type=int, default=64, help="images per sampling batch "
       "(part of the samples' identity: changing it draws new ones)")
     a("--ref-n", type=int, default=1000, help="real reference images (their features are computed once and cached)")
@@ -321,7 +336,7 @@ def add_eval_parser(sub) -> None:
     a("--classifier-steps", type=int, default=800,
       help="training steps of the evaluation classifier (trained once, then cached)")
     a("--out", type=folder_path, help="folder for eval/ (default: the run folder)")
-    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    a("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     a("--quiet", action="store_true", help="no progress bars")
 
 
@@ -438,6 +453,7 @@ def _is_rank_zero() -> bool:
 # sample
 
 
+MAX_CLASSIFIER_STEPS = 1_000_000  # the evaluation classifier converges in hundreds
 MAX_SAMPLES = 10_000_000  # one `ddpm sample`: labels for more would not fit in memory long before the time runs out
 
 
@@ -523,6 +539,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DdpmError(f"--out {out} is a file; give a folder for the images")
+    if not 1 <= args.batch_size <= MAX_SAMPLES:
+        raise DdpmError(f"--batch-size must be from 1 to {MAX_SAMPLES:,}, got {args.batch_size}")
     model, schedule, _, device = _load_model(args)
     labels, n, nrow = _labels_and_rows(args, model.config.num_classes)
     if n < 1:
@@ -595,8 +613,17 @@ def _check_eval_args(args: argparse.Namespace) -> None:
                                ("--classifier-steps", args.classifier_steps, 1)):
         if value < least:
             raise DdpmError(f"{name} must be >= {least}, got {value}")
-    if args.n > MAX_SAMPLES:
-        raise DdpmError(f"--n {args.n:,} samples per row is more than the {MAX_SAMPLES:,} one command draws")
+    if args.classifier_steps > MAX_CLASSIFIER_STEPS:
+        raise DdpmError(f"--classifier-steps must be at most {MAX_CLASSIFIER_STEPS:,} (default 800), "
+                        f"got {args.classifier_steps:,}")
+    for name, value in (("--n", args.n), ("--ref-n", args.ref_n), ("--batch-size", args.batch_size)):
+        if value > MAX_SAMPLES:
+            raise DdpmError(f"{name} {value:,} is more than the {MAX_SAMPLES:,} images one command draws")
+    if args.data is not None and not args.data.strip():
+        raise DdpmError("--data is empty; give mnist, photos, a CIFAR-10 folder or an image folder (or leave it out)")
+    if args.inception is not None and not Path(args.inception).is_file():
+        raise DdpmError(f"--inception {args.inception!r} is not a file; give TorchScript Inception-v3 weights "
+                        "(or leave it out for the packaged ones)")
     if args.guidance is not None and not all(math.isfinite(w) for w in args.guidance):
         raise DdpmError(f"--guidance values must be finite numbers, got {args.guidance}")
 
@@ -680,10 +707,11 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     pr.add_argument("--out", type=folder_path, required=True,
                     help="the folder to write (new, empty, or an earlier prepared copy to replace)")
     pr.add_argument("--num-workers", type=int,
-                    help="decoding processes for image folders (default: available cores, at most 8)")
+                    help="decoding processes for image folders, 0 = in this process "
+                         "(default: available cores, at most 8)")
     pr.add_argument("--max-bad-fraction", type=float, default=BAD_FRACTION, metavar="F",
                     help="unreadable image files tolerated, as a fraction of the folder (at least 10 files); past it "
-                         "nothing is prepared and OUT/bad_files.txt lists them")
+                         "nothing is prepared and OUT/bad_files.txt lists them; 0 = none")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     return pr
 
@@ -695,8 +723,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     if not 1 <= args.image_size <= 8192:
         raise DataError(f"--image-size must be between 1 and 8192 pixels, got {args.image_size}")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise DataError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.num_workers is not None and not 0 <= args.num_workers <= MAX_WORKERS:
+        raise DataError(f"--num-workers must be from 0 to {MAX_WORKERS}, got {args.num_workers}")
     if not 0 <= args.max_bad_fraction <= 1:
         raise DataError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
     start = time.perf_counter()

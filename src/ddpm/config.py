@@ -25,6 +25,9 @@ def _check(condition: bool, message: str) -> None:
 # Bounds far past any model that fits a GPU, so that a typo (an extra zero or three) is a one-line error instead of
 # an allocation of terabytes.
 MAX_IMAGE_SIZE, MAX_WIDTH, MAX_TIMESTEPS = 8192, 16384, 100_000
+# Bounds past which a value is a typo, not a plan: a billion steps is years on any GPU; seeds are torch's int64;
+# a guidance weight of 100 already saturates every pixel; a process per core of the largest machines.
+MAX_STEPS, MAX_SEED, MAX_GUIDANCE, MAX_WORKERS = 10**9, 2**63 - 1, 100.0, 256
 
 
 @dataclass
@@ -153,7 +156,13 @@ class TrainConfig:
         _check(self.channels in (None, 1, 3), f"channels={self.channels} must be 1 (grayscale) or 3 (RGB)")
         _check(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1")
-        _check(self.snr_gamma is None or self.snr_gamma > 0, f"snr_gamma={self.snr_gamma} must be > 0 (or left out)")
+        _check(self.snr_gamma is None or 0 < self.snr_gamma <= 1e6,
+               f"snr_gamma={self.snr_gamma} must be in (0, 10^6] (leave it out for the plain MSE)")
+        _check(self.lr <= 1, f"lr={self.lr} must be at most 1 (AdamW rates are about 1e-4 to 1e-2)")
+        _check(self.weight_decay <= 1, f"weight_decay={self.weight_decay} must be in [0, 1]")
+        _check(self.grad_clip <= 1e6, f"grad_clip={self.grad_clip} never clips past 10^6; use 0 to turn clipping off")
+        _check(max(self.warmup_steps, self.ema_warmup) <= MAX_STEPS, f"warm-up steps must be at most {MAX_STEPS:,}")
+        _check(0 <= self.seed <= MAX_SEED, f"seed={self.seed} must be in [0, 2^63 - 1]")
 
 
 @dataclass
@@ -192,6 +201,17 @@ class RuntimeConfig:
         _check(self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1")
         _check(self.time_limit is None or 0 < self.time_limit < math.inf,
                f"time_limit={self.time_limit} must be a positive number of seconds")
+        for name in ("steps", "epochs", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
+                     "val_every"):
+            value = getattr(self, name)
+            _check(value is None or value <= MAX_STEPS, f"{name}={value} must be at most {MAX_STEPS:,}")
+        _check(self.sample_steps <= MAX_TIMESTEPS,
+               f"sample_steps={self.sample_steps} must be at most {MAX_TIMESTEPS:,}")
+        _check(self.val_size <= 10**7, f"val_size={self.val_size} must be at most 10,000,000")
+        _check(self.num_workers is None or self.num_workers <= MAX_WORKERS,
+               f"num_workers={self.num_workers} must be at most {MAX_WORKERS}")
+        _check(self.device is None or self.device.strip() != "", "device is empty; give cpu, cuda, cuda:N or mps")
+        _check(0 <= self.guidance <= MAX_GUIDANCE, f"guidance={self.guidance} must be in [0, {MAX_GUIDANCE:g}]")
         _check(self.epochs is None or self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
         _check(self.amp in ("auto", "bf16", "fp16", "none"), f"amp={self.amp!r} must be auto, bf16, fp16 or none")
         _check(self.cuda_graphs in ("auto", "on", "off"), f"cuda_graphs={self.cuda_graphs!r} must be auto, on or off")
@@ -251,8 +271,10 @@ class SamplingConfig:
         _check(self.steps is None or self.steps >= 1, f"sampling steps must be >= 1, got {self.steps}")
         for name in ("eta", "guidance", "guide_weight", "guidance_rescale"):
             _check(math.isfinite(getattr(self, name)), f"{name}={getattr(self, name)} must be a finite number")
-        _check(self.eta >= 0, f"eta={self.eta} must be >= 0")
-        _check(self.guide_weight >= 0, f"guide_weight={self.guide_weight} must be >= 0 (1 = no autoguidance)")
+        _check(0 <= self.eta <= 1, f"eta={self.eta} must be in [0, 1]")
+        _check(0 <= self.guidance <= MAX_GUIDANCE, f"guidance={self.guidance} must be in [0, {MAX_GUIDANCE:g}]")
+        _check(0 <= self.guide_weight <= MAX_GUIDANCE,
+               f"guide_weight={self.guide_weight} must be in [0, {MAX_GUIDANCE:g}] (1 = no autoguidance)")
         _check(0 <= self.guidance_rescale <= 1, f"guidance_rescale={self.guidance_rescale} must be in [0, 1]")
         if self.guidance_interval is not None:
             lo, hi = self.guidance_interval

@@ -27,6 +27,7 @@ TIME_LIMIT = 1  # the stop code of --time-limit; a signal's code is its number (
 # A signal's stop code is agreed every step on a CPU (the step's gradient all-reduce costs far more), every
 # this many steps on CUDA: an agreement reads a number on the host, and no step on a GPU should wait for that.
 AGREE_EVERY_CUDA = 10
+MAX_DURATION = 10**8  # seconds: past about 3 years a time limit is a typo
 SAVE_SECONDS_UNMEASURED = 5.0  # what --time-limit reserves for the final checkpoint before one is timed
 
 
@@ -108,8 +109,9 @@ def parse_duration(text: str) -> float:
         if not text or parts is None:
             raise ValueError(f"expected a duration such as 3h50m, 90m, 45s or seconds, got {text!r}") from None
         seconds = sum(float(v) * unit for v, unit in zip(parts.groups(), (86400, 3600, 60, 1)) if v)
-    if not 0 < seconds < float("inf"):
-        raise ValueError(f"a duration must be a positive number of seconds, got {text!r}")
+    if not 0 < seconds <= MAX_DURATION:
+        raise ValueError(f"a duration must be more than 0 and at most {MAX_DURATION:,} seconds (3 years), "
+                         f"got {text!r}")
     return seconds
 
 

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from .config import SAMPLE_BATCH, SAMPLERS, SamplingConfig, sampling_defaults
+from .config import MAX_TIMESTEPS, SAMPLE_BATCH, SAMPLERS, SamplingConfig, sampling_defaults
 from .errors import DdpmError
 from .files import grid_upscale, keeps_process_frame, make_grid, process_strip, save_images
 from .guidance import Guide
@@ -655,8 +655,10 @@ def run_serve(args: argparse.Namespace) -> int:
     Ctrl-C."""
     if not 1 <= args.port <= 65535:
         raise DdpmError(f"--port {args.port} is not a port number; use 1 to 65535 (default {DEFAULT_PORT})")
-    if args.max_steps < 1:
-        raise DdpmError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if not 1 <= args.max_steps <= MAX_TIMESTEPS:
+        raise DdpmError(f"--max-steps must be from 1 to {MAX_TIMESTEPS:,}, got {args.max_steps}")
+    if args.device is not None and not args.device.strip():
+        raise DdpmError("--device is empty; give cpu, cuda, cuda:N or mps (or leave the flag out)")
     check_listen_address(args.host, args.port)
     import_gradio()  # before the model loads: without Gradio nothing else is worth doing
     served = load_served_model(args.model, args.device, args.guide)
