@@ -97,6 +97,8 @@ def run_case(argv: list[str], folder: Path, timeout: float) -> tuple[str, str]:
         fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 2)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        # to the new descriptors even where the parent had replaced the streams (pytest's capture does)
+        sys.stderr, sys.stdout = open(2, "w", closefd=False), open(1, "w", closefd=False)
         try:
             import torch
 

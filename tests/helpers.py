@@ -25,6 +25,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def checkpoint_step(run) -> int:
+    """The step a run's `latest` points at (0 before the first checkpoint); read without torch while a writer runs."""
+    try:
+        return int((run / "latest").read_text().strip().split("step_")[1].split(".")[0])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def tiny_model_config(**overrides) -> ModelConfig:
     """TINY_MODEL with `overrides` (num_classes=10, image_size=16, ...) as a validated ModelConfig."""
     return ModelConfig(**{**TINY_MODEL, **overrides})

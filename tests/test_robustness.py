@@ -16,7 +16,7 @@ from ddpm import ModelConfig, RunConfig, RuntimeConfig, TrainConfig
 from ddpm.checkpoint import CheckpointError, latest_checkpoint, load_training_state
 from ddpm.cli import main
 from ddpm.training import TrainingDiverged, train
-from helpers import TINY_TRAIN_ARGS, free_port
+from helpers import TINY_TRAIN_ARGS, checkpoint_step, free_port
 
 TINY_MODEL = dict(image_size=8, base_channels=8, channel_mults=(1, 2), bottleneck_mult=2, time_embed_dim=16)
 TINY = TINY_TRAIN_ARGS
@@ -62,24 +62,6 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_launch(tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "ddpm", "train", "mnist", "--conditional", "--out", str(out), "--steps", "2", "--device", "cpu", *TINY]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert load_training_state(latest_checkpoint(out))["step"] == 2
-
-
-def _checkpoint_step(run) -> int:
-    """The step `latest` points at (0 before the first checkpoint); read without torch, while a writer runs."""
-    try:
-        return int((run / "latest").read_text().strip().split("step_")[1].split(".")[0])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-@pytest.mark.slow
 def test_kill_minus_9_mid_training_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path):
     """Three kill -9s, each landing while training runs (after a new checkpoint appeared since that start), then
     a resume to the end: the weights, the EMA and its update count equal an uninterrupted run's."""
@@ -91,11 +73,11 @@ def test_kill_minus_9_mid_training_leaves_a_loadable_checkpoint_and_resume_is_ex
              "--checkpoint-every", "1", *ema, *TINY]
     kills = []
     for attempt in range(3):
-        started_at = _checkpoint_step(run)
+        started_at = checkpoint_step(run)
         cmd = first if attempt == 0 else [sys.executable, "-m", "ddpm", "train", "--resume", str(run), "--quiet"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while _checkpoint_step(run) <= started_at and proc.poll() is None and time.time() < deadline:
+        while checkpoint_step(run) <= started_at and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before it could be killed mid-training"
         proc.send_signal(signal.SIGKILL)

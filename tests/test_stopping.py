@@ -14,7 +14,7 @@ from ddpm.checkpoint import latest_checkpoint, load_training_state
 from ddpm.cli import main
 from ddpm.distributed import TIME_LIMIT, StopRequest, parse_duration, stop_code
 from ddpm.training import train
-from helpers import TINY_TRAIN_ARGS, free_port
+from helpers import TINY_TRAIN_ARGS, checkpoint_step, free_port
 
 # torchrun's workers, one thread each (bits depend on the thread count: compare runs of the same launch only)
 TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -104,7 +104,7 @@ def test_sigterm_mid_run_writes_a_checkpoint_at_the_stop_step_and_resume_gives_t
     # The bug it catches: SIGTERM killing the run with no checkpoint (exit -15), as before: with --checkpoint-every
     # past the end of the run, a stop that did not save would leave nothing. Then: a resume from the stop's
     # checkpoint that does not continue the same stream.
-    run, steps = tmp_path / "run", 300
+    run, steps = tmp_path / "run", 150
     proc, err = start_and_signal(train_argv(run, steps, "--checkpoint-every", "1000", "--quiet", "--num-workers", "0"),
                                  run, [signal.SIGTERM])
     stopped = final_state(run)["step"]
@@ -203,16 +203,19 @@ def test_resume_if_exists_continues_the_same_run_and_refuses_another(tmp_path, c
     assert "--resume-if-exists cannot change it" in capsys.readouterr().err
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
+def children_of(pid: int) -> dict[int, int]:
+    """{RANK: pid} of torchrun's worker processes (the children of its agent)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                environ = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
+            rank = [item[5:] for item in environ if item.startswith(b"RANK=")]
+            if int(fields[1]) == pid and rank:
+                found[int(rank[0])] = int(entry.name)
     return found
 
 
@@ -220,10 +223,19 @@ def torchrun(*options, argv):
     return [sys.executable, "-m", "torch.distributed.run", *options, "-m", "ddpm", *argv]
 
 
+def wait_for(condition, job, what):
+    deadline = time.time() + 120
+    while not condition() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert job.poll() is None and condition(), f"the job ended or stalled before {what}"
+
+
 @pytest.mark.slow
-def test_torchrun_restarts_a_killed_worker_and_two_nodes_give_the_single_node_bits(tmp_path):
+def test_torchrun_restarts_continue_the_run_and_two_nodes_give_the_single_node_bits(tmp_path):
     # The bugs it catches: each restart refused because the folder holds a run (torchrun then gave up with exit 1);
-    # a restart that does not continue the same bits; ranks on two nodes that compute another run than on one.
+    # a restart that does not continue the same bits; a SIGTERM that reaches one rank only stopping that rank alone
+    # (the other then dies in the next collective, without a checkpoint); ranks on two nodes that compute another
+    # run than on one.
     steps, every = 40, 5
     base = train_argv(tmp_path / "straight", steps, "--checkpoint-every", str(every), "--device", "cpu", "--quiet",
                       "--num-workers", "0", "--resume-if-exists")
@@ -232,40 +244,25 @@ def test_torchrun_restarts_a_killed_worker_and_two_nodes_give_the_single_node_bi
     assert done.returncode == 0, done.stderr[-2000:]
     straight = final_state(tmp_path / "straight")
 
-    run = tmp_path / "restarted"
+    # one job, two restarts: SIGTERM to rank 1 only (a node that saw it first): both ranks stop at one step and
+    # rank 0 saves; then, once the restarted run has saved again, kill -9 of a worker
+    run, log = tmp_path / "restarted", tmp_path / "restarted.err"
     argv = [str(run) if a == str(tmp_path / "straight") else a for a in base]
-    job = subprocess.Popen(torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "2",
-                                    "--monitor-interval", "0.1", argv=argv),
-                           env=TORCHRUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / "latest").exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    workers = children_of(job.pid)
-    assert job.poll() is None and len(workers) == 2, "no run in progress to kill a worker of"
-    os.kill(workers[-1], signal.SIGKILL)
-    _, err = job.communicate(timeout=300)
-    assert job.returncode == 0, err[-2000:]
-    assert_same_bits(final_state(run), straight)
-    assert "already holds a run" not in err
-
-    # SIGTERM to one worker only (a node that saw it first): both ranks stop at one step, rank 0 saves, and the
-    # same command continues to the same bits
-    run = tmp_path / "one_signal"
-    argv = [str(run) if a == str(tmp_path / "straight") else a for a in base]
-    job = subprocess.Popen(torchrun("--standalone", "--nproc-per-node", "2", argv=argv), env=TORCHRUN_ENV,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not (run / "latest").exists() and job.poll() is None and time.time() < deadline + 120:
-        time.sleep(0.01)
-    workers = children_of(job.pid)
-    assert job.poll() is None and len(workers) == 2, "no run in progress to signal"
-    os.kill(workers[-1], signal.SIGTERM)
-    _, err = job.communicate(timeout=300)
-    stopped = final_state(run)["step"]
-    assert job.returncode != 0 and "exitcode  : 75" in err and stopped < steps, err[-2000:]
-    assert f"ddpm train: stopped by SIGTERM at step {stopped}, checkpoint written" in err
-    done = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", argv=argv), env=TORCHRUN_ENV,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    with open(log, "w") as err:
+        job = subprocess.Popen(torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "2",
+                                        "--monitor-interval", "0.1", argv=argv),
+                               env=TORCHRUN_ENV, stdout=subprocess.DEVNULL, stderr=err)
+        wait_for(lambda: checkpoint_step(run) > 0 and len(children_of(job.pid)) == 2, job, "the first checkpoint")
+        os.kill(children_of(job.pid)[1], signal.SIGTERM)
+        wait_for(lambda: "ddpm train: stopped by SIGTERM at step" in log.read_text(), job, "rank 0's stop line")
+        stopped = int(log.read_text().split("stopped by SIGTERM at step ")[1].split(",")[0])
+        assert checkpoint_step(run) == stopped < steps  # rank 0 stopped where rank 1 did, and saved there
+        wait_for(lambda: checkpoint_step(run) > stopped and len(children_of(job.pid)) == 2, job, "a new checkpoint")
+        os.kill(children_of(job.pid)[0], signal.SIGKILL)
+        job.wait(timeout=300)
+    text = log.read_text()
+    assert job.returncode == 0, text[-3000:]
+    assert "already holds a run" not in text
     assert_same_bits(final_state(run), straight)
 
     port = free_port()

@@ -621,9 +621,8 @@ def _check_eval_args(args: argparse.Namespace) -> None:
             raise DdpmError(f"{name} {value:,} is more than the {MAX_SAMPLES:,} images one command draws")
     if args.data is not None and not args.data.strip():
         raise DdpmError("--data is empty; give mnist, photos, a CIFAR-10 folder or an image folder (or leave it out)")
-    if args.inception is not None and not Path(args.inception).is_file():
-        raise DdpmError(f"--inception {args.inception!r} is not a file; give TorchScript Inception-v3 weights "
-                        "(or leave it out for the packaged ones)")
+    if args.inception is not None and args.no_fid:
+        raise DdpmError("--inception gives FID's network, which --no-fid skips; leave one of them out")
     if args.guidance is not None and not all(math.isfinite(w) for w in args.guidance):
         raise DdpmError(f"--guidance values must be finite numbers, got {args.guidance}")
 
