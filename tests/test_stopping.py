@@ -277,3 +277,31 @@ def test_torchrun_restarts_continue_the_run_and_two_nodes_give_the_single_node_b
         _, err = launcher.communicate(timeout=300)
         assert launcher.returncode == 0, err[-2000:]
     assert_same_bits(final_state(nodes), straight)
+
+
+@pytest.mark.slow
+def test_the_slurm_script_stops_requeues_and_its_requeued_run_continues(tmp_path):
+    # The bug it catches: a README job script that does not run, or that neither requeues on a stop (75) nor
+    # continues the run when requeued. srun and scontrol are stand-ins here: srun runs its command, scontrol
+    # records what it was asked.
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "srun").write_text('#!/bin/sh\nexec "$@"\n')
+    (shims / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.txt"}\n')
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    script = Path(__file__).parents[1] / "scripts" / "slurm_train.sbatch"
+    env = {**os.environ, "PATH": f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}", "DATA": "mnist",
+           "RUN": str(tmp_path / "run"), "SLURM_JOB_ID": "4242"}
+    # the preset's model at the tiny size; a time limit shorter than a step stands in for SLURM's signal
+    tiny = [*TINY_TRAIN_ARGS, "--steps", "3", "--checkpoint-every", "100", "--num-workers", "0", "--device", "cpu",
+            "--val-every", "0"]
+    first = subprocess.run(["bash", str(script), *tiny, "--time-limit", "0.001"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 75, first.stderr[-2000:]
+    assert (tmp_path / "scontrol.txt").read_text() == "requeue 4242\n"
+    assert final_state(tmp_path / "run")["step"] == 1
+    again = subprocess.run(["bash", str(script), *tiny], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert final_state(tmp_path / "run")["step"] == 3
+    assert (tmp_path / "scontrol.txt").read_text() == "requeue 4242\n"  # a finished run is not queued again
