@@ -104,7 +104,7 @@ def test_sigterm_mid_run_writes_a_checkpoint_at_the_stop_step_and_resume_gives_t
     # The bug it catches: SIGTERM killing the run with no checkpoint (exit -15), as before: with --checkpoint-every
     # past the end of the run, a stop that did not save would leave nothing. Then: a resume from the stop's
     # checkpoint that does not continue the same stream.
-    run, steps = tmp_path / "run", 150
+    run, steps = tmp_path / "run", 100
     proc, err = start_and_signal(train_argv(run, steps, "--checkpoint-every", "1000", "--quiet", "--num-workers", "0"),
                                  run, [signal.SIGTERM])
     stopped = final_state(run)["step"]
@@ -236,9 +236,9 @@ def test_torchrun_restarts_continue_the_run_and_two_nodes_give_the_single_node_b
     # a restart that does not continue the same bits; a SIGTERM that reaches one rank only stopping that rank alone
     # (the other then dies in the next collective, without a checkpoint); ranks on two nodes that compute another
     # run than on one.
-    steps, every = 40, 5
+    steps, every = 30, 10
     base = train_argv(tmp_path / "straight", steps, "--checkpoint-every", str(every), "--device", "cpu", "--quiet",
-                      "--num-workers", "0", "--resume-if-exists")
+                      "--num-workers", "0", "--resume-if-exists", "--log-every", "10")
     done = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", argv=base), env=TORCHRUN_ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
