@@ -42,6 +42,14 @@ def assert_same_bits(a, b):
             assert torch.equal(value, b["optimizer"]["state"][key][field]), f"optimizer {field} differs"
 
 
+def assert_same_guide(a, b):
+    """The guide snapshots (RUN/guide, autoguidance's weights) of two runs are the same bits."""
+    from safetensors.torch import load_file
+
+    first, second = (load_file(str(run / "guide" / "model.safetensors")) for run in (a, b))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def logged_steps(run) -> int:
     """How many train/loss scalars the run has flushed so far (--log-every 1): read without torch while it runs."""
     folder = run / "tensorboard"
@@ -116,11 +124,12 @@ def test_sigterm_mid_run_writes_a_checkpoint_at_the_stop_step_and_resume_gives_t
     straight = tmp_path / "straight"
     assert main(train_argv(straight, steps, "--checkpoint-every", "1000", "--quiet")) == 0
     assert_same_bits(final_state(run), final_state(straight))
+    assert_same_guide(run, straight)  # taken at step 50, after the stop
 
 
 @pytest.mark.slow
 def test_ctrl_c_to_the_process_group_before_the_first_checkpoint_writes_one_and_says_so(tmp_path):
-    # The bugs it catch: "the last checkpoint is kept" printed when none existed (--resume then failed), and loader
+    # The bugs it catches: "the last checkpoint is kept" printed when none existed (--resume then failed), and loader
     # workers dying of the terminal's SIGINT ("DataLoader worker exited unexpectedly") before the main process
     # could save. Two workers get the same SIGINT as the main process.
     run = tmp_path / "run"
@@ -264,6 +273,7 @@ def test_torchrun_restarts_continue_the_run_and_two_nodes_give_the_single_node_b
     assert job.returncode == 0, text[-3000:]
     assert "already holds a run" not in text
     assert_same_bits(final_state(run), straight)
+    assert_same_guide(run, tmp_path / "straight")  # taken at step 15, between the two restarts
 
     port = free_port()
     nodes = tmp_path / "nodes"
@@ -277,6 +287,7 @@ def test_torchrun_restarts_continue_the_run_and_two_nodes_give_the_single_node_b
         _, err = launcher.communicate(timeout=300)
         assert launcher.returncode == 0, err[-2000:]
     assert_same_bits(final_state(nodes), straight)
+    assert_same_guide(nodes, tmp_path / "straight")
 
 
 @pytest.mark.slow

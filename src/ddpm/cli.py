@@ -790,8 +790,7 @@ def main(argv: list[str] | None = None) -> int:
               "files written before are intact (free space or fix permissions, then --resume)", file=sys.stderr)
         return EXIT_WRITE_FAILED
     except KeyboardInterrupt:
-        print(f"ddpm {args.command}: interrupted; the last checkpoint is kept (continue with --resume)",
-              file=sys.stderr)
+        print(f"ddpm {args.command}: interrupted; files written before are kept", file=sys.stderr)
         return 130
 
 
