@@ -145,6 +145,9 @@ class TrainConfig:
     p_uncond: float = 0.1  # per-sample label dropout for classifier-free guidance
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023); None: the plain MSE
     seed: int = 0
+    # Post-hoc EMA (Karras et al. 2024): the power-function EMAs tracked beside the classic one, by sigma_rel; their
+    # snapshots let any other length be rebuilt after training (phema.py). (): none (runs from before it).
+    ema_lengths: tuple[float, ...] = (0.05, 0.10)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
@@ -163,6 +166,9 @@ class TrainConfig:
         _check(self.grad_clip <= 1e6, f"grad_clip={self.grad_clip} never clips past 10^6; use 0 to turn clipping off")
         _check(max(self.warmup_steps, self.ema_warmup) <= MAX_STEPS, f"warm-up steps must be at most {MAX_STEPS:,}")
         _check(0 <= self.seed <= MAX_SEED, f"seed={self.seed} must be in [0, 2^63 - 1]")
+        self.ema_lengths = tuple(float(v) for v in self.ema_lengths)
+        _check(all(0 < v <= 0.2886 for v in self.ema_lengths) and len(set(self.ema_lengths)) == len(self.ema_lengths),
+               f"ema_lengths={self.ema_lengths} must be distinct sigma_rel values in (0, 0.2886]")
 
 
 @dataclass
@@ -196,13 +202,18 @@ class RuntimeConfig:
     # Seconds this process may train (from the start of `ddpm train`): before the next step and the final checkpoint
     # would pass it, the run saves and stops (exit 75), to be continued; for fixed-length jobs (SLURM --time).
     time_limit: float | None = None
+    # Steps between snapshots of the post-hoc EMA tracks (TrainConfig.ema_lengths), kept for good; None: the run's
+    # planned steps / SNAPSHOTS_PER_RUN
+    ema_snapshot_every: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1")
         _check(self.time_limit is None or 0 < self.time_limit < math.inf,
                f"time_limit={self.time_limit} must be a positive number of seconds")
+        _check(self.ema_snapshot_every is None or self.ema_snapshot_every >= 1,
+               f"ema_snapshot_every={self.ema_snapshot_every} must be >= 1 (or auto)")
         for name in ("steps", "epochs", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-                     "val_every"):
+                     "val_every", "ema_snapshot_every"):
             value = getattr(self, name)
             _check(value is None or value <= MAX_STEPS, f"{name}={value} must be at most {MAX_STEPS:,}")
         _check(self.sample_steps <= MAX_TIMESTEPS,
@@ -338,6 +349,7 @@ class RunConfig:
         # configs written before the split kept the runtime fields under "train"
         for name in {f.name for f in dataclasses.fields(RuntimeConfig)} & set(train):
             runtime.setdefault(name, train.pop(name))
+        train.setdefault("ema_lengths", ())  # runs from before post-hoc EMA tracked none
         return cls(
             from_dict(ModelConfig, data.get("model", {})),
             from_dict(DiffusionConfig, data.get("diffusion", {})),

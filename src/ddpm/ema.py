@@ -6,6 +6,8 @@ import copy
 import torch
 from torch import nn
 
+from .phema import beta, gamma_of
+
 
 class EMA:
     """Keeps `self.model`, a frozen copy whose parameters follow ema = decay * ema + (1 - decay) * param.
@@ -65,3 +67,22 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.num_updates = int(state["num_updates"])
+
+
+class PowerEMA(EMA):
+    """A power-function EMA (Karras et al. 2024, eq. 4): update t averages with weight 1 - beta_t, beta_t =
+    (1 - 1/t)^(gamma + 1), so that after t updates the copy is the average of theta_1..theta_t with density
+    proportional to tau^gamma (phema.py). No warm-up: its profile already gives early weights little weight at the
+    end. Same interface as EMA: `next_weight` on the host, `average` on the device, `state_dict`."""
+
+    def __init__(self, model: nn.Module, sigma_rel: float):
+        super().__init__(model, decay=0.0)
+        self.sigma_rel = sigma_rel
+        self.gamma = gamma_of(sigma_rel)
+
+    def next_weight(self) -> float:
+        self.num_updates += 1
+        return 1.0 - beta(self.num_updates, self.gamma)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates, "sigma_rel": self.sigma_rel}

@@ -108,12 +108,16 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, upscale: int = 1) -> 
     return Path(path)
 
 
-def atomic_write_safetensors(path: Path, module: torch.nn.Module) -> None:
-    """A module's state_dict as safetensors (no pickle), written atomically: the one weights writer."""
+def atomic_write_safetensors(path: Path, module: torch.nn.Module | dict, dtype: torch.dtype | None = None,
+                             metadata: dict[str, str] | None = None) -> None:
+    """A module's state_dict (or a dict of tensors) as safetensors (no pickle), written atomically: the one weights
+    writer. `dtype` converts floating-point tensors (a compact copy); `metadata` goes into the file's header."""
     from safetensors.torch import save
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    atomic_write_bytes(Path(path), save(tensors))
+    state = module.state_dict() if isinstance(module, torch.nn.Module) else module
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+               for k, v in state.items()}
+    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
 
 
 # -- the denoising process: frames kept over the steps, as one grid (rows: images, columns: steps) and a GIF -------

@@ -15,6 +15,7 @@ from . import checkpoint as ckpt
 from .config import SamplingConfig
 from .errors import DdpmWarning
 from .files import atomic_write_json, make_grid
+from .snapshots import snapshot_every, write_snapshot
 
 
 class Monitor:
@@ -118,6 +119,7 @@ class RankZeroMonitor(Monitor):
         self.bad_files_reported = 0
         self.capture_reported = False
         self.guide_step = guide_step(config.runtime.guide_fraction, last_step)
+        self.snapshot_every = snapshot_every(config.runtime.ema_snapshot_every, last_step)
 
     def _validation_set(self, trainer):
         from .data import validation_set
@@ -142,6 +144,9 @@ class RankZeroMonitor(Monitor):
         start = time.perf_counter()
         if step == self.guide_step:
             self._save_guide(trainer, step)
+        if trainer.ema_tracks and (step % self.snapshot_every == 0 or step == self.last_step):
+            for track in trainer.ema_tracks:
+                write_snapshot(self.run_dir, track.model, track.sigma_rel, step)
         if r.sample_every and step % r.sample_every == 0:
             sampling = SamplingConfig(steps=r.sample_steps, guidance=r.guidance)  # the default sampler and options
             grid = preview_grid(trainer.ema.model, trainer.schedule, sampling)

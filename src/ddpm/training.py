@@ -33,7 +33,7 @@ from .distributed import (
     ignore_stop_signals,
     setup_device,
 )
-from .ema import EMA
+from .ema import EMA, PowerEMA
 from .errors import DdpmError, DdpmWarning
 from .monitor import Monitor, RankZeroMonitor
 from .schedule import NoiseSchedule
@@ -167,6 +167,9 @@ class Trainer:
         self.amp_dtype = resolve_amp(config.runtime.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = EMA(self.model, t.ema_decay, t.ema_warmup) if self.ctx.is_main else None
+        # the post-hoc EMA's power-function tracks (rank 0, like the EMA), each with its weight on the device
+        self.ema_tracks = [PowerEMA(self.model, s) for s in t.ema_lengths] if self.ctx.is_main else []
+        self.track_weights = [torch.zeros((), device=device) for _ in self.ema_tracks]
         # identical on every rank: each takes its slice
         self.noise_gen = torch.Generator(device).manual_seed(t.seed + 1)
         self.hflip = t.hflip if t.hflip is not None else t.data != "mnist"  # digits are not mirror-symmetric
@@ -201,6 +204,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+            "ema_tracks": [track.state_dict() for track in self.ema_tracks],
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step_count,
             "config": self.config.to_dict(),
             "rng": {"noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()},
@@ -219,6 +223,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.ema_tracks:  # rank 0's; a run from before post-hoc EMA tracks none (its config says so)
+            for track, saved in zip(self.ema_tracks, state["ema_tracks"], strict=True):
+                track.load_state_dict(saved)
         self.step_count = int(state["step"])
         try:
             self.noise_gen.set_state(state["rng"]["noise"].to(torch.uint8))
@@ -322,6 +329,8 @@ class Trainer:
             if weight != self.ema_weight_value:
                 self.ema_weight.fill_(weight)
                 self.ema_weight_value = weight
+        for track, weight in zip(self.ema_tracks, self.track_weights):
+            weight.fill_(track.next_weight())  # changes every step: beta_t depends on t
         self.load_inputs(x0, labels)
         per_sample, timesteps, grad_norm, skipped = self.runner(self.update)
         self.step_count += 1
@@ -348,6 +357,8 @@ class Trainer:
         self._apply_update(skipped)
         if self.ema is not None:  # a graph reads the weight from memory; eagerly a number is a launch cheaper
             self.ema.average(self.model, self.ema_weight if self.runner.enabled else self.ema_weight_value)
+        for track, weight in zip(self.ema_tracks, self.track_weights):
+            track.average(self.model, weight)
         self.bad_run.add_(1).mul_(skipped)  # in place: a replay reads and writes this same memory
         torch.maximum(self.worst_bad_run, self.bad_run, out=self.worst_bad_run)
         return per_sample, timesteps, grad_norm, skipped
