@@ -35,7 +35,7 @@ NAMES = {"wrong type": "folder", "negative": "folder", "zero": "folder", "huge":
 ALLOWED: dict[tuple[str, str], dict[str, str]] = {
     # any name is a folder name (the empty one is refused)
     ("train", "--out"): NAMES, ("sample", "--out"): NAMES, ("eval", "--out"): NAMES,
-    ("prepare", "--out"): NAMES,
+    ("prepare", "--out"): NAMES, ("export", "--out"): NAMES,
     **{("train", flag): {"zero": "0 = "} for flag in (
         "--warmup-steps", "--weight-decay", "--grad-clip", "--ema-decay", "--ema-warmup", "--guidance-dropout",
         "--num-workers", "--sample-every", "--guidance", "--val-every", "--guide-fraction", "--max-bad-fraction")},
@@ -161,6 +161,7 @@ def base_argv(command: str, run: Path, out: Path) -> list[str]:
                  "--sampling-steps", "2", "--guidance", "1", "--classifier-steps", "2", "--quiet"],
         "prepare": ["prepare", "mnist", "--out", str(out / "prepared"), "--image-size", "8", "--quiet"],
         "serve": ["serve", str(run), "--port", str(free_port()), "--max-steps", "2", "--device", "cpu"],
+        "export": ["export", str(run), "--ema-length", "0.1", "--out", str(out / "export")],
     }[command]
 
 
@@ -215,7 +216,7 @@ def fuzz(cases: list[tuple[str, str]] | None, commands: list[str], timeout: floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timeout", type=float, default=20)
-    parser.add_argument("--only", default="train,sample,eval,prepare,serve")
+    parser.add_argument("--only", default="train,sample,eval,prepare,serve,export")
     parser.add_argument("--flags", help="only these, as COMMAND:FLAG,COMMAND:FLAG")
     args = parser.parse_args()
     cases = [tuple(pair.split(":", 1)) for pair in args.flags.split(",")] if args.flags else None

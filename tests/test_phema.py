@@ -1,5 +1,6 @@
 """Post-hoc EMA: the profile maths against float64 closed forms, the rebuild against a third EMA tracked directly,
 and the snapshots through pruning, resume and a graceful stop."""
+import json
 import math
 import signal
 
@@ -167,3 +168,64 @@ def test_a_length_outside_the_run_or_a_run_without_snapshots_is_one_line(tracked
     warned = []
     rebuilt_model_dir(tracked, 0.003, warn=warned.append)  # far shorter than every stored length
     assert len(warned) == 1 and "only approximately" in warned[0]
+
+
+def test_the_command_line_trains_tracks_samples_exports_and_evaluates_a_rebuilt_average(tmp_path, capsys):
+    # The bugs it catches: a flag that does not reach the tracks or the snapshots, sample or eval drawing from the
+    # run's own EMA despite --ema-length (or eval reusing that EMA's cached samples), an export that differs from
+    # what sample draws.
+    from ddpm.cli import main
+    from helpers import TINY_TRAIN_ARGS
+
+    run = tmp_path / "run"
+    assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "6", "--ema-lengths", "0.06,0.12",
+                 "--ema-snapshot-every", "2", "--val-every", "0", *TINY_TRAIN_ARGS]) == 0
+    assert [(s.step, s.sigma_rel) for s in list_snapshots(run)] == [(k, v) for k in (2, 4, 6) for v in (0.06, 0.12)]
+    fast = ["--n", "3", "--sampling-steps", "2", "--quiet", "--guide", "none"]
+    assert main(["sample", str(run), "--out", str(tmp_path / "own"), *fast]) == 0
+    assert main(["sample", str(run), "--out", str(tmp_path / "rebuilt"), "--ema-length", "0.09", *fast]) == 0
+    assert "post-hoc EMA length 0.09" in capsys.readouterr().out
+    assert (run / "ema_rebuilt" / "sigma0.0900_step00000006").is_dir()
+    assert main(["export", str(run), "--ema-length", "0.09", "--out", str(tmp_path / "exported")]) == 0
+    assert main(["sample", str(tmp_path / "exported"), "--out", str(tmp_path / "from_export"), *fast]) == 0
+    pngs = {name: sorted((tmp_path / name).glob("sample_*.png")) for name in ("own", "rebuilt", "from_export")}
+    assert [p.read_bytes() for p in pngs["rebuilt"]] == [p.read_bytes() for p in pngs["from_export"]]
+    assert [p.read_bytes() for p in pngs["rebuilt"]] != [p.read_bytes() for p in pngs["own"]]
+    assert main(["sample", str(run), "--out", str(tmp_path / "early"), "--ema-length", "0.09", "--ema-step", "4",
+                 *fast]) == 0
+    assert (run / "ema_rebuilt" / "sigma0.0900_step00000004").is_dir()
+    assert main(["eval", str(run), "--ema-length", "0.09", "--n", "4", "--ref-n", "8", "--no-fid", "--sampling-steps",
+                 "2", "--guidance", "1", "--classifier-steps", "2", "--guide", "none", "--quiet"]) == 0
+    assert (run / "ema_rebuilt" / "sigma0.0900_step00000006" / "eval" / "eval.json").is_file()
+    capsys.readouterr()
+    for argv, words in ((["sample", str(run), "--out", str(tmp_path / "x"), "--ema-step", "4"], "needs --ema-length"),
+                        (["sample", str(run), "--out", str(tmp_path / "x"), "--ema-length", "0.1", "--no-ema"],
+                         "cannot go with --ema-length"),
+                        (["export", str(run), "--out", str(tmp_path / "y")], "give --ema-length")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err
+    none = tmp_path / "none"
+    assert main(["train", "mnist", "--out", str(none), "--steps", "2", "--ema-lengths", "none", *TINY_TRAIN_ARGS]) == 0
+    assert not (none / SNAPSHOT_DIR).exists()
+
+
+def test_a_run_from_before_post_hoc_ema_resumes_and_samples_as_before(tmp_path):
+    # The bug it catches: an old checkpoint (no ema_lengths in its config, no tracks in its state) refused on
+    # resume, or resumed with tracks that start mid-run (their profiles would be wrong).
+    from ddpm.cli import main
+    from ddpm.files import atomic_write_json
+    from helpers import TINY_TRAIN_ARGS
+
+    run = tmp_path / "old"
+    assert main(["train", "mnist", "--out", str(run), "--steps", "2", "--ema-lengths", "none", *TINY_TRAIN_ARGS]) == 0
+    path = latest_checkpoint(run)
+    state = load_training_state(path)
+    del state["config"]["train"]["ema_lengths"], state["ema_tracks"]  # what the previous version wrote
+    torch.save(state, path)
+    config = json.loads((run / "config.json").read_text())
+    del config["train"]["ema_lengths"]
+    atomic_write_json(run / "config.json", config)
+    assert main(["train", "--resume", str(run), "--steps", "4", "--quiet"]) == 0
+    assert load_training_state(latest_checkpoint(run))["ema_tracks"] == [] and not (run / SNAPSHOT_DIR).exists()
+    assert main(["sample", str(run), "--out", str(tmp_path / "s"), "--n", "2", "--sampling-steps", "2", "--quiet"]) == 0

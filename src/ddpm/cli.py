@@ -1,4 +1,4 @@
-"""`ddpm train | sample | eval | prepare | serve`: parse flags into config objects and call the library.
+"""`ddpm train | sample | eval | prepare | serve | export`: parse flags into config objects and call the library.
 
 Only this module prints tables and maps errors to exit codes: a `DdpmError` (bad input, unusable file) is one
 line on stderr and exit 2; anything else is a bug and keeps its traceback.
@@ -59,7 +59,8 @@ TRAIN_FLAGS = {
     "sample_every": ("runtime", "sample_every"), "sample_steps": ("runtime", "sample_steps"),
     "guidance": ("runtime", "guidance"), "val_every": ("runtime", "val_every"), "val_size": ("runtime", "val_size"),
     "max_bad_fraction": ("runtime", "max_bad_fraction"), "guide_fraction": ("runtime", "guide_fraction"),
-    "time_limit": ("runtime", "time_limit"),
+    "time_limit": ("runtime", "time_limit"), "ema_lengths": ("train", "ema_lengths"),
+    "ema_snapshot_every": ("runtime", "ema_snapshot_every"),
 }
 RESUME_FLAGS = tuple(flag for flag, (section, _) in TRAIN_FLAGS.items() if section == "runtime")
 # `ddpm train`'s exit statuses besides 0 (done) and 2 (bad input): documented in its --help and the README
@@ -110,6 +111,42 @@ def _workers(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of processes or 'auto', got {text!r}") from None
+
+
+def _lengths(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sigma_rel values such as 0.05,0.10 (or none), got {text!r}") \
+            from None
+
+
+def add_ema_flags(parser: argparse.ArgumentParser) -> None:
+    """--ema-length / --ema-step: draw from an average rebuilt from the run's post-hoc EMA snapshots."""
+    a = parser.add_argument
+    a("--ema-length", type=float, metavar="S", help="post-hoc EMA (Karras et al. 2024): rebuild the weights "
+      "averaged with this relative length sigma_rel, e.g. 0.05-0.15, from the run's snapshots (cached in "
+      "RUN/ema_rebuilt); default: the run's own EMA (model/)")
+    a("--ema-step", type=int, metavar="N", help="with --ema-length: the average as it was at step N (default: "
+      "the run's last snapshot)")
+
+
+def weights_folder(args: argparse.Namespace) -> Path:
+    """The model folder to draw from: MODEL itself, or with --ema-length the average rebuilt from the run's
+    snapshots (a model folder inside the run, made once)."""
+    length, step = getattr(args, "ema_length", None), getattr(args, "ema_step", None)
+    if length is None:
+        if step is not None:
+            raise DdpmError("--ema-step needs --ema-length (the average's length)")
+        return Path(args.model)
+    if not getattr(args, "ema", True):
+        raise DdpmError("--no-ema draws the raw weights; it cannot go with --ema-length (a rebuilt average)")
+    from .snapshots import rebuilt_model_dir
+
+    return rebuilt_model_dir(_run_folder(Path(args.model)), length, step,
+                             warn=lambda text: warnings.warn(text, DdpmWarning, stacklevel=2))
 
 
 def seed(text: str) -> int:
@@ -183,6 +220,9 @@ def _add_recipe_flags(a) -> None:
     a("--ema-warmup", type=int, help="steps during which the EMA copies the weights, 0 = none" + _default("ema_warmup"))
     a("--guidance-dropout", type=float, help="probability of dropping each label to the null class, 0 = never"
       + _default("guidance_dropout"))
+    a("--ema-lengths", type=_lengths, metavar="S,S", help="post-hoc EMA: the power-function EMA lengths (sigma_rel) "
+      "tracked and snapshotted, from which any length is rebuilt after training (ddpm sample --ema-length); "
+      "none = off" + _default("ema_lengths"))
     a("--hflip", action=argparse.BooleanOptionalAction, default=None,
       help="random horizontal flips (default: on, off for mnist)")
     a("--seed", type=int, help="seed for data order, noise and initial weights, from 0 to 2^63 - 1" + _default("seed"))
@@ -214,6 +254,8 @@ def _add_runtime_flags(a) -> None:
     a("--val-size", type=int, help="held-out images for the validation loss" + _default("val_size"))
     a("--guide-fraction", type=float, metavar="F", help="save the EMA weights at this fraction of the planned steps "
       "to RUN/guide, kept for autoguidance (ddpm sample guides with it); 0 = none" + _default("guide_fraction"))
+    a("--ema-snapshot-every", type=int, metavar="N", help="steps between post-hoc EMA snapshots, kept for good "
+      "(default: 1/40 of the planned steps)")
     a("--time-limit", type=duration, metavar="DURATION", help="stop at a checkpoint before this much time has "
       "passed, e.g. 3h50m, 90m or seconds (exit 75; continue with --resume); for jobs of fixed length")
     a("--max-bad-fraction", type=float, metavar="F", help="unreadable image files tolerated, as a fraction of the "
@@ -299,6 +341,7 @@ def add_sample_parser(sub) -> None:
     a("--seed", type=seed, default=0, help="random seed, from 0 to 2^63 - 1 (same seed, same device: same images)")
     a("--ema", action=argparse.BooleanOptionalAction, default=True,
       help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
+    add_ema_flags(sa)
     a("--batch-size", type=int, default=SAMPLE_BATCH, help="images per sampling batch (batch b is seeded by (seed, b))")
     a("--process", action="store_true", help="also write the denoising process (x_t over the steps) "
       "as process.png and process.gif")
@@ -335,7 +378,9 @@ def add_eval_parser(sub) -> None:
       "classifier metrics only")
     a("--classifier-steps", type=int, default=800,
       help="training steps of the evaluation classifier (trained once, then cached)")
-    a("--out", type=folder_path, help="folder for eval/ (default: the run folder)")
+    add_ema_flags(ev)
+    a("--out", type=folder_path, help="folder for eval/ (default: the run folder; with --ema-length, the rebuilt "
+      "average's folder)")
     a("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     a("--quiet", action="store_true", help="no progress bars")
 
@@ -349,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub)
     add_eval_parser(sub)
     add_prepare_parser(sub)
+    add_export_parser(sub)
     from .serve import add_serve_parser  # Gradio itself is imported only when the page runs
 
     add_serve_parser(sub)
@@ -497,7 +543,7 @@ def _load_model(args: argparse.Namespace):
     from .devices import configure_for_speed, pick_device
 
     device = pick_device(args.device)
-    model, schedule, config = ckpt.from_pretrained(Path(args.model), device)
+    model, schedule, config = ckpt.from_pretrained(weights_folder(args), device)
     if not getattr(args, "ema", True):
         state = ckpt.load_training_state(ckpt.latest_checkpoint(Path(args.model)))
         model.load_state_dict(state["model"])
@@ -569,6 +615,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print(f"{n} images ({sampling.sampler}, {steps_total} steps"
           + (f", classifier-free guidance w={sampling.guidance:g}" if labels is not None else "")
           + (f", autoguidance g={sampling.guide_weight:g} by {guide_path}" if guided else "")
+          + (f", post-hoc EMA length {args.ema_length:g}" if args.ema_length is not None else "")
           + f") in {elapsed:.1f}s on {device}")
     if args.process and frames:
         _save_process(frames, out, upscale)
@@ -633,7 +680,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_eval_args(args)
     model_path = Path(args.model)
     model, schedule, config, device = _load_model(args)
-    run_dir = Path(args.out) if args.out else _run_folder(model_path)
+    # a rebuilt average keeps its samples apart from the run's own EMA's (eval/ caches samples by setting)
+    run_dir = Path(args.out) if args.out else weights_folder(args) if args.ema_length else _run_folder(model_path)
     data = args.data or _training_data(_run_folder(model_path))  # the run's data, wherever --out puts eval/
     if not data:
         raise DdpmError(f"give --data DATA (the real images to compare with): {_run_folder(model_path)} has no run "
@@ -741,6 +789,33 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="write a post-hoc EMA average of a run as a standalone model folder",
+                        formatter_class=HelpFormatter,
+                        description="Rebuild the weights averaged with --ema-length from the run's post-hoc EMA "
+                                    "snapshots (Karras et al. 2024) and write them as a model folder "
+                                    "(model.safetensors + config.json), which ddpm sample, eval, serve and --guide "
+                                    "read like any other.")
+    ex.add_argument("model", type=folder_path, help="run folder (trained with --ema-lengths)")
+    ex.add_argument("--out", type=folder_path, required=True, help="the model folder to write")
+    add_ema_flags(ex)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .snapshots import rebuilt_model_dir
+
+    if args.ema_length is None:
+        raise DdpmError("give --ema-length S, the average's relative length (e.g. 0.1); the run's own EMA is "
+                        f"already a model folder: {Path(args.model) / 'model'}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DdpmError(f"--out {out} is a file; give a folder for the model")
+    folder = rebuilt_model_dir(_run_folder(Path(args.model)), args.ema_length, args.ema_step, out=out,
+                               warn=lambda text: warnings.warn(text, DdpmWarning, stacklevel=2))
+    print(f"wrote {folder} (EMA length {args.ema_length:g}); sample it: ddpm sample {folder} --out SAMPLES")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import run_serve
 
@@ -772,7 +847,8 @@ def main(argv: list[str] | None = None) -> int:
     from .training import TrainingDiverged
 
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "prepare": cmd_prepare, "serve": cmd_serve}
+    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "prepare": cmd_prepare, "serve": cmd_serve,
+                "export": cmd_export}
     try:
         with one_line_warnings(args.command):
             return commands[args.command](args)
