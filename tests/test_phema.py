@@ -194,6 +194,10 @@ def test_the_command_line_trains_tracks_samples_exports_and_evaluates_a_rebuilt_
     assert main(["sample", str(run), "--out", str(tmp_path / "early"), "--ema-length", "0.09", "--ema-step", "4",
                  *fast]) == 0
     assert (run / "ema_rebuilt" / "sigma0.0900_step00000004").is_dir()
+    assert main(["sample", str(run), "--out", str(tmp_path / "guided"), "--ema-length", "0.09", "--guide-ema-length",
+                 "0.12", "--guide-ema-fraction", "0.5", "--n", "3", "--sampling-steps", "2", "--quiet"]) == 0
+    guide = run / "ema_rebuilt" / "sigma0.1200_step00000003"
+    assert f"autoguidance g=2.5 by {guide}" in capsys.readouterr().out and guide.is_dir()
     assert main(["eval", str(run), "--ema-length", "0.09", "--n", "4", "--ref-n", "8", "--no-fid", "--sampling-steps",
                  "2", "--guidance", "1", "--classifier-steps", "2", "--guide", "none", "--quiet"]) == 0
     assert (run / "ema_rebuilt" / "sigma0.0900_step00000006" / "eval" / "eval.json").is_file()
@@ -201,7 +205,13 @@ def test_the_command_line_trains_tracks_samples_exports_and_evaluates_a_rebuilt_
     for argv, words in ((["sample", str(run), "--out", str(tmp_path / "x"), "--ema-step", "4"], "needs --ema-length"),
                         (["sample", str(run), "--out", str(tmp_path / "x"), "--ema-length", "0.1", "--no-ema"],
                          "cannot go with --ema-length"),
-                        (["export", str(run), "--out", str(tmp_path / "y")], "give --ema-length")):
+                        (["export", str(run), "--out", str(tmp_path / "y")], "give --ema-length"),
+                        (["sample", str(run), "--out", str(tmp_path / "x"), "--guide-ema-fraction", "0.5"],
+                         "needs --guide-ema-length"),
+                        (["sample", str(run), "--out", str(tmp_path / "x"), "--guide-ema-length", "0.1", "--guide",
+                          str(run)], "keep one"),
+                        (["sample", str(run), "--out", str(tmp_path / "x"), "--guide-ema-length", "0.1",
+                          "--guide-ema-fraction", "2"], "must be in (0, 1]")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err

@@ -123,14 +123,21 @@ def _lengths(text: str) -> tuple[float, ...]:
             from None
 
 
-def add_ema_flags(parser: argparse.ArgumentParser) -> None:
-    """--ema-length / --ema-step: draw from an average rebuilt from the run's post-hoc EMA snapshots."""
+def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True) -> None:
+    """--ema-length / --ema-step: draw from an average rebuilt from the run's post-hoc EMA snapshots; with `guide`,
+    also --guide-ema-length / --guide-ema-fraction: guide with one."""
     a = parser.add_argument
     a("--ema-length", type=float, metavar="S", help="post-hoc EMA (Karras et al. 2024): rebuild the weights "
       "averaged with this relative length sigma_rel, e.g. 0.05-0.15, from the run's snapshots (cached in "
       "RUN/ema_rebuilt); default: the run's own EMA (model/)")
     a("--ema-step", type=int, metavar="N", help="with --ema-length: the average as it was at step N (default: "
       "the run's last snapshot)")
+    if not guide:
+        return
+    a("--guide-ema-length", type=float, metavar="S", help="autoguidance by a guide rebuilt from the run's "
+      "post-hoc EMA snapshots, averaged with this length (instead of the run's guide/ snapshot)")
+    a("--guide-ema-fraction", type=float, metavar="F", help="with --guide-ema-length: the guide as the run was at "
+      "this fraction of its steps (default 0.5)")
 
 
 def weights_folder(args: argparse.Namespace) -> Path:
@@ -147,6 +154,23 @@ def weights_folder(args: argparse.Namespace) -> Path:
 
     return rebuilt_model_dir(_run_folder(Path(args.model)), length, step,
                              warn=lambda text: warnings.warn(text, DdpmWarning, stacklevel=2))
+
+
+def rebuilt_guide_folder(args: argparse.Namespace) -> Path | None:
+    """With --guide-ema-length: the guide rebuilt from the run's post-hoc EMA snapshots at --guide-ema-fraction of
+    the run (a model folder, cached like the main model's); else None."""
+    length, fraction = getattr(args, "guide_ema_length", None), getattr(args, "guide_ema_fraction", None)
+    if length is None:
+        if fraction is not None:
+            raise DdpmError("--guide-ema-fraction needs --guide-ema-length (the guide's averaging length)")
+        return None
+    if args.guide is not None:
+        raise DdpmError("--guide PATH and --guide-ema-length both give a guide; keep one")
+    from .snapshots import rebuilt_model_dir, step_at_fraction
+
+    run = _run_folder(Path(args.model))
+    step = step_at_fraction(run, 0.5 if fraction is None else fraction)
+    return rebuilt_model_dir(run, length, step, warn=lambda text: warnings.warn(text, DdpmWarning, stacklevel=2))
 
 
 def seed(text: str) -> int:
@@ -558,6 +582,9 @@ def resolve_guide(args: argparse.Namespace, model, schedule, device):
     A run folder without one is said in one line on stderr (sampling goes on with classifier-free guidance)."""
     from . import checkpoint as ckpt
 
+    rebuilt = rebuilt_guide_folder(args)
+    if rebuilt is not None:
+        return ckpt.load_guide(rebuilt, model, device, schedule=schedule), str(rebuilt)
     if args.guide is not None and args.guide.lower() == "none":
         return None, None
     if args.guide is not None:
@@ -798,7 +825,7 @@ def add_export_parser(sub) -> None:
                                     "read like any other.")
     ex.add_argument("model", type=folder_path, help="run folder (trained with --ema-lengths)")
     ex.add_argument("--out", type=folder_path, required=True, help="the model folder to write")
-    add_ema_flags(ex)
+    add_ema_flags(ex, guide=False)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

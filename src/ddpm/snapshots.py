@@ -67,6 +67,23 @@ def list_snapshots(run_dir: Path) -> list[Snapshot]:
     return sorted(found, key=lambda s: (s.step, s.sigma_rel))
 
 
+def run_snapshots(run_dir: Path) -> list[Snapshot]:
+    """list_snapshots, or a one-line CheckpointError for a run that kept none."""
+    snapshots = list_snapshots(run_dir)
+    if not snapshots:
+        raise CheckpointError(f"{run_dir} has no post-hoc EMA snapshots ({SNAPSHOT_DIR}/); only runs trained with "
+                              "--ema-lengths keep them (the run's own EMA is in its model/ folder)")
+    return snapshots
+
+
+def step_at_fraction(run_dir: Path, fraction: float) -> int:
+    """The step at `fraction` of the run's snapshots (of its last snapshot's step), at least the first one's."""
+    snapshots = run_snapshots(run_dir)
+    if not 0 < fraction <= 1:
+        raise CheckpointError(f"a fraction of the run must be in (0, 1], got {fraction}")
+    return max(snapshots[0].step, round(fraction * snapshots[-1].step))
+
+
 @dataclass(frozen=True)
 class Rebuild:
     """How a length is rebuilt: the snapshots used, their coefficients, and how well their combination matches the
@@ -82,10 +99,7 @@ class Rebuild:
 def plan_rebuild(run_dir: Path, sigma_rel: float, step: int | None = None) -> Rebuild:
     """The least-squares combination of the run's snapshots that averages like a power-function EMA of
     `sigma_rel` at `step` (default: the last snapshot's step). One-line CheckpointError when nothing can."""
-    snapshots = list_snapshots(run_dir)
-    if not snapshots:
-        raise CheckpointError(f"{run_dir} has no post-hoc EMA snapshots ({SNAPSHOT_DIR}/); only runs trained with "
-                              "--ema-lengths keep them (the run's own EMA is in its model/ folder)")
+    snapshots = run_snapshots(run_dir)
     last = max(s.step for s in snapshots)
     step = last if step is None else step
     if not 1 <= step <= last:
