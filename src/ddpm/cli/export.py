@@ -1,0 +1,37 @@
+"""`ddpm export`: a post-hoc EMA average of a run as a standalone model folder."""
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+from ..errors import DdpmError, DdpmWarning
+from .common import HelpFormatter, add_ema_flags, folder_path, run_folder
+
+
+def add_export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="write a post-hoc EMA average of a run as a standalone model folder",
+                        formatter_class=HelpFormatter,
+                        description="Rebuild the weights averaged with --ema-length from the run's post-hoc EMA "
+                                    "snapshots (Karras et al. 2024) and write them as a model folder "
+                                    "(model.safetensors + config.json), which ddpm sample, eval, serve and --guide "
+                                    "read like any other.")
+    ex.add_argument("model", type=folder_path, help="run folder (trained with --ema-lengths)")
+    ex.add_argument("--out", type=folder_path, required=True, help="the model folder to write")
+    add_ema_flags(ex, guide=False)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..snapshots import rebuilt_model_dir
+
+    if args.ema_length is None:
+        raise DdpmError("give --ema-length S, the average's relative length (e.g. 0.1); the run's own EMA is "
+                        f"already a model folder: {Path(args.model) / 'model'}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DdpmError(f"--out {out} is a file; give a folder for the model")
+    folder = rebuilt_model_dir(run_folder(Path(args.model)), args.ema_length, args.ema_step, out=out,
+                               warn=lambda text: warnings.warn(text, DdpmWarning, stacklevel=2))
+    print(f"wrote {folder} (EMA length {args.ema_length:g}); sample it: ddpm sample {folder} --out SAMPLES")
+    return 0
+
