@@ -97,6 +97,9 @@ def test_kill_minus_9_mid_training_leaves_a_loadable_checkpoint_and_resume_is_ex
     assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in b["ema"]["model"])
     assert a["ema"]["num_updates"] == b["ema"]["num_updates"] == steps
     assert not any(torch.equal(a["ema"]["model"][k], a["model"][k]) for k in a["model"] if k.endswith("weight"))
+    # the post-hoc EMA's snapshots too: every one rewritten after a kill holds the uninterrupted run's bits
+    kept = {p.name: p.read_bytes() for p in (run / "ema_snapshots").iterdir()}
+    assert kept == {p.name: p.read_bytes() for p in (straight / "ema_snapshots").iterdir()} and len(kept) == 2 * steps
 
 
 def test_a_failing_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,84 @@
+"""Post-hoc EMA on a trained run: the main model's averaging length x the guide's (rebuilt at half the run, or the
+run's own guide/ snapshot of the classic EMA) x the guide weight g, scored by the project's own evaluation beside
+today's default (the classic EMA guided by its half-way snapshot at g = 2.5).
+
+    python benchmarks/phema_sweep.py [RUN] [--n 500] [--seed 0] [--lengths 0.05 0.08 0.10 0.13]
+
+RUN must have been trained with post-hoc EMA tracking (the default since it exists; `make demo` makes one). The
+rows land in RUN/eval/phema.json and print as a Markdown table; samples are reused when run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ddpm.checkpoint import from_pretrained, load_guide
+from ddpm.config import SamplingConfig
+from ddpm.evaluation import prepare_evaluator, sweep
+from ddpm.files import atomic_write_json
+from ddpm.metrics import file_sha1
+from ddpm.snapshots import rebuilt_model_dir, step_at_fraction
+
+
+def row_settings(weights: tuple[float, ...], steps: int) -> list[SamplingConfig]:
+    """Autoguidance alone (no CFG), every step, DPM-Solver++: the default guided sampling, at each g."""
+    return [SamplingConfig(sampler="dpmpp2m", steps=steps, guidance=1.0, guidance_interval=None, guide_weight=g)
+            for g in weights]
+
+
+def score(folder: Path, guides: dict, evaluator, args, eval_dir: Path) -> list[dict]:
+    """The rows of one main model (a model folder) with each guide."""
+    model, schedule, _ = from_pretrained(folder, "cpu")
+    record = {"model_sha1": file_sha1(folder / "model.safetensors"), "rows": []}
+    for name, guide_folder in guides.items():
+        guide = load_guide(guide_folder, model, "cpu", schedule=schedule)
+        record = sweep(model, schedule, evaluator, row_settings(tuple(args.weights), args.steps), eval_dir,
+                       n=args.n, seed=args.seed, record=record, guide=guide, guide_id=name, progress=False)
+    return record["rows"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", default="runs/quickstart")
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lengths", type=float, nargs="+", default=[0.05, 0.08, 0.10, 0.13])
+    parser.add_argument("--guide-lengths", type=float, nargs="+", default=[0.05, 0.10])
+    parser.add_argument("--weights", type=float, nargs="+", default=[2.5, 3.0])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    run = Path(args.run)
+    eval_dir = run / "eval"
+    model, _, _ = from_pretrained(run, "cpu")
+    evaluator = prepare_evaluator("mnist", model.config.image_size, model.config.in_channels, 10, eval_dir / "cache",
+                                  n=args.n, ref_n=1000, fid=False, progress=True)
+    floor = evaluator.floor()
+    half = step_at_fraction(run, 0.5)
+    rebuilt_guides = {f"phema{s:g}@{half}": rebuilt_model_dir(run, s, half) for s in args.guide_lengths}
+    rows = [{"main": "classic EMA (model/)", **row}
+            for row in score(run / "model", {"guide/ (classic EMA, half-way)": run / "guide"}, evaluator, args,
+                             eval_dir)]
+    for length in args.lengths:
+        guides = {"guide/ (classic EMA, half-way)": run / "guide", **rebuilt_guides}
+        rows += [{"main": f"post-hoc {length:g}", **row}
+                 for row in score(rebuilt_model_dir(run, length), guides, evaluator, args, eval_dir)]
+        print(f"length {length:g} done", flush=True)
+    atomic_write_json(eval_dir / f"phema_seed{args.seed}.json", {"floor": floor, "rows": rows, "n": args.n,
+                                                                 "seed": args.seed})
+    fd_floor = floor["classifier_fd"]
+    print(f"\nreal floor: class acc {floor['accuracy']:.3f}, classifier FD {fd_floor:.3f}, "
+          f"saturated {floor['saturated']:.4f} (n={args.n}, seed {args.seed}, {args.steps} steps)\n")
+    print("| main model | guide | g | class acc | classifier FD (x floor) | saturated |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['main']} | {row['guide']} | {row['guide_weight']:g} | {row['accuracy']:.3f} | "
+              f"{row['classifier_fd']:.3f} ({row['classifier_fd'] / fd_floor:.2f}x) | {row['saturated']:.4f} |")
+    print(json.dumps({"floor": floor}))
+
+
+if __name__ == "__main__":
+    main()
