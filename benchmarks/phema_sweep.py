@@ -4,8 +4,9 @@ today's default (the classic EMA guided by its half-way snapshot at g = 2.5).
 
     python benchmarks/phema_sweep.py [RUN] [--n 500] [--seed 0] [--lengths 0.05 0.08 0.10 0.13]
 
-RUN must have been trained with post-hoc EMA tracking (the default since it exists; `make demo` makes one). The
-rows land in RUN/eval/phema.json and print as a Markdown table; samples are reused when run again.
+RUN must have been trained with post-hoc EMA tracking (the default since it exists; `make demo` makes one); it is
+scored against its own training data. The rows land in RUN/eval/phema_seedS.json and print as a Markdown table;
+samples are reused when run again.
 """
 from __future__ import annotations
 
@@ -54,16 +55,17 @@ def main() -> None:
     run = Path(args.run)
     eval_dir = run / "eval"
     model, _, _ = from_pretrained(run, "cpu")
-    evaluator = prepare_evaluator("mnist", model.config.image_size, model.config.in_channels, 10, eval_dir / "cache",
-                                  n=args.n, ref_n=1000, fid=False, progress=True)
+    data = json.loads((run / "config.json").read_text())["train"]["data"]  # the run's own training data
+    evaluator = prepare_evaluator(data, model.config.image_size, model.config.in_channels, model.config.num_classes,
+                                  eval_dir / "cache", n=args.n, ref_n=1000, fid=False, progress=True)
     floor = evaluator.floor()
     half = step_at_fraction(run, 0.5)
     rebuilt_guides = {f"phema{s:g}@{half}": rebuilt_model_dir(run, s, half) for s in args.guide_lengths}
+    own_guide = {"guide/ (classic EMA, half-way)": run / "guide"} if (run / "guide").is_dir() else {}
     rows = [{"main": "classic EMA (model/)", **row}
-            for row in score(run / "model", {"guide/ (classic EMA, half-way)": run / "guide"}, evaluator, args,
-                             eval_dir)]
+            for row in score(run / "model", own_guide or rebuilt_guides, evaluator, args, eval_dir)]
     for length in args.lengths:
-        guides = {"guide/ (classic EMA, half-way)": run / "guide", **rebuilt_guides}
+        guides = {**own_guide, **rebuilt_guides}
         rows += [{"main": f"post-hoc {length:g}", **row}
                  for row in score(rebuilt_model_dir(run, length), guides, evaluator, args, eval_dir)]
         print(f"length {length:g} done", flush=True)
