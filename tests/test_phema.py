@@ -239,3 +239,25 @@ def test_a_run_from_before_post_hoc_ema_resumes_and_samples_as_before(tmp_path):
     assert main(["train", "--resume", str(run), "--steps", "4", "--quiet"]) == 0
     assert load_training_state(latest_checkpoint(run))["ema_tracks"] == [] and not (run / SNAPSHOT_DIR).exists()
     assert main(["sample", str(run), "--out", str(tmp_path / "s"), "--n", "2", "--sampling-steps", "2", "--quiet"]) == 0
+
+
+def test_serve_serves_a_rebuilt_average_guided_by_the_runs_guide(tmp_path, monkeypatch, capsys):
+    # The bug it catches: the page drawing from the run's own EMA despite --ema-length, or losing the run's guide
+    # (the rebuilt folder has none of its own).
+    import ddpm.serve as serve
+    from ddpm.cli import build_parser, main
+    from helpers import TINY_TRAIN_ARGS, free_port
+
+    run = tmp_path / "run"
+    assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "4", "--ema-snapshot-every", "2",
+                 *TINY_TRAIN_ARGS]) == 0
+    served = {}
+    monkeypatch.setattr(serve, "launch_app", lambda app, host, port, block: served.setdefault("app", app))
+    args = build_parser().parse_args(["serve", str(run), "--ema-length", "0.1", "--port", str(free_port()),
+                                      "--device", "cpu"])
+    assert serve.run_serve(args) == 0 and "app" in served
+    folder = run / "ema_rebuilt" / "sigma0.1000_step00000004"
+    assert f"ddpm serve: {folder} (guide {run / 'guide'})" in capsys.readouterr().out
+    args = build_parser().parse_args(["serve", str(run), "--ema-step", "2", "--port", str(free_port())])
+    with pytest.raises(Exception, match="needs --ema-length"):
+        serve.run_serve(args)

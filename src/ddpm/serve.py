@@ -624,6 +624,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     a("--max-steps", type=int, default=MAX_STEPS,
       help=f"most sampling steps one request may ask for (default {MAX_STEPS})")
+    a("--ema-length", type=float, metavar="S", help="serve the average of this post-hoc EMA length (sigma_rel), "
+      "rebuilt from the run's snapshots as `ddpm sample --ema-length` does (default: the run's own EMA)")
+    a("--ema-step", type=int, metavar="N", help="with --ema-length: the average as it was at step N")
     return parser
 
 
@@ -650,6 +653,22 @@ def check_listen_address(host: str, port: int) -> None:
                             f"or a --host of this machine") from None
 
 
+def served_source(args: argparse.Namespace) -> tuple[Path, Path | str | None]:
+    """(the model folder to serve, its guide as `load_served_model` takes it). With --ema-length, the average
+    rebuilt from the run's post-hoc EMA snapshots (cached in the run, as `ddpm sample --ema-length` makes it), guided
+    by the run's own guide unless --guide says otherwise; the page's printed command then names that folder."""
+    if args.ema_length is None:
+        if args.ema_step is not None:
+            raise DdpmError("--ema-step needs --ema-length (the average's length)")
+        return Path(args.model), args.guide
+    from .checkpoint import MODEL_DIR, find_run_guide
+    from .snapshots import rebuilt_model_dir
+
+    run = Path(args.model).parent if Path(args.model).name == MODEL_DIR else Path(args.model)
+    guide = args.guide if args.guide is not None else (find_run_guide(run) or NO_GUIDE)
+    return rebuilt_model_dir(run, args.ema_length, args.ema_step), guide
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """`ddpm serve`: load the model and its guide (one-line DdpmError if unusable), then serve the page until
     Ctrl-C."""
@@ -661,9 +680,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise DdpmError("--device is empty; give cpu, cuda, cuda:N or mps (or leave the flag out)")
     check_listen_address(args.host, args.port)
     import_gradio()  # before the model loads: without Gradio nothing else is worth doing
-    served = load_served_model(args.model, args.device, args.guide)
-    app = build_app(args.model, max_steps=args.max_steps, served=served)
+    source, guide = served_source(args)
+    served = load_served_model(source, args.device, guide)
+    app = build_app(source, max_steps=args.max_steps, served=served)
     guide = f"guide {served.guide_path}" if served.guide is not None else "no guide"
-    print(f"ddpm serve: {args.model} ({guide}) on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"ddpm serve: {source} ({guide}) on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     launch_app(app, args.host, args.port, block=True)
     return 0
