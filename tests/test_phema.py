@@ -198,9 +198,16 @@ def test_the_command_line_trains_tracks_samples_exports_and_evaluates_a_rebuilt_
                  "0.12", "--guide-ema-fraction", "0.5", "--n", "3", "--sampling-steps", "2", "--quiet"]) == 0
     guide = run / "ema_rebuilt" / "sigma0.1200_step00000003"
     assert f"autoguidance g=2.5 by {guide}" in capsys.readouterr().out and guide.is_dir()
-    assert main(["eval", str(run), "--ema-length", "0.09", "--n", "4", "--ref-n", "8", "--no-fid", "--sampling-steps",
-                 "2", "--guidance", "1", "--classifier-steps", "2", "--guide", "none", "--quiet"]) == 0
+    evaluate = ["--n", "4", "--ref-n", "8", "--no-fid", "--sampling-steps", "2", "--guidance", "1",
+                "--classifier-steps", "2", "--guide", "none", "--quiet"]
+    assert main(["eval", str(run), "--ema-length", "0.09", *evaluate]) == 0
     assert (run / "ema_rebuilt" / "sigma0.0900_step00000006" / "eval" / "eval.json").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(run), "--ema-length", "0.07", "0.11", "--out", str(tmp_path / "lengths"), *evaluate]) == 0
+    assert capsys.readouterr().out.count("== post-hoc EMA length") == 2
+    records = [json.loads((tmp_path / "lengths" / f"ema_length_{s}" / "eval" / "eval.json").read_text())
+               for s in ("0.07", "0.11")]
+    assert records[0]["model_sha1"] != records[1]["model_sha1"]  # two averages, scored apart
     capsys.readouterr()
     for argv, words in ((["sample", str(run), "--out", str(tmp_path / "x"), "--ema-step", "4"], "needs --ema-length"),
                         (["sample", str(run), "--out", str(tmp_path / "x"), "--ema-length", "0.1", "--no-ema"],

@@ -63,13 +63,14 @@ def ema_lengths_arg(text: str) -> tuple[float, ...]:
             from None
 
 
-def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True) -> None:
+def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True, many: bool = False) -> None:
     """--ema-length / --ema-step: draw from an average rebuilt from the run's post-hoc EMA snapshots; with `guide`,
-    also --guide-ema-length / --guide-ema-fraction: guide with one."""
+    also --guide-ema-length / --guide-ema-fraction: guide with one. `many`: several lengths (eval's sweep)."""
     a = parser.add_argument
-    a("--ema-length", type=float, metavar="S", help="post-hoc EMA (Karras et al. 2024): rebuild the weights "
-      "averaged with this relative length sigma_rel, e.g. 0.05-0.15, from the run's snapshots (cached in "
-      "RUN/ema_rebuilt); default: the run's own EMA (model/)")
+    a("--ema-length", type=float, metavar="S", nargs="+" if many else None, help="post-hoc EMA (Karras et al. "
+      "2024): rebuild the weights averaged with this relative length sigma_rel, e.g. 0.05-0.15, from the run's "
+      "snapshots (cached in RUN/ema_rebuilt); default: the run's own EMA (model/)"
+      + ("; several lengths are scored one after the other" if many else ""))
     a("--ema-step", type=int, metavar="N", help="with --ema-length: the average as it was at step N (default: "
       "the run's last snapshot)")
     if not guide:

@@ -56,7 +56,7 @@ def add_eval_parser(sub) -> None:
       "classifier metrics only")
     a("--classifier-steps", type=int, default=800,
       help="training steps of the evaluation classifier (trained once, then cached)")
-    add_ema_flags(ev)
+    add_ema_flags(ev, many=True)
     a("--out", type=folder_path, help="folder for eval/ (default: the run folder; with --ema-length, the rebuilt "
       "average's folder)")
     a("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
@@ -91,9 +91,24 @@ def _check_eval_args(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """`ddpm eval`: one sweep, or one per post-hoc EMA length given (each in its rebuilt average's folder, or in
+    OUT/ema_length_S with --out)."""
+    _check_eval_args(args)
+    lengths = args.ema_length or [None]
+    for length in lengths:
+        one = argparse.Namespace(**{**vars(args), "ema_length": length})
+        if len(lengths) > 1:
+            print(f"== post-hoc EMA length {length:g}")
+            one.out = str(Path(args.out) / f"ema_length_{length:g}") if args.out else None
+        status = _eval_one(one)
+        if status:
+            return status  # interrupted: what is written stays, the next lengths wait for the same command
+    return 0
+
+
+def _eval_one(args: argparse.Namespace) -> int:
     from ..evaluation import eval_record, format_table, prepare_evaluator, sweep
 
-    _check_eval_args(args)
     model_path = Path(args.model)
     model, schedule, config, device = load_model(args)
     # a rebuilt average keeps its samples apart from the run's own EMA's (eval/ caches samples by setting)
@@ -118,8 +133,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             data, model.config.image_size, model.config.in_channels, num_classes, eval_dir / "cache", n=args.n,
             ref_n=args.ref_n, inception_path=args.inception, fid=not args.no_fid,
             classifier_steps=args.classifier_steps, device=device, progress=progress)
-        record = eval_record(evaluator, model_path, config, data, n=args.n, seed=args.seed, batch_size=args.batch_size,
-                             guide_path=guide_path)
+        # the weights scored (a rebuilt average's own folder, so that its record names those weights' sha1)
+        record = eval_record(evaluator, weights_folder(args), config, data, n=args.n, seed=args.seed,
+                             batch_size=args.batch_size, guide_path=guide_path)
         record = sweep(model, schedule, evaluator, settings, eval_dir, n=args.n, seed=args.seed,
                        batch_size=args.batch_size, record=record, progress=progress, guide=guide,
                        guide_id=None if guide is None else record["guide"]["sha1"][:8])
