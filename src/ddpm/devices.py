@@ -11,7 +11,10 @@ from .errors import DdpmError
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """`name` if given (e.g. "cpu", "cuda:1", "mps"), else cuda, then mps, then cpu."""
+    """`name` if given (e.g. "cpu", "cuda:1", "mps"), else cuda, then mps, then cpu. An empty name is refused, not
+    read as "not given" (`--device ""` in a script is a mistake, e.g. an unset variable)."""
+    if name is not None and not name.strip():
+        raise DdpmError("--device is empty; give cpu, cuda, cuda:N or mps (or leave the flag out)")
     if name:
         try:
             device = torch.device(name)

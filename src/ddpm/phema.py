@@ -67,23 +67,28 @@ def profile_inner(gamma_a: float, t_a: float, gamma_b: float, t_b: float) -> flo
     return math.exp(log)
 
 
-def solve_coefficients(snapshots: list[tuple[float, int]], gamma: float, step: int) -> np.ndarray:
-    """x minimising ||sum_i x_i f_i - f_r||^2 for the snapshots (gamma_i, t_i) and the target (gamma, step), in
-    float64. Snapshots taken after `step` cannot help (their profiles reach past it) and get 0."""
+def fit(snapshots: list[tuple[float, int]], gamma: float, step: int) -> tuple[np.ndarray, float]:
+    """(x, error): x minimises ||sum_i x_i f_i - f_r||^2 for the snapshots (gamma_i, t_i) and the target
+    (gamma, step), in float64; error is ||sum_i x_i f_i - f_r|| / ||f_r|| (0 = exactly). Snapshots taken after
+    `step` cannot help (their profiles reach past it) and get 0. The normal equations are built once for both."""
     usable = [i for i, (_, t) in enumerate(snapshots) if t <= step]
     x = np.zeros(len(snapshots))
     if not usable:
-        return x
+        return x, 1.0
     a = np.array([[profile_inner(*snapshots[i], *snapshots[j]) for j in usable] for i in usable])
     b = np.array([profile_inner(*snapshots[i], gamma, step) for i in usable])
-    x[usable] = np.linalg.lstsq(a, b, rcond=None)[0]
-    return x
-
-
-def relative_error(snapshots: list[tuple[float, int]], coefficients: np.ndarray, gamma: float, step: int) -> float:
-    """||sum_i x_i f_i - f_r|| / ||f_r||: how well the snapshots represent the target profile (0 = exactly)."""
-    a = np.array([[profile_inner(*p, *q) for q in snapshots] for p in snapshots])
-    b = np.array([profile_inner(*p, gamma, step) for p in snapshots])
+    solution = np.linalg.lstsq(a, b, rcond=None)[0]
+    x[usable] = solution
     target = profile_inner(gamma, step, gamma, step)
-    squared = coefficients @ a @ coefficients - 2 * coefficients @ b + target
-    return math.sqrt(max(squared, 0.0) / target)
+    squared = solution @ a @ solution - 2 * solution @ b + target
+    return x, math.sqrt(max(squared, 0.0) / target)
+
+
+def solve_coefficients(snapshots: list[tuple[float, int]], gamma: float, step: int) -> np.ndarray:
+    """The coefficients of `fit` alone."""
+    return fit(snapshots, gamma, step)[0]
+
+
+def relative_error(snapshots: list[tuple[float, int]], gamma: float, step: int) -> float:
+    """How well the snapshots represent the target profile: `fit`'s error alone."""
+    return fit(snapshots, gamma, step)[1]

@@ -676,8 +676,6 @@ def run_serve(args: argparse.Namespace) -> int:
         raise DdpmError(f"--port {args.port} is not a port number; use 1 to 65535 (default {DEFAULT_PORT})")
     if not 1 <= args.max_steps <= MAX_TIMESTEPS:
         raise DdpmError(f"--max-steps must be from 1 to {MAX_TIMESTEPS:,}, got {args.max_steps}")
-    if args.device is not None and not args.device.strip():
-        raise DdpmError("--device is empty; give cpu, cuda, cuda:N or mps (or leave the flag out)")
     check_listen_address(args.host, args.port)
     import_gradio()  # before the model loads: without Gradio nothing else is worth doing
     source, guide = served_source(args)

@@ -18,7 +18,7 @@ import torch
 from .checkpoint import CONFIG, MODEL_DIR, WEIGHTS, CheckpointError, save_pretrained
 from .config import DiffusionConfig, ModelConfig, from_dict
 from .files import atomic_write_safetensors
-from .phema import gamma_of, relative_error, solve_coefficients
+from .phema import fit, gamma_of
 from .unet import UNet
 
 SNAPSHOT_DIR = "ema_snapshots"
@@ -111,8 +111,8 @@ def plan_rebuild(run_dir: Path, sigma_rel: float, step: int | None = None) -> Re
         raise CheckpointError(str(error)) from None
     usable = [s for s in snapshots if s.step <= step]
     pairs = [(s.gamma, s.step) for s in usable]
-    x = solve_coefficients(pairs, gamma, step)
-    return Rebuild(sigma_rel, step, usable, x, relative_error(pairs, x, gamma, step))
+    x, error = fit(pairs, gamma, step)
+    return Rebuild(sigma_rel, step, usable, x, error)
 
 
 def rebuild_state_dict(plan: Rebuild) -> dict[str, torch.Tensor]:

@@ -121,12 +121,6 @@ def seed(text: str) -> int:
     return value
 
 
-def device_name(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty; give cpu, cuda, cuda:N or mps (or leave the flag out)")
-    return text
-
-
 def duration(text: str) -> float:
     from ..distributed import parse_duration
 
@@ -207,14 +201,16 @@ MAX_CLASSIFIER_STEPS = 1_000_000  # the evaluation classifier converges in hundr
 MAX_SAMPLES = 10_000_000  # one `ddpm sample`: labels for more would not fit in memory long before the time runs out
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, folder: Path | None = None):
+    """(model, schedule, config, device) as `ddpm sample` loads them: from `folder` when the caller has resolved
+    it already (weights_folder), else from MODEL or the average --ema-length asks for."""
     import torch
 
     from .. import checkpoint as ckpt
     from ..devices import configure_for_speed, pick_device
 
     device = pick_device(args.device)
-    model, schedule, config = ckpt.from_pretrained(weights_folder(args), device)
+    model, schedule, config = ckpt.from_pretrained(folder or weights_folder(args), device)
     if not getattr(args, "ema", True):
         state = ckpt.load_training_state(ckpt.latest_checkpoint(Path(args.model)))
         model.load_state_dict(state["model"])

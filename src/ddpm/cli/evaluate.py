@@ -18,7 +18,6 @@ from .common import (
     HelpFormatter,
     add_ema_flags,
     add_sampling_flags,
-    device_name,
     folder_path,
     load_model,
     resolve_guide,
@@ -59,7 +58,7 @@ def add_eval_parser(sub) -> None:
     add_ema_flags(ev, many=True)
     a("--out", type=folder_path, help="folder for eval/ (default: the run folder; with --ema-length, the rebuilt "
       "average's folder)")
-    a("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     a("--quiet", action="store_true", help="no progress bars")
 
 
@@ -110,9 +109,10 @@ def _eval_one(args: argparse.Namespace) -> int:
     from ..evaluation import eval_record, format_table, prepare_evaluator, sweep
 
     model_path = Path(args.model)
-    model, schedule, config, device = load_model(args)
+    weights = weights_folder(args)  # once: a rebuilt average is planned (and a poor one warned about) here
+    model, schedule, config, device = load_model(args, weights)
     # a rebuilt average keeps its samples apart from the run's own EMA's (eval/ caches samples by setting)
-    run_dir = Path(args.out) if args.out else weights_folder(args) if args.ema_length else run_folder(model_path)
+    run_dir = Path(args.out) if args.out else weights if args.ema_length else run_folder(model_path)
     data = args.data or _training_data(run_folder(model_path))  # the run's data, wherever --out puts eval/
     if not data:
         raise DdpmError(f"give --data DATA (the real images to compare with): {run_folder(model_path)} has no run "
@@ -134,7 +134,7 @@ def _eval_one(args: argparse.Namespace) -> int:
             ref_n=args.ref_n, inception_path=args.inception, fid=not args.no_fid,
             classifier_steps=args.classifier_steps, device=device, progress=progress)
         # the weights scored (a rebuilt average's own folder, so that its record names those weights' sha1)
-        record = eval_record(evaluator, weights_folder(args), config, data, n=args.n, seed=args.seed,
+        record = eval_record(evaluator, weights, config, data, n=args.n, seed=args.seed,
                              batch_size=args.batch_size, guide_path=guide_path)
         record = sweep(model, schedule, evaluator, settings, eval_dir, n=args.n, seed=args.seed,
                        batch_size=args.batch_size, record=record, progress=progress, guide=guide,

@@ -15,7 +15,6 @@ from .common import (
     HelpFormatter,
     add_ema_flags,
     add_sampling_flags,
-    device_name,
     folder_path,
     int_list,
     load_model,
@@ -43,7 +42,7 @@ def add_sample_parser(sub) -> None:
     a("--batch-size", type=int, default=SAMPLE_BATCH, help="images per sampling batch (batch b is seeded by (seed, b))")
     a("--process", action="store_true", help="also write the denoising process (x_t over the steps) "
       "as process.png and process.gif")
-    a("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     a("--compile", action="store_true",
       help="torch.compile the model (the first step compiles; worth it for many steps)")
     a("--quiet", action="store_true", help="no progress bar")

@@ -17,7 +17,7 @@ from ..config import (
 )
 from ..errors import DdpmError
 from ..presets import PRESETS
-from .common import HelpFormatter, device_name, duration, ema_lengths_arg, folder_path, int_list, worker_count
+from .common import HelpFormatter, duration, ema_lengths_arg, folder_path, int_list, worker_count
 
 SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
@@ -128,7 +128,7 @@ def _add_runtime_flags(a) -> None:
     """How a run executes: the flags `--resume` accepts (RuntimeConfig's fields, except --out)."""
     a("--steps", type=int, help="optimizer steps to train for")
     a("--epochs", type=int, help="passes over the data (when --steps is not given)")
-    a("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     a("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision; auto = bf16 on CUDA, off on CPU"
       + _default("amp"))
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -194,9 +194,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # the second Ctrl-C: at once, wherever the step was
         raise Interrupted(f"interrupted twice: stopped at once; {_what_is_kept(run_dir)}") from None
     if result.stopped:
-        from ..distributed import describe_stop
+        from ..distributed import describe_stop, distributed_context
 
-        if _is_rank_zero():
+        if distributed_context().is_main:
             print(f"ddpm train: stopped by {describe_stop(result.stopped)} at step {result.step}, checkpoint "
                   f"written; continue with `ddpm train --resume {run_dir}`", file=sys.stderr, flush=True)
         return EXIT_STOPPED
