@@ -2,11 +2,14 @@
 run's own guide/ snapshot of the classic EMA) x the guide weight g, scored by the project's own evaluation beside
 today's default (the classic EMA guided by its half-way snapshot at g = 2.5).
 
-    python benchmarks/phema_sweep.py [RUN] [--n 500] [--seed 0] [--lengths 0.05 0.08 0.10 0.13]
+    python benchmarks/phema_sweep.py [RUN] [--n 500] [--seed 0] [--steps 20] [--lengths 0.05 0.08 0.10 0.13]
+        [--guide-lengths 0.05 0.10] [--guide-fractions 0.5] [--weights 2.5 3.0] [--no-own-guide] [--tag NAME]
 
 RUN must have been trained with post-hoc EMA tracking (the default since it exists; `make demo` makes one); it is
-scored against its own training data. The rows land in RUN/eval/phema_seedS.json and print as a Markdown table;
-samples are reused when run again.
+scored against its own training data (class accuracy only for a class-conditional run). Guides are rebuilt at each
+--guide-fractions of the run with each --guide-lengths; --no-own-guide leaves the run's own guide/ out of the
+post-hoc rows. The rows land in RUN/eval/phema_seedS[_TAG].json and print as a Markdown table; samples are reused
+when run again.
 """
 from __future__ import annotations
 
@@ -49,7 +52,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lengths", type=float, nargs="+", default=[0.05, 0.08, 0.10, 0.13])
     parser.add_argument("--guide-lengths", type=float, nargs="+", default=[0.05, 0.10])
+    parser.add_argument("--guide-fractions", type=float, nargs="+", default=[0.5])
     parser.add_argument("--weights", type=float, nargs="+", default=[2.5, 3.0])
+    parser.add_argument("--no-own-guide", action="store_true")
+    parser.add_argument("--tag", default="")
     args = parser.parse_args()
     torch.set_num_threads(2)
     run = Path(args.run)
@@ -59,25 +65,29 @@ def main() -> None:
     evaluator = prepare_evaluator(data, model.config.image_size, model.config.in_channels, model.config.num_classes,
                                   eval_dir / "cache", n=args.n, ref_n=1000, fid=False, progress=True)
     floor = evaluator.floor()
-    half = step_at_fraction(run, 0.5)
-    rebuilt_guides = {f"phema{s:g}@{half}": rebuilt_model_dir(run, s, half) for s in args.guide_lengths}
+    guide_steps = [step_at_fraction(run, f) for f in args.guide_fractions]
+    rebuilt_guides = {f"phema{s:g}@{step}": rebuilt_model_dir(run, s, step)
+                      for step in guide_steps for s in args.guide_lengths}
     own_guide = {"guide/ (classic EMA, half-way)": run / "guide"} if (run / "guide").is_dir() else {}
     rows = [{"main": "classic EMA (model/)", **row}
             for row in score(run / "model", own_guide or rebuilt_guides, evaluator, args, eval_dir)]
     for length in args.lengths:
-        guides = {**own_guide, **rebuilt_guides}
+        guides = {**({} if args.no_own_guide else own_guide), **rebuilt_guides}
         rows += [{"main": f"post-hoc {length:g}", **row}
                  for row in score(rebuilt_model_dir(run, length), guides, evaluator, args, eval_dir)]
         print(f"length {length:g} done", flush=True)
-    atomic_write_json(eval_dir / f"phema_seed{args.seed}.json", {"floor": floor, "rows": rows, "n": args.n,
-                                                                 "seed": args.seed})
+    tag = f"_{args.tag}" if args.tag else ""
+    atomic_write_json(eval_dir / f"phema_seed{args.seed}{tag}.json", {"floor": floor, "rows": rows, "n": args.n,
+                                                                 "seed": args.seed,
+                                                                      "steps": args.steps})
     fd_floor = floor["classifier_fd"]
-    print(f"\nreal floor: class acc {floor['accuracy']:.3f}, classifier FD {fd_floor:.3f}, "
+    acc = floor.get("accuracy")
+    print(f"\nreal floor: class acc {acc if acc is None else round(acc, 3)}, classifier FD {fd_floor:.3f}, "
           f"saturated {floor['saturated']:.4f} (n={args.n}, seed {args.seed}, {args.steps} steps)\n")
     print("| main model | guide | g | class acc | classifier FD (x floor) | saturated |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['main']} | {row['guide']} | {row['guide_weight']:g} | {row['accuracy']:.3f} | "
+        print(f"| {row['main']} | {row['guide']} | {row['guide_weight']:g} | {row.get('accuracy', float('nan')):.3f} | "
               f"{row['classifier_fd']:.3f} ({row['classifier_fd'] / fd_floor:.2f}x) | {row['saturated']:.4f} |")
     print(json.dumps({"floor": floor}))
 

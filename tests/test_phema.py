@@ -203,11 +203,21 @@ def test_the_command_line_trains_tracks_samples_exports_and_evaluates_a_rebuilt_
     assert main(["eval", str(run), "--ema-length", "0.09", *evaluate]) == 0
     assert (run / "ema_rebuilt" / "sigma0.0900_step00000006" / "eval" / "eval.json").is_file()
     capsys.readouterr()
-    assert main(["eval", str(run), "--ema-length", "0.07", "0.11", "--out", str(tmp_path / "lengths"), *evaluate]) == 0
-    assert capsys.readouterr().out.count("== post-hoc EMA length") == 2
+    # several lengths crossed with rebuilt guides (two lengths x two times): one table and plot across them all
+    crossed = [a for a in evaluate if a not in ("--guide", "none")] + [
+        "--guide-ema-length", "0.06", "0.12", "--guide-ema-fraction", "0.5", "1", "--guide-weight", "2"]
+    assert main(["eval", str(run), "--ema-length", "0.07", "0.11", "--out", str(tmp_path / "lengths"), *crossed]) == 0
+    out = capsys.readouterr().out
+    assert out.count("== post-hoc EMA length") == 2 and "== every length" in out
     records = [json.loads((tmp_path / "lengths" / f"ema_length_{s}" / "eval" / "eval.json").read_text())
                for s in ("0.07", "0.11")]
     assert records[0]["model_sha1"] != records[1]["model_sha1"]  # two averages, scored apart
+    both = json.loads((tmp_path / "lengths" / "ema_lengths.json").read_text())
+    assert both["rows"] == [{"ema_length": s, **row} for s, r in zip((0.07, 0.11), records) for row in r["rows"]]
+    guides = {f"sigma{s:.4f}_step{k:08d}" for s in (0.06, 0.12) for k in (3, 6)}
+    assert [{row["guide"] for row in r["rows"]} for r in records] == [guides, guides]
+    assert len((tmp_path / "lengths" / "ema_lengths.csv").read_text().splitlines()) == 2 + 8
+    assert (tmp_path / "lengths" / "quality_vs_ema_length.png").stat().st_size > 0
     # the rebuild is planned once per length, not once per use of its folder (eval planned it three times)
     import warnings
 

@@ -516,45 +516,50 @@ def _line_label(row: dict) -> str:
     return " ".join(parts + ([] if options == "-" else [options]))
 
 
-def quality_lines(rows: list[dict], metric: str) -> dict[str, list[tuple[int, float]]]:
-    """{line label: [(model calls per image, metric value), ...] sorted by calls}: the rows that share sampler, w
-    and options make one line across their step counts."""
-    lines: dict[str, list[tuple[int, float]]] = {}
+def quality_lines(rows: list[dict], metric: str, x: str = "model_calls",
+                  label=None) -> dict[str, list[tuple[float, float]]]:
+    """{line label: [(x value, metric value), ...] sorted by x}: by default the rows that share sampler, w and
+    options make one line across their step counts (x = model calls per image)."""
+    label = label or _line_label
+    lines: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
-        if row.get("model_calls") and row.get(metric) is not None:
-            lines.setdefault(_line_label(row), []).append((row["model_calls"], row[metric]))
-    return {label: sorted(points) for label, points in lines.items()}
+        if row.get(x) and row.get(metric) is not None:
+            lines.setdefault(label(row), []).append((row[x], row[metric]))
+    return {name: sorted(points) for name, points in lines.items()}
 
 
-def quality_plot_png(record: dict) -> bytes | None:
+def quality_plot_png(record: dict, x: str = "model_calls", xlabel: str = "model calls per image",
+                     label=None, log_x: bool = True) -> bytes | None:
     """quality_vs_steps.png's bytes: classifier Frechet distance and class accuracy against model calls per image
-    (log x), one line per (sampler, w, options), the real floor dashed; FID alone for a model without a
-    classifier; None when there is nothing to plot. Matplotlib's Agg canvas, no global backend change."""
+    (log x; or any row key `x`), one line per (sampler, w, options) (or per `label(row)`), the real floor dashed;
+    FID alone for a model without a classifier; None when there is nothing to plot. Matplotlib's Agg canvas, no
+    global backend change."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
     plain = FuncFormatter(lambda value, _: f"{value:g}")  # 20, 50, 100 rather than 2x10^1 on the log axis
 
     rows = record.get("rows", [])
-    metrics = [m for m in ("classifier_fd", "accuracy") if quality_lines(rows, m)]
-    metrics = metrics or (["fid"] if quality_lines(rows, "fid") else [])
+    metrics = [m for m in ("classifier_fd", "accuracy") if quality_lines(rows, m, x, label)]
+    metrics = metrics or (["fid"] if quality_lines(rows, "fid", x, label) else [])
     if not metrics:
         return None
     titles = {"classifier_fd": "classifier Frechet distance", "accuracy": "class accuracy", "fid": "FID"}
     # room below the panels for a legend of one entry per line (a sweep can have twenty)
-    entries = len(quality_lines(rows, metrics[0])) + 1
+    entries = len(quality_lines(rows, metrics[0], x, label)) + 1
     figure = Figure(figsize=(5.5 * len(metrics), 4.2 + 0.22 * (entries + 1) // 2), layout="constrained")
     floor = record.get("floor") or {}
     for axes, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics):
-        for i, (label, points) in enumerate(quality_lines(rows, metric).items()):
+        for i, (name, points) in enumerate(quality_lines(rows, metric, x, label).items()):
             # ten colours, then the next marker shape: no two of a sweep's lines look alike
-            axes.plot(*zip(*points), marker="os^Dv<>PX*"[i // 10 % 10], color=f"C{i % 10}", label=label)
+            axes.plot(*zip(*points), marker="os^Dv<>PX*"[i // 10 % 10], color=f"C{i % 10}", label=name)
         if floor.get(metric) is not None:
             axes.axhline(floor[metric], color="black", linestyle="--", linewidth=1, label="real floor")
-        axes.set_xscale("log")
+        if log_x:
+            axes.set_xscale("log")
+            axes.xaxis.set_minor_formatter(plain)
         axes.xaxis.set_major_formatter(plain)
-        axes.xaxis.set_minor_formatter(plain)
-        axes.set_xlabel("model calls per image")
+        axes.set_xlabel(xlabel)
         axes.set_title(titles[metric])
         axes.grid(True, which="both", alpha=0.3)
     figure.legend(*axes.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="small")
@@ -578,3 +583,53 @@ def write_sweep_files(record: dict, eval_dir: Path) -> dict:
     if png is not None:
         atomic_write_bytes(plot_path, png)
     return {"csv": str(csv_path), "plot": str(plot_path) if png is not None else None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several post-hoc EMA lengths as one table and one plot
+
+def _setting_label(row: dict) -> str:
+    """Everything of a row but its EMA length: one plotted line per label, the lengths along it."""
+    return f"{_line_label(row)} {row['steps']} steps"
+
+
+def ema_length_record(records: dict[float, dict]) -> dict:
+    """{length: eval record} -> one record whose rows carry their `ema_length` (the floor is the same for all:
+    the same data, n and seed)."""
+    rows = [{"ema_length": length, **row} for length, record in records.items() for row in record["rows"]]
+    floor = next(iter(records.values()))["floor"]
+    return {"floor": floor, "rows": rows, "lengths": list(records),
+            "records": {f"{length:g}": record.get("model") for length, record in records.items()}}
+
+
+def write_ema_length_files(records: dict[float, dict], folder: Path) -> dict:
+    """ema_lengths.json, ema_lengths.csv and quality_vs_ema_length.png in `folder`: every length's rows side by
+    side, the plot one line per setting (sampler, steps, w, guide, g) across the lengths. Returns their paths."""
+    from .files import atomic_write_bytes
+
+    folder = Path(folder)
+    record = ema_length_record(records)
+    atomic_write_json(folder / "ema_lengths.json", record)
+    csv_text = sweep_csv({"floor": record["floor"], "rows": []}).splitlines()
+    lines = ["ema_length," + csv_text[0], "," + csv_text[1]]
+    for row in record["rows"]:
+        lines.append(f"{row['ema_length']:g}," + sweep_csv({"rows": [row]}).splitlines()[-1])
+    atomic_write_bytes(folder / "ema_lengths.csv", ("\n".join(lines) + "\n").encode())
+    paths = {"json": str(folder / "ema_lengths.json"), "csv": str(folder / "ema_lengths.csv"), "plot": None}
+    try:
+        png = quality_plot_png(record, x="ema_length", xlabel="post-hoc EMA length sigma_rel", label=_setting_label,
+                               log_x=False)
+    except ImportError:  # matplotlib comes with the metrics extra
+        png = None
+    if png is not None:
+        atomic_write_bytes(folder / "quality_vs_ema_length.png", png)
+        paths["plot"] = str(folder / "quality_vs_ema_length.png")
+    return paths
+
+
+def format_ema_length_table(records: dict[float, dict]) -> str:
+    """The rows of every length, one table, the length first."""
+    record = ema_length_record(records)
+    table = format_table(record["rows"], record["floor"]).splitlines()
+    lengths = ["length", "-" * 6, ""] + [f"{row['ema_length']:g}" for row in record["rows"]]
+    return "\n".join(f"{length:>6} {line}" for length, line in zip(lengths, table))

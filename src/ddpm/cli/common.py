@@ -75,10 +75,12 @@ def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True, many: boo
       "the run's last snapshot)")
     if not guide:
         return
-    a("--guide-ema-length", type=float, metavar="S", help="autoguidance by a guide rebuilt from the run's "
-      "post-hoc EMA snapshots, averaged with this length (instead of the run's guide/ snapshot)")
-    a("--guide-ema-fraction", type=float, metavar="F", help="with --guide-ema-length: the guide as the run was at "
-      "this fraction of its steps (default 0.5)")
+    a("--guide-ema-length", type=float, metavar="S", nargs="+" if many else None, help="autoguidance by a guide "
+      "rebuilt from the run's post-hoc EMA snapshots, averaged with this length (instead of the run's guide/ "
+      "snapshot)" + ("; several are crossed with every --ema-length" if many else ""))
+    a("--guide-ema-fraction", type=float, metavar="F", nargs="+" if many else None, help="with --guide-ema-length: "
+      "the guide as the run was at this fraction of its steps (default 0.5)"
+      + ("; several are crossed with the guide's lengths" if many else ""))
 
 
 def weights_folder(args: argparse.Namespace) -> Path:

@@ -91,21 +91,43 @@ def _check_eval_args(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """`ddpm eval`: one sweep, or one per post-hoc EMA length given (each in its rebuilt average's folder, or in
-    OUT/ema_length_S with --out)."""
+    OUT/ema_length_S with --out), then with several lengths one table and plot of them all (ema_lengths.*)."""
     _check_eval_args(args)
     lengths = args.ema_length or [None]
+    records = {}
     for length in lengths:
         one = argparse.Namespace(**{**vars(args), "ema_length": length})
         if len(lengths) > 1:
             print(f"== post-hoc EMA length {length:g}")
             one.out = str(Path(args.out) / f"ema_length_{length:g}") if args.out else None
-        status = _eval_one(one)
+        status, records[length] = _eval_one(one)
         if status:
             return status  # interrupted: what is written stays, the next lengths wait for the same command
+    if len(lengths) > 1:
+        from ..evaluation import format_ema_length_table, write_ema_length_files
+
+        folder = Path(args.out) if args.out else run_folder(Path(args.model)) / "eval"
+        paths = write_ema_length_files(records, folder)
+        print(f"== every length (each row's real floor as above)\n{format_ema_length_table(records)}")
+        print("results: " + ", ".join(path for path in paths.values() if path))
     return 0
 
 
-def _eval_one(args: argparse.Namespace) -> int:
+def _guides(args: argparse.Namespace, model, schedule, device) -> list[tuple[object, str | None, str | None]]:
+    """[(guide, its path, its id in the rows)]: the run's own or --guide's (id: its weights' sha1, set later), or
+    one per --guide-ema-length x --guide-ema-fraction (id: the rebuilt folder's name, e.g. sigma0.2000_step00000500)."""
+    lengths = args.guide_ema_length if isinstance(args.guide_ema_length, list) else [args.guide_ema_length]
+    fractions = args.guide_ema_fraction if isinstance(args.guide_ema_fraction, list) else [args.guide_ema_fraction]
+    guides = []
+    for length in lengths:
+        for fraction in fractions:
+            one = argparse.Namespace(**{**vars(args), "guide_ema_length": length, "guide_ema_fraction": fraction})
+            guide, path = resolve_guide(one, model, schedule, device)
+            guides.append((guide, path, Path(path).name if length is not None else None))
+    return guides
+
+
+def _eval_one(args: argparse.Namespace) -> tuple[int, dict | None]:
     from ..evaluation import eval_record, format_table, prepare_evaluator, sweep
 
     model_path = Path(args.model)
@@ -120,7 +142,8 @@ def _eval_one(args: argparse.Namespace) -> int:
     num_classes = model.config.num_classes
     if num_classes is None and args.guidance is not None:
         raise DdpmError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance)")
-    guide, guide_path = resolve_guide(args, model, schedule, device)
+    guides = _guides(args, model, schedule, device)
+    guide, guide_path = guides[0][:2]
     if guide is not None and args.guidance is None and args.guide_weight is None:
         args.guidance, args.guide_weight = ([1.0] if num_classes else None), [1.0, AUTOGUIDED["guide_weight"]]
     elif num_classes is not None and args.guidance is None:
@@ -136,14 +159,19 @@ def _eval_one(args: argparse.Namespace) -> int:
         # the weights scored (a rebuilt average's own folder, so that its record names those weights' sha1)
         record = eval_record(evaluator, weights, config, data, n=args.n, seed=args.seed,
                              batch_size=args.batch_size, guide_path=guide_path)
-        record = sweep(model, schedule, evaluator, settings, eval_dir, n=args.n, seed=args.seed,
-                       batch_size=args.batch_size, record=record, progress=progress, guide=guide,
-                       guide_id=None if guide is None else record["guide"]["sha1"][:8])
+        for i, (guide, path, name) in enumerate(guides):
+            if len(guides) > 1:
+                record["guides"] = {**record.get("guides", {}), name: path}
+            # a guide met again in a later setting is an unguided row already scored: score the g != 1 rows only
+            rows = settings if i == 0 else [s for s in settings if s.guide_weight != 1.0]
+            record = sweep(model, schedule, evaluator, rows, eval_dir, n=args.n, seed=args.seed,
+                           batch_size=args.batch_size, record=record, progress=progress, guide=guide,
+                           guide_id=None if guide is None else name or record["guide"]["sha1"][:8])
         floor = record["floor"]
     except KeyboardInterrupt:
         print("ddpm eval: interrupted; samples and features written so far are kept: "
               "run the same command again to continue", file=sys.stderr)
-        return 130
+        return 130, None
     print(f"ddpm eval {model_path} (step {config.get('step', '?')}): {args.n} samples per row, "
           f"seed {args.seed}, on {device}")
     print(f"  reference: {record['reference']}")
@@ -162,5 +190,5 @@ def _eval_one(args: argparse.Namespace) -> int:
     files = record.get("files") or {}
     print(f"results: {eval_dir / 'eval.json'}" + "".join(f", {path}" for path in files.values() if path)
           + f"  ({record['seconds']:.0f}s)")
-    return 0
+    return 0, record
 
