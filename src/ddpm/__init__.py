@@ -7,6 +7,7 @@
     images = ddpm.sample(model, schedule, labels=[0, 1, 2], guidance=3.0, sampler="dpmpp2m", steps=20)
     guide = ddpm.load_guide("runs/x", model, schedule=schedule)   # autoguidance: the run's guide/ snapshot
     images = ddpm.sample(model, schedule, labels=[0, 1, 2], guide=guide, guide_weight=2.0, guidance=1.0)
+    edited = ddpm.inpaint(model, schedule, images, masks, labels=[0, 1, 2])  # also img2img, interpolate_images
 """
 from .checkpoint import find_run_guide, from_pretrained, load_guide, save_pretrained
 from .config import DiffusionConfig, ModelConfig, RunConfig, RuntimeConfig, SamplingConfig, TrainConfig
@@ -19,21 +20,23 @@ from .diffusion import (
     training_loss,
     training_losses,
 )
+from .editing import img2img, inpaint, interpolate_images, interpolate_seeds, invert, reconstruct, slerp
 from .ema import EMA
 from .errors import DdpmError
 from .files import save_grid, save_images
 from .guidance import ClassifierFreeGuidance, Guide, GuidedDenoiser, make_denoiser
 from .pipeline import sample, sample_all, sample_batches
-from .samplers import ddim_sample, ddpm_sample, dpmpp_2m_sample
+from .samplers import ddim_invert, ddim_sample, ddpm_sample, dpmpp_2m_sample
 from .schedule import NoiseSchedule, cosine_betas, linear_betas
 from .unet import UNet
 
 __all__ = [
     "ClassifierFreeGuidance", "DdpmError", "DiffusionConfig", "EMA", "Guide", "GuidedDenoiser", "ModelConfig",
-    "NoiseSchedule", "RunConfig", "RuntimeConfig", "SamplingConfig", "TrainConfig", "UNet", "sample_all",
-    "sample_batches", "cosine_betas", "ddim_sample", "ddpm_sample", "dpmpp_2m_sample", "draw_training_inputs",
-    "find_run_guide", "from_pretrained", "linear_betas", "load_guide", "make_denoiser", "posterior_mean",
-    "predict_eps", "predict_x0", "q_sample", "sample", "save_grid", "save_images", "save_pretrained", "training_loss",
+    "NoiseSchedule", "RunConfig", "RuntimeConfig", "SamplingConfig", "TrainConfig", "UNet", "cosine_betas",
+    "ddim_invert", "ddim_sample", "ddpm_sample", "dpmpp_2m_sample", "draw_training_inputs", "find_run_guide",
+    "from_pretrained", "img2img", "inpaint", "interpolate_images", "interpolate_seeds", "invert", "linear_betas",
+    "load_guide", "make_denoiser", "posterior_mean", "predict_eps", "predict_x0", "q_sample", "reconstruct", "sample",
+    "sample_all", "sample_batches", "save_grid", "save_images", "save_pretrained", "slerp", "training_loss",
     "training_losses",
 ]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from .config import SAMPLE_BATCH, SamplingConfig
 from .errors import DdpmError
 from .guidance import Guide, make_denoiser
 from .modes import eval_mode
-from .samplers import StepCallback, run_sampler
+from .samplers import StateHook, StepCallback, run_sampler
 from .schedule import NoiseSchedule
 
 
@@ -55,6 +55,9 @@ def sample(
     sampling: SamplingConfig | None = None,
     batched_guidance: bool | None = None,
     guide: torch.nn.Module | Guide | None = None,
+    x_T: torch.Tensor | None = None,
+    start_index: int | None = None,
+    state_hook: StateHook | None = None,
     **options,
 ) -> torch.Tensor:
     """Draw one batch of images in [-1, 1], shape [N, C, H, W], on the model's device.
@@ -63,6 +66,8 @@ def sample(
     come from `sampling` and/or keyword options of `SamplingConfig` (sampler="dpmpp2m", steps=20, guidance=3, ...).
     The network's output is read as `schedule.prediction` says (eps or v). `guide` (a `checkpoint.load_guide`
     result, or a module predicting what the model predicts) turns on autoguidance when `guide_weight` != 1.
+    `x_T`, `start_index`, `state_hook`: start from a given state at a given timestep index, and a hook on each new
+    state (`samplers`' docstring; `editing.py` uses them).
     """
     sampling = replace(sampling or SamplingConfig(), **options)
     device = next(model.parameters()).device
@@ -76,14 +81,14 @@ def sample(
         raise DdpmError(f"the number of images must be >= 1, got {n}")
     c = model.config
     shape = (n, c.in_channels, c.image_size, c.image_size)
-    networks = [model] + ([_guide_module(guide, device)] if guide is not None else [])
+    networks = [model] + ([guide_module(guide, device)] if guide is not None else [])
     with eval_mode(*networks):
         denoiser = make_denoiser(model, labels, sampling, schedule=schedule, batched=batched_guidance, guide=guide)
         return run_sampler(denoiser, schedule, shape, sampling, generator=generator, device=device, callback=callback,
-                           progress=progress)
+                           progress=progress, x_T=x_T, start_index=start_index, state_hook=state_hook)
 
 
-def _guide_module(guide: torch.nn.Module | Guide, device: torch.device) -> torch.nn.Module:
+def guide_module(guide: torch.nn.Module | Guide, device: torch.device) -> torch.nn.Module:
     """The guide's network, checked to be on the model's device (a mismatch would fail deep inside a step)."""
     module = guide.model if isinstance(guide, Guide) else guide
     param = next(module.parameters(), None)

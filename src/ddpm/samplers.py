@@ -8,6 +8,12 @@ prediction, e.g. to draw the denoising process.
 
 All three samplers share the x0 processing of `process_x0`: clipping to [-1, 1] and Imagen's dynamic
 thresholding.
+
+Editing (`editing.py`) needs two more things of every sampler, and nothing else: `start_index` starts from a given
+state `x_T` at that timestep index, running only the sampler's steps at or below it (None: at T-1, the whole
+run); `state_hook(x, index)` returns the state to go on with after each step, where `index` is the timestep index
+the new state sits at (-1: the final image). Inpainting puts the known pixels back there; the samplers never learn
+about masks.
 """
 from __future__ import annotations
 
@@ -23,6 +29,16 @@ from .errors import DdpmError
 from .schedule import NoiseSchedule
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+StateHook = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def _from(seq: list[int], start_index: int | None) -> list[int]:
+    """The steps of a decreasing index sequence at or below `start_index` (all of them for None)."""
+    if start_index is None:
+        return seq
+    if not 0 <= start_index <= seq[0]:
+        raise DdpmError(f"start_index must be in 0..{seq[0]}, got {start_index}")
+    return [index for index in seq if index <= start_index]
 
 
 def _initial_noise(shape, device, generator, x_T):
@@ -87,6 +103,8 @@ def ddpm_sample(
     clip_x0: bool = False,
     dynamic_threshold: float | None = None,
     x_T: torch.Tensor | None = None,
+    start_index: int | None = None,
+    state_hook: StateHook | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -111,7 +129,7 @@ def ddpm_sample(
         torch.log(schedule.betas) if variance == "beta" else schedule.posterior_log_variance_clipped
     )
     processing = _processes_x0(clip_x0, dynamic_threshold)
-    indices = _with_progress(range(len(schedule) - 1, -1, -1), "ddpm", progress)
+    indices = _with_progress(_from(list(range(len(schedule) - 1, -1, -1)), start_index), "ddpm", progress)
     for i, index in enumerate(indices):
         t = torch.full((n,), index, device=device, dtype=torch.long)
         eps = denoiser(x, t)
@@ -126,6 +144,8 @@ def ddpm_sample(
             x = mean + (0.5 * log_var[index]).exp() * noise
         else:
             x = mean
+        if state_hook is not None:
+            x = state_hook(x, index - 1)
         if callback is not None:
             callback(i, index, x, x0)
     return x
@@ -158,6 +178,8 @@ def ddim_sample(
     clip_x0: bool = False,
     dynamic_threshold: float | None = None,
     x_T: torch.Tensor | None = None,
+    start_index: int | None = None,
+    state_hook: StateHook | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -173,7 +195,7 @@ def ddim_sample(
     device = torch.device(device) if device is not None else schedule.betas.device
     x = _initial_noise(shape, device, generator, x_T)
     n = x.shape[0]
-    seq = ddim_timesteps(len(schedule), steps)
+    seq = _from(ddim_timesteps(len(schedule), steps), start_index)
     abar = schedule.alphas_cumprod
     one = abar.new_ones(())
     processing = _processes_x0(clip_x0, dynamic_threshold)
@@ -191,8 +213,41 @@ def ddim_sample(
         x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
         if eta > 0 and prev >= 0:
             x = x + sigma * torch.randn(x.shape, device=device, generator=generator, dtype=x.dtype)
+        if state_hook is not None:
+            x = state_hook(x, prev)
         if callback is not None:
             callback(i, index, x, x0)
+    return x
+
+
+@torch.inference_mode()
+def ddim_invert(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    *,
+    steps: int = 50,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM inversion (Song et al. 2021, sec. 5.3; Dhariwal & Nichol 2021, appendix F): eq. 12 with eta = 0 run
+    from the image up to index T-1, i.e. the state that `ddim_sample(..., steps=steps, eta=0)` decodes back to
+    about the image.
+
+    The image stands for the state at index 0 (its noise level sqrt(1 - abar_0) = 0.01 is below a grey level).
+    Each step from index s up to the next index t of the same sequence as `ddim_timesteps` is
+        x_t = sqrt(abar_t) x0(x_s, s) + sqrt(1 - abar_t) eps(x_s, s),
+    the sampler's step with eps taken at the start of the step (x_t is not known yet): the only approximation,
+    which shrinks with the step size and which the round trip's error measures (benchmarks/RESULTS.md). Calls
+    the denoiser steps - 1 times; returns x at index T-1.
+    """
+    seq = ddim_timesteps(len(schedule), steps)[::-1]  # 0, ..., T-1
+    abar = schedule.alphas_cumprod
+    x = x0
+    for index, nxt in _with_progress(list(zip(seq, seq[1:])), "ddim inversion", progress):
+        t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
+        eps = denoiser(x, t)
+        x0_pred = predict_x0(schedule, x, t, eps)
+        x = abar[nxt].sqrt() * x0_pred + (1 - abar[nxt]).sqrt() * eps
     return x
 
 
@@ -275,6 +330,8 @@ def dpmpp_2m_sample(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     x_T: torch.Tensor | None = None,
+    start_index: int | None = None,
+    state_hook: StateHook | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -294,7 +351,7 @@ def dpmpp_2m_sample(
     only rounds a sum of two or three terms.
     """
     device = torch.device(device) if device is not None else schedule.betas.device
-    seq = dpmpp_2m_timesteps(schedule, steps, spacing)
+    seq = _from(dpmpp_2m_timesteps(schedule, steps, spacing), start_index)
     abar = _alphas_cumprod_float64(schedule)
     alpha, sigma = abar.sqrt().tolist(), (1.0 - abar).sqrt().tolist()
     lam = log_snr(schedule).tolist()
@@ -314,6 +371,8 @@ def dpmpp_2m_sample(
             d = x0 if x0_prev is None else _second_order_x0(x0, x0_prev, h, h_prev)
             x = (sigma[nxt] / sigma[index]) * x - (alpha[nxt] * math.expm1(-h)) * d
             x0_prev, h_prev = x0, h
+        if state_hook is not None:
+            x = state_hook(x, -1 if i == len(seq) - 1 else seq[i + 1])
         if callback is not None:
             callback(i, index, x, x0)
     return x
@@ -343,13 +402,18 @@ def run_sampler(
     device: torch.device | str | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
+    x_T: torch.Tensor | None = None,
+    start_index: int | None = None,
+    state_hook: StateHook | None = None,
 ) -> torch.Tensor:
     """Run the sampler that `sampling` names with its options: the one dispatch from settings to sampler functions.
 
     Guidance options (guidance, guidance_rescale, guidance_interval) live in the denoiser (`make_denoiser`);
-    eta is DDIM's only; spacing is DPM-Solver++'s only."""
+    eta is DDIM's only; spacing is DPM-Solver++'s only. `x_T`, `start_index`, `state_hook`: see the module's
+    docstring."""
     common = dict(generator=generator, device=device, clip_x0=sampling.clip_x0,
-                  dynamic_threshold=sampling.dynamic_threshold, callback=callback, progress=progress)
+                  dynamic_threshold=sampling.dynamic_threshold, callback=callback, progress=progress, x_T=x_T,
+                  start_index=start_index, state_hook=state_hook)
     steps = sampling.steps_for(len(schedule))
     if sampling.sampler == "ddpm":
         return ddpm_sample(denoiser, schedule, shape, **common)

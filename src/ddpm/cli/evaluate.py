@@ -128,7 +128,7 @@ def _guides(args: argparse.Namespace, model, schedule, device) -> list[tuple[obj
 
 
 def _eval_one(args: argparse.Namespace) -> tuple[int, dict | None]:
-    from ..evaluation import eval_record, format_table, prepare_evaluator, sweep
+    from ..evaluation import eval_record, prepare_evaluator, sweep
 
     model_path = Path(args.model)
     weights = weights_folder(args)  # once: a rebuilt average is planned (and a poor one warned about) here
@@ -167,12 +167,21 @@ def _eval_one(args: argparse.Namespace) -> tuple[int, dict | None]:
             record = sweep(model, schedule, evaluator, rows, eval_dir, n=args.n, seed=args.seed,
                            batch_size=args.batch_size, record=record, progress=progress, guide=guide,
                            guide_id=None if guide is None else name or record["guide"]["sha1"][:8])
-        floor = record["floor"]
     except KeyboardInterrupt:
         print("ddpm eval: interrupted; samples and features written so far are kept: "
               "run the same command again to continue", file=sys.stderr)
         return 130, None
-    print(f"ddpm eval {model_path} (step {config.get('step', '?')}): {args.n} samples per row, "
+    _report(args, config, device, evaluator, record, eval_dir)
+    return 0, record
+
+
+
+def _report(args: argparse.Namespace, config: dict, device, evaluator, record: dict, eval_dir: Path) -> None:
+    """The printed summary: what was compared with what, the table, where the files are."""
+    from ..evaluation import format_table
+
+    floor = record["floor"]
+    print(f"ddpm eval {args.model} (step {config.get('step', '?')}): {args.n} samples per row, "
           f"seed {args.seed}, on {device}")
     print(f"  reference: {record['reference']}")
     print(f"  floor:     {evaluator.real.notes['floor']}")
@@ -190,5 +199,3 @@ def _eval_one(args: argparse.Namespace) -> tuple[int, dict | None]:
     files = record.get("files") or {}
     print(f"results: {eval_dir / 'eval.json'}" + "".join(f", {path}" for path in files.values() if path)
           + f"  ({record['seconds']:.0f}s)")
-    return 0, record
-
