@@ -153,6 +153,49 @@ def resize_center_crop(image: torch.Tensor, image_size: int) -> torch.Tensor:
     return TF.center_crop(image, [image_size, image_size]).contiguous()
 
 
+# ------------------------------------------------------------------------------------------ images to edit
+
+MASK_THRESHOLD = 128  # a mask pixel at least this white (after the resize) is regenerated
+
+
+def _read_decoded(path: Path, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the file decoded as training decodes it, the same file as RGB); DataError (one line) if unreadable."""
+    try:
+        data = Path(path).read_bytes()
+        return decode_image(data, channels), decode_image(data, 3)
+    except UNREADABLE as error:
+        why = (str(error).splitlines() or [type(error).__name__])[0]
+        raise DataError(f"{path} cannot be read as an image ({why}); give a PNG or JPEG") from None
+
+
+def read_image_to_edit(path: Path, channels: int, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image to edit, read exactly as training reads its data (`decode_image`, then `resize_center_crop`):
+    uint8 [C, image_size, image_size] and the file's (height, width). A colour image for a greyscale model, or a
+    greyscale one for a colour model, is refused in one line (training would convert it silently; an edit that
+    changed an input's colours is not what was asked for)."""
+    pixels, rgb = _read_decoded(path, channels)
+    grey = bool((rgb[0] == rgb[1]).all() and (rgb[1] == rgb[2]).all())
+    if channels == 1 and not grey:
+        raise DataError(f"{path} is a colour image but the model draws 1-channel (greyscale) images; convert it to "
+                        "greyscale first")
+    if channels == 3 and grey:
+        raise DataError(f"{path} is a greyscale image but the model draws 3-channel (RGB) images; give a colour "
+                        "image")
+    return resize_center_crop(pixels, image_size), tuple(pixels.shape[-2:])
+
+
+def read_mask(path: Path, image_size: int, size: tuple[int, int]) -> tuple[torch.Tensor, bool]:
+    """A mask (white = regenerate) for an image of `size` (height, width): bool [1, image_size, image_size],
+    resized and cropped exactly as the image, then at least MASK_THRESHOLD grey counts as white; and whether the
+    file had grey values (between black and white) to report. A mask of another size than its image is refused."""
+    mask, _ = _read_decoded(path, 1)
+    if tuple(mask.shape[-2:]) != tuple(size):
+        raise DataError(f"mask {path} is {mask.shape[-1]}x{mask.shape[-2]} but its image is {size[1]}x{size[0]}; "
+                        "give a mask of the image's size")
+    grey = bool(((mask > 0) & (mask < 255)).any())
+    return resize_center_crop(mask, image_size) >= MASK_THRESHOLD, grey
+
+
 # ------------------------------------------------------------------------------------------ bad files
 
 def _append_line(log_path: Path, line: str) -> None:

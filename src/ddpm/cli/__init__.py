@@ -1,4 +1,4 @@
-"""`ddpm train | sample | eval | prepare | serve | export`: parse flags into config objects and call the library.
+"""`ddpm train | sample | edit | eval | prepare | serve | export`: parse flags into config objects and call the library.
 
 One module a command (its parser beside its function), `common` for what they share. Only this package prints
 tables and maps errors to exit codes: a `DdpmError` (bad input, unusable file) is one line on stderr and exit 2;
@@ -12,8 +12,9 @@ import sys
 import warnings
 
 from ..errors import DdpmError, DdpmWarning
-from . import evaluate, export, prepare, sample, train
+from . import edit, evaluate, export, prepare, sample, train
 from .common import sampling_configs
+from .edit import add_edit_parser
 from .evaluate import add_eval_parser
 from .export import add_export_parser
 from .prepare import add_prepare_parser
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_sample_parser(sub)
+    add_edit_parser(sub)
     add_eval_parser(sub)
     add_prepare_parser(sub)
     add_export_parser(sub)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     # looked up at each call, so that a test can replace one command's function in its module
-    commands = {"train": train.cmd_train, "sample": sample.cmd_sample, "eval": evaluate.cmd_eval,
+    commands = {"train": train.cmd_train, "sample": sample.cmd_sample, "edit": edit.cmd_edit, "eval": evaluate.cmd_eval,
                 "prepare": prepare.cmd_prepare, "serve": cmd_serve, "export": export.cmd_export}
     try:
         with one_line_warnings(args.command):
