@@ -241,7 +241,8 @@ def _interpolate(args, model, schedule, device) -> int:
     sampling = sampling_configs(args, guided=guide is not None)[0]
     if args.seeds is None:
         # through DDIM's inversion: guidance off unless asked for (a guided inversion does not come back to the image)
-        sampling = replace(sampling, sampler="ddim", eta=0.0, guidance=1.0 if args.guidance is None else sampling.guidance,
+        sampling = replace(sampling, sampler="ddim", eta=0.0,
+                           guidance=1.0 if args.guidance is None else sampling.guidance,
                            guide_weight=1.0 if args.guide_weight is None else sampling.guide_weight,
                            steps=args.sampling_steps or INVERSION_STEPS)
         frames = interpolate_images(model, schedule, ends[:1], ends[1:], args.interpolate, labels=labels,
