@@ -34,17 +34,20 @@ HOLDS = ("one-line error", "accepted")  # the columns that are not failures
 NAMES = {"wrong type": "folder", "negative": "folder", "zero": "folder", "huge": "folder", "NaN": "folder"}
 ALLOWED: dict[tuple[str, str], dict[str, str]] = {
     # any name is a folder name (the empty one is refused)
-    ("train", "--out"): NAMES, ("sample", "--out"): NAMES, ("eval", "--out"): NAMES,
+    ("train", "--out"): NAMES, ("sample", "--out"): NAMES, ("eval", "--out"): NAMES, ("edit", "--out"): NAMES,
     ("prepare", "--out"): NAMES, ("export", "--out"): NAMES,
     **{("train", flag): {"zero": "0 = "} for flag in (
         "--warmup-steps", "--weight-decay", "--grad-clip", "--ema-decay", "--ema-warmup", "--guidance-dropout",
         "--num-workers", "--sample-every", "--guidance", "--val-every", "--guide-fraction", "--max-bad-fraction")},
-    **{(command, "--seed"): {"zero": "from 0", "huge": "to 2^63 - 1"} for command in ("train", "sample", "eval")},
-    ("sample", "--labels"): {"zero": "class labels"},
-    **{(command, flag): {"zero": "0 = "} for command in ("sample", "eval") for flag in (
+    **{(command, "--seed"): {"zero": "from 0", "huge": "to 2^63 - 1"}
+       for command in ("train", "sample", "eval", "edit")},
+    ("sample", "--labels"): {"zero": "class labels"}, ("edit", "--labels"): {"zero": "class labels"},
+    ("edit", "--strength"): {"zero": "0 (the image as it is)"},
+    ("edit", "--seeds"): {"zero": "--seed A", "huge": "--seed A"},  # two equal seeds: a walk that stays put
+    **{(command, flag): {"zero": "0 = "} for command in ("sample", "eval", "edit") for flag in (
         "--guidance", "--guide-weight", "--guidance-rescale")},
-    **{(command, "--eta"): {"zero": "0 deterministic"} for command in ("sample", "eval")},
-    **{(command, "--guidance-interval"): {"zero": "[LO, HI]"} for command in ("sample", "eval")},
+    **{(command, "--eta"): {"zero": "0 deterministic"} for command in ("sample", "eval", "edit")},
+    **{(command, "--guidance-interval"): {"zero": "[LO, HI]"} for command in ("sample", "eval", "edit")},
     ("prepare", "--num-workers"): {"zero": "0 = "}, ("prepare", "--max-bad-fraction"): {"zero": "0 = "},
 }
 
@@ -151,7 +154,22 @@ def column(outcome: str, command: str, flag: str, kind: str, help_text: str) -> 
     return "crash"
 
 
-def base_argv(command: str, run: Path, out: Path) -> list[str]:
+def edit_argv(run: Path, out: Path, flag: str) -> list[str]:
+    """`ddpm edit`'s base for `flag`: image-to-image of the run's image, or for the other modes' flags that mode
+    (the modes exclude each other, so a fuzzed --mask must not meet --strength)."""
+    image, common = str(run.parent / "edit.png"), ["--out", str(out / "edit"), "--sampling-steps", "2", "--quiet"]
+    if flag == "--mask":
+        return ["edit", str(run), image, "--mask", image, "--labels", "0", *common]
+    if flag == "--interpolate":
+        return ["edit", str(run), image, image, "--interpolate", "2", "--labels", "0", *common]
+    if flag == "--seeds":
+        return ["edit", str(run), "--interpolate", "2", "--seeds", "1", "2", "--labels", "0", *common]
+    return ["edit", str(run), image, "--strength", "0.5", "--labels", "0", *common]
+
+
+def base_argv(command: str, run: Path, out: Path, flag: str = "") -> list[str]:
+    if command == "edit":
+        return edit_argv(run, out, flag)
     tiny = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--bottleneck-mult", "2",
             "--batch-size", "8", "--sample-every", "0", "--val-every", "0", "--quiet"]
     return {
@@ -180,10 +198,16 @@ def train_tiny_run(folder: Path) -> Path:
     """The tiny conditional run every sample/eval/serve case reads."""
     from ddpm.cli import main as ddpm_main
 
+    import numpy as np
+    from PIL import Image
+
     run = folder / "run"
     argv = base_argv("train", run, folder)
     argv[argv.index("--out") + 1] = str(run)
     assert ddpm_main(argv) == 0
+    mask = np.zeros((8, 8), np.uint8)
+    mask[4:] = 255  # half white: an image to edit, and a mask that regenerates its lower half
+    Image.fromarray(mask).save(folder / "edit.png")
     return run
 
 
@@ -202,7 +226,7 @@ def fuzz(cases: list[tuple[str, str]] | None, commands: list[str], timeout: floa
             if cases is not None and (command, flag) not in cases:
                 continue
             for kind, value in BAD_VALUES.items():
-                argv = with_value(base_argv(command, run, folder / f"case{tried}"), flag, [value] * nargs)
+                argv = with_value(base_argv(command, run, folder / f"case{tried}", flag), flag, [value] * nargs)
                 outcome, line = run_case(argv, folder, timeout)
                 tried += 1
                 where = column(outcome, command, flag, kind, help_text)
@@ -216,7 +240,7 @@ def fuzz(cases: list[tuple[str, str]] | None, commands: list[str], timeout: floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timeout", type=float, default=20)
-    parser.add_argument("--only", default="train,sample,eval,prepare,serve,export")
+    parser.add_argument("--only", default="train,sample,edit,eval,prepare,serve,export")
     parser.add_argument("--flags", help="only these, as COMMAND:FLAG,COMMAND:FLAG")
     args = parser.parse_args()
     cases = [tuple(pair.split(":", 1)) for pair in args.flags.split(",")] if args.flags else None

@@ -12,7 +12,7 @@ spec.loader.exec_module(flag_fuzz)
 
 # the flags whose holes the review found (serve's base, a hang, a silent accept), and two that load a model
 SUBSET = [("serve", "--host"), ("prepare", "--num-workers"), ("prepare", "--max-bad-fraction"), ("train", "--steps"),
-          ("sample", "--guide"), ("eval", "--inception")]
+          ("sample", "--guide"), ("eval", "--inception"), ("edit", "--mask")]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,17 @@ def test_the_serve_base_works_so_that_the_fuzzed_flag_is_what_fails(fuzzed):
     # serve case ended on that one error whatever flag was fuzzed.
     folder, _ = fuzzed
     argv = flag_fuzz.base_argv("serve", folder / "run", folder / "base")
+    assert flag_fuzz.run_case(argv, folder, timeout=60) == ("exit 0", "")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--strength", "--mask", "--interpolate", "--seeds"])
+def test_each_edit_base_works(fuzzed, flag):
+    # The bug it catches: an edit base that fails by itself (e.g. --mask beside --strength, which exclude each
+    # other), so that every case of that flag ended on the base's error.
+    folder, _ = fuzzed
+    argv = flag_fuzz.base_argv("edit", folder / "run", folder / f"base{flag}", flag)
+    assert flag in argv  # its mode's base, where the fuzzed value replaces a working one
     assert flag_fuzz.run_case(argv, folder, timeout=60) == ("exit 0", "")
 
 
