@@ -479,6 +479,74 @@ def test_busy_port_is_a_one_line_error(model_dir, capsys):
     assert "pass a free --port" in err[-1]
 
 
+# ------------------------------------------------------------------------------------------ the Edit tab
+def editor_value(painted_rows=slice(4, 8), size=8, seed=0) -> dict:
+    """What Gradio's ImageEditor sends: a grey RGBA background and one layer painted (opaque) over `painted_rows`."""
+    grey = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    background = np.dstack([grey, grey, grey, np.full_like(grey, 255)])
+    layer = np.zeros((size, size, 4), np.uint8)
+    layer[painted_rows] = (255, 0, 0, 255)
+    return {"background": background, "layers": [layer], "composite": background}
+
+
+def edit_fields(served, **changes) -> dict:
+    start = {"image": editor_value(), "mode": "inpaint", "class_index": 3, "strength": 0.6, "guidance": 3.0,
+             "guide_weight": serve.guidance_defaults(served.guide is not None).guide_weight, "sampler": "ddim",
+             "steps": 4, "seed": "11"}
+    return start | changes
+
+
+def test_the_edit_tab_edits_as_ddpm_edit_does_and_keeps_the_unpainted_pixels(guided, tmp_path):
+    # Catches: a tab that reads the image or the mask otherwise than `ddpm edit` (the printed command, run on the
+    # tab's files, must write the same PNG), the painted layer ignored or inverted (unpainted pixels must be the
+    # upload's exactly), the class, w or g not reaching the edit.
+    from ddpm.serve.edit_tab import respond_edit
+
+    updates = list(respond_edit(guided, edit_fields(guided), tmp_path / "req", max_steps=50))
+    status, grid = updates[-1]["edit_status"], updates[-1]["edit_result"]
+    assert status.startswith("done: inpainted"), status
+    result = png_pixels((tmp_path / "req" / "result.png").read_bytes())
+    upload = editor_value()["background"][..., 0]
+    assert np.array_equal(result[:4], upload[:4]) and not np.array_equal(result[4:], upload[4:])
+    assert grid.shape[:2] == (8 * 12, 8 * (3 * 10 + 2))  # input | mask | result, enlarged 8x
+    command = shlex.split(status.split("`")[1])
+    assert command[:2] == ["ddpm", "edit"] and "--labels" in command and "--guide-weight" in command
+    out = tmp_path / "cli"
+    assert cli.main([str(out) if arg == "OUT" else arg for arg in command[1:]] + ["--quiet"]) == 0
+    assert np.array_equal(png_pixels((out / "input.png").read_bytes()), result)
+    other = list(respond_edit(guided, edit_fields(guided, class_index=5), tmp_path / "req5", max_steps=50))
+    assert not np.array_equal(png_pixels((tmp_path / "req5" / "result.png").read_bytes()), result)
+    assert other[-1]["edit_status"].startswith("done")
+    i2i = list(respond_edit(guided, edit_fields(guided, mode="image-to-image", strength=0.0), tmp_path / "i2i",
+                            max_steps=50))
+    assert i2i[-1]["edit_status"].startswith("done: redrawn at strength 0")
+    assert np.array_equal(png_pixels((tmp_path / "i2i" / "result.png").read_bytes()), upload)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"image": None}, "no image: upload one"),
+    ({"image": editor_value(painted_rows=slice(0, 0))}, "nothing painted"),
+    ({"mode": "image-to-image", "strength": 1.5}, "strength must be from 0 to 1"),
+    ({"mode": "blur"}, "mode 'blur' is unknown"),
+    ({"seed": "x"}, "is not a whole number"),
+])
+def test_bad_edit_fields_give_a_message(guided, tmp_path, changes, message):
+    from ddpm.serve.edit_tab import respond_edit
+
+    updates = list(respond_edit(guided, edit_fields(guided, **changes), tmp_path / "req", max_steps=50))
+    assert len(updates) == 1 and message in updates[0]["warning"], updates
+
+
+def test_the_api_names_its_parameters(client):
+    # Catches: endpoints whose parameters gradio_client lists as param_0, param_1, ... (a script writer cannot tell
+    # which is which).
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert [p["parameter_name"] for p in api["/generate"]["parameters"]] == list(serve.FIELDS)
+    from ddpm.serve.edit_tab import EDIT_FIELDS
+
+    assert [p["parameter_name"] for p in api["/edit"]["parameters"]] == list(EDIT_FIELDS)
+
+
 # ------------------------------------------------------------------------------------------ in a real browser
 def chromium_missing() -> str | None:
     """Why the browser test cannot run here, with how to fix it; None when CHROMIUM is there."""

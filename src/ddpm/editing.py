@@ -120,6 +120,28 @@ def inpaint(model, schedule: NoiseSchedule, images: torch.Tensor, masks: torch.T
                   callback=callback, progress=progress, x_T=x_T, state_hook=keep_known)
 
 
+def edit_batches(model, schedule: NoiseSchedule, images: torch.Tensor, *, masks: torch.Tensor | None = None,
+                 strength: float | None = None, labels: torch.Tensor | None = None,
+                 sampling: SamplingConfig | None = None, guide=None, seed: int = 0, batch_size: int = 64,
+                 progress: bool = False) -> torch.Tensor:
+    """`inpaint` (with `masks`) or `img2img` (with `strength`) over many images, batch b drawn with
+    `batch_generator(device, seed, b)` as `ddpm sample` draws its batches (so strength 1 draws what it draws);
+    the one path of `ddpm edit` and the page. Returns the results on the CPU."""
+    if (masks is None) == (strength is None):
+        raise DdpmError("give masks (inpainting) or a strength (image-to-image), one of them")
+    device = _device(model)
+    results = []
+    for b, start in enumerate(range(0, len(images), batch_size)):
+        part = slice(start, start + batch_size)
+        options = dict(labels=None if labels is None else labels[part], sampling=sampling, guide=guide,
+                       generator=batch_generator(device, seed, b), progress=progress)
+        if masks is not None:
+            results.append(inpaint(model, schedule, images[part], masks[part], **options).cpu())
+        else:
+            results.append(img2img(model, schedule, images[part], strength, **options).cpu())
+    return torch.cat(results)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # interpolation
 

@@ -178,7 +178,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     labels = _labels(args, model.config.num_classes, len(files))
     guide, guide_path = resolve_guide(args, model, schedule, device)
     sampling = sampling_configs(args, guided=guide is not None)[0]
-    results = _edit_batches(args, model, schedule, images, masks, labels, sampling, guide, device)
+    from ..editing import edit_batches
+
+    results = edit_batches(model, schedule, images, masks=masks, strength=None if masks is not None else args.strength,
+                           labels=labels, sampling=sampling, guide=guide, seed=args.seed, batch_size=args.batch_size,
+                           progress=not args.quiet)
     _write_edits(args, files, images, masks, results, model.config.image_size)
     what = f"inpainted ({int(masks.float().mean() * 100)}% of pixels redrawn)" if masks is not None else \
         f"redrawn at strength {args.strength:g}"
@@ -186,25 +190,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
           + (f", autoguidance g={sampling.guide_weight:g} by {guide_path}" if guide is not None
              and sampling.guide_weight != 1 else "") + f") on {device}: {Path(args.out) / 'grid.png'}")
     return 0
-
-
-def _edit_batches(args, model, schedule, images, masks, labels, sampling, guide, device):
-    """The edit, batch b drawn with `batch_generator(device, seed, b)` as `ddpm sample` draws its batches."""
-    import torch
-
-    from ..editing import img2img, inpaint
-    from ..pipeline import batch_generator
-
-    results = []
-    for b, start in enumerate(range(0, len(images), args.batch_size)):
-        part = slice(start, start + args.batch_size)
-        options = dict(labels=None if labels is None else labels[part], sampling=sampling, guide=guide,
-                       generator=batch_generator(device, args.seed, b), progress=not args.quiet)
-        if masks is not None:
-            results.append(inpaint(model, schedule, images[part], masks[part], **options).cpu())
-        else:
-            results.append(img2img(model, schedule, images[part], args.strength, **options).cpu())
-    return torch.cat(results)
 
 
 def _write_edits(args, files, images, masks, results, image_size: int) -> None:
