@@ -35,7 +35,7 @@ import torch
 from ..config import MAX_TIMESTEPS, SAMPLE_BATCH, SAMPLERS, SamplingConfig
 from ..errors import DdpmError
 from ..files import keeps_process_frame, save_images
-from .edit_tab import edit_tab
+from .edit_tab import build_edit_tab
 from .served import (  # noqa: F401 - re-exported: ddpm.serve is the page's public module
     DEFAULT_HOST,
     DEFAULT_IMAGES,
@@ -368,7 +368,7 @@ def build_app(model_dir: Path | str, device: torch.device | str | None = None, *
             button.click(generate, [controls[name] for name in FIELDS], [outputs[name] for name in OUTPUTS],
                          api_name="generate", concurrency_limit=1)
         with gr.Tab("Edit", elem_id="tab-edit"):
-            edit_tab(gr, served, lambda: workdir / f"request_{next(requests):05d}", limits["max_steps"])
+            build_edit_tab(gr, served, lambda: workdir / f"request_{next(requests):05d}", limits["max_steps"])
     app.queue(default_concurrency_limit=1, max_size=16)
     return app
 

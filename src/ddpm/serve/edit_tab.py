@@ -178,7 +178,7 @@ def respond_edit(served: ServedModel, fields: Mapping[str, Any], folder: Path, *
 
 
 # ---------------------------------------------------------------------------------------------------- the widgets
-def edit_tab(gr, served: ServedModel, new_folder, max_steps: int) -> None:
+def build_edit_tab(gr, served: ServedModel, new_folder, max_steps: int) -> None:
     """The Edit tab's widgets inside the current gr.Blocks, wired to `respond_edit`; `new_folder()` gives each
     request its own folder."""
     d, sampling = guidance_defaults(served.guide is not None), SamplingConfig()
@@ -188,7 +188,7 @@ def edit_tab(gr, served: ServedModel, new_folder, max_steps: int) -> None:
                 "image": gr.ImageEditor(label="Image: upload, then paint what to redraw", type="numpy",
                                         image_mode="RGBA", format="png", transforms=(), sources=("upload",),
                                         layers=False, elem_id="edit-image",
-                                        brush=gr.Brush(default_size=6, colors=["#ff0000"], color_mode="fixed")),
+                                        brush=gr.Brush(colors=["#ff0000"], color_mode="fixed")),
                 "mode": gr.Radio(list(MODES), value=MODES[0], label="Edit",
                                  info="inpaint: redraw the painted region; image-to-image: redraw it all from "
                                       "noise level strength", elem_id="edit-mode"),
