@@ -196,10 +196,10 @@ def with_value(argv: list[str], flag: str, values: list[str]) -> list[str]:
 
 def train_tiny_run(folder: Path) -> Path:
     """The tiny conditional run every sample/eval/serve case reads."""
-    from ddpm.cli import main as ddpm_main
-
     import numpy as np
     from PIL import Image
+
+    from ddpm.cli import main as ddpm_main
 
     run = folder / "run"
     argv = base_argv("train", run, folder)

@@ -19,6 +19,7 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 MODEL_DIR = "model"
 GUIDE_DIR = "guide"  # written once, at RuntimeConfig.guide_fraction of the run; outside checkpoints/, never pruned
+BEST_DIR = "best"  # --keep-best: the best-scoring EMA weights so far (periodic_eval.py); never pruned
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -118,13 +119,27 @@ def from_pretrained(path: Path, device: torch.device | str = "cpu"):
 # -- autoguidance: the run's guide snapshot and loading any guide ---------------------------------------------------
 def find_run_guide(run_dir: Path) -> Path | None:
     """RUN/guide when the run has written its guide snapshot, else None. `run_dir` may also be the run's model/
-    export (what `ddpm sample RUN/model` is given): its run folder is then the parent."""
+    export or its best/ (what `ddpm sample RUN/model` is given): its run folder is then the parent."""
     run_dir = Path(run_dir)
-    for run in (run_dir, run_dir.parent) if run_dir.name == MODEL_DIR else (run_dir,):
+    for run in (run_dir, run_dir.parent) if run_dir.name in (MODEL_DIR, BEST_DIR) else (run_dir,):
         folder = run / GUIDE_DIR
         if (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file():
             return folder
     return None
+
+
+def replace_pretrained(model: torch.nn.Module, folder: Path, diffusion: DiffusionConfig, extra: dict) -> None:
+    """`save_pretrained` into a new folder that then takes `folder`'s place, so that a crash leaves the old model
+    folder or the new one whole, never the new weights beside the old config."""
+    folder = Path(folder)
+    staging, old = folder.with_name(f".{folder.name}.{os.getpid()}.tmp"), folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_pretrained(model, staging, diffusion, extra)
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_guide_snapshot(run_dir: Path, model: torch.nn.Module, diffusion: DiffusionConfig, extra: dict) -> bool:

@@ -205,15 +205,30 @@ class RuntimeConfig:
     # Steps between snapshots of the post-hoc EMA tracks (TrainConfig.ema_lengths), kept for good; None: the run's
     # planned steps / SNAPSHOTS_PER_RUN
     ema_snapshot_every: int | None = None
+    # Quality in the log (periodic_eval.py): every eval_every steps (0: never) rank 0 scores eval_n images drawn
+    # with eval_steps DPM-Solver++ steps as `ddpm eval` would; keep_best (classifier_fd, fid or accuracy) exports
+    # the best-scoring EMA weights to RUN/best/.
+    eval_every: int = 0
+    eval_n: int = 250
+    eval_steps: int = 20
+    keep_best: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1")
+        _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0 = never)")
+        _check(2 <= self.eval_n <= 100_000, f"eval_n={self.eval_n} must be from 2 to 100,000 images")
+        _check(1 <= self.eval_steps <= MAX_TIMESTEPS, f"eval_steps={self.eval_steps} must be from 1 to "
+                                                     f"{MAX_TIMESTEPS:,}")
+        _check(self.keep_best in (None, "classifier_fd", "fid", "accuracy"),
+               f"keep_best={self.keep_best!r} must be classifier_fd, fid or accuracy")
+        _check(self.keep_best is None or self.eval_every > 0,
+               f"keep_best={self.keep_best} needs eval_every > 0 (the evaluation it keeps the best of)")
         _check(self.time_limit is None or 0 < self.time_limit < math.inf,
                f"time_limit={self.time_limit} must be a positive number of seconds")
         _check(self.ema_snapshot_every is None or self.ema_snapshot_every >= 1,
                f"ema_snapshot_every={self.ema_snapshot_every} must be >= 1 (or auto)")
         for name in ("steps", "epochs", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-                     "val_every", "ema_snapshot_every"):
+                     "val_every", "ema_snapshot_every", "eval_every"):
             value = getattr(self, name)
             _check(value is None or value <= MAX_STEPS, f"{name}={value} must be at most {MAX_STEPS:,}")
         _check(self.sample_steps <= MAX_TIMESTEPS,

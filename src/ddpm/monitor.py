@@ -120,6 +120,11 @@ class RankZeroMonitor(Monitor):
         self.capture_reported = False
         self.guide_step = guide_step(config.runtime.guide_fraction, last_step)
         self.snapshot_every = snapshot_every(config.runtime.ema_snapshot_every, last_step)
+        self.quality = None
+        if config.runtime.eval_every:
+            from .periodic_eval import PeriodicEvaluation
+
+            self.quality = PeriodicEvaluation(config, self.run_dir, trainer.info.channels, trainer.device)
 
     def _validation_set(self, trainer):
         from .data import validation_set
@@ -144,6 +149,8 @@ class RankZeroMonitor(Monitor):
         start = time.perf_counter()
         if step == self.guide_step:
             self._save_guide(trainer, step)
+        if self.quality is not None and (step % r.eval_every == 0 or step == self.last_step):
+            self._evaluate(trainer, step)
         if trainer.ema_tracks and (step % self.snapshot_every == 0 or step == self.last_step):
             for track in trainer.ema_tracks:
                 write_snapshot(self.run_dir, track.model, track.sigma_rel, step)
@@ -154,6 +161,30 @@ class RankZeroMonitor(Monitor):
         if self.held_out is not None and (step % r.val_every == 0 or step == self.last_step):
             self._validate(trainer, step)
         self.extra_seconds += time.perf_counter() - start
+
+    def _evaluate(self, trainer, step: int) -> None:
+        """`ddpm eval`'s scores of the EMA weights (autoguided once the run has its guide) into eval/, the real
+        floor into eval_floor/, and with --keep-best the weights to RUN/best when they score best so far."""
+        from .periodic_eval import keep_if_best
+
+        start = time.perf_counter()
+        guide_dir = ckpt.find_run_guide(self.run_dir)
+        guide = None if guide_dir is None else ckpt.load_guide(guide_dir, trainer.ema.model, trainer.device,
+                                                                schedule=trainer.schedule)
+        scores, floor = self.quality.score(trainer.ema.model, trainer.schedule, guide), self.quality.floor()
+        for name, value in scores.items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
+        for name, value in floor.items():
+            self.writer.add_scalar(f"eval_floor/{name}", value, step)
+        self.writer.add_scalar("eval/seconds", time.perf_counter() - start, step)
+        metric = self.config.runtime.keep_best
+        kept = metric is not None and keep_if_best(self.run_dir, metric, scores, step, trainer.ema.model,
+                                                   self.config.diffusion, trainer.info.class_names)
+        if self.show_progress:
+            shown = ", ".join(f"{name} {value:.4g} (real {floor[name]:.4g})" for name, value in scores.items()
+                              if name in floor and name in ("fid", "classifier_fd", "accuracy"))
+            self.bar.write(f"step {step}: eval {shown}" + (f"; best {metric} so far: {self.run_dir / 'best'}"
+                                                           if kept else ""))
 
     def _validate(self, trainer, step: int) -> None:
         from .diffusion import validation_loss

@@ -251,11 +251,11 @@ def resolve_guide(args: argparse.Namespace, model, schedule, device):
 
 def run_folder(model_path: Path) -> Path:
     """Where eval/ goes: the run folder when MODEL is one (or is the model/ folder inside one), else MODEL itself."""
-    from ..checkpoint import CONFIG, LATEST, MODEL_DIR
+    from ..checkpoint import BEST_DIR, CONFIG, LATEST, MODEL_DIR
 
     if (model_path / MODEL_DIR).is_dir():
         return model_path
-    if model_path.name == MODEL_DIR and (
+    if model_path.name in (MODEL_DIR, BEST_DIR) and (
         (model_path.parent / LATEST).exists() or (model_path.parent / CONFIG).is_file()
     ):
         return model_path.parent

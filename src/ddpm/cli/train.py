@@ -45,6 +45,8 @@ TRAIN_FLAGS = {
     "max_bad_fraction": ("runtime", "max_bad_fraction"), "guide_fraction": ("runtime", "guide_fraction"),
     "time_limit": ("runtime", "time_limit"), "ema_lengths": ("train", "ema_lengths"),
     "ema_snapshot_every": ("runtime", "ema_snapshot_every"),
+    "eval_every": ("runtime", "eval_every"), "eval_n": ("runtime", "eval_n"), "eval_steps": ("runtime", "eval_steps"),
+    "keep_best": ("runtime", "keep_best"),
 }
 RESUME_FLAGS = tuple(flag for flag, (section, _) in TRAIN_FLAGS.items() if section == "runtime")
 # `ddpm train`'s exit statuses besides 0 (done) and 2 (bad input): documented in its --help and the README
@@ -148,6 +150,14 @@ def _add_runtime_flags(a) -> None:
     a("--guidance", type=float, help="guidance scale w of the preview grids, 0 = unconditional" + _default("guidance"))
     a("--val-every", type=int, help="held-out validation loss every N steps, 0 = never" + _default("val_every"))
     a("--val-size", type=int, help="held-out images for the validation loss" + _default("val_size"))
+    a("--eval-every", type=int, metavar="N", help="every N steps, score EVAL_N images of the EMA weights as ddpm eval "
+      "does (classifier FD and class accuracy on labelled data, FID on GPUs or unlabelled data) into the log; "
+      "0 = never (the quickstart preset: 250)" + _default("eval_every"))
+    a("--eval-n", type=int, help="images per evaluation (ddpm eval --n)" + _default("eval_n"))
+    a("--eval-steps", type=int, help="DPM-Solver++ steps of those images, sampled with ddpm sample's default "
+      "guidance" + _default("eval_steps"))
+    a("--keep-best", choices=("classifier_fd", "fid", "accuracy"), help="export the EMA weights that score best on "
+      "this metric to RUN/best (a model folder: ddpm sample RUN/best); needs --eval-every")
     a("--guide-fraction", type=float, metavar="F", help="save the EMA weights at this fraction of the planned steps "
       "to RUN/guide, kept for autoguidance (ddpm sample guides with it); 0 = none" + _default("guide_fraction"))
     a("--ema-snapshot-every", type=int, metavar="N", help="steps between post-hoc EMA snapshots, kept for good "
