@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[dev,metrics,ui]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,metrics,ui,wandb,mlflow]'
 	touch $@
 
 # Train the class-conditional MNIST quickstart on the CPU, then draw a 10x8 grid (one row per digit, w=3).

@@ -212,8 +212,13 @@ class RuntimeConfig:
     eval_n: int = 250
     eval_steps: int = 20
     keep_best: str | None = None
+    # Where the log goes (trackers.py): tensorboard, wandb, mlflow, any of them
+    trackers: tuple[str, ...] = ("tensorboard",)
 
     def __post_init__(self) -> None:
+        self.trackers = tuple(self.trackers)
+        _check(len(self.trackers) >= 1 and set(self.trackers) <= {"tensorboard", "wandb", "mlflow"},
+               f"trackers={','.join(self.trackers)} must be among tensorboard, wandb, mlflow")
         _check(self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1")
         _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0 = never)")
         _check(2 <= self.eval_n <= 100_000, f"eval_n={self.eval_n} must be from 2 to 100,000 images")

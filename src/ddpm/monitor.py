@@ -4,7 +4,6 @@ rank checks.
 """
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -100,18 +99,17 @@ class RankZeroMonitor(Monitor):
     cost of monitoring is reported at the end of the run."""
 
     def __init__(self, trainer, run_dir: Path, last_step: int, show_progress: bool = True):
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
+
+        from .trackers import Trackers
 
         super().__init__(run_dir)
         config, step = trainer.config, trainer.step_count
         self.config, self.show_progress, self.last_step = config, show_progress, last_step
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.run_dir / ckpt.CONFIG, config.to_dict())
-        # a resumed run drops what was logged after its checkpoint (a killed run logs past it), not at its step
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1 if step else None)
-        if step == 0:
-            self.writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```")
+        # TensorBoard, wandb and/or MLflow (trackers.py), each told every value the monitor logs
+        self.writer = Trackers(config.runtime.trackers, self.run_dir, config.to_dict(), step)
         self.logger = LossLogger(self.writer, len(trainer.schedule), trainer.device)
         self.held_out = self._validation_set(trainer) if config.runtime.val_every else None
         self.bar = tqdm(total=last_step, initial=step, disable=not show_progress, desc="train", dynamic_ncols=True)

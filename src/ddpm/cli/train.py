@@ -19,6 +19,13 @@ from ..errors import DdpmError
 from ..presets import PRESETS
 from .common import HelpFormatter, duration, ema_lengths_arg, folder_path, int_list, worker_count
 
+
+def tracker_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names or not set(names) <= {"tensorboard", "wandb", "mlflow"}:
+        raise argparse.ArgumentTypeError(f"expected tensorboard, wandb and/or mlflow, comma-separated, got {text!r}")
+    return names
+
 SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
 # flag -> (config section, field); every one defaults to None so that presets and dataclass defaults apply.
@@ -46,7 +53,7 @@ TRAIN_FLAGS = {
     "time_limit": ("runtime", "time_limit"), "ema_lengths": ("train", "ema_lengths"),
     "ema_snapshot_every": ("runtime", "ema_snapshot_every"),
     "eval_every": ("runtime", "eval_every"), "eval_n": ("runtime", "eval_n"), "eval_steps": ("runtime", "eval_steps"),
-    "keep_best": ("runtime", "keep_best"),
+    "keep_best": ("runtime", "keep_best"), "tracker": ("runtime", "trackers"),
 }
 RESUME_FLAGS = tuple(flag for flag, (section, _) in TRAIN_FLAGS.items() if section == "runtime")
 # `ddpm train`'s exit statuses besides 0 (done) and 2 (bad input): documented in its --help and the README
@@ -156,6 +163,9 @@ def _add_runtime_flags(a) -> None:
     a("--eval-n", type=int, help="images per evaluation (ddpm eval --n)" + _default("eval_n"))
     a("--eval-steps", type=int, help="DPM-Solver++ steps of those images, sampled with ddpm sample's default "
       "guidance" + _default("eval_steps"))
+    a("--tracker", type=tracker_list, help="where the log goes, comma-separated: tensorboard, wandb (reads "
+      "WANDB_PROJECT, WANDB_MODE, ...), mlflow (reads MLFLOW_TRACKING_URI; default: its local store); wandb and "
+      "mlflow are extras (pip install 'ddpm-kit[wandb]')" + _default("tracker"))
     a("--keep-best", choices=("classifier_fd", "fid", "accuracy"), help="export the EMA weights that score best on "
       "this metric to RUN/best (a model folder: ddpm sample RUN/best); needs --eval-every")
     a("--guide-fraction", type=float, metavar="F", help="save the EMA weights at this fraction of the planned steps "
