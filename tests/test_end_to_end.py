@@ -28,7 +28,8 @@ FLAG_VALUES = {  # one unusual value per train flag: each must land in its own c
     "device": "cpu", "amp": "none", "compile": True, "num_workers": 2, "log_every": 13, "checkpoint_every": 17,
     "keep_checkpoints": 4, "sample_every": 19, "sample_steps": 23, "guidance": 2.5, "val_every": 29, "val_size": 31,
     "max_bad_fraction": 0.5, "guide_fraction": 0.25, "cuda_graphs": "off", "time_limit": 37.0,
-    "ema_lengths": (0.04, 0.2), "ema_snapshot_every": 41,
+    "ema_lengths": (0.04, 0.2), "ema_snapshot_every": 41, "eval_every": 43, "eval_n": 47, "eval_steps": 3,
+    "keep_best": "accuracy", "tracker": ("tensorboard", "mlflow"),
 }
 
 

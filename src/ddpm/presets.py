@@ -10,7 +10,10 @@ PRESETS: dict[str, dict] = {
         "diffusion": {"prediction": "v"},
         "train": {"data": "mnist", "conditional": True, "batch_size": 64, "lr": 2e-3,
                   "warmup_steps": 100, "ema_decay": 0.995, "ema_warmup": 100, "snr_gamma": 5.0},
-        "runtime": {"steps": 1000, "sample_every": 500, "sample_steps": 25, "checkpoint_every": 250},
+        # quality in the log (--eval-every): 200 images at 10 steps every 250 steps, about 10% of the training time
+        # (benchmarks/RESULTS.md, "Quality in the training log")
+        "runtime": {"steps": 1000, "sample_every": 500, "sample_steps": 25, "checkpoint_every": 250,
+                    "eval_every": 250, "eval_n": 200, "eval_steps": 10},
     },
     # The seed's runs keep the seed's plain eps loss: the quickstart's measurement is on 16x16 digits, too far
     # from 64x64 photos to justify changing their objective.
