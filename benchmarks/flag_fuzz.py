@@ -38,7 +38,8 @@ ALLOWED: dict[tuple[str, str], dict[str, str]] = {
     ("prepare", "--out"): NAMES, ("export", "--out"): NAMES,
     **{("train", flag): {"zero": "0 = "} for flag in (
         "--warmup-steps", "--weight-decay", "--grad-clip", "--ema-decay", "--ema-warmup", "--guidance-dropout",
-        "--num-workers", "--sample-every", "--guidance", "--val-every", "--guide-fraction", "--max-bad-fraction")},
+        "--num-workers", "--sample-every", "--guidance", "--val-every", "--guide-fraction", "--max-bad-fraction",
+        "--eval-every")},
     **{(command, "--seed"): {"zero": "from 0", "huge": "to 2^63 - 1"}
        for command in ("train", "sample", "eval", "edit")},
     ("sample", "--labels"): {"zero": "class labels"}, ("edit", "--labels"): {"zero": "class labels"},
