@@ -60,7 +60,7 @@ def test_inpainting_keeps_the_known_pixels_and_writes_each_grid(tmp_path, model_
     for k in range(3):  # a folder of masks, each with grey edges: thresholded at 128, said in one note
         write_mask(masks / f"img{k}.png", rows=slice(k + 2, None), value=200 if k == 1 else 255)
     assert main(["edit", str(model_dir), str(images), "--mask", str(masks), "--labels", "1", "--out",
-                 str(tmp_path / "out2"), *FAST]) == 0
+                 str(tmp_path / "out2"), "--resample", "2", *FAST]) == 0
     assert "has grey pixels: at least 128" in capsys.readouterr().err
     for k in range(3):
         kept = slice(0, k + 2)
@@ -124,6 +124,8 @@ def test_bad_inputs_get_one_line_and_write_nothing(tmp_path, model_dir, capsys):
         ([str(images), "--strength", "0.5", "--seeds", "1", "2", "--labels", "0"], "goes with --interpolate"),
         (["--strength", "0.5", "--labels", "0"], "give the images to edit"),
         ([str(images), "--strength", "0.5", "--labels", "0", "--batch-size", "0"], "--batch-size"),
+        ([str(images), "--strength", "0.5", "--labels", "0", "--resample", "2"], "goes with --mask"),
+        ([str(images), "--mask", str(mask), "--labels", "0", "--resample", "0"], "--resample must be from 1"),
     ):
         assert main([*base, *argv, "--out", str(out), "--quiet"]) == 2, argv
         err = capsys.readouterr().err.strip()

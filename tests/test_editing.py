@@ -80,6 +80,18 @@ def test_start_index_runs_exactly_the_steps_at_or_below_it(tiny_config, name):
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
+def test_a_sampler_stopped_at_an_index_returns_the_full_runs_state_there(tiny_config, name):
+    # The bug it catches: stop_index running a step too many or too few, or finishing with the final step's x0.
+    model, sch, sampling = unet(tiny_config, 0, num_classes=3), schedule(), SETTINGS[name]
+    seq = sampler_timesteps(sampling, sch)
+    states = []
+    sample(model, sch, labels=LABELS, sampling=sampling, generator=generator(),
+           callback=lambda i, index, x, x0: states.append(x.clone()))
+    stopped = sample(model, sch, labels=LABELS, sampling=sampling, generator=generator(), stop_index=seq[3])
+    assert torch.equal(stopped, states[2])
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
 def test_img2img_keeps_the_image_at_strength_0_and_is_plain_sampling_at_strength_1(tiny_config, name):
     # The bugs it catches: strength 1 noising the image (sqrt(abar_T) x0 is not 0) or drawing its noise in another
     # order than sample() does; strength 0 running a step. Labels, CFG w = 3 and autoguidance g = 2 all on.
@@ -134,6 +146,37 @@ def test_inpainting_keeps_the_known_pixels_exactly_and_draws_them_from_q_on_the_
         z = (x.double() - abar[new_index].sqrt() * 0.8) / (1 - abar[new_index]).sqrt()
         known = z[~masks.expand_as(z)]  # 1,024 pixels: the mean's standard error is 0.03
         assert abs(float(known.mean())) < 0.15 and abs(float(known.std()) - 1) < 0.1, (i, new_index)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp2m"])
+def test_resampled_inpainting_keeps_the_known_pixels_and_runs_each_segment_r_times(tiny_config, name):
+    # The bugs it catches: a resampled run that loses the known pixels, skips or repeats segments (the model calls
+    # must be R times the sampler's steps), or stops short of the final image.
+    model, sch = unet(tiny_config, 0), schedule()
+    sampling = SamplingConfig(**{**SETTINGS[name].__dict__, "guidance": 1.0})
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    x0, masks = images(), torch.zeros(3, 1, 8, 8, dtype=torch.bool)
+    masks[..., 4:] = True
+    out = inpaint(model, sch, x0, masks, sampling=sampling, generator=generator(), resample=3)
+    assert torch.equal(out[~masks.expand_as(out)], x0[~masks.expand_as(x0)])
+    steps = len(sampler_timesteps(sampling, sch))
+    segments = steps - 1  # every step but the last one, to the image, is inside a resampled segment
+    assert len(calls) == 3 * segments + 1
+
+
+def test_a_jump_back_in_time_draws_q_of_the_earlier_state():
+    # Monte-Carlo against the closed form: x_b ~ q(x_b | x_0 = c) jumped back to a > b must be q(x_a | x_0 = c):
+    # mean sqrt(abar_a) c, variance 1 - abar_a. Catches a jump with the wrong ratio or a missing square root.
+    from ddpm.editing import renoise
+
+    sch = schedule(1000)
+    abar = sch.alphas_cumprod.double()
+    a, b, c = 600, 300, 0.7
+    x_b = abar[b].sqrt() * c + (1 - abar[b]).sqrt() * torch.randn(200_000, generator=generator(1), dtype=torch.float64)
+    x_a = renoise(x_b, sch, a, b, generator(2))
+    assert abs(float(x_a.mean()) - float(abar[a].sqrt() * c)) < 0.01
+    assert abs(float(x_a.var()) - float(1 - abar[a])) < 0.01
 
 
 def test_inpainting_hears_labels_and_guidance(tiny_config):

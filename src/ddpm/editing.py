@@ -90,14 +90,30 @@ def img2img(model, schedule: NoiseSchedule, images: torch.Tensor, strength: floa
                   callback=callback, progress=progress, x_T=x_T, start_index=start)
 
 
+RESAMPLE_JUMP = 5  # sampler steps between RePaint's jumps back in time (its j; 10 of its 250 steps there)
+
+
+def renoise(x: torch.Tensor, schedule: NoiseSchedule, to_index: int, from_index: int,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """One jump back in time (RePaint, Lugmayr et al. 2022, eq. 1 over several steps): a draw of
+    q(x_to | x_from) = N(sqrt(abar_to / abar_from) x_from, (1 - abar_to / abar_from) I) for to_index > from_index."""
+    abar = schedule.alphas_cumprod.double()
+    ratio = float(abar[to_index] / abar[from_index])
+    noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+    return math.sqrt(ratio) * x + math.sqrt(1.0 - ratio) * noise
+
+
 @torch.no_grad()
 def inpaint(model, schedule: NoiseSchedule, images: torch.Tensor, masks: torch.Tensor, *, labels=None,
             sampling: SamplingConfig | None = None, generator: torch.Generator | None = None,
             guide: torch.nn.Module | Guide | None = None, callback: StepCallback | None = None,
-            progress: bool = False) -> torch.Tensor:
+            progress: bool = False, resample: int = 1) -> torch.Tensor:
     """Regenerate the pixels where `masks` is True, keep the others: after each step the kept pixels are
     q(x_t | x_0 = image) at the new state's timestep (a fresh draw from `generator`), and the result's kept
-    pixels are the image's exactly."""
+    pixels are the image's exactly. `resample` R > 1 adds RePaint's resampling: every RESAMPLE_JUMP sampler steps
+    the state jumps back to where they started (`renoise`) and runs them again, R times in all (R times the model
+    calls), so the model's region can agree with the kept one."""
+    sampling = sampling or SamplingConfig()
     device = _device(model)
     images = images.to(device)
     masks = masks.to(device=device, dtype=torch.bool)
@@ -105,6 +121,8 @@ def inpaint(model, schedule: NoiseSchedule, images: torch.Tensor, masks: torch.T
             or masks.shape[1] not in (1, images.shape[1]):
         raise DdpmError(f"masks of shape {tuple(masks.shape)} do not fit images of shape {tuple(images.shape)}: "
                         "give one [N, 1 or C, H, W] mask per image")
+    if not 1 <= resample <= 100:
+        raise DdpmError(f"resample must be from 1 (no resampling) to 100, got {resample}")
     masks = masks.expand_as(images)
 
     def keep_known(x: torch.Tensor, index: int) -> torch.Tensor:
@@ -114,16 +132,26 @@ def inpaint(model, schedule: NoiseSchedule, images: torch.Tensor, masks: torch.T
         noise = torch.randn(x.shape, device=device, generator=generator, dtype=x.dtype)
         return torch.where(masks, x, q_sample(schedule, images, t, noise))
 
-    x_T = keep_known(_start_noise(images.shape, device, generator), len(schedule) - 1)
-    return sample(model, schedule, None if labels is not None else len(images),
-                  labels=_labels(labels, len(images), device), sampling=sampling, generator=generator, guide=guide,
-                  callback=callback, progress=progress, x_T=x_T, state_hook=keep_known)
+    x = keep_known(_start_noise(images.shape, device, generator), len(schedule) - 1)
+    options = dict(labels=_labels(labels, len(images), device), sampling=sampling, generator=generator, guide=guide,
+                   callback=callback, progress=progress, state_hook=keep_known)
+    n = None if labels is not None else len(images)
+    if resample == 1:
+        return sample(model, schedule, n, x_T=x, **options)
+    seq = sampler_timesteps(sampling, schedule)
+    bounds = seq[::RESAMPLE_JUMP] + ([seq[-1]] if (len(seq) - 1) % RESAMPLE_JUMP else [])
+    for start, stop in zip(bounds, bounds[1:]):
+        for repeat in range(resample):
+            if repeat:  # back to the segment's start, the known pixels drawn anew there
+                x = keep_known(renoise(x, schedule, start, stop, generator), start)
+            x = sample(model, schedule, n, x_T=x, start_index=start, stop_index=stop, **options)
+    return sample(model, schedule, n, x_T=x, start_index=bounds[-1], **options)
 
 
 def edit_batches(model, schedule: NoiseSchedule, images: torch.Tensor, *, masks: torch.Tensor | None = None,
                  strength: float | None = None, labels: torch.Tensor | None = None,
                  sampling: SamplingConfig | None = None, guide=None, seed: int = 0, batch_size: int = 64,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, resample: int = 1) -> torch.Tensor:
     """`inpaint` (with `masks`) or `img2img` (with `strength`) over many images, batch b drawn with
     `batch_generator(device, seed, b)` as `ddpm sample` draws its batches (so strength 1 draws what it draws);
     the one path of `ddpm edit` and the page. Returns the results on the CPU."""
@@ -136,7 +164,7 @@ def edit_batches(model, schedule: NoiseSchedule, images: torch.Tensor, *, masks:
         options = dict(labels=None if labels is None else labels[part], sampling=sampling, guide=guide,
                        generator=batch_generator(device, seed, b), progress=progress)
         if masks is not None:
-            results.append(inpaint(model, schedule, images[part], masks[part], **options).cpu())
+            results.append(inpaint(model, schedule, images[part], masks[part], resample=resample, **options).cpu())
         else:
             results.append(img2img(model, schedule, images[part], strength, **options).cpu())
     return torch.cat(results)

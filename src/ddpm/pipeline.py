@@ -57,6 +57,7 @@ def sample(
     guide: torch.nn.Module | Guide | None = None,
     x_T: torch.Tensor | None = None,
     start_index: int | None = None,
+    stop_index: int | None = None,
     state_hook: StateHook | None = None,
     **options,
 ) -> torch.Tensor:
@@ -66,8 +67,8 @@ def sample(
     come from `sampling` and/or keyword options of `SamplingConfig` (sampler="dpmpp2m", steps=20, guidance=3, ...).
     The network's output is read as `schedule.prediction` says (eps or v). `guide` (a `checkpoint.load_guide`
     result, or a module predicting what the model predicts) turns on autoguidance when `guide_weight` != 1.
-    `x_T`, `start_index`, `state_hook`: start from a given state at a given timestep index, and a hook on each new
-    state (`samplers`' docstring; `editing.py` uses them).
+    `x_T`, `start_index`, `stop_index`, `state_hook`: start from a given state at a given timestep index, stop at
+    another, and a hook on each new state (`samplers`' docstring; `editing.py` uses them).
     """
     sampling = replace(sampling or SamplingConfig(), **options)
     device = next(model.parameters()).device
@@ -85,7 +86,8 @@ def sample(
     with eval_mode(*networks):
         denoiser = make_denoiser(model, labels, sampling, schedule=schedule, batched=batched_guidance, guide=guide)
         return run_sampler(denoiser, schedule, shape, sampling, generator=generator, device=device, callback=callback,
-                           progress=progress, x_T=x_T, start_index=start_index, state_hook=state_hook)
+                           progress=progress, x_T=x_T, start_index=start_index, stop_index=stop_index,
+                           state_hook=state_hook)
 
 
 def guide_module(guide: torch.nn.Module | Guide, device: torch.device) -> torch.nn.Module:

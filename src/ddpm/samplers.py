@@ -9,11 +9,12 @@ prediction, e.g. to draw the denoising process.
 All three samplers share the x0 processing of `process_x0`: clipping to [-1, 1] and Imagen's dynamic
 thresholding.
 
-Editing (`editing.py`) needs two more things of every sampler, and nothing else: `start_index` starts from a given
-state `x_T` at that timestep index, running only the sampler's steps at or below it (None: at T-1, the whole
-run); `state_hook(x, index)` returns the state to go on with after each step, where `index` is the timestep index
-the new state sits at (-1: the final image). Inpainting puts the known pixels back there; the samplers never learn
-about masks.
+Editing (`editing.py`) needs three more things of every sampler, and nothing else: `start_index` starts from a
+given state `x_T` at that timestep index, running only the sampler's steps at or below it (None: at T-1, the whole
+run); `stop_index` stops at the state of that index of the sampler's sequence and returns it, still noisy (None:
+the final image); `state_hook(x, index)` returns the state to go on with after each step, where `index` is the
+timestep index the new state sits at (-1: the final image). Inpainting puts the known pixels back there; the
+samplers never learn about masks.
 """
 from __future__ import annotations
 
@@ -32,13 +33,19 @@ StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 StateHook = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def _from(seq: list[int], start_index: int | None) -> list[int]:
-    """The steps of a decreasing index sequence at or below `start_index` (all of them for None)."""
-    if start_index is None:
-        return seq
-    if not 0 <= start_index <= seq[0]:
-        raise DdpmError(f"start_index must be in 0..{seq[0]}, got {start_index}")
-    return [index for index in seq if index <= start_index]
+def _steps(seq: list[int], start_index: int | None, stop_index: int | None) -> list[tuple[int, int]]:
+    """(index, the next state's index; -1: the final image) of each step of a decreasing index sequence that runs
+    from `start_index` (None: the first) to `stop_index` (None: the final image)."""
+    pairs = list(zip(seq, seq[1:] + [-1]))
+    if start_index is not None:
+        if not 0 <= start_index <= seq[0]:
+            raise DdpmError(f"start_index must be in 0..{seq[0]}, got {start_index}")
+        pairs = [(index, nxt) for index, nxt in pairs if index <= start_index]
+    if stop_index is not None:
+        if stop_index not in seq[1:] or (start_index is not None and stop_index >= start_index):
+            raise DdpmError(f"stop_index {stop_index} must be an index of the sampler's sequence below its start")
+        pairs = [(index, nxt) for index, nxt in pairs if nxt >= stop_index]
+    return pairs
 
 
 def _initial_noise(shape, device, generator, x_T):
@@ -104,6 +111,7 @@ def ddpm_sample(
     dynamic_threshold: float | None = None,
     x_T: torch.Tensor | None = None,
     start_index: int | None = None,
+    stop_index: int | None = None,
     state_hook: StateHook | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -129,8 +137,8 @@ def ddpm_sample(
         torch.log(schedule.betas) if variance == "beta" else schedule.posterior_log_variance_clipped
     )
     processing = _processes_x0(clip_x0, dynamic_threshold)
-    indices = _with_progress(_from(list(range(len(schedule) - 1, -1, -1)), start_index), "ddpm", progress)
-    for i, index in enumerate(indices):
+    pairs = _steps(list(range(len(schedule) - 1, -1, -1)), start_index, stop_index)
+    for i, (index, _) in enumerate(_with_progress(pairs, "ddpm", progress)):
         t = torch.full((n,), index, device=device, dtype=torch.long)
         eps = denoiser(x, t)
         x0 = predict_x0(schedule, x, t, eps)
@@ -179,6 +187,7 @@ def ddim_sample(
     dynamic_threshold: float | None = None,
     x_T: torch.Tensor | None = None,
     start_index: int | None = None,
+    stop_index: int | None = None,
     state_hook: StateHook | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -195,12 +204,11 @@ def ddim_sample(
     device = torch.device(device) if device is not None else schedule.betas.device
     x = _initial_noise(shape, device, generator, x_T)
     n = x.shape[0]
-    seq = _from(ddim_timesteps(len(schedule), steps), start_index)
+    pairs = _steps(ddim_timesteps(len(schedule), steps), start_index, stop_index)
     abar = schedule.alphas_cumprod
     one = abar.new_ones(())
     processing = _processes_x0(clip_x0, dynamic_threshold)
-    pairs = _with_progress(list(zip(seq, seq[1:] + [-1])), "ddim", progress)
-    for i, (index, prev) in enumerate(pairs):
+    for i, (index, prev) in enumerate(_with_progress(pairs, "ddim", progress)):
         t = torch.full((n,), index, device=device, dtype=torch.long)
         eps = denoiser(x, t)
         x0 = predict_x0(schedule, x, t, eps)
@@ -331,6 +339,7 @@ def dpmpp_2m_sample(
     device: torch.device | str | None = None,
     x_T: torch.Tensor | None = None,
     start_index: int | None = None,
+    stop_index: int | None = None,
     state_hook: StateHook | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -351,28 +360,27 @@ def dpmpp_2m_sample(
     only rounds a sum of two or three terms.
     """
     device = torch.device(device) if device is not None else schedule.betas.device
-    seq = _from(dpmpp_2m_timesteps(schedule, steps, spacing), start_index)
+    pairs = _steps(dpmpp_2m_timesteps(schedule, steps, spacing), start_index, stop_index)
     abar = _alphas_cumprod_float64(schedule)
     alpha, sigma = abar.sqrt().tolist(), (1.0 - abar).sqrt().tolist()
     lam = log_snr(schedule).tolist()
     x = _initial_noise(shape, device, generator, x_T)
     n = x.shape[0]
     x0_prev = h_prev = None
-    for i, index in enumerate(_with_progress(seq, "dpm++2m", progress)):
+    for i, (index, nxt) in enumerate(_with_progress(pairs, "dpm++2m", progress)):
         t = torch.full((n,), index, device=device, dtype=torch.long)
         eps = denoiser(x, t)
         x0 = (x - sigma[index] * eps) / alpha[index]  # eq. 4 inverted
         x0 = process_x0(x0, clip_x0, dynamic_threshold)
-        if i == len(seq) - 1:
+        if nxt < 0:
             x = x0  # the first-order step to sigma = 0
         else:
-            nxt = seq[i + 1]
             h = lam[nxt] - lam[index]
             d = x0 if x0_prev is None else _second_order_x0(x0, x0_prev, h, h_prev)
             x = (sigma[nxt] / sigma[index]) * x - (alpha[nxt] * math.expm1(-h)) * d
             x0_prev, h_prev = x0, h
         if state_hook is not None:
-            x = state_hook(x, -1 if i == len(seq) - 1 else seq[i + 1])
+            x = state_hook(x, nxt)
         if callback is not None:
             callback(i, index, x, x0)
     return x
@@ -404,16 +412,17 @@ def run_sampler(
     progress: bool = False,
     x_T: torch.Tensor | None = None,
     start_index: int | None = None,
+    stop_index: int | None = None,
     state_hook: StateHook | None = None,
 ) -> torch.Tensor:
     """Run the sampler that `sampling` names with its options: the one dispatch from settings to sampler functions.
 
     Guidance options (guidance, guidance_rescale, guidance_interval) live in the denoiser (`make_denoiser`);
-    eta is DDIM's only; spacing is DPM-Solver++'s only. `x_T`, `start_index`, `state_hook`: see the module's
-    docstring."""
+    eta is DDIM's only; spacing is DPM-Solver++'s only. `x_T`, `start_index`, `stop_index`, `state_hook`: see the
+    module's docstring."""
     common = dict(generator=generator, device=device, clip_x0=sampling.clip_x0,
                   dynamic_threshold=sampling.dynamic_threshold, callback=callback, progress=progress, x_T=x_T,
-                  start_index=start_index, state_hook=state_hook)
+                  start_index=start_index, stop_index=stop_index, state_hook=state_hook)
     steps = sampling.steps_for(len(schedule))
     if sampling.sampler == "ddpm":
         return ddpm_sample(denoiser, schedule, shape, **common)

@@ -47,6 +47,8 @@ def add_edit_parser(sub) -> None:
                       "0 (the image as it is) to 1 (plain sampling, the image ignored)")
     mode.add_argument("--interpolate", type=int, metavar="N", help="N frames from the first image to the second "
                       "(or between --seeds A B), ends included")
+    a("--resample", type=int, default=1, metavar="R", help="with --mask: RePaint's resampling, every 5 sampler "
+      "steps jump back and run them again, R times in all (R times the model calls); 1 = off")
     a("--seeds", type=seed, nargs=2, metavar=("A", "B"), help="with --interpolate: walk between the images that "
       "`ddpm sample --seed A` and `--seed B` draw first, instead of between two images")
     a("--labels", type=int_list, help="class labels (conditional models): one for all images, or one per image in "
@@ -152,6 +154,10 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.interpolate is not None and not 2 <= args.interpolate <= MAX_FRAMES:
         raise DdpmError(f"--interpolate needs 2 to {MAX_FRAMES} frames (the two ends included), got "
                         f"{args.interpolate}")
+    if args.resample != 1 and args.mask is None:
+        raise DdpmError("--resample R goes with --mask (it resamples inpainting)")
+    if not 1 <= args.resample <= 100:
+        raise DdpmError(f"--resample must be from 1 (off) to 100, got {args.resample}")
     if args.seeds is not None and args.interpolate is None:
         raise DdpmError("--seeds A B goes with --interpolate N (a walk between two seeds' images)")
     if args.seeds is not None and args.images:
@@ -182,7 +188,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     results = edit_batches(model, schedule, images, masks=masks, strength=None if masks is not None else args.strength,
                            labels=labels, sampling=sampling, guide=guide, seed=args.seed, batch_size=args.batch_size,
-                           progress=not args.quiet)
+                           progress=not args.quiet, resample=args.resample)
     _write_edits(args, files, images, masks, results, model.config.image_size)
     what = f"inpainted ({int(masks.float().mean() * 100)}% of pixels redrawn)" if masks is not None else \
         f"redrawn at strength {args.strength:g}"
