@@ -8,6 +8,7 @@
 - DDIM inversion: the round trip's RMS error (in [-1, 1] units) against the number of steps.
 
     python benchmarks/edit_quality.py [RUN] [--n 500] [--seed 0]
+    python benchmarks/edit_quality.py [RUN] --resample 5 --steps 20    # inpainting with RePaint's resampling only
 
 Sampling otherwise as `ddpm sample` / `ddpm edit` do by default (the run's guide, its measured weights).
 """
@@ -32,9 +33,10 @@ from ddpm.pipeline import sample_all
 
 
 def scored(evaluator, images: torch.Tensor, labels: torch.Tensor, floor: dict) -> dict:
-    score = evaluator.score(to_uint8(images), labels, cache_label=None)
+    pixels = to_uint8(images)
+    score = evaluator.score(pixels, labels, cache_label=None)
     return {"accuracy": score["accuracy"], "classifier_fd": score["classifier_fd"],
-            "fd_x_floor": score["classifier_fd"] / floor["classifier_fd"], "saturated": saturated_fraction(images)}
+            "fd_x_floor": score["classifier_fd"] / floor["classifier_fd"], "saturated": saturated_fraction(pixels)}
 
 
 def kept_class(evaluator, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -49,7 +51,9 @@ def main() -> None:
     parser.add_argument("run", nargs="?", default="runs/quickstart")
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results/edit_quality.json")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/edit_quality[_resampleR].json")
+    parser.add_argument("--resample", type=int, default=1, help="> 1: only inpainting, resampled R times")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
     args = parser.parse_args()
     torch.set_num_threads(2)
     run = Path(args.run)
@@ -66,15 +70,24 @@ def main() -> None:
     masks = torch.zeros(len(real), 1, *real.shape[-2:], dtype=torch.bool)
     masks[..., real.shape[-2] // 2:, :] = True  # the lower half is redrawn
     common = dict(guide=guide, seed=args.seed, batch_size=100)
-    for steps in (10, 20, 50):
+    out = Path(args.out or f"benchmarks/results/edit_quality{'' if args.resample == 1 else f'_resample{args.resample}'}"
+                             ".json")
+    for steps in args.steps:
         sampling = replace(base, steps=steps)
         start = time.perf_counter()
-        done = edit_batches(model, schedule, real, masks=masks, labels=labels, sampling=sampling, **common)
+        done = edit_batches(model, schedule, real, masks=masks, labels=labels, sampling=sampling,
+                            resample=args.resample, **common)
         results["inpaint"][steps] = {**scored(evaluator, done, labels, floor), "seconds": time.perf_counter() - start}
+        if args.resample > 1:
+            print(f"steps {steps}, resample {args.resample}: {results['inpaint'][steps]}", flush=True)
+            continue
         drawn = sample_all(model, schedule, labels=labels, sampling=sampling, seed=args.seed, batch_size=100,
                            guide=guide)
         results["scratch"][steps] = scored(evaluator, drawn, labels, floor)
         print(f"steps {steps}: inpaint {results['inpaint'][steps]}, scratch {results['scratch'][steps]}", flush=True)
+    if args.resample > 1:
+        atomic_write_json(out, results)
+        return
     unlabelled = SamplingConfig(guidance=0.0, guidance_interval=None)  # the unconditional branch, no guide
     for strength in (0.3, 0.5, 0.7):
         with_labels = edit_batches(model, schedule, real, strength=strength, labels=labels, sampling=base, **common)
@@ -89,7 +102,7 @@ def main() -> None:
         rms = math.sqrt(float((back - real[:100]).pow(2).mean()))
         results["inversion"][steps] = rms
         print(f"inversion {steps} steps: round-trip RMS {rms:.4f}", flush=True)
-    atomic_write_json(Path(args.out), results)
+    atomic_write_json(out, results)
     print(json.dumps(results, indent=1))
 
 
