@@ -73,6 +73,7 @@ def tracked(tmp_path_factory):
     patch.setenv("WANDB_SILENT", "true")
     patch.setenv("WANDB_PROJECT", "ddpm-test")
     patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+    patch.chdir(folder)  # a sqlite store keeps its artifacts (the preview grids) in ./mlruns
     run = folder / "run"
     assert main(["train", "mnist", "--conditional", "--out", str(run), *TINY_TRAIN_ARGS, *TRAIN]) == 0
     first_ids = json.loads((run / "trackers.json").read_text())
