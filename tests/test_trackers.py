@@ -127,3 +127,23 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'ddpm-kit[wandb]'" in err, err
     assert not (run / "tensorboard").exists()  # checked before anything was written
+
+
+@pytest.mark.parametrize("name, env, words", [
+    ("wandb", {"HOME": None}, "wandb login"),  # not logged in, not offline
+    ("mlflow", {"MLFLOW_TRACKING_URI": "nosuch://store"}, "MLFLOW_TRACKING_URI"),
+])
+def test_a_tracker_that_cannot_start_is_one_line_saying_what_to_set(tmp_path, capsys, monkeypatch, name, env, words):
+    # The bug it catches: wandb's or MLflow's own exception (a traceback) when the user has not logged in or gave
+    # a store MLflow does not know, and TensorBoard files written for a run that never started.
+    for variable in ("WANDB_MODE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value if value is not None else str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", "mnist", "--out", str(run), "--steps", "1", "--tracker", f"tensorboard,{name}",
+                 *TINY_TRAIN_ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--tracker {name} could not start" in err and words in err, err
+    assert not (run / "tensorboard").exists()

@@ -120,6 +120,22 @@ class MlflowTracker:
         self.client.set_terminated(self.id)
 
 
+FIXES = {"wandb": "log in with `wandb login`, or set WANDB_MODE=offline to keep the run on this machine",
+         "mlflow": "check MLFLOW_TRACKING_URI (unset: MLflow's local store)"}
+
+
+def _started(name: str, run_dir: Path, config: dict, run_id: str | None):
+    """The wandb or MLflow backend, or a one-line DdpmError saying why it could not start (no login, a server that
+    does not answer, a run id the store does not know)."""
+    try:
+        return (WandbTracker if name == "wandb" else MlflowTracker)(run_dir, config, run_id)
+    except DdpmError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of a tracker's start is the user's set-up, said in one line
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DdpmError(f"--tracker {name} could not start ({type(error).__name__}: {why}); {FIXES[name]}") from None
+
+
 class Trackers:
     """Every backend asked for, behind the part of SummaryWriter's interface the monitor uses (add_scalar,
     add_image, close), so the monitor writes each value once."""
@@ -135,13 +151,13 @@ class Trackers:
         ids_path = run_dir / IDS_FILE
         ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
         self.backends = []
-        for name in names:
-            if name == "tensorboard":
-                self.backends.append(TensorBoardTracker(run_dir, config, step))
-                continue
-            backend = (WandbTracker if name == "wandb" else MlflowTracker)(run_dir, config, ids.get(name))
-            ids[name] = backend.id
-            self.backends.append(backend)
+        for name in names:  # the remote ones first: one that cannot start stops the run before TensorBoard writes
+            if name != "tensorboard":
+                backend = _started(name, run_dir, config, ids.get(name))
+                ids[name] = backend.id
+                self.backends.append(backend)
+        if "tensorboard" in names:
+            self.backends.insert(0, TensorBoardTracker(run_dir, config, step))
         if set(ids) - {"tensorboard"}:
             atomic_write_json(ids_path, ids)
 
