@@ -159,7 +159,7 @@ def edit_argv(run: Path, out: Path, flag: str) -> list[str]:
     """`ddpm edit`'s base for `flag`: image-to-image of the run's image, or for the other modes' flags that mode
     (the modes exclude each other, so a fuzzed --mask must not meet --strength)."""
     image, common = str(run.parent / "edit.png"), ["--out", str(out / "edit"), "--sampling-steps", "2", "--quiet"]
-    if flag == "--mask":
+    if flag in ("--mask", "--resample"):
         return ["edit", str(run), image, "--mask", image, "--labels", "0", *common]
     if flag == "--interpolate":
         return ["edit", str(run), image, image, "--interpolate", "2", "--labels", "0", *common]
