@@ -141,6 +141,9 @@ def test_a_tracker_that_cannot_start_is_one_line_saying_what_to_set(tmp_path, ca
     for variable, value in env.items():
         monkeypatch.setenv(variable, value if value is not None else str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
+    import wandb
+
+    wandb.teardown()  # an earlier test's offline session would otherwise carry over within this process
     run = tmp_path / "run"
     assert main(["train", "mnist", "--out", str(run), "--steps", "1", "--tracker", f"tensorboard,{name}",
                  *TINY_TRAIN_ARGS]) == 2
