@@ -25,7 +25,7 @@ from ddpm import (
 from ddpm.errors import DdpmError
 from ddpm.samplers import sampler_timesteps
 
-T = 100
+T = 40  # small: the ancestral sampler runs all T steps in several tests
 LABELS = torch.tensor([0, 2, 1])
 SETTINGS = {
     "ddpm": SamplingConfig(sampler="ddpm", guidance=3.0),
@@ -257,9 +257,10 @@ def test_interpolation_ends_are_the_reconstructions_and_the_seeds_images(tiny_co
     sampling = SamplingConfig(sampler="ddim", steps=10, guidance=1.0)
     a, b = images(1, 7), images(1, 8)
     frames = interpolate_images(model, sch, a, b, 5, labels=[0, 2], sampling=sampling)
+    # (1e-4: the frames are decoded in a batch of 5, the reconstructions alone; convolutions round by batch)
     assert frames.shape == (5, 1, 8, 8)
-    torch.testing.assert_close(frames[:1], reconstruct(model, sch, a, labels=[0], sampling=sampling), rtol=0, atol=1e-5)
-    torch.testing.assert_close(frames[4:], reconstruct(model, sch, b, labels=[2], sampling=sampling), rtol=0, atol=1e-5)
+    torch.testing.assert_close(frames[:1], reconstruct(model, sch, a, labels=[0], sampling=sampling), rtol=0, atol=1e-4)
+    torch.testing.assert_close(frames[4:], reconstruct(model, sch, b, labels=[2], sampling=sampling), rtol=0, atol=1e-4)
     assert (frames[1:] - frames[:-1]).abs().amax(dim=(1, 2, 3)).min() > 0
     from ddpm import sample_all
 
@@ -267,7 +268,7 @@ def test_interpolation_ends_are_the_reconstructions_and_the_seeds_images(tiny_co
     seeds = interpolate_seeds(model, sch, 11, 12, 4, labels=[1], sampling=dpm)
     for seed, frame in ((11, seeds[:1]), (12, seeds[3:])):
         drawn = sample_all(model, sch, labels=torch.tensor([1]), sampling=dpm, seed=seed)
-        torch.testing.assert_close(frame, drawn, rtol=0, atol=1e-5)
+        torch.testing.assert_close(frame, drawn, rtol=0, atol=1e-4)
 
 
 def test_edits_refuse_bad_settings_in_one_line(tiny_config):
