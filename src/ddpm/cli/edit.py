@@ -46,7 +46,8 @@ def add_edit_parser(sub) -> None:
     mode.add_argument("--strength", type=float, help="image-to-image: the share of the sampler's steps to redraw, "
                       "0 (the image as it is) to 1 (plain sampling, the image ignored)")
     mode.add_argument("--interpolate", type=int, metavar="N", help="N frames from the first image to the second "
-                      "(or between --seeds A B), ends included")
+                      "(or between --seeds A B), ends included; between images through DDIM's inversion, without "
+                      "guidance and with 50 steps unless --guidance, --guide-weight or --sampling-steps say otherwise")
     a("--resample", type=int, default=1, metavar="R", help="with --mask: RePaint's resampling, every 5 sampler "
       "steps jump back and run them again, R times in all (R times the model calls); 1 = off")
     a("--seeds", type=seed, nargs=2, metavar=("A", "B"), help="with --interpolate: walk between the images that "
