@@ -82,7 +82,7 @@ def img2img(model, schedule: NoiseSchedule, images: torch.Tensor, strength: floa
     noise = _start_noise(images.shape, device, generator)
     if not left:
         return images.clone()
-    full = len(left) == len(sampler_timesteps(sampling, schedule))
+    full = left[0] == len(schedule) - 1  # every sampler starts at T-1: all steps left, start from the noise alone
     start = None if full else left[0]
     x_T = noise if full else q_sample(schedule, images, torch.full((len(images),), start, device=device), noise)
     return sample(model, schedule, None if labels is not None else len(images),

@@ -118,7 +118,7 @@ class RankZeroMonitor(Monitor):
         self.capture_reported = False
         self.guide_step = guide_step(config.runtime.guide_fraction, last_step)
         self.snapshot_every = snapshot_every(config.runtime.ema_snapshot_every, last_step)
-        self.quality = None
+        self.quality = self.quality_guide = None
         if config.runtime.eval_every:
             from .periodic_eval import PeriodicEvaluation
 
@@ -166,10 +166,12 @@ class RankZeroMonitor(Monitor):
         from .periodic_eval import keep_if_best
 
         start = time.perf_counter()
-        guide_dir = ckpt.find_run_guide(self.run_dir)
-        guide = None if guide_dir is None else ckpt.load_guide(guide_dir, trainer.ema.model, trainer.device,
-                                                                schedule=trainer.schedule)
-        scores, floor = self.quality.score(trainer.ema.model, trainer.schedule, guide), self.quality.floor()
+        if self.quality_guide is None:  # RUN/guide is written once and never changes: loaded once it exists
+            guide_dir = ckpt.find_run_guide(self.run_dir)
+            self.quality_guide = None if guide_dir is None else ckpt.load_guide(
+                guide_dir, trainer.ema.model, trainer.device, schedule=trainer.schedule)
+        scores = self.quality.score(trainer.ema.model, trainer.schedule, self.quality_guide)
+        floor = self.quality.floor()
         for name, value in scores.items():
             self.writer.add_scalar(f"eval/{name}", value, step)
         for name, value in floor.items():

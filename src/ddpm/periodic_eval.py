@@ -37,7 +37,7 @@ class PeriodicEvaluation:
 
     def __init__(self, config: RunConfig, run_dir: Path, channels: int, device: torch.device):
         self.config, self.run_dir, self.channels, self.device = config, Path(run_dir), channels, device
-        self._evaluator = None
+        self._evaluator = self._floor = None
 
     def evaluator(self):
         if self._evaluator is None:
@@ -58,7 +58,10 @@ class PeriodicEvaluation:
         return self._evaluator
 
     def floor(self) -> dict:
-        return self.evaluator().floor()
+        """The real floor's scores: the same at every evaluation of a run, so computed once."""
+        if self._floor is None:
+            self._floor = self.evaluator().floor()
+        return self._floor
 
     def score(self, model, schedule, guide=None) -> dict:
         """{metric: value} of K images drawn as `ddpm eval` draws them (balanced labels, seed 0, batches of 64)."""

@@ -62,8 +62,10 @@ from .served import (  # noqa: F401 - re-exported: ddpm.serve is the page's publ
     guidance_defaults,
     import_gradio,
     load_served_model,
+    parse_sampling,
     parse_seed,
     process_array,
+    sampling_flags,
 )
 
 # tiny images shown large, without blur
@@ -138,21 +140,10 @@ def parse_request(served: ServedModel, class_index, guidance, sampler, steps, se
     `guide_weight` and `interval` (lo, hi) left as None take the page's defaults for this model (see
     guidance_defaults); a `threshold` of 0 is off, as the page's slider starts there."""
     count = _whole_number(count, "the number of images", 1, max_images)
-    if sampler not in SAMPLERS:
-        raise DdpmError(f"sampler {sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
-    steps = _whole_number(steps, "steps", 1, min(max_steps, len(served.schedule)))
-    defaults = guidance_defaults(served.guide is not None)
-    labels, w = None, defaults.guidance
-    if served.num_classes:
-        labels = (_class_index(served, class_index),) * count
-        w = _number(guidance, "guidance w", 0.0, MAX_GUIDANCE)
-    g = _guide_weight(served, guide_weight, defaults.guide_weight)
+    label, sampling = parse_sampling(served, class_index, guidance, sampler, steps, guide_weight=guide_weight,
+                                     interval=interval, rescale=rescale, threshold=threshold, max_steps=max_steps)
+    labels = None if label is None else (label,) * count
     seed = parse_seed(seed_text, rng)
-    # the remaining options are checked by SamplingConfig (a ConfigError is a DdpmError naming the field)
-    sampling = SamplingConfig(sampler=sampler, steps=None if sampler == "ddpm" else steps, guidance=w, guide_weight=g,
-                              guidance_interval=_interval(interval, defaults.interval),
-                              guidance_rescale=float(rescale or 0.0),
-                              dynamic_threshold=None if threshold in (None, 0, 0.0) else float(threshold))
     return Request(labels, count, sampling, seed, bool(show_process))
 
 
@@ -167,26 +158,10 @@ def request_from_fields(served: ServedModel, fields: Mapping[str, Any], **limits
 def cli_equivalent(served: ServedModel, request: Request) -> str:
     """The `ddpm sample` command that draws the same images (same device). Every weight is written with all its
     digits (repr) and the guide by its path (or `--guide none`), so no default of `ddpm sample` decides anything."""
-    s = request.sampling
     parts = ["ddpm sample", shlex.quote(str(served.source))]
-    if request.labels is not None:
-        parts += ["--labels", ",".join(str(y) for y in request.labels), "--guidance", repr(s.guidance)]
-    else:
-        parts += ["--n", str(request.count)]
-    if served.guide is not None:
-        parts += ["--guide", shlex.quote(str(served.guide_path)), "--guide-weight", repr(s.guide_weight)]
-    else:
-        parts += ["--guide", NO_GUIDE]
-    parts += ["--sampler", s.sampler]
-    if s.sampler != "ddpm":
-        parts += ["--sampling-steps", str(s.steps)]
-    if request.labels is not None or served.guide is not None:  # the options of either guidance
-        lo, hi = s.guidance_interval if s.guidance_interval is not None else (0.0, 1.0)
-        parts += ["--guidance-interval", repr(lo), repr(hi)]
-        if s.guidance_rescale:
-            parts += ["--guidance-rescale", repr(s.guidance_rescale)]
-    if s.dynamic_threshold is not None:
-        parts += ["--dynamic-threshold", repr(s.dynamic_threshold)]
+    parts += ["--labels", ",".join(str(y) for y in request.labels)] if request.labels is not None else \
+        ["--n", str(request.count)]
+    parts += sampling_flags(served, request.sampling, request.labels is not None)
     parts += ["--seed", str(request.seed), "--device", str(served.device), "--out", "OUT"]
     return " ".join(parts)
 

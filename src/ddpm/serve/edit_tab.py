@@ -23,16 +23,14 @@ from ..files import atomic_write_bytes, png_bytes
 from .served import (
     MAX_GUIDANCE,
     MAX_GUIDE_WEIGHT,
-    NO_GUIDE,
     ServedModel,
-    _class_index,
     _gradio_update,
-    _guide_weight,
     _number,
-    _whole_number,
     grid_array,
     guidance_defaults,
+    parse_sampling,
     parse_seed,
+    sampling_flags,
 )
 
 MODES = ("inpaint", "image-to-image")
@@ -100,19 +98,10 @@ def parse_edit_request(served: ServedModel, fields: Mapping[str, Any], folder: P
     if mode == "inpaint" and not painted.any():
         raise DdpmError("nothing painted: paint over what to redraw (or choose image-to-image)")
     strength = _number(fields["strength"], "strength", 0.0, 1.0) if mode == "image-to-image" else None
-    sampler = fields["sampler"]
-    if sampler not in SAMPLERS:
-        raise DdpmError(f"sampler {sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
-    steps = _whole_number(fields["steps"], "steps", 1, min(max_steps, len(served.schedule)))
-    defaults = guidance_defaults(served.guide is not None)
-    labels, w = None, defaults.guidance
-    if served.num_classes:
-        labels = (_class_index(served, fields["class_index"]),)
-        w = _number(fields["guidance"], "guidance w", 0.0, MAX_GUIDANCE)
-    g = _guide_weight(served, fields["guide_weight"], defaults.guide_weight)
+    label, sampling = parse_sampling(served, fields["class_index"], fields["guidance"], fields["sampler"],
+                                     fields["steps"], guide_weight=fields["guide_weight"], max_steps=max_steps)
+    labels = None if label is None else (label,)
     seed = parse_seed(fields["seed"], rng)
-    sampling = SamplingConfig(sampler=sampler, steps=None if sampler == "ddpm" else steps, guidance=w, guide_weight=g,
-                              guidance_interval=None if defaults.interval == (0.0, 1.0) else defaults.interval)
     folder.mkdir(parents=True, exist_ok=True)
     image_path, mask_path = _write_inputs(rgb, painted if mode == "inpaint" else None, folder)
     c = served.model.config
@@ -126,20 +115,13 @@ def parse_edit_request(served: ServedModel, fields: Mapping[str, Any], folder: P
 
 def edit_cli_equivalent(served: ServedModel, request: EditRequest) -> str:
     """The `ddpm edit` command that writes the same result from the request's files (same device)."""
-    s = request.sampling
     parts = ["ddpm edit", shlex.quote(str(served.source)), shlex.quote(str(request.image_path))]
     parts += ["--mask", shlex.quote(str(request.mask_path))] if request.mask_path else \
         ["--strength", repr(request.strength)]
     if request.labels is not None:
-        parts += ["--labels", str(request.labels[0]), "--guidance", repr(s.guidance)]
-    if served.guide is not None:
-        parts += ["--guide", shlex.quote(str(served.guide_path)), "--guide-weight", repr(s.guide_weight)]
-    else:
-        parts += ["--guide", NO_GUIDE]
-    parts += ["--sampler", s.sampler] + (["--sampling-steps", str(s.steps)] if s.sampler != "ddpm" else [])
-    lo, hi = s.guidance_interval if s.guidance_interval is not None else (0.0, 1.0)
-    parts += ["--guidance-interval", repr(lo), repr(hi), "--seed", str(request.seed), "--device",
-              str(served.device), "--out", "OUT"]
+        parts += ["--labels", str(request.labels[0])]
+    parts += sampling_flags(served, request.sampling, request.labels is not None)
+    parts += ["--seed", str(request.seed), "--device", str(served.device), "--out", "OUT"]
     return " ".join(parts)
 
 

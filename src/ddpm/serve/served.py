@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import random
+import shlex
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import sampling_defaults
+from ..config import SAMPLERS, SamplingConfig, sampling_defaults
 from ..errors import DdpmError
 from ..files import grid_upscale, make_grid, process_strip
 from ..guidance import Guide
@@ -242,3 +243,43 @@ def _gradio_update(gr, outputs: dict, update: dict[str, Any]) -> dict:
         values[outputs["process"]] = gr.update(value=update["process"], visible=update["process"] is not None)
     return values
 
+
+
+def parse_sampling(served: ServedModel, class_index, guidance, sampler, steps, *, guide_weight=None, interval=None,
+                   rescale=0.0, threshold=None, max_steps: int) -> tuple[int | None, SamplingConfig]:
+    """The controls both tabs share -> (the class, None for an unconditional model; the SamplingConfig), or a
+    one-line DdpmError naming the control. `guide_weight` and `interval` (lo, hi) left as None take the page's
+    defaults for this model (see guidance_defaults); a `threshold` of 0 is off, as the slider starts there."""
+    if sampler not in SAMPLERS:
+        raise DdpmError(f"sampler {sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
+    steps = _whole_number(steps, "steps", 1, min(max_steps, len(served.schedule)))
+    defaults = guidance_defaults(served.guide is not None)
+    label, w = None, defaults.guidance
+    if served.num_classes:
+        label = _class_index(served, class_index)
+        w = _number(guidance, "guidance w", 0.0, MAX_GUIDANCE)
+    g = _guide_weight(served, guide_weight, defaults.guide_weight)
+    # the remaining options are checked by SamplingConfig (a ConfigError is a DdpmError naming the field)
+    return label, SamplingConfig(sampler=sampler, steps=None if sampler == "ddpm" else steps, guidance=w,
+                                 guide_weight=g, guidance_interval=_interval(interval, defaults.interval),
+                                 guidance_rescale=float(rescale or 0.0),
+                                 dynamic_threshold=None if threshold in (None, 0, 0.0) else float(threshold))
+
+
+def sampling_flags(served: ServedModel, s: SamplingConfig, labelled: bool) -> list[str]:
+    """The command-line flags (`ddpm sample` and `ddpm edit` share them) that give `s` on this page's model: every
+    weight with all its digits (repr) and the guide by its path (or `--guide none`), so no default decides."""
+    flags = ["--guidance", repr(s.guidance)] if labelled else []
+    if served.guide is not None:
+        flags += ["--guide", shlex.quote(str(served.guide_path)), "--guide-weight", repr(s.guide_weight)]
+    else:
+        flags += ["--guide", NO_GUIDE]
+    flags += ["--sampler", s.sampler] + (["--sampling-steps", str(s.steps)] if s.sampler != "ddpm" else [])
+    if labelled or served.guide is not None:  # the options of either guidance
+        lo, hi = s.guidance_interval if s.guidance_interval is not None else (0.0, 1.0)
+        flags += ["--guidance-interval", repr(lo), repr(hi)]
+        if s.guidance_rescale:
+            flags += ["--guidance-rescale", repr(s.guidance_rescale)]
+    if s.dynamic_threshold is not None:
+        flags += ["--dynamic-threshold", repr(s.dynamic_threshold)]
+    return flags
