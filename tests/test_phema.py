@@ -175,6 +175,7 @@ def test_the_command_line_trains_tracks_samples_exports_and_evaluates_a_rebuilt_
     # run's own EMA despite --ema-length (or eval reusing that EMA's cached samples), an export that differs from
     # what sample draws.
     from ddpm.cli import main
+    from ddpm.config import AUTOGUIDED
     from helpers import TINY_TRAIN_ARGS
 
     run = tmp_path / "run"
@@ -197,7 +198,7 @@ def test_the_command_line_trains_tracks_samples_exports_and_evaluates_a_rebuilt_
     assert main(["sample", str(run), "--out", str(tmp_path / "guided"), "--ema-length", "0.09", "--guide-ema-length",
                  "0.12", "--guide-ema-fraction", "0.5", "--n", "3", "--sampling-steps", "2", "--quiet"]) == 0
     guide = run / "ema_rebuilt" / "sigma0.1200_step00000003"
-    assert f"autoguidance g=2.5 by {guide}" in capsys.readouterr().out and guide.is_dir()
+    assert f"autoguidance g={AUTOGUIDED['guide_weight']:g} by {guide}" in capsys.readouterr().out and guide.is_dir()
     evaluate = ["--n", "4", "--ref-n", "8", "--no-fid", "--sampling-steps", "2", "--guidance", "1",
                 "--classifier-steps", "2", "--guide", "none", "--quiet"]
     assert main(["eval", str(run), "--ema-length", "0.09", *evaluate]) == 0
@@ -285,3 +286,56 @@ def test_serve_serves_a_rebuilt_average_guided_by_the_runs_guide(tmp_path, monke
     args = build_parser().parse_args(["serve", str(run), "--ema-step", "2", "--port", str(free_port())])
     with pytest.raises(Exception, match="needs --ema-length"):
         serve.run_serve(args)
+
+
+def test_a_run_is_drawn_with_its_measured_post_hoc_defaults_and_its_classic_ema_by_name(tmp_path, capsys):
+    # The bugs it catches: `ddpm sample RUN` (or eval, or the page) still drawing the classic EMA of model/ when the
+    # run kept snapshots; the default guide rebuilt at another time or length than config.POSTHOC_DEFAULT says; the
+    # measured guidance defaults (g, interval) not reaching the sampler; RUN/model no longer the classic EMA; a run
+    # whose snapshots cannot rebuild the defaults well drawn from a poor rebuild instead of its classic EMA.
+    import ddpm.serve as serve
+    from ddpm.cli import main
+    from ddpm.config import AUTOGUIDED, POSTHOC_DEFAULT
+    from ddpm.metrics import file_sha1
+    from ddpm.sources import default_guide_length, default_posthoc
+    from helpers import TINY_TRAIN_ARGS
+
+    assert POSTHOC_DEFAULT["guide_ema_fraction"] == 0.5  # the steps below assume the guide at half the run
+    # the guide's length spans ~100 steps: the two measured runs' best guides (RESULTS "Post-hoc EMA"), then clamped
+    assert [default_guide_length(k) for k in (500, 2000, 20, 100_000)] == [0.2, 0.05, 0.2, 0.03]
+    run = tmp_path / "run"
+    assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "40", "--ema-snapshot-every", "1",
+                 "--val-every", "0", "--guide-fraction", "0.5", *TINY_TRAIN_ARGS]) == 0
+    main_folder = run / "ema_rebuilt" / f"sigma{POSTHOC_DEFAULT['ema_length']:.4f}_step00000040"
+    guide_folder = run / "ema_rebuilt" / "sigma0.2000_step00000020"
+    fast = ["--n", "4", "--sampling-steps", "20", "--quiet"]  # the last of 20 steps lies below t = 0.05 T
+
+    def pngs(name, *argv):
+        capsys.readouterr()
+        assert main(["sample", *argv, "--out", str(tmp_path / name), *fast]) == 0
+        return [p.read_bytes() for p in sorted((tmp_path / name).glob("sample_*.png"))], capsys.readouterr().out
+
+    default, said = pngs("default", str(run))
+    assert f"autoguidance g={AUTOGUIDED['guide_weight']:g} by {guide_folder}" in said
+    assert f"post-hoc EMA length {POSTHOC_DEFAULT['ema_length']:g}" in said
+    flags = ["--guidance", "1", "--guide-weight", str(AUTOGUIDED["guide_weight"]), "--guidance-interval",
+             *map(str, AUTOGUIDED["guidance_interval"])]
+    assert pngs("spelled", str(main_folder), "--guide", str(guide_folder), *flags)[0] == default
+    assert pngs("every_step", str(main_folder), "--guide", str(guide_folder), *flags[:5], "0", "1")[0] != default
+    classic, said = pngs("classic", str(run / "model"))
+    assert f"by {run / 'guide'}" in said and "post-hoc" not in said
+    assert classic == pngs("classic_spelled", str(run / "model"), "--guide", str(run / "guide"), *flags)[0]
+    assert classic != default
+
+    served = serve.load_served_model(run, "cpu")
+    assert (served.source, served.guide_path) == (main_folder, guide_folder)
+    assert main(["eval", str(run), "--n", "4", "--ref-n", "8", "--no-fid", "--sampling-steps", "2",
+                 "--classifier-steps", "2", "--guide-weight", "2", "--quiet"]) == 0
+    record = json.loads((run / "eval" / "eval.json").read_text())
+    assert record["model_sha1"] == file_sha1(main_folder / "model.safetensors")
+
+    early = tmp_path / "early"  # two snapshots a track: the defaults cannot be rebuilt well
+    assert main(["train", "mnist", "--conditional", "--out", str(early), "--steps", "2", "--ema-snapshot-every", "1",
+                 "--val-every", "0", "--guide-fraction", "0.5", *TINY_TRAIN_ARGS]) == 0
+    assert default_posthoc(early) is None
+    assert pngs("early", str(early))[0] == pngs("early_classic", str(early / "model"))[0]

@@ -83,37 +83,22 @@ def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True, many: boo
       + ("; several are crossed with the guide's lengths" if many else ""))
 
 
+def sources(args: argparse.Namespace, part: str = "both"):
+    """The weights and guide the flags ask for (sources.resolve_sources): by default, for a run folder with
+    post-hoc EMA snapshots, the measured rebuilt averages; else MODEL and its run's guide/ snapshot."""
+    from ..sources import resolve_sources
+
+    return resolve_sources(
+        Path(args.model), ema_length=getattr(args, "ema_length", None), ema_step=getattr(args, "ema_step", None),
+        guide=getattr(args, "guide", None), guide_ema_length=getattr(args, "guide_ema_length", None),
+        guide_ema_fraction=getattr(args, "guide_ema_fraction", None), raw_weights=not getattr(args, "ema", True),
+        part=part, warn=lambda text: warnings.warn(text, DdpmWarning, stacklevel=2))
+
+
 def weights_folder(args: argparse.Namespace) -> Path:
-    """The model folder to draw from: MODEL itself, or with --ema-length the average rebuilt from the run's
-    snapshots (a model folder inside the run, made once)."""
-    length, step = getattr(args, "ema_length", None), getattr(args, "ema_step", None)
-    if length is None:
-        if step is not None:
-            raise DdpmError("--ema-step needs --ema-length (the average's length)")
-        return Path(args.model)
-    if not getattr(args, "ema", True):
-        raise DdpmError("--no-ema draws the raw weights; it cannot go with --ema-length (a rebuilt average)")
-    from ..snapshots import rebuilt_model_dir
-
-    return rebuilt_model_dir(run_folder(Path(args.model)), length, step,
-                             warn=lambda text: warnings.warn(text, DdpmWarning, stacklevel=2))
-
-
-def rebuilt_guide_folder(args: argparse.Namespace) -> Path | None:
-    """With --guide-ema-length: the guide rebuilt from the run's post-hoc EMA snapshots at --guide-ema-fraction of
-    the run (a model folder, cached like the main model's); else None."""
-    length, fraction = getattr(args, "guide_ema_length", None), getattr(args, "guide_ema_fraction", None)
-    if length is None:
-        if fraction is not None:
-            raise DdpmError("--guide-ema-fraction needs --guide-ema-length (the guide's averaging length)")
-        return None
-    if args.guide is not None:
-        raise DdpmError("--guide PATH and --guide-ema-length both give a guide; keep one")
-    from ..snapshots import rebuilt_model_dir, step_at_fraction
-
-    run = run_folder(Path(args.model))
-    step = step_at_fraction(run, 0.5 if fraction is None else fraction)
-    return rebuilt_model_dir(run, length, step, warn=lambda text: warnings.warn(text, DdpmWarning, stacklevel=2))
+    """The model folder to draw from: MODEL itself, a rebuilt average (--ema-length, or a run's post-hoc default:
+    a model folder inside the run, made once)."""
+    return sources(args, part="weights").weights
 
 
 def seed(text: str) -> int:
@@ -160,7 +145,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> N
       help="guide only where t/(T-1) is in [LO, HI], one model call elsewhere (Kynkaenniemi et al. 2024); 0 1 = every "
       f"step (default {d.guidance_interval[0]:g} {d.guidance_interval[1]:g}; with a guide: "
       + ("every step" if AUTOGUIDED["guidance_interval"] is None
-         else " ".join(map(str, AUTOGUIDED["guidance_interval"])))
+         else " ".join(f"{v:g}" for v in AUTOGUIDED["guidance_interval"]))
       + ")")
     a("--spacing", choices=("trailing", "logsnr"), default=d.spacing,
       help="dpmpp2m timesteps: uniform in t, or uniform in log-SNR")
@@ -223,41 +208,30 @@ def load_model(args: argparse.Namespace, folder: Path | None = None):
 
 
 def resolve_guide(args: argparse.Namespace, model, schedule, device):
-    """(Guide or None, its path as text) from --guide: a path, 'none', or by default the run's own guide/ snapshot.
-    A run folder without one is said in one line on stderr (sampling goes on with classifier-free guidance)."""
+    """(Guide or None, its path as text): --guide (a path or 'none'), --guide-ema-length, or by default the run's
+    post-hoc default guide or its own guide/ snapshot. A run folder without a guide is said in one line on stderr
+    (sampling goes on with classifier-free guidance)."""
     from .. import checkpoint as ckpt
 
-    rebuilt = rebuilt_guide_folder(args)
-    if rebuilt is not None:
-        return ckpt.load_guide(rebuilt, model, device, schedule=schedule), str(rebuilt)
-    if args.guide is not None and args.guide.lower() == "none":
+    found = sources(args, part="guide").guide
+    if found is not None:
+        return ckpt.load_guide(found, model, device, schedule=schedule), str(found)
+    if args.guide is not None:  # --guide none
         return None, None
-    if args.guide is not None:
-        return ckpt.load_guide(Path(args.guide), model, device, schedule=schedule), args.guide
     run = run_folder(Path(args.model))
-    found = ckpt.find_run_guide(Path(args.model))
-    if found is None:
-        if args.guide_weight is not None:
-            raise DdpmError(f"--guide-weight needs a guide, and {run} has no {ckpt.GUIDE_DIR}/ snapshot; "
-                            "give --guide PATH "
-                            "(a model folder, a run folder or a checkpoint .pt)")
-        if (run / ckpt.CHECKPOINT_DIR).is_dir():
-            print(f"note: {run} has no guide snapshot yet (written at --guide-fraction of the planned steps), so no "
-                  "autoguidance: classifier-free guidance only (--guide PATH to give one)", file=sys.stderr)
-        return None, None
-    return ckpt.load_guide(found, model, device, schedule=schedule), str(found)
-
+    if args.guide_weight is not None:
+        raise DdpmError(f"--guide-weight needs a guide, and {run} has no {ckpt.GUIDE_DIR}/ snapshot; "
+                        "give --guide PATH "
+                        "(a model folder, a run folder or a checkpoint .pt)")
+    if (run / ckpt.CHECKPOINT_DIR).is_dir():
+        print(f"note: {run} has no guide snapshot yet (written at --guide-fraction of the planned steps), so no "
+              "autoguidance: classifier-free guidance only (--guide PATH to give one)", file=sys.stderr)
+    return None, None
 
 
 def run_folder(model_path: Path) -> Path:
     """Where eval/ goes: the run folder when MODEL is one (or is the model/ folder inside one), else MODEL itself."""
-    from ..checkpoint import BEST_DIR, CONFIG, LATEST, MODEL_DIR
+    from ..sources import run_folder as shared
 
-    if (model_path / MODEL_DIR).is_dir():
-        return model_path
-    if model_path.name in (MODEL_DIR, BEST_DIR) and (
-        (model_path.parent / LATEST).exists() or (model_path.parent / CONFIG).is_file()
-    ):
-        return model_path.parent
-    return model_path
+    return shared(model_path)
 

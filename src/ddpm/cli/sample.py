@@ -94,7 +94,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DdpmError(f"--out {out} is a file; give a folder for the images")
     if not 1 <= args.batch_size <= MAX_SAMPLES:
         raise DdpmError(f"--batch-size must be from 1 to {MAX_SAMPLES:,}, got {args.batch_size}")
-    model, schedule, _, device = load_model(args)
+    model, schedule, config, device = load_model(args)
     labels, n, nrow = _labels_and_rows(args, model.config.num_classes)
     if n < 1:
         raise DdpmError(f"nothing to sample: --n must be >= 1, got {n}")
@@ -122,7 +122,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print(f"{n} images ({sampling.sampler}, {steps_total} steps"
           + (f", classifier-free guidance w={sampling.guidance:g}" if labels is not None else "")
           + (f", autoguidance g={sampling.guide_weight:g} by {guide_path}" if guided else "")
-          + (f", post-hoc EMA length {args.ema_length:g}" if args.ema_length is not None else "")
+          # a rebuilt average (--ema-length, or a run's post-hoc default) names its length in its config
+          + (f", post-hoc EMA length {config['ema_length']:g}" if config.get("ema_length") is not None else "")
           + f") in {elapsed:.1f}s on {device}")
     if args.process and frames:
         _save_process(frames, out, upscale)

@@ -479,19 +479,13 @@ def check_listen_address(host: str, port: int) -> None:
 
 
 def served_source(args: argparse.Namespace) -> tuple[Path, Path | str | None]:
-    """(the model folder to serve, its guide as `load_served_model` takes it). With --ema-length, the average
-    rebuilt from the run's post-hoc EMA snapshots (cached in the run, as `ddpm sample --ema-length` makes it), guided
-    by the run's own guide unless --guide says otherwise; the page's printed command then names that folder."""
-    if args.ema_length is None:
-        if args.ema_step is not None:
-            raise DdpmError("--ema-step needs --ema-length (the average's length)")
-        return Path(args.model), args.guide
-    from ..checkpoint import MODEL_DIR, find_run_guide
-    from ..snapshots import rebuilt_model_dir
+    """(the model folder to serve, its guide as `load_served_model` takes it), resolved as `ddpm sample` resolves
+    them (sources.resolve_sources): a run's post-hoc defaults, --ema-length's rebuilt average, --guide; the page's
+    printed command then names those folders."""
+    from ..sources import resolve_sources
 
-    run = Path(args.model).parent if Path(args.model).name == MODEL_DIR else Path(args.model)
-    guide = args.guide if args.guide is not None else (find_run_guide(run) or NO_GUIDE)
-    return rebuilt_model_dir(run, args.ema_length, args.ema_step), guide
+    found = resolve_sources(Path(args.model), ema_length=args.ema_length, ema_step=args.ema_step, guide=args.guide)
+    return found.weights, found.guide if found.guide is not None else NO_GUIDE
 
 
 def run_serve(args: argparse.Namespace) -> int:
