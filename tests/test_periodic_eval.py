@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ddpm.cli import main
+from ddpm.config import AUTOGUIDED
 from ddpm.periodic_eval import best_so_far, is_better
 from helpers import TINY_TRAIN_ARGS
 
@@ -44,11 +45,13 @@ def test_the_logged_evaluation_is_what_ddpm_eval_reports_on_the_same_weights(run
     # The bugs it catches: the training log scoring other images than `ddpm eval` would (another seed, batching,
     # label order, sampler settings or guide) or with another evaluator (reference, floor, classifier).
     scores = logged(run, "eval/classifier_fd")
-    assert main(["eval", str(run), "--n", "8", "--sampling-steps", "2", "--guidance", "1", "--guide-weight", "2.5",
-                 "--no-fid", "--classifier-steps", str(CLASSIFIER_STEPS), "--quiet"]) == 0
+    g = AUTOGUIDED["guide_weight"]
+    # RUN/model: the classic EMA the training loop evaluates (`ddpm eval RUN` scores the post-hoc default)
+    assert main(["eval", str(run / "model"), "--n", "8", "--sampling-steps", "2", "--guidance", "1",
+                 "--guide-weight", str(g), "--no-fid", "--classifier-steps", str(CLASSIFIER_STEPS), "--quiet"]) == 0
     capsys.readouterr()
     record = json.loads((run / "eval" / "eval.json").read_text())
-    (row,) = [r for r in record["rows"] if r["guide_weight"] == 2.5]
+    (row,) = [r for r in record["rows"] if r["guide_weight"] == g]
     assert scores[9] == pytest.approx(row["classifier_fd"], rel=1e-6)
     assert logged(run, "eval/accuracy")[9] == pytest.approx(row["accuracy"])
     assert logged(run, "eval_floor/classifier_fd")[9] == pytest.approx(record["floor"]["classifier_fd"], rel=1e-6)
@@ -72,7 +75,8 @@ def test_the_best_model_is_the_best_logged_steps_and_samples(run, tmp_path, caps
     assert json.loads((run / "best" / "config.json").read_text())["step"] == best["step"]
     assert main(["sample", str(run / "best"), "--out", str(tmp_path / "s"), "--n", "2", "--sampling-steps", "2",
                  "--quiet"]) == 0
-    assert f"autoguidance g=2.5 by {run / 'guide'}" in capsys.readouterr().out  # the run's guide, as RUN/model has
+    # the run's guide, as RUN/model has
+    assert f"autoguidance g={AUTOGUIDED['guide_weight']:g} by {run / 'guide'}" in capsys.readouterr().out
 
 
 def test_better_means_lower_distances_and_higher_accuracy():

@@ -66,7 +66,7 @@ def test_kill_minus_9_mid_training_leaves_a_loadable_checkpoint_and_resume_is_ex
     """Three kill -9s, each landing while training runs (after a new checkpoint appeared since that start), then
     a resume to the end: the weights, the EMA and its update count equal an uninterrupted run's."""
     run = tmp_path / "run"
-    steps = 60
+    steps = 30
     # the EMA averages from step 3: a rebuilt or reset EMA would differ
     ema = ["--ema-warmup", "2", "--ema-decay", "0.8"]
     first = [sys.executable, "-m", "ddpm", "train", "mnist", "--conditional", "--out", str(run), "--steps", str(steps),
