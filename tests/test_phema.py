@@ -329,6 +329,10 @@ def test_a_run_is_drawn_with_its_measured_post_hoc_defaults_and_its_classic_ema_
 
     served = serve.load_served_model(run, "cpu")
     assert (served.source, served.guide_path) == (main_folder, guide_folder)
+    import ddpm
+
+    found = ddpm.default_sources(run)  # the API's answer
+    assert (found.weights, found.guide, found.posthoc_default) == (main_folder, guide_folder, True)
     assert main(["eval", str(run), "--n", "4", "--ref-n", "8", "--no-fid", "--sampling-steps", "2",
                  "--classifier-steps", "2", "--guide-weight", "2", "--quiet"]) == 0
     record = json.loads((run / "eval" / "eval.json").read_text())
