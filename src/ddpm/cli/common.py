@@ -13,6 +13,7 @@ from ..config import (
     AUTOGUIDED,
     DEFAULT_CFG,
     MAX_SEED,
+    POSTHOC_DEFAULT,
     SAMPLERS,
     SamplingConfig,
     sampling_defaults,
@@ -69,17 +70,20 @@ def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True, many: boo
     a = parser.add_argument
     a("--ema-length", type=float, metavar="S", nargs="+" if many else None, help="post-hoc EMA (Karras et al. "
       "2024): rebuild the weights averaged with this relative length sigma_rel, e.g. 0.05-0.15, from the run's "
-      "snapshots (cached in RUN/ema_rebuilt); default: the run's own EMA (model/)"
+      "snapshots (cached in RUN/ema_rebuilt); default for a run folder with snapshots: "
+      f"{POSTHOC_DEFAULT['ema_length']:g}, measured (RUN/model = the classic EMA)"
       + ("; several lengths are scored one after the other" if many else ""))
     a("--ema-step", type=int, metavar="N", help="with --ema-length: the average as it was at step N (default: "
       "the run's last snapshot)")
     if not guide:
         return
-    a("--guide-ema-length", type=float, metavar="S", nargs="+" if many else None, help="autoguidance by a guide "
-      "rebuilt from the run's post-hoc EMA snapshots, averaged with this length (instead of the run's guide/ "
-      "snapshot)" + ("; several are crossed with every --ema-length" if many else ""))
+    a("--guide-ema-length", type=float, metavar="S", nargs="+" if many else None,
+      help="autoguidance by a guide rebuilt from the run's post-hoc EMA snapshots, averaged with this length "
+      f"(default for a run folder with snapshots: the average over about {POSTHOC_DEFAULT['guide_window']} steps "
+      "at half the run; else the run's guide/ snapshot)"
+      + ("; several are crossed with every --ema-length" if many else ""))
     a("--guide-ema-fraction", type=float, metavar="F", nargs="+" if many else None, help="with --guide-ema-length: "
-      "the guide as the run was at this fraction of its steps (default 0.5)"
+      "the guide as the run was at this fraction of the main model's step (default 0.5)"
       + ("; several are crossed with the guide's lengths" if many else ""))
 
 
@@ -132,7 +136,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> N
     a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024): "
       "guide the model with a weaker version of itself, "
       "a model folder, a run folder (its guide/ snapshot) or a checkpoint .pt (its EMA weights); 'none' = off "
-      "(default: the run's own guide/ when it has one)")
+      "(default: a run's rebuilt half-way average when it keeps post-hoc EMA snapshots, else its guide/ when it "
+      "has one)")
     a("--guide-weight", type=float, nargs=nargs, metavar="G", help="autoguidance weight g: 1 = off, >1 = away from "
       f"the guide, 0 = the guide's prediction alone (default {AUTOGUIDED['guide_weight']:g} when a guide is used)")
     a("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 DDPM-like")

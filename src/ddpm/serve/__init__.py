@@ -441,8 +441,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     a = parser.add_argument
     a("model", help="run folder or model folder (only read, never written)")
     a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024), as `ddpm sample --guide`: a model folder, a "
-      f"run folder (its guide/ snapshot) or a checkpoint .pt; '{NO_GUIDE}' = off (default: the run's own guide/ "
-      "snapshot when it has one)")
+      f"run folder (its guide/ snapshot) or a checkpoint .pt; '{NO_GUIDE}' = off (default: as `ddpm sample`, a "
+      "run's rebuilt half-way average when it keeps post-hoc EMA snapshots, else its guide/ snapshot)")
     a("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only); "
       "0.0.0.0 opens the page to your network")
     a("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
@@ -450,7 +450,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     a("--max-steps", type=int, default=MAX_STEPS,
       help=f"most sampling steps one request may ask for (default {MAX_STEPS})")
     a("--ema-length", type=float, metavar="S", help="serve the average of this post-hoc EMA length (sigma_rel), "
-      "rebuilt from the run's snapshots as `ddpm sample --ema-length` does (default: the run's own EMA)")
+      "rebuilt from the run's snapshots as `ddpm sample --ema-length` does (default: as `ddpm sample`, the "
+      "measured length for a run with snapshots, else its classic EMA)")
     a("--ema-step", type=int, metavar="N", help="with --ema-length: the average as it was at step N")
     return parser
 
