@@ -76,12 +76,14 @@ def run_snapshots(run_dir: Path) -> list[Snapshot]:
     return snapshots
 
 
-def step_at_fraction(run_dir: Path, fraction: float) -> int:
-    """The step at `fraction` of the run's snapshots (of its last snapshot's step), at least the first one's."""
-    snapshots = run_snapshots(run_dir)
+def step_at_fraction(run_dir: Path, fraction: float, of_step: int | None = None,
+                     snapshots: list[Snapshot] | None = None) -> int:
+    """The step at `fraction` of `of_step` (default: the run's last snapshot's step), at least the first snapshot's.
+    `snapshots`: the run's, when the caller has listed them already."""
+    snapshots = snapshots or run_snapshots(run_dir)
     if not 0 < fraction <= 1:
         raise CheckpointError(f"a fraction of the run must be in (0, 1], got {fraction}")
-    return max(snapshots[0].step, round(fraction * snapshots[-1].step))
+    return max(snapshots[0].step, round(fraction * (snapshots[-1].step if of_step is None else of_step)))
 
 
 @dataclass(frozen=True)
@@ -96,10 +98,12 @@ class Rebuild:
     error: float
 
 
-def plan_rebuild(run_dir: Path, sigma_rel: float, step: int | None = None) -> Rebuild:
+def plan_rebuild(run_dir: Path, sigma_rel: float, step: int | None = None,
+                 snapshots: list[Snapshot] | None = None) -> Rebuild:
     """The least-squares combination of the run's snapshots that averages like a power-function EMA of
-    `sigma_rel` at `step` (default: the last snapshot's step). One-line CheckpointError when nothing can."""
-    snapshots = run_snapshots(run_dir)
+    `sigma_rel` at `step` (default: the last snapshot's step). One-line CheckpointError when nothing can.
+    `snapshots`: the run's, when the caller has listed them already (each listing opens every snapshot)."""
+    snapshots = snapshots or run_snapshots(run_dir)
     last = max(s.step for s in snapshots)
     step = last if step is None else step
     if not 1 <= step <= last:
@@ -130,11 +134,11 @@ def rebuild_state_dict(plan: Rebuild) -> dict[str, torch.Tensor]:
 
 
 def rebuilt_model_dir(run_dir: Path, sigma_rel: float, step: int | None = None, out: Path | None = None,
-                      warn=None) -> Path:
+                      warn=None, snapshots: list[Snapshot] | None = None) -> Path:
     """A model folder holding the rebuilt average: `out` when given (an export), else the run's cache
     RUN/ema_rebuilt/sigma<S>_step<N>, reused when it exists. `warn(text)` hears about a poor rebuild."""
     run_dir = Path(run_dir)
-    plan = plan_rebuild(run_dir, sigma_rel, step)
+    plan = plan_rebuild(run_dir, sigma_rel, step, snapshots)
     folder = Path(out) if out is not None else run_dir / REBUILT_DIR / f"sigma{sigma_rel:.4f}_step{plan.step:08d}"
     if plan.error > WELL_REBUILT and warn is not None:
         warn(f"an EMA length of {sigma_rel:g} at step {plan.step} is rebuilt only approximately from the stored "

@@ -16,7 +16,7 @@ from .checkpoint import BEST_DIR, CONFIG, LATEST, MODEL_DIR, find_run_guide
 from .config import POSTHOC_DEFAULT
 from .errors import DdpmError
 
-NO_GUIDE = "none"
+NO_GUIDE = "none"  # --guide none: no autoguidance, whatever the run holds
 
 
 @dataclass(frozen=True)
@@ -45,30 +45,22 @@ def default_guide_length(guide_step: int) -> float:
     return round(min(high, max(low, POSTHOC_DEFAULT["guide_window"] / guide_step)), 4)
 
 
-def default_posthoc(run: Path) -> tuple[float, int, float, int] | None:
+def default_posthoc(run: Path, snapshots: list | None = None) -> tuple[float, int, float, int] | None:
     """(main length, its step, guide length, guide step) when `run` is a run folder whose snapshots rebuild the
     measured default averages well (profile error <= snapshots.WELL_REBUILT at both times), else None: a run
-    without snapshots, or one too early in its training to rebuild them (it is then drawn with its classic EMA)."""
-    from .snapshots import WELL_REBUILT, list_snapshots, plan_rebuild
+    without snapshots, or one too early in its training to rebuild them (it is then drawn with its classic EMA).
+    `snapshots`: the run's, when the caller has listed them already."""
+    from .snapshots import WELL_REBUILT, list_snapshots, plan_rebuild, step_at_fraction
 
-    if not (Path(run) / MODEL_DIR).is_dir() or not list_snapshots(run):
+    snapshots = list_snapshots(run) if snapshots is None else snapshots
+    if not (Path(run) / MODEL_DIR).is_dir() or not snapshots:
         return None
-    main = plan_rebuild(run, POSTHOC_DEFAULT["ema_length"])
-    guide_step = guide_step_at(run, main.step, POSTHOC_DEFAULT["guide_ema_fraction"])
-    guide = plan_rebuild(run, default_guide_length(guide_step), guide_step)
+    main = plan_rebuild(run, POSTHOC_DEFAULT["ema_length"], snapshots=snapshots)
+    guide_step = step_at_fraction(run, POSTHOC_DEFAULT["guide_ema_fraction"], main.step, snapshots)
+    guide = plan_rebuild(run, default_guide_length(guide_step), guide_step, snapshots)
     if max(main.error, guide.error) > WELL_REBUILT:
         return None
     return main.sigma_rel, main.step, guide.sigma_rel, guide.step
-
-
-def guide_step_at(run: Path, main_step: int, fraction: float) -> int:
-    """The guide's step: `fraction` of the main model's step (the run's last snapshot by default), no earlier
-    than the first snapshot."""
-    from .snapshots import run_snapshots
-
-    if not 0 < fraction <= 1:
-        raise DdpmError(f"a fraction of the run must be in (0, 1], got {fraction}")
-    return max(run_snapshots(run)[0].step, round(fraction * main_step))
 
 
 def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_step: int | None = None,
@@ -79,9 +71,9 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
     docstring). `guide`: a path, "none", or None for the default. `raw_weights`: --no-ema (the training weights of
     the latest checkpoint, loaded over MODEL's folder by the caller). `part`: "both", "weights" (guide None, the
     guide's flags unread) or "guide" (weights None: the main average is only planned, for the guide's time, and not
-    warned about again). `warn(text)` hears about a poor rebuild.
-    Contradicting flags are one-line DdpmErrors."""
-    from .snapshots import plan_rebuild, rebuilt_model_dir, run_snapshots
+    warned about again). `warn(text)` hears about a poor rebuild. Guides rebuilt by length sit at a fraction of the
+    main model's step (`--ema-step`, else the run's end). Contradicting flags are one-line DdpmErrors."""
+    from .snapshots import list_snapshots, plan_rebuild, rebuilt_model_dir, step_at_fraction
 
     model = Path(model)
     if ema_length is None and ema_step is not None:
@@ -95,16 +87,16 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
     if guide is not None and guide_ema_length is not None:
         raise DdpmError("--guide PATH and --guide-ema-length both give a guide; keep one")
     run = run_folder(model)
+    snapshots = list_snapshots(run)  # once: each listing opens every snapshot's header
     # the defaults apply to a run folder given as itself: RUN/model asks for the classic EMA by name
-    default = None
-    if model == run and ema_length is None and not raw_weights:
-        default = default_posthoc(run)
+    default = default_posthoc(run, snapshots) if model == run and ema_length is None and not raw_weights else None
     if ema_length is not None:
-        main_step = plan_rebuild(run, ema_length, ema_step).step
-        weights = None if part == "guide" else rebuilt_model_dir(run, ema_length, ema_step, warn=warn)
+        main_step = plan_rebuild(run, ema_length, ema_step, snapshots).step
+        weights = None if part == "guide" else rebuilt_model_dir(run, ema_length, ema_step, warn=warn,
+                                                                 snapshots=snapshots)
     elif default is not None:
         main_step = default[1]
-        weights = None if part == "guide" else rebuilt_model_dir(run, default[0], default[1])
+        weights = None if part == "guide" else rebuilt_model_dir(run, default[0], default[1], snapshots=snapshots)
     else:
         weights, main_step = model, None
 
@@ -112,16 +104,16 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
         guide_path = None
     elif guide_ema_length is not None:
         fraction = 0.5 if guide_ema_fraction is None else guide_ema_fraction
-        step = guide_step_at(run, main_step or run_snapshots(run)[-1].step, fraction)
-        guide_path = rebuilt_model_dir(run, guide_ema_length, step, warn=warn)
+        step = step_at_fraction(run, fraction, main_step, snapshots)
+        guide_path = rebuilt_model_dir(run, guide_ema_length, step, warn=warn, snapshots=snapshots)
     elif guide is not None:
         guide_path = None if guide.strip().lower() == NO_GUIDE else Path(guide)
     elif default is not None:
-        guide_path = rebuilt_model_dir(run, default[2], default[3])
-    elif ema_length is not None and default_posthoc(run) is not None:
+        guide_path = rebuilt_model_dir(run, default[2], default[3], snapshots=snapshots)
+    elif ema_length is not None and default_posthoc(run, snapshots) is not None:
         # an average chosen by length is guided as the defaults are, at the same fraction of its own step
-        step = guide_step_at(run, main_step, POSTHOC_DEFAULT["guide_ema_fraction"])
-        guide_path = rebuilt_model_dir(run, default_guide_length(step), step, warn=warn)
+        step = step_at_fraction(run, POSTHOC_DEFAULT["guide_ema_fraction"], main_step, snapshots)
+        guide_path = rebuilt_model_dir(run, default_guide_length(step), step, warn=warn, snapshots=snapshots)
     else:
         guide_path = find_run_guide(model)
     return Sources(weights, guide_path, default is not None)

@@ -18,6 +18,7 @@ from ..config import SAMPLERS, SamplingConfig, sampling_defaults
 from ..errors import DdpmError
 from ..files import grid_upscale, make_grid, process_strip
 from ..guidance import Guide
+from ..sources import NO_GUIDE  # --guide none: no autoguidance even when the run has a guide snapshot
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only; another address must be asked for with --host
 DEFAULT_PORT = 7860
@@ -28,7 +29,6 @@ MAX_GUIDANCE = 10.0  # classifier-free guidance w
 MAX_GUIDE_WEIGHT = 5.0  # autoguidance g (Karras et al. 2024 use about 1.5 to 3)
 RANDOM_SEED = "random"
 MAX_SEED = 2**32 - 1
-NO_GUIDE = "none"  # --guide none: no autoguidance even when the run has a guide snapshot
 INSTALL_HINT = "pip install -e '.[ui]' (in a clone of ddpm) or pip install 'ddpm[ui]'"
 
 
