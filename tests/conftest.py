@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from helpers import tiny_model_config
+from helpers import kill_live_children, tiny_model_config
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -12,3 +12,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def tiny_config():
     """helpers.tiny_model_config: `tiny_config(num_classes=3)` is the tiny UNet's ModelConfig with that override."""
     return tiny_model_config
+
+
+@pytest.fixture(autouse=True)
+def no_child_outlives_its_test():
+    """A test that failed or timed out never leaves processes behind for the next one (a port, a store, CPU)."""
+    yield
+    kill_live_children()

@@ -1,7 +1,12 @@
 """What several test files share: the tiny model and the fake data folders. Test files import from here, never
 from each other (tests/ is on sys.path through pyproject's [tool.pytest.ini_options] pythonpath)."""
+import os
 import pickle
+import signal
 import socket
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -19,10 +24,20 @@ TINY_TRAIN_ARGS = ["--image-size", "8", "--base-channels", "8", "--channel-mults
 
 
 def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A TCP port of 127.0.0.1 that nothing listens on now, below Linux's ephemeral range (32768-60999): the kernel
+    never hands those out to outgoing connections, so the port stays free until the caller binds it, unless another
+    program binds it by number."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port in 20000-31999")
 
 
 def checkpoint_step(run) -> int:
@@ -117,3 +132,71 @@ def write_with_bad_files(root):
             path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
         else:
             Image.fromarray(np.full((8, 8), value, np.uint8), "L").save(path)
+
+
+# -- child processes that never hang a test -------------------------------------------------------------------------
+LIVE: list["Child"] = []  # killed by conftest's autouse fixture after each test, whatever it left running
+
+
+class Child:
+    """A process whose stdout and stderr go to files (`NAME.out`, `NAME.err` in `folder`: a pipe nobody reads can
+    block it), in its own process group (a timeout kills it with everything it started), and whose log tails
+    every failure message shows."""
+
+    def __init__(self, argv: list[str], folder: Path, name: str, *, env=None, cwd=None, preexec_fn=None):
+        self.name, self.out, self.err = name, Path(folder) / f"{name}.out", Path(folder) / f"{name}.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True,
+                                         preexec_fn=preexec_fn)
+        self.pid = self.proc.pid
+        LIVE.append(self)
+
+    @property
+    def returncode(self):
+        return self.proc.returncode
+
+    def poll(self):
+        return self.proc.poll()
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def tail(self, chars: int = 2500) -> str:
+        return (f"--- {self.name} (pid {self.pid}, exit {self.proc.returncode}) stderr:\n{self.stderr()[-chars:]}\n"
+                f"--- {self.name} stdout:\n{self.stdout()[-chars // 2:]}")
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def wait(self, timeout: float, *others: "Child") -> int:
+        """This process's exit code; past `timeout` seconds it and `others` are killed (process groups) and the
+        test fails with every log tail."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for child in (self, *others):
+                child.kill_group()
+            raise AssertionError(f"{self.name} still running after {timeout:.0f}s (killed)\n"
+                                 + "\n".join(child.tail() for child in (self, *others))) from None
+
+
+def wait_all(children: list[Child], timeout: float) -> list[int]:
+    """Every child's exit code, within one shared deadline; on timeout all are killed and every tail shown."""
+    deadline = time.time() + timeout
+    for child in children:
+        child.wait(max(0.1, deadline - time.time()), *[c for c in children if c is not child])
+    return [child.returncode for child in children]
+
+
+def kill_live_children() -> None:
+    while LIVE:
+        child = LIVE.pop()
+        if child.poll() is None:
+            child.kill_group()

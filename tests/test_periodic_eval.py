@@ -21,13 +21,15 @@ def logged(run_dir, tag: str) -> dict[int, float]:
     return {event.step: event.value for event in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
 
 
+LAST = 10  # the run's length, no multiple of --eval-every: README promises an evaluation at the last step
 CLASSIFIER_STEPS = 30  # the evaluation classifier's (800 by default): cheaper, and the same in the run and ddpm eval
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A tiny conditional run: 3 steps; resumed towards 9 and stopped at step 4 by its time limit (the graceful stop,
-    exit 75); resumed again to 9. Evaluated every 3 steps, the best classifier FD kept."""
+    """A tiny conditional run: 3 steps; resumed towards 10 and stopped at step 4 by its time limit (the graceful
+    stop, exit 75); resumed again to 10, no multiple of 3. Evaluated every 3 steps and at the last, the best
+    classifier FD kept."""
     import ddpm.periodic_eval
 
     patch = pytest.MonkeyPatch()
@@ -35,8 +37,8 @@ def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("quality") / "run"
     assert main(["train", "mnist", "--conditional", "--out", str(folder), "--steps", "3", *EVAL,
                  "--keep-best", "classifier_fd", "--lr", "0.01", *TINY_TRAIN_ARGS]) == 0
-    assert main(["train", "--resume", str(folder), "--steps", "9", "--time-limit", "0.01s", "--quiet"]) == 75
-    assert main(["train", "--resume", str(folder), "--steps", "9", "--time-limit", "1h", "--quiet"]) == 0
+    assert main(["train", "--resume", str(folder), "--steps", str(LAST), "--time-limit", "0.01s", "--quiet"]) == 75
+    assert main(["train", "--resume", str(folder), "--steps", str(LAST), "--time-limit", "1h", "--quiet"]) == 0
     yield folder
     patch.undo()
 
@@ -52,17 +54,18 @@ def test_the_logged_evaluation_is_what_ddpm_eval_reports_on_the_same_weights(run
     capsys.readouterr()
     record = json.loads((run / "eval" / "eval.json").read_text())
     (row,) = [r for r in record["rows"] if r["guide_weight"] == g]
-    assert scores[9] == pytest.approx(row["classifier_fd"], rel=1e-6)
-    assert logged(run, "eval/accuracy")[9] == pytest.approx(row["accuracy"])
-    assert logged(run, "eval_floor/classifier_fd")[9] == pytest.approx(record["floor"]["classifier_fd"], rel=1e-6)
+    assert scores[LAST] == pytest.approx(row["classifier_fd"], rel=1e-6)
+    assert logged(run, "eval/accuracy")[LAST] == pytest.approx(row["accuracy"])
+    assert logged(run, "eval_floor/classifier_fd")[LAST] == pytest.approx(record["floor"]["classifier_fd"], rel=1e-6)
 
 
 def test_a_stopped_and_resumed_run_neither_loses_nor_repeats_an_evaluation(run):
     # The bugs it catches: an evaluation lost at the stop (the first run's last step) or done again at the
     # resumed run's first step, one made at the graceful stop's step (4, no multiple of 3) or lost by it, and the
-    # purge of a resumed run's events dropping the evaluation at its checkpoint.
-    assert sorted(logged(run, "eval/classifier_fd")) == [3, 6, 9]
-    assert sorted(logged(run, "eval/seconds")) == [3, 6, 9]
+    # purge of a resumed run's events dropping the evaluation at its checkpoint, and (issue 33) no evaluation at
+    # the last step when the run's length is no multiple of --eval-every.
+    assert sorted(logged(run, "eval/classifier_fd")) == [3, 6, 9, LAST]
+    assert sorted(logged(run, "eval/seconds")) == [3, 6, 9, LAST]
 
 
 def test_the_best_model_is_the_best_logged_steps_and_samples(run, tmp_path, capsys):

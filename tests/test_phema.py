@@ -150,8 +150,8 @@ def test_snapshots_survive_pruning_resume_and_a_graceful_stop_bit_for_bit(tracke
     train(run_config(run, 200, keep_checkpoints=1), resume=True, progress=False)
     assert len(list((run / "checkpoints").glob("step_*.pt"))) == 1
     mine, reference = snapshot_bytes(run), snapshot_bytes(tracked)
-    extra = set(mine) - set(reference)  # the shorter first part's own last step (70)
-    assert {name.split("_sigma")[0] for name in extra} == {"step_00000070"}
+    extra = set(mine) - set(reference)  # the shorter first part's own last step (70) and its half-way step (35)
+    assert {name.split("_sigma")[0] for name in extra} == {"step_00000070", "step_00000035"}
     assert all(mine[name] == reference[name] for name in reference)
     assert len(list_snapshots(tracked)) == 3 * 50
 
@@ -181,7 +181,8 @@ def test_the_command_line_trains_tracks_samples_exports_and_evaluates_a_rebuilt_
     run = tmp_path / "run"
     assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "6", "--ema-lengths", "0.06,0.12",
                  "--ema-snapshot-every", "2", "--val-every", "0", *TINY_TRAIN_ARGS]) == 0
-    assert [(s.step, s.sigma_rel) for s in list_snapshots(run)] == [(k, v) for k in (2, 4, 6) for v in (0.06, 0.12)]
+    # every 2 steps, and at half the run (the default guide's step)
+    assert [(s.step, s.sigma_rel) for s in list_snapshots(run)] == [(k, v) for k in (2, 3, 4, 6) for v in (0.06, 0.12)]
     fast = ["--n", "3", "--sampling-steps", "2", "--quiet", "--guide", "none"]
     assert main(["sample", str(run), "--out", str(tmp_path / "own"), *fast]) == 0
     assert main(["sample", str(run), "--out", str(tmp_path / "rebuilt"), "--ema-length", "0.09", *fast]) == 0
@@ -343,3 +344,80 @@ def test_a_run_is_drawn_with_its_measured_post_hoc_defaults_and_its_classic_ema_
                  "--val-every", "0", "--guide-fraction", "0.5", *TINY_TRAIN_ARGS]) == 0
     assert default_posthoc(early) is None
     assert pngs("early", str(early))[0] == pngs("early_classic", str(early / "model"))[0]
+
+
+def fake_run(folder, snapshot_steps, lengths=(0.05, 0.10)):
+    """A run folder with a tiny model/ and track snapshots at `snapshot_steps` (the weights do not matter to a
+    rebuild plan, only the headers; the rebuilt folders still load)."""
+    from ddpm import DiffusionConfig
+    from ddpm.checkpoint import save_pretrained
+    from ddpm.snapshots import write_snapshot
+    from ddpm.unet import UNet
+
+    model = UNet(tiny_model_config())
+    save_pretrained(model, folder / "model", DiffusionConfig(timesteps=20), {"step": max(snapshot_steps)})
+    for step in snapshot_steps:
+        for sigma in lengths:
+            write_snapshot(folder, model, sigma, step)
+    return folder
+
+
+@pytest.mark.parametrize("last_step", [1500, 1234])
+def test_runs_whose_half_way_step_is_off_the_snapshot_grid_still_draw_the_post_hoc_default(tmp_path, last_step):
+    # The bug it catches (issue 36): the default guide rebuilt at exactly half the run, between two snapshots (750 of
+    # a 1,500-step run snapshotted every 37 steps: profile error 0.35), so `ddpm sample RUN` fell back to the
+    # classic EMA without a word. Both ways out are checked: the snapshots the monitor now writes (one at the rule's
+    # step), and a run written before that (snapshots every N only), whose guide snaps to the nearest snapshot.
+    import ddpm
+    from ddpm.config import POSTHOC_DEFAULT
+    from ddpm.snapshots import snapshot_due, snapshot_every
+    from ddpm.sources import default_posthoc
+
+    every = snapshot_every(None, last_step)
+    assert last_step // 2 % every  # the half-way step is off the every-N grid (else the test proves nothing)
+    written = [s for s in range(1, last_step + 1)
+               if snapshot_due(s, last_step, every, POSTHOC_DEFAULT["guide_ema_fraction"])]
+    older = [s for s in range(1, last_step + 1) if s % every == 0 or s == last_step]
+    for name, steps in (("monitor", written), ("older", older)):
+        run = fake_run(tmp_path / name, steps)
+        default = default_posthoc(run)
+        assert default is not None, name
+        nearest = min(steps, key=lambda s: (abs(s - last_step / 2), s))
+        assert default[1] == last_step and default[3] == nearest
+        found = ddpm.default_sources(run)
+        assert found.posthoc_default and found.guide == run / "ema_rebuilt" / f"sigma{default[2]:.4f}_step{nearest:08d}"
+    assert round(last_step / 2) in written
+
+
+def test_a_run_too_short_to_rebuild_its_default_says_what_it_draws_instead(tmp_path, recwarn):
+    # The bug it catches: a run whose snapshots cannot rebuild the post-hoc default drawn with its classic EMA
+    # without a word (a user never learns the default was lost).
+    from ddpm.cli import main
+
+    run = fake_run(tmp_path / "run", [1, 2])
+    assert main(["sample", str(run), "--n", "2", "--sampling-steps", "2", "--out", str(tmp_path / "out"),
+                 "--device", "cpu", "--quiet"]) == 0
+    lines = [str(w.message) for w in recwarn if "post-hoc EMA default" in str(w.message)]
+    assert len(lines) == 1 and "\n" not in lines[0] and "cannot be rebuilt" in lines[0], lines
+    assert f"draws {run / 'model'} (the classic EMA)" in lines[0]
+
+
+def test_a_run_shorter_than_its_ema_warm_up_does_not_export_its_raw_weights_as_the_ema(tmp_path):
+    # The bug it catches (issue 36): the seed's EMA warm-up (2,000 steps) longer than the run, so model/ (and the
+    # half-way guide) held the raw weights. The warm-up is now at most a tenth of the run, and is kept on resume.
+    from ddpm.checkpoint import from_pretrained
+    from ddpm.ema import sized_warmup
+
+    assert [sized_warmup(2000, n) for n in (30, 1500, 1000, 50_000, None)] == [3, 150, 100, 2000, 2000]
+    assert TrainConfig().ema_warmup == 2000
+    import dataclasses
+
+    run = tmp_path / "run"
+    config = run_config(run, 30)
+    train(dataclasses.replace(config, train=dataclasses.replace(config.train, ema_warmup=2000)), progress=False)
+    state = load_training_state(latest_checkpoint(run))
+    assert state["ema"]["warmup_steps"] == 3
+    ema, _, _ = from_pretrained(run / "model", "cpu")
+    raw = state["model"]
+    assert any(not torch.equal(value, raw[name]) for name, value in ema.state_dict().items()
+               if value.is_floating_point())

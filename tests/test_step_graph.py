@@ -247,3 +247,55 @@ def test_a_checkpoint_from_before_graphs_keeps_the_capturable_optimizer_and_its_
     assert group["lr"] is rate and group["capturable"] and group["fused"]
     resumed.step(*next(iter(batches())))
     assert rate.item() == pytest.approx(resumed.lr_value)
+
+
+def losses_by_hand(model: torch.nn.Module, inputs: dict, null_class: int) -> torch.Tensor:
+    """Each sample's eps-MSE of one step (Ho et al. 2020, eq. 14) from the step's own draws and the weights before
+    it, written out here in float64 from the linear schedule's definition (not through diffusion.py)."""
+    import numpy as np
+
+    abar = torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))[inputs["t"]].view(-1, 1, 1, 1)
+    noise = inputs["noise"].double()
+    x_t = abar.sqrt() * inputs["x0"].double() + (1 - abar).sqrt() * noise
+    labels = torch.where(inputs["drop"], null_class, inputs["labels"])
+    with torch.no_grad():
+        eps = model(x_t.float(), inputs["t"], labels).double()
+    return ((eps - noise) ** 2).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_the_logged_loss_is_the_mean_of_each_windows_losses_computed_by_hand(tmp_path, monkeypatch, graphed):
+    # The bug it catches (issue 33, a planted bug two runs through the same logger agreed on): train/loss logged as
+    # 0, or as anything but the mean of the window's per-sample losses, on eager steps and on replayed ones. The
+    # losses are recomputed by hand from each step's inputs and the weights before the step.
+    import copy
+    import functools
+
+    import ddpm.training as training
+    from ddpm.step_graph import StepRunner as RealRunner
+
+    by_hand = []
+    real_step = training.Trainer.step
+
+    def step(self, x0, labels):
+        before = copy.deepcopy(self.model)
+        stats = real_step(self, x0, labels)
+        assert not self.hflip  # digits are not flipped, so the hand computation needs no flips
+        by_hand.append(losses_by_hand(before, self.static.buffers, self.model.null_class))
+        return stats
+
+    monkeypatch.setattr(training.Trainer, "step", step)
+    capture = TracedCapture()
+    if graphed:
+        monkeypatch.setattr(training, "graphs_decision", lambda *args, **kwargs: (True, None))
+        monkeypatch.setattr(training, "StepRunner", functools.partial(RealRunner, capture=capture))
+    recipe = TrainConfig(data="mnist", conditional=True, batch_size=8, lr=1e-3, ema_warmup=2)
+    runtime = RuntimeConfig(out_dir=str(tmp_path / "run"), steps=9, device="cpu", sample_every=0, val_every=0,
+                            log_every=4, num_workers=0, guide_fraction=0.0, ema_snapshot_every=100)
+    training.train(RunConfig(model=tiny_model_config(), train=recipe, runtime=runtime), progress=False)
+    assert capture.replays == ([9 - WARMUP_STEPS - 1] if graphed else [])
+    logged = logged_losses(tmp_path / "run")
+    windows = {4: by_hand[0:4], 8: by_hand[4:8], 9: by_hand[8:9]}
+    assert sorted(logged) == sorted(windows)
+    for at, losses in windows.items():
+        assert logged[at] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5), at

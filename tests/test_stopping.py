@@ -2,7 +2,6 @@
 message, and a restarted job (torchrun --max-restarts, two launchers as two nodes) continues to the same bits."""
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from ddpm.checkpoint import latest_checkpoint, load_training_state
 from ddpm.cli import main
 from ddpm.distributed import TIME_LIMIT, StopRequest, parse_duration, stop_code
 from ddpm.training import train
-from helpers import TINY_TRAIN_ARGS, checkpoint_step, free_port
+from helpers import TINY_TRAIN_ARGS, Child, checkpoint_step, free_port, wait_all
 
 # torchrun's workers, one thread each (bits depend on the thread count: compare runs of the same launch only)
 TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -61,17 +60,16 @@ def start_and_signal(argv, run, signals, *, group=False, after_bytes=2000):
     group with `group`, as a terminal's Ctrl-C does, reaching the loader workers too). Returns the finished process
     and its stderr."""
     # the child starts with SIGINT at its default, whatever this shell gave us (a background job ignores SIGINT)
-    proc = subprocess.Popen([sys.executable, "-m", "ddpm", *argv], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, start_new_session=group,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    child = Child([sys.executable, "-m", "ddpm", *argv], run.parent, "train",
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
-    while logged_steps(run) < after_bytes and proc.poll() is None and time.time() < deadline:
+    while logged_steps(run) < after_bytes and child.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before the signal"
+    assert child.poll() is None, "the run ended before the signal\n" + child.tail()
     for number in signals:
-        os.killpg(proc.pid, number) if group else proc.send_signal(number)
-    _, err = proc.communicate(timeout=120)
-    return proc, err
+        os.killpg(child.pid, number) if group else child.proc.send_signal(number)
+    child.wait(120)
+    return child, child.stderr()
 
 
 # -- the pure parts -------------------------------------------------------------------------------------------------
@@ -236,7 +234,19 @@ def wait_for(condition, job, what):
     deadline = time.time() + 120
     while not condition() and job.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    assert job.poll() is None and condition(), f"the job ended or stalled before {what}"
+    assert job.poll() is None and condition(), f"the job ended or stalled before {what}\n" + job.tail()
+
+
+def two_nodes(folder, argv, *launcher_options, name="node"):
+    """Two torchrun launchers on 127.0.0.1 as two nodes of one worker each. Node 0 hosts the rendezvous store
+    (is_host=1, node 1 is_host=0): left to guess, both launchers match 127.0.0.1 and the first to bind hosts it;
+    when node 1 won and exited first, node 0 lost the store it still waited on (the hang of issue 33)."""
+    port = free_port()
+    return [Child(torchrun("--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank), "--rdzv-backend",
+                           "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"two-nodes-{port}",
+                           "--rdzv-conf", f"is_host={int(rank == 0)}", *launcher_options, argv=argv),
+                  folder, f"{name}{rank}", env=TORCHRUN_ENV)
+            for rank in (0, 1)]
 
 
 @pytest.mark.slow
@@ -250,36 +260,27 @@ def test_torchrun_restarts_continue_the_run_and_two_nodes_give_the_single_node_b
                       "--num-workers", "0", "--resume-if-exists", "--log-every", "10")
 
     # the reference: two launchers as two nodes of one rank each, uninterrupted (the world of the restarted job)
-    port = free_port()
-    launchers = [subprocess.Popen(torchrun("--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
-                                           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                                           "--rdzv-id", "two-nodes", argv=base),
-                                  env=TORCHRUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for rank in (0, 1)]
-    for launcher in launchers:
-        _, err = launcher.communicate(timeout=300)
-        assert launcher.returncode == 0, err[-2000:]
+    launchers = two_nodes(tmp_path, base)
+    assert wait_all(launchers, 300) == [0, 0], "\n".join(launcher.tail() for launcher in launchers)
     nodes = final_state(tmp_path / "nodes")
     assert nodes["step"] == steps
 
     # one job, two restarts: SIGTERM to rank 1 only (a node that saw it first): both ranks stop at one step and
     # rank 0 saves; then, once the restarted run has saved again, kill -9 of a worker
-    run, log = tmp_path / "restarted", tmp_path / "restarted.err"
+    run = tmp_path / "restarted"
     argv = [str(run) if a == str(tmp_path / "nodes") else a for a in base]
-    with open(log, "w") as err:
-        job = subprocess.Popen(torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "2",
-                                        "--monitor-interval", "0.1", argv=argv),
-                               env=TORCHRUN_ENV, stdout=subprocess.DEVNULL, stderr=err)
-        wait_for(lambda: checkpoint_step(run) > 0 and len(children_of(job.pid)) == 2, job, "the first checkpoint")
-        os.kill(children_of(job.pid)[1], signal.SIGTERM)
-        wait_for(lambda: "ddpm train: stopped by SIGTERM at step" in log.read_text(), job, "rank 0's stop line")
-        stopped = int(log.read_text().split("stopped by SIGTERM at step ")[1].split(",")[0])
-        assert checkpoint_step(run) == stopped < steps  # rank 0 stopped where rank 1 did, and saved there
-        wait_for(lambda: checkpoint_step(run) > stopped and len(children_of(job.pid)) == 2, job, "a new checkpoint")
-        os.kill(children_of(job.pid)[0], signal.SIGKILL)
-        job.wait(timeout=300)
-    text = log.read_text()
-    assert job.returncode == 0, text[-3000:]
+    job = Child(torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "2", "--monitor-interval", "0.1",
+                         argv=argv), tmp_path, "restarted", env=TORCHRUN_ENV)
+    wait_for(lambda: checkpoint_step(run) > 0 and len(children_of(job.pid)) == 2, job, "the first checkpoint")
+    os.kill(children_of(job.pid)[1], signal.SIGTERM)
+    wait_for(lambda: "ddpm train: stopped by SIGTERM at step" in job.stderr(), job, "rank 0's stop line")
+    stopped = int(job.stderr().split("stopped by SIGTERM at step ")[1].split(",")[0])
+    assert checkpoint_step(run) == stopped < steps  # rank 0 stopped where rank 1 did, and saved there
+    wait_for(lambda: checkpoint_step(run) > stopped and len(children_of(job.pid)) == 2, job, "a new checkpoint")
+    os.kill(children_of(job.pid)[0], signal.SIGKILL)
+    job.wait(300)
+    text = job.stderr()
+    assert job.returncode == 0, job.tail()
     assert "already holds a run" not in text
     # a single node's restarts continue to the bits of an uninterrupted run on two nodes: so the restarts lose
     # nothing and the two nodes compute what one does (a bug in either would have to be the same bug to pass)
@@ -304,12 +305,11 @@ def test_the_slurm_script_stops_requeues_and_its_requeued_run_continues(tmp_path
     # the preset's model at the tiny size; a time limit shorter than a step stands in for SLURM's signal
     tiny = [*TINY_TRAIN_ARGS, "--steps", "3", "--checkpoint-every", "100", "--num-workers", "0", "--device", "cpu",
             "--val-every", "0"]
-    first = subprocess.run(["bash", str(script), *tiny, "--time-limit", "0.001"], env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert first.returncode == 75, first.stderr[-2000:]
+    first = Child(["bash", str(script), *tiny, "--time-limit", "0.001"], tmp_path, "first", env=env)
+    assert first.wait(300) == 75, first.tail()
     assert (tmp_path / "scontrol.txt").read_text() == "requeue 4242\n"
     assert final_state(tmp_path / "run")["step"] == 1
-    again = subprocess.run(["bash", str(script), *tiny], env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
+    again = Child(["bash", str(script), *tiny], tmp_path, "again", env=env)
+    assert again.wait(300) == 0, again.tail()
     assert final_state(tmp_path / "run")["step"] == 3
     assert (tmp_path / "scontrol.txt").read_text() == "requeue 4242\n"  # a finished run is not queued again

@@ -39,6 +39,7 @@ from .data import uint8_to_model_range
 from .errors import DdpmError
 from .metrics import class_accuracy
 from .modes import eval_mode
+from .progress import progress as progress_bar
 
 ARCHITECTURE_VERSION = 2  # part of the cache key: bump it when the network or its training changes
 INTENSITY_QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)  # with the mean and std: 7 statistics per channel
@@ -160,8 +161,6 @@ def train_classifier(
     """Train a `SmallClassifier` on uint8 images [N, C, H, W] with labels 0..K-1: AdamW with cosine decay on
     cross-entropy + `intensity_weight` x the mean squared error of the standardized intensity statistics, over
     geometrically augmented batches. Seeded: the same data gives the same weights on the same device."""
-    from tqdm.auto import tqdm
-
     if len(images) != len(labels) or len(images) < 2:
         raise DdpmError(f"need at least 2 labelled images to train the evaluation classifier, got {len(images)} images "
                         f"and {len(labels)} labels")
@@ -175,7 +174,7 @@ def train_classifier(
     targets = labels.long()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     model.train()
-    for step in tqdm(range(steps), desc="classifier", disable=not progress, dynamic_ncols=True, leave=False):
+    for step in progress_bar(range(steps), desc="classifier", disable=not progress, leave=False):
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         index = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=generator)

@@ -141,7 +141,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size is the global batch they add up to)
     max_nonfinite_steps: int = 5  # a NaN/inf loss skips the step; this many in a row stops the run
     ema_decay: float = 0.995
-    ema_warmup: int = 2000  # the EMA copies the weights for this many steps, then averages
+    ema_warmup: int = 2000  # the EMA copies the weights this many steps (at most a tenth of the run), then averages
     p_uncond: float = 0.1  # per-sample label dropout for classifier-free guidance
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023); None: the plain MSE
     seed: int = 0
@@ -202,6 +202,11 @@ class RuntimeConfig:
     # Seconds this process may train (from the start of `ddpm train`): before the next step and the final checkpoint
     # would pass it, the run saves and stops (exit 75), to be continued; for fixed-length jobs (SLURM --time).
     time_limit: float | None = None
+    # Under torchrun: seconds a process waits for the others in one collective before the job fails. A dead peer
+    # (a killed node) ends the job after at most this long; it must exceed rank 0's longest work between two
+    # steps (a checkpoint, a periodic evaluation), which the other ranks wait through. PyTorch's own default is
+    # 30 minutes for gloo and 10 for NCCL (benchmarks/RESULTS.md "A dead peer").
+    dist_timeout: float = 600.0
     # Steps between snapshots of the post-hoc EMA tracks (TrainConfig.ema_lengths), kept for good; None: the run's
     # planned steps / SNAPSHOTS_PER_RUN
     ema_snapshot_every: int | None = None
@@ -228,6 +233,7 @@ class RuntimeConfig:
                f"keep_best={self.keep_best!r} must be classifier_fd, fid or accuracy")
         _check(self.keep_best is None or self.eval_every > 0,
                f"keep_best={self.keep_best} needs eval_every > 0 (the evaluation it keeps the best of)")
+        _check(0 < self.dist_timeout <= 7 * 86400, f"dist_timeout={self.dist_timeout} must be in (0, 7 days] seconds")
         _check(self.time_limit is None or 0 < self.time_limit < math.inf,
                f"time_limit={self.time_limit} must be a positive number of seconds")
         _check(self.ema_snapshot_every is None or self.ema_snapshot_every >= 1,

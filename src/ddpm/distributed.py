@@ -15,6 +15,7 @@ import re
 import signal
 import threading
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -66,9 +67,9 @@ def distributed_context() -> DistributedContext:
     return DistributedContext(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def setup_device(ctx: DistributedContext, device_name: str | None) -> torch.device:
+def setup_device(ctx: DistributedContext, device_name: str | None, timeout: float = 600.0) -> torch.device:
     """The device of this process; under torchrun also the process group (nccl on GPUs, gloo on CPUs) and a gloo
-    group for host-side agreement."""
+    group for host-side agreement, whose collectives fail after `timeout` seconds (RuntimeConfig.dist_timeout)."""
     if not ctx.enabled:
         return pick_device(device_name)
     use_cuda = torch.cuda.is_available() and device_name in (None, "cuda")
@@ -76,12 +77,13 @@ def setup_device(ctx: DistributedContext, device_name: str | None) -> torch.devi
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        init_process_group("nccl" if device.type == "cuda" else "gloo")
-    ctx.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        init_process_group("nccl" if device.type == "cuda" else "gloo", timedelta(seconds=timeout))
+    ctx.host_group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+                      if dist.get_backend() != "gloo" else None)
     return device
 
 
-def init_process_group(backend: str) -> None:
+def init_process_group(backend: str, timeout: timedelta) -> None:
     """torchrun's process group, with the keys of each restart apart from the last one's.
 
     Why: torchrun (2.11-2.14 at least) keeps one store across `--max-restarts`, and a restarted gloo group read
@@ -90,11 +92,11 @@ def init_process_group(backend: str) -> None:
     (TORCHELASTIC_RESTART_COUNT) gives each attempt its own keys."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None:  # not under torchrun: its env:// variables as they are
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
         return
     store, rank, world_size = next(dist.rendezvous("env://"))
     dist.init_process_group(backend, store=dist.PrefixStore(f"ddpm/attempt_{attempt}", store), rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------- stopping

@@ -9,6 +9,13 @@ from torch import nn
 from .phema import beta, gamma_of
 
 
+def sized_warmup(warmup_steps: int, run_steps: int | None) -> int:
+    """The classic EMA's warm-up for a run planned for `run_steps`: `warmup_steps`, at most a tenth of the run. The
+    seed's 2,000 steps are longer than a short run, whose "EMA" (and half-way guide) would then be its raw weights;
+    the quickstart's 100 of 1,000 is unchanged."""
+    return warmup_steps if run_steps is None else min(warmup_steps, run_steps // 10)
+
+
 class EMA:
     """Keeps `self.model`, a frozen copy whose parameters follow ema = decay * ema + (1 - decay) * param.
 
@@ -62,11 +69,15 @@ class EMA:
         return self._tensors
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
+        # the warm-up is fixed when the run starts (sized_warmup): a run resumed for longer keeps it
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates,
+                "warmup_steps": self.warmup_steps}
 
     def load_state_dict(self, state: dict) -> None:
+        """`state["warmup_steps"]`, when saved, replaces this EMA's (checkpoints from before it keep the caller's)."""
         self.model.load_state_dict(state["model"])
         self.num_updates = int(state["num_updates"])
+        self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))
 
 
 class PowerEMA(EMA):

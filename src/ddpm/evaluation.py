@@ -48,6 +48,7 @@ from .metrics import (
     frechet_distance,
     precision_recall,
 )
+from .progress import progress as progress_bar
 
 SPLIT_SEED = 0  # the fixed order of the real pool; not --seed, so that reference and floor never move
 PR_NEIGHBOURS = 3  # k of precision/recall, as in Kynkaanniemi et al. 2019
@@ -326,8 +327,6 @@ def generate_samples(model, schedule, folder: Path, n: int, sampling: SamplingCo
     writes the same images an uninterrupted one would; a batch whose PNGs all exist and load is not redrawn. The
     same seeds serve every setting (common random numbers: rows differ by their settings, not by their noise).
     """
-    from tqdm.auto import tqdm
-
     from .pipeline import balanced_labels, sample_batches
 
     folder = Path(folder)
@@ -344,8 +343,8 @@ def generate_samples(model, schedule, folder: Path, n: int, sampling: SamplingCo
         return True
 
     generated = 0
-    with tqdm(total=n, desc=f"samples w={sampling.guidance:g}" if labels is not None else "samples",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=n, desc=f"samples w={sampling.guidance:g}" if labels is not None else "samples",
+                      disable=not progress, lines=True) as bar:
         for indices, x in sample_batches(model, schedule, n=n, labels=labels, sampling=sampling, batch_size=batch_size,
                                          seed=seed, skip=already_written, guide=guide):
             pixels = to_uint8(x)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DdpmError
+from .progress import progress as progress_bar
 
 INCEPTION_SIZE = 299
 INCEPTION_DIM = 2048
@@ -103,11 +104,9 @@ class InceptionFeatures:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, progress: bool = False, desc: str = "inception") -> np.ndarray:
         """uint8 images [N, C, H, W] -> float32 features [N, 2048]."""
-        from tqdm.auto import tqdm
-
         out = []
         starts = range(0, len(images), self.batch_size)
-        for start in tqdm(starts, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        for start in progress_bar(starts, desc=desc, disable=not progress, leave=False):
             x = resize_for_inception(images[start : start + self.batch_size]).to(self.device)
             x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)  # ~10% faster convolutions on CPU
             features = self.trunk(x).reshape(-1, INCEPTION_DIM)

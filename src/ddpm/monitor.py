@@ -4,6 +4,7 @@ rank checks.
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -11,10 +12,11 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import SamplingConfig
+from .config import POSTHOC_DEFAULT, SamplingConfig
 from .errors import DdpmWarning
 from .files import atomic_write_json, make_grid
-from .snapshots import snapshot_every, write_snapshot
+from .progress import progress as progress_bar
+from .snapshots import snapshot_due, snapshot_every, write_snapshot
 
 
 class Monitor:
@@ -99,8 +101,6 @@ class RankZeroMonitor(Monitor):
     cost of monitoring is reported at the end of the run."""
 
     def __init__(self, trainer, run_dir: Path, last_step: int, show_progress: bool = True):
-        from tqdm.auto import tqdm
-
         from .trackers import Trackers
 
         super().__init__(run_dir)
@@ -112,7 +112,10 @@ class RankZeroMonitor(Monitor):
         self.writer = Trackers(config.runtime.trackers, self.run_dir, config.to_dict(), step)
         self.logger = LossLogger(self.writer, len(trainer.schedule), trainer.device)
         self.held_out = self._validation_set(trainer) if config.runtime.val_every else None
-        self.bar = tqdm(total=last_step, initial=step, disable=not show_progress, desc="train", dynamic_ncols=True)
+        # in a log file: a line every logging interval, at most about 100 lines a run
+        every = config.runtime.log_every * math.ceil(last_step / (100 * config.runtime.log_every))
+        self.bar = progress_bar(total=last_step, initial=step, disable=not show_progress, desc="train", lines=True,
+                                every=every)
         self.start_time, self.start_step, self.extra_seconds = time.perf_counter(), step, 0.0
         self.bad_files_reported = 0
         self.capture_reported = False
@@ -149,7 +152,8 @@ class RankZeroMonitor(Monitor):
             self._save_guide(trainer, step)
         if self.quality is not None and (step % r.eval_every == 0 or step == self.last_step):
             self._evaluate(trainer, step)
-        if trainer.ema_tracks and (step % self.snapshot_every == 0 or step == self.last_step):
+        if trainer.ema_tracks and snapshot_due(step, self.last_step, self.snapshot_every,
+                                                POSTHOC_DEFAULT["guide_ema_fraction"]):
             for track in trainer.ema_tracks:
                 write_snapshot(self.run_dir, track.model, track.sigma_rel, step)
         if r.sample_every and step % r.sample_every == 0:

@@ -35,6 +35,7 @@ from .data import (
     to_uint8,
 )
 from .files import atomic_write_bytes, atomic_write_json
+from .progress import progress as progress_bar
 
 BAD_FILES = "bad_files.txt"
 SHARD_BYTES = 128 * 2**20  # 10,922 images of 64x64 RGB per shard; a shard is built in memory before its write
@@ -99,8 +100,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 def _write_split(dataset: Dataset, out: Path, split: str, image_size: int, channels: int, num_workers: int,
                  progress: bool, max_bad_fraction: float = BAD_FRACTION) -> dict:
     """Write one split's shards and labels; returns its meta.json entry."""
-    from tqdm.auto import tqdm
-
     shard_size = max(1, SHARD_BYTES // (channels * image_size * image_size))
     buffer = np.empty((min(shard_size, len(dataset)), channels, image_size, image_size), np.uint8)
     shards, labels, skipped, filled = [], [], [], 0
@@ -110,7 +109,7 @@ def _write_split(dataset: Dataset, out: Path, split: str, image_size: int, chann
         atomic_write_bytes(out / name, _npy_bytes(buffer[:filled]))
         shards.append(name)
 
-    bar = tqdm(total=len(dataset), desc=f"prepare {split}", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(dataset), desc=f"prepare {split}", disable=not progress, lines=True)
     for image, label in _uint8_items(dataset, num_workers, skipped):
         buffer[filled] = image
         labels.append(label)

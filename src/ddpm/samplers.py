@@ -27,6 +27,7 @@ import torch
 from .config import SamplingConfig
 from .diffusion import Denoiser, predict_x0
 from .errors import DdpmError
+from .progress import progress as progress_bar
 from .schedule import NoiseSchedule
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -55,11 +56,7 @@ def _initial_noise(shape, device, generator, x_T):
 
 
 def _with_progress(items, desc: str, progress: bool):
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False)
+    return progress_bar(items, desc=desc, leave=False) if progress else items
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,13 @@ def snapshot_every(setting: int | None, last_step: int) -> int:
     return setting if setting is not None else max(1, last_step // SNAPSHOTS_PER_RUN)
 
 
+def snapshot_due(step: int, last_step: int, every: int, guide_fraction: float) -> bool:
+    """Whether the monitor snapshots the tracks at `step` of a run planned for `last_step`: every `every` steps,
+    at the end, and at `guide_fraction` of the run, where the post-hoc default rebuilds its guide
+    (sources.default_guide_step), so that the default is rebuilt at the rule's own step whatever `every` is."""
+    return step % every == 0 or step == last_step or step == round(guide_fraction * last_step)
+
+
 def snapshot_path(run_dir: Path, sigma_rel: float, step: int) -> Path:
     return Path(run_dir) / SNAPSHOT_DIR / f"step_{step:08d}_sigma{sigma_rel:.4f}.safetensors"
 

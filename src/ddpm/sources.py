@@ -15,6 +15,7 @@ from pathlib import Path
 from .checkpoint import BEST_DIR, CONFIG, LATEST, MODEL_DIR, find_run_guide
 from .config import POSTHOC_DEFAULT
 from .errors import DdpmError
+from .snapshots import WELL_REBUILT, Rebuild, list_snapshots, plan_rebuild, rebuilt_model_dir, step_at_fraction
 
 NO_GUIDE = "none"  # --guide none: no autoguidance, whatever the run holds
 
@@ -45,22 +46,62 @@ def default_guide_length(guide_step: int) -> float:
     return round(min(high, max(low, POSTHOC_DEFAULT["guide_window"] / guide_step)), 4)
 
 
-def default_posthoc(run: Path, snapshots: list | None = None) -> tuple[float, int, float, int] | None:
-    """(main length, its step, guide length, guide step) when `run` is a run folder whose snapshots rebuild the
-    measured default averages well (profile error <= snapshots.WELL_REBUILT at both times), else None: a run
-    without snapshots, or one too early in its training to rebuild them (it is then drawn with its classic EMA).
-    `snapshots`: the run's, when the caller has listed them already."""
-    from .snapshots import WELL_REBUILT, list_snapshots, plan_rebuild, step_at_fraction
+def default_guide_step(main_step: int, snapshots: list) -> int:
+    """The default guide's step: the snapshot step nearest POSTHOC_DEFAULT["guide_ema_fraction"] of `main_step`
+    (the earlier on a tie). An average is rebuilt from the snapshots taken up to its step, so a time between two
+    snapshots lacks the last stretch of its profile (step 750 of a run snapshotted every 37 steps: profile error
+    0.35); the monitor also writes a snapshot at the rule's own step of the planned run (snapshots.snapshot_due)."""
+    target = POSTHOC_DEFAULT["guide_ema_fraction"] * main_step
+    steps = sorted({s.step for s in snapshots if s.step <= main_step})
+    return min(steps, key=lambda step: (abs(step - target), step))
 
+
+@dataclass(frozen=True)
+class PosthocPlan:
+    """The run's measured default: the main average and its guide as rebuild plans (snapshots.plan_rebuild)."""
+
+    main: Rebuild
+    guide: Rebuild
+
+    @property
+    def rebuilds_well(self) -> bool:
+        return max(self.main.error, self.guide.error) <= WELL_REBUILT
+
+    def describe(self) -> str:
+        return (f"length {self.main.sigma_rel:g} at step {self.main.step}, guided by length {self.guide.sigma_rel:g} "
+                f"at step {self.guide.step}")
+
+
+def plan_posthoc(run: Path, snapshots: list | None = None) -> PosthocPlan | None:
+    """The default averages' rebuild plans when `run` is a run folder with snapshots, else None. `snapshots`: the
+    run's, when the caller has listed them already."""
     snapshots = list_snapshots(run) if snapshots is None else snapshots
     if not (Path(run) / MODEL_DIR).is_dir() or not snapshots:
         return None
     main = plan_rebuild(run, POSTHOC_DEFAULT["ema_length"], snapshots=snapshots)
-    guide_step = step_at_fraction(run, POSTHOC_DEFAULT["guide_ema_fraction"], main.step, snapshots)
-    guide = plan_rebuild(run, default_guide_length(guide_step), guide_step, snapshots)
-    if max(main.error, guide.error) > WELL_REBUILT:
+    guide_step = default_guide_step(main.step, snapshots)
+    return PosthocPlan(main, plan_rebuild(run, default_guide_length(guide_step), guide_step, snapshots))
+
+
+def default_posthoc(run: Path, snapshots: list | None = None) -> tuple[float, int, float, int] | None:
+    """(main length, its step, guide length, guide step) when `run` is a run folder whose snapshots rebuild the
+    measured default averages well (profile error <= snapshots.WELL_REBUILT at both times), else None: a run
+    without snapshots, or one too early in its training to rebuild them (it is then drawn with its classic EMA,
+    and `resolve_sources` says so)."""
+    plan = plan_posthoc(run, snapshots)
+    if plan is None or not plan.rebuilds_well:
         return None
-    return main.sigma_rel, main.step, guide.sigma_rel, guide.step
+    return plan.main.sigma_rel, plan.main.step, plan.guide.sigma_rel, plan.guide.step
+
+
+def fallback_note(run: Path, plan: PosthocPlan) -> str:
+    """The one line said when a run's post-hoc default cannot be rebuilt: what it draws instead, and why."""
+    guide = find_run_guide(run)
+    error = max(plan.main.error, plan.guide.error)
+    return (f"{run}'s post-hoc EMA default ({plan.describe()}) cannot be rebuilt well from its "
+            f"{len(plan.main.snapshots)} snapshots (profile error {error:.0%} > {WELL_REBUILT:.0%}; a run early in "
+            f"its training has too few), so this draws {Path(run) / MODEL_DIR} (the classic EMA)"
+            + (f" guided by {guide}" if guide is not None else "") + " instead")
 
 
 def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_step: int | None = None,
@@ -73,8 +114,6 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
     guide's flags unread) or "guide" (weights None: the main average is only planned, for the guide's time, and not
     warned about again). `warn(text)` hears about a poor rebuild. Guides rebuilt by length sit at a fraction of the
     main model's step (`--ema-step`, else the run's end). Contradicting flags are one-line DdpmErrors."""
-    from .snapshots import list_snapshots, plan_rebuild, rebuilt_model_dir, step_at_fraction
-
     model = Path(model)
     if ema_length is None and ema_step is not None:
         raise DdpmError("--ema-step needs --ema-length (the average's length)")
@@ -89,7 +128,12 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
     run = run_folder(model)
     snapshots = list_snapshots(run)  # once: each listing opens every snapshot's header
     # the defaults apply to a run folder given as itself: RUN/model asks for the classic EMA by name
-    default = default_posthoc(run, snapshots) if model == run and ema_length is None and not raw_weights else None
+    plan = plan_posthoc(run, snapshots) if model == run and ema_length is None and not raw_weights else None
+    default = None
+    if plan is not None and plan.rebuilds_well:
+        default = plan.main.sigma_rel, plan.main.step, plan.guide.sigma_rel, plan.guide.step
+    elif plan is not None and part != "guide" and warn is not None:
+        warn(fallback_note(run, plan))
     if ema_length is not None:
         main_step = plan_rebuild(run, ema_length, ema_step, snapshots).step
         weights = None if part == "guide" else rebuilt_model_dir(run, ema_length, ema_step, warn=warn,
@@ -112,7 +156,7 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
         guide_path = rebuilt_model_dir(run, default[2], default[3], snapshots=snapshots)
     elif ema_length is not None and default_posthoc(run, snapshots) is not None:
         # an average chosen by length is guided as the defaults are, at the same fraction of its own step
-        step = step_at_fraction(run, POSTHOC_DEFAULT["guide_ema_fraction"], main_step, snapshots)
+        step = default_guide_step(main_step, snapshots)
         guide_path = rebuilt_model_dir(run, default_guide_length(step), step, warn=warn, snapshots=snapshots)
     else:
         guide_path = find_run_guide(model)

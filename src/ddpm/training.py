@@ -33,7 +33,7 @@ from .distributed import (
     ignore_stop_signals,
     setup_device,
 )
-from .ema import EMA, PowerEMA
+from .ema import EMA, PowerEMA, sized_warmup
 from .errors import DdpmError, DdpmWarning
 from .monitor import Monitor, RankZeroMonitor
 from .schedule import NoiseSchedule
@@ -150,9 +150,10 @@ class Trainer:
     """Model, optimizer, EMA, noise generator and the step that updates them; `state_dict` is the checkpoint."""
 
     def __init__(self, config: RunConfig, info: DataInfo, device: torch.device, ctx: DistributedContext | None = None,
-                 model: torch.nn.Module | None = None):
+                 model: torch.nn.Module | None = None, last_step: int | None = None):
         """`model` replaces the UNet of `config.model` (benchmarks train other networks with this very step); it
-        takes (x_t, t, labels) and has a `null_class` attribute (None when unconditional)."""
+        takes (x_t, t, labels) and has a `null_class` attribute (None when unconditional). `last_step`: the run's
+        planned length, which sizes the classic EMA's warm-up (ema.sized_warmup)."""
         self.config, self.info, self.device = config, info, device
         self.ctx = ctx or DistributedContext()
         t = config.train
@@ -166,7 +167,7 @@ class Trainer:
         self.params = list(self.model.parameters())  # listed once: a walk of the module tree costs host time each step
         self.amp_dtype = resolve_amp(config.runtime.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = EMA(self.model, t.ema_decay, t.ema_warmup) if self.ctx.is_main else None
+        self.ema = EMA(self.model, t.ema_decay, sized_warmup(t.ema_warmup, last_step)) if self.ctx.is_main else None
         # the post-hoc EMA's power-function tracks (rank 0, like the EMA), each with its weight on the device
         self.ema_tracks = [PowerEMA(self.model, s) for s in t.ema_lengths] if self.ctx.is_main else []
         self.track_weights = [torch.zeros((), device=device) for _ in self.ema_tracks]
@@ -222,6 +223,7 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
+            self.ema.warmup_steps = self.config.train.ema_warmup  # what a checkpoint from before sized warm-ups used
             self.ema.load_state_dict(state["ema"])
         if self.ema_tracks:  # rank 0's; a run from before post-hoc EMA tracks none (its config says so)
             for track, saved in zip(self.ema_tracks, state["ema_tracks"], strict=True):
@@ -548,10 +550,11 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True, stop: 
     if config.train.batch_size % (ctx.world_size * config.train.grad_accum):
         raise ConfigError(f"--batch-size {config.train.batch_size} must divide by processes x grad_accum = "
                           f"{ctx.world_size} x {config.train.grad_accum}")
-    trainer = Trainer(config, info, setup_device(ctx, config.runtime.device), ctx)
+    last_step = total_steps(config, len(info.dataset))
+    device = setup_device(ctx, config.runtime.device, config.runtime.dist_timeout)
+    trainer = Trainer(config, info, device, ctx, last_step=last_step)
     if state is not None:
         trainer.load_state_dict(state)
-    last_step = total_steps(config, len(info.dataset))
     stop = stop or StopRequest()
     stop.time_limit = config.runtime.time_limit
     monitor = RankZeroMonitor(trainer, run_dir, last_step, progress) if ctx.is_main else Monitor(run_dir)

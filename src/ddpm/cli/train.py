@@ -50,7 +50,8 @@ TRAIN_FLAGS = {
     "sample_every": ("runtime", "sample_every"), "sample_steps": ("runtime", "sample_steps"),
     "guidance": ("runtime", "guidance"), "val_every": ("runtime", "val_every"), "val_size": ("runtime", "val_size"),
     "max_bad_fraction": ("runtime", "max_bad_fraction"), "guide_fraction": ("runtime", "guide_fraction"),
-    "time_limit": ("runtime", "time_limit"), "ema_lengths": ("train", "ema_lengths"),
+    "time_limit": ("runtime", "time_limit"), "dist_timeout": ("runtime", "dist_timeout"),
+    "ema_lengths": ("train", "ema_lengths"),
     "ema_snapshot_every": ("runtime", "ema_snapshot_every"),
     "eval_every": ("runtime", "eval_every"), "eval_n": ("runtime", "eval_n"), "eval_steps": ("runtime", "eval_steps"),
     "keep_best": ("runtime", "keep_best"), "tracker": ("runtime", "trackers"),
@@ -122,7 +123,8 @@ def _add_recipe_flags(a) -> None:
     a("--grad-accum", type=int, help="micro-batches per step; --batch-size stays the global batch"
       + _default("grad_accum"))
     a("--ema-decay", type=float, help="EMA decay per step, 0 = no averaging" + _default("ema_decay"))
-    a("--ema-warmup", type=int, help="steps during which the EMA copies the weights, 0 = none" + _default("ema_warmup"))
+    a("--ema-warmup", type=int, help="steps during which the EMA copies the weights (at most a tenth of the "
+      "planned run), 0 = none" + _default("ema_warmup"))
     a("--guidance-dropout", type=float, help="probability of dropping each label to the null class, 0 = never"
       + _default("guidance_dropout"))
     a("--ema-lengths", type=ema_lengths_arg, metavar="S,S", help="post-hoc EMA: the power-function EMA lengths "
@@ -174,6 +176,9 @@ def _add_runtime_flags(a) -> None:
       "(default: 1/40 of the planned steps)")
     a("--time-limit", type=duration, metavar="DURATION", help="stop at a checkpoint before this much time has "
       "passed, e.g. 3h50m, 90m or seconds (exit 75; continue with --resume); for jobs of fixed length")
+    a("--dist-timeout", type=duration, metavar="DURATION", help="under torchrun: how long a process waits for the "
+      "others in one step's communication before the job fails (a dead node ends it within this), e.g. 10m; "
+      "longer than rank 0's slowest checkpoint or evaluation" + _default("dist_timeout"))
     a("--max-bad-fraction", type=float, metavar="F", help="unreadable image files tolerated, as a fraction of the "
       "folder (at least 10 files), 0 = none; past it the run stops with their list" + _default("max_bad_fraction"))
 
