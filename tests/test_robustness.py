@@ -2,7 +2,6 @@
 import errno
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from ddpm import ModelConfig, RunConfig, RuntimeConfig, TrainConfig
 from ddpm.checkpoint import CheckpointError, latest_checkpoint, load_training_state
 from ddpm.cli import main
 from ddpm.training import TrainingDiverged, train
-from helpers import TINY_TRAIN_ARGS, checkpoint_step, free_port
+from helpers import TINY_TRAIN_ARGS, Child, checkpoint_step, free_port
 
 TINY_MODEL = dict(image_size=8, base_channels=8, channel_mults=(1, 2), bottleneck_mult=2, time_embed_dim=16)
 TINY = TINY_TRAIN_ARGS
@@ -75,13 +74,13 @@ def test_kill_minus_9_mid_training_leaves_a_loadable_checkpoint_and_resume_is_ex
     for attempt in range(3):
         started_at = checkpoint_step(run)
         cmd = first if attempt == 0 else [sys.executable, "-m", "ddpm", "train", "--resume", str(run), "--quiet"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = Child(cmd, tmp_path, f"attempt{attempt}")
         deadline = time.time() + 120
         while checkpoint_step(run) <= started_at and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be killed mid-training"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.poll() is None, "the run ended before it could be killed mid-training\n" + proc.tail()
+        proc.proc.send_signal(signal.SIGKILL)
+        proc.proc.wait()
         state = load_training_state(latest_checkpoint(run))  # always loadable
         assert started_at < state["step"] < steps  # this kill landed after new progress, before the end
         kills.append(state["step"])

@@ -15,7 +15,7 @@ from ddpm.cli import main
 from ddpm.data import DataInfo
 from ddpm.step_graph import WARMUP_STEPS, StepRunner, graphs_decision
 from ddpm.training import Trainer
-from helpers import TracedCapture, tiny_model_config
+from helpers import TracedCapture, run_child, tiny_model_config
 
 STEPS = WARMUP_STEPS + 5  # the warm-up, the capture, then replays
 REPLAYS = STEPS - WARMUP_STEPS - 1
@@ -120,15 +120,13 @@ def test_when_graphs_are_used_and_what_a_user_is_told_otherwise():
 
 
 def test_cuda_graphs_flag(tmp_path, capsys):
-    import subprocess
     import sys
 
     from helpers import TINY_TRAIN_ARGS
 
-    done = subprocess.run([sys.executable, "-m", "ddpm", "train", "mnist", "--out", str(tmp_path / "run"), "--steps",
-                           "1", "--device", "cpu", "--cuda-graphs", "on", *TINY_TRAIN_ARGS],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = run_child([sys.executable, "-m", "ddpm", "train", "mnist", "--out", str(tmp_path / "run"), "--steps",
+                      "1", "--device", "cpu", "--cuda-graphs", "on", *TINY_TRAIN_ARGS], tmp_path, "train")
+    assert done.returncode == 0, done.tail()
     # ddpm's one line, what a user sees (other libraries' own warnings may come and go with their versions)
     ours = [line for line in done.stderr.splitlines() if line.startswith("ddpm train:")]
     assert ours == ["ddpm train: warning: CUDA graphs need a CUDA device; training on cpu runs eagerly"]

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .devices import pick_device
+from .errors import PeerLost
 
 # SLURM's `--signal=USR1@120` warns with SIGUSR1; Kubernetes, spot instances and torchrun send SIGTERM.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -83,20 +84,74 @@ def setup_device(ctx: DistributedContext, device_name: str | None, timeout: floa
     return device
 
 
-def init_process_group(backend: str, timeout: timedelta) -> None:
-    """torchrun's process group, with the keys of each restart apart from the last one's.
+# what the communication libraries say when a peer died (its sockets closed) or never answered (the timeout)
+PEER_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Connection was likely closed",
+                 "Connection refused", "timed out", "Timed out", "Timeout", "NCCL communicator was aborted")
 
-    Why: torchrun (2.11-2.14 at least) keeps one store across `--max-restarts`, and a restarted gloo group read
-    the addresses that the previous attempt's ranks had published there: "Gloo connectFullMesh failed ...
-    Connection refused" whenever rank 0 came up later than rank 1. A prefix per attempt
-    (TORCHELASTIC_RESTART_COUNT) gives each attempt its own keys."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:  # not under torchrun: its env:// variables as they are
+
+def as_peer_lost(error: RuntimeError, ctx: DistributedContext, step: int, run_dir) -> PeerLost | None:
+    """The one-line error for a collective that failed because another process of the job died or hung (gloo
+    and NCCL raise RuntimeErrors that name the socket), else None (a bug of ours: it keeps its traceback)."""
+    text = str(error)
+    if not ctx.enabled or not (isinstance(error, dist.DistError) or any(s in text for s in PEER_FAILURES)):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return PeerLost(f"rank {ctx.rank} lost another process of the torchrun job at step {step} ({first[:160]}); "
+                    f"the last checkpoint in {run_dir} is kept: torchrun --max-restarts continues from it, as does "
+                    "the same command with --resume-if-exists")
+
+
+def init_process_group(backend: str, timeout: timedelta) -> None:
+    """torchrun's process group, its keys apart from every earlier attempt's (session_prefix)."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:  # not under torchrun: its env:// variables as they are
         dist.init_process_group(backend, timeout=timeout)
         return
-    store, rank, world_size = next(dist.rendezvous("env://"))
-    dist.init_process_group(backend, store=dist.PrefixStore(f"ddpm/attempt_{attempt}", store), rank=rank,
-                            world_size=world_size, timeout=timeout)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    prefix = session_prefix(store, rank, world_size, timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size,
+                            timeout=timeout)
+
+
+def session_prefix(store, rank: int, world_size: int, timeout: timedelta, ack_wait: float = 2.0) -> str:
+    """A store prefix that this attempt's ranks share and no earlier attempt used.
+
+    Why: torchrun (2.11-2.14 at least) keeps one store across `--max-restarts`, and a restarted gloo group read
+    the addresses that the previous attempt's ranks had published there ("Gloo connectFullMesh failed ...
+    Connection refused"). TORCHELASTIC_RESTART_COUNT cannot name the attempt: on two nodes it differs between them
+    (an agent whose worker failed counts a restart, the agent that restarts for the new membership does not), and
+    the two halves then waited for each other under different keys until the timeout (benchmarks/dead_peer.py).
+    So rank 0 opens a session under a fresh random name; every other rank joins the name it reads with its own
+    fresh nonce and waits `ack_wait` seconds for rank 0 to echo that nonce. A name left by an earlier attempt has
+    no rank 0 to echo, so the rank reads the name again, until `timeout`."""
+    import uuid
+
+    deadline = time.monotonic() + timeout.total_seconds()
+    if rank == 0:
+        session = uuid.uuid4().hex
+        store.set("ddpm/session", session)
+        for other in range(1, world_size):
+            joined = f"ddpm/{session}/joined/{other}"
+            store.wait([joined], timedelta(seconds=max(0.001, deadline - time.monotonic())))
+            store.set(f"ddpm/{session}/ack/{other}", store.get(joined))
+        return f"ddpm/{session}"
+    nonce = uuid.uuid4().hex.encode()
+    while True:
+        try:
+            store.wait(["ddpm/session"], timedelta(seconds=max(0.001, deadline - time.monotonic())))
+        except RuntimeError:
+            raise dist.DistError(f"rank {rank}: rank 0 did not open a session within "
+                                 f"{timeout.total_seconds():g}s") from None
+        session = store.get("ddpm/session").decode()
+        store.set(f"ddpm/{session}/joined/{rank}", nonce)
+        ack = f"ddpm/{session}/ack/{rank}"
+        try:
+            store.wait([ack], timedelta(seconds=ack_wait))
+            if store.get(ack) == nonce:
+                return f"ddpm/{session}"
+        except RuntimeError:  # no echo within ack_wait: a name an earlier attempt left
+            pass
+        if time.monotonic() > deadline:
+            raise dist.DistError(f"rank {rank}: rank 0 did not open a session within {timeout.total_seconds():g}s")
 
 
 # ---------------------------------------------------------------------------------------------------------- stopping

@@ -9,5 +9,10 @@ class DdpmError(ValueError):
     """Bad input or an unusable file; the message names the problem and the fix."""
 
 
+class PeerLost(DdpmError):
+    """Under torchrun: another process of the job died or stopped answering (exit 5, one line); torchrun's
+    --max-restarts then restarts the job from its last checkpoint, or it ends."""
+
+
 class DdpmWarning(UserWarning):
     """Something a user should know that does not stop the work (a skipped file, a fallback); one line."""

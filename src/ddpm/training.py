@@ -29,6 +29,7 @@ from .distributed import (
     AGREE_EVERY_CUDA,
     DistributedContext,
     StopRequest,
+    as_peer_lost,
     distributed_context,
     ignore_stop_signals,
     setup_device,
@@ -560,6 +561,11 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True, stop: 
     monitor = RankZeroMonitor(trainer, run_dir, last_step, progress) if ctx.is_main else Monitor(run_dir)
     try:
         stopped = trainer.fit(last_step, monitor, stop)
+    except RuntimeError as error:
+        lost = as_peer_lost(error, ctx, trainer.step_count, run_dir)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         monitor.close(trainer)
         if ctx.enabled:

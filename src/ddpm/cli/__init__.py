@@ -11,7 +11,7 @@ import contextlib
 import sys
 import warnings
 
-from ..errors import DdpmError, DdpmWarning
+from ..errors import DdpmError, DdpmWarning, PeerLost
 from . import edit, evaluate, export, prepare, sample, train
 from .common import sampling_configs
 from .edit import add_edit_parser
@@ -22,6 +22,7 @@ from .sample import add_sample_parser
 from .train import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
+    EXIT_PEER_LOST,
     EXIT_WRITE_FAILED,
     TRAIN_FLAGS,
     Interrupted,
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"ddpm {args.command}: stopped: {error}", file=sys.stderr)
         return EXIT_DIVERGED
+    except PeerLost as error:
+        print(f"ddpm {args.command}: stopped: {error}", file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST
     except Interrupted as error:
         print(f"ddpm {args.command}: {error}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -58,12 +58,13 @@ TRAIN_FLAGS = {
 }
 RESUME_FLAGS = tuple(flag for flag, (section, _) in TRAIN_FLAGS.items() if section == "runtime")
 # `ddpm train`'s exit statuses besides 0 (done) and 2 (bad input): documented in its --help and the README
-EXIT_DIVERGED, EXIT_WRITE_FAILED, EXIT_STOPPED, EXIT_INTERRUPTED = 3, 4, 75, 130
+EXIT_DIVERGED, EXIT_WRITE_FAILED, EXIT_PEER_LOST, EXIT_STOPPED, EXIT_INTERRUPTED = 3, 4, 5, 75, 130
 TRAIN_EPILOG = (f"exit status: 0 the run reached its last step; 2 bad input (one line says what); {EXIT_DIVERGED} the "
-                f"loss diverged; {EXIT_WRITE_FAILED} a file could not be written; {EXIT_STOPPED} stopped early by "
-                "SIGTERM, SIGINT, SIGUSR1 or --time-limit after writing a checkpoint (continue with --resume RUN_DIR "
-                f"or the same command with --resume-if-exists); {EXIT_INTERRUPTED} a second Ctrl-C stopped it at once, "
-                "without a new checkpoint")
+                f"loss diverged; {EXIT_WRITE_FAILED} a file could not be written; {EXIT_PEER_LOST} under torchrun, "
+                "another process of the job died or did not answer within --dist-timeout; "
+                f"{EXIT_STOPPED} stopped early by SIGTERM, SIGINT, SIGUSR1 or --time-limit after writing a checkpoint "
+                "(continue with --resume RUN_DIR or the same command with --resume-if-exists); "
+                f"{EXIT_INTERRUPTED} a second Ctrl-C stopped it at once, without a new checkpoint")
 
 
 
