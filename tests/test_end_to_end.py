@@ -27,7 +27,7 @@ FLAG_VALUES = {  # one unusual value per train flag: each must land in its own c
     "ema_warmup": 11, "guidance_dropout": 0.2, "snr_gamma": 5.0, "seed": 3, "out": "r", "steps": 7, "epochs": 2,
     "device": "cpu", "amp": "none", "compile": True, "num_workers": 2, "log_every": 13, "checkpoint_every": 17,
     "keep_checkpoints": 4, "sample_every": 19, "sample_steps": 23, "guidance": 2.5, "val_every": 29, "val_size": 31,
-    "max_bad_fraction": 0.5, "guide_fraction": 0.25, "cuda_graphs": "off", "time_limit": 37.0,
+    "max_bad_fraction": 0.5, "guide_fraction": 0.25, "cuda_graphs": "off", "time_limit": 37.0, "dist_timeout": 95.0,
     "ema_lengths": (0.04, 0.2), "ema_snapshot_every": 41, "eval_every": 43, "eval_n": 47, "eval_steps": 3,
     "keep_best": "accuracy", "tracker": ("tensorboard", "mlflow"),
 }

@@ -128,7 +128,7 @@ def test_cuda_graphs_flag(tmp_path, capsys):
                       "1", "--device", "cpu", "--cuda-graphs", "on", *TINY_TRAIN_ARGS], tmp_path, "train")
     assert done.returncode == 0, done.tail()
     # ddpm's one line, what a user sees (other libraries' own warnings may come and go with their versions)
-    ours = [line for line in done.stderr.splitlines() if line.startswith("ddpm train:")]
+    ours = [line for line in done.stderr().splitlines() if line.startswith("ddpm train:")]
     assert ours == ["ddpm train: warning: CUDA graphs need a CUDA device; training on cpu runs eagerly"]
     assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "2", "--cuda-graphs", "off", "--quiet"]) == 0
     with pytest.raises(SystemExit):
