@@ -26,7 +26,7 @@ FLAG_VALUES = {  # one unusual value per train flag: each must land in its own c
     "lr": 0.01, "warmup_steps": 9, "weight_decay": 0.5, "grad_clip": 0.25, "grad_accum": 2, "ema_decay": 0.9,
     "ema_warmup": 11, "guidance_dropout": 0.2, "snr_gamma": 5.0, "seed": 3, "out": "r", "steps": 7, "epochs": 2,
     "device": "cpu", "amp": "none", "compile": True, "num_workers": 2, "log_every": 13, "checkpoint_every": 17,
-    "keep_checkpoints": 4, "sample_every": 19, "sample_steps": 23, "guidance": 2.5, "val_every": 29, "val_size": 31,
+    "keep_checkpoints": 4, "sample_every": 19, "sampling_steps": 23, "guidance": 2.5, "val_every": 29, "val_size": 31,
     "max_bad_fraction": 0.5, "guide_fraction": 0.25, "cuda_graphs": "off", "time_limit": 37.0, "dist_timeout": 95.0,
     "ema_lengths": (0.04, 0.2), "ema_snapshot_every": 41, "eval_every": 43, "eval_n": 47, "eval_steps": 3,
     "keep_best": "accuracy", "tracker": ("tensorboard", "mlflow"),
@@ -57,7 +57,7 @@ def test_many_options_train_resume_and_sample_end_to_end(tmp_path):
     run = tmp_path / "run"
     options = ["--beta-schedule", "cosine", "--timesteps", "100", "--prediction", "v", "--snr-gamma", "5", "--hflip",
                "--warmup-steps", "2", "--weight-decay", "0", "--grad-clip", "0.5", "--log-every", "1",
-               "--keep-checkpoints", "1", "--sample-steps", "2", "--val-size", "16", "--val-every", "2",
+               "--keep-checkpoints", "1", "--sampling-steps", "2", "--val-size", "16", "--val-every", "2",
                "--num-workers", "1", "--amp", "none", "--seed", "5", "--channels", "3", "--guidance", "2",
                "--device", "cpu", "--no-compile"]
     assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "4", *TINY, *options]) == 0
@@ -183,3 +183,14 @@ def test_resume_with_epochs_extends_a_run_defined_by_steps(tmp_path):
                  "--batch-size", "1000"]) == 0
     reference = weights(straight)
     assert all(torch.equal(state["model"][k], reference[k]) for k in reference)  # exact across the epoch boundary
+
+
+def test_the_old_name_of_the_previews_step_count_still_works_with_a_note(tmp_path, capsys):
+    # The bug it catches (issue 34): renaming train's --sample-steps to --sampling-steps (the name sample and eval
+    # use) breaking the scripts that still say --sample-steps, or taking it silently.
+    from helpers import TINY_TRAIN_ARGS
+
+    assert main(["train", "mnist", "--out", str(tmp_path / "run"), "--steps", "1", "--sample-steps", "7",
+                 "--val-every", "0", *TINY_TRAIN_ARGS]) == 0
+    assert "--sample-steps is now --sampling-steps" in capsys.readouterr().err
+    assert load_training_state(latest_checkpoint(tmp_path / "run"))["config"]["runtime"]["sample_steps"] == 7

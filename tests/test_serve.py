@@ -23,11 +23,12 @@ import pytest
 import torch
 
 from ddpm import cli, serve
-from ddpm.checkpoint import load_guide, save_pretrained
+from ddpm.checkpoint import save_pretrained
 from ddpm.config import AUTOGUIDED, DEFAULT_CFG, SAMPLE_BATCH, DiffusionConfig, RunConfig, SamplingConfig
 from ddpm.errors import DdpmError
 from ddpm.files import keeps_process_frame, save_process, to_uint8
 from ddpm.pipeline import sample_batches
+from ddpm.sources import load_guide
 from ddpm.training import train
 from ddpm.unet import UNet
 from helpers import TINY_MODEL, tiny_model_config

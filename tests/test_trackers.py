@@ -13,7 +13,7 @@ from helpers import TINY_TRAIN_ARGS
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
 
-TRAIN = ["--steps", "4", "--log-every", "1", "--val-every", "2", "--sample-every", "2", "--sample-steps", "2",
+TRAIN = ["--steps", "4", "--log-every", "1", "--val-every", "2", "--sample-every", "2", "--sampling-steps", "2",
          "--tracker", "tensorboard,wandb,mlflow"]
 
 

@@ -9,7 +9,7 @@
     images = ddpm.sample(model, schedule, labels=[0, 1, 2], guide=guide, guide_weight=2.0, guidance=1.0)
     edited = ddpm.inpaint(model, schedule, images, masks, labels=[0, 1, 2])  # also img2img, interpolate_images
 """
-from .checkpoint import find_run_guide, from_pretrained, load_guide, save_pretrained
+from .checkpoint import find_run_guide, from_pretrained, save_pretrained
 from .config import DiffusionConfig, ModelConfig, RunConfig, RuntimeConfig, SamplingConfig, TrainConfig
 from .diffusion import (
     draw_training_inputs,
@@ -28,7 +28,7 @@ from .guidance import ClassifierFreeGuidance, Guide, GuidedDenoiser, make_denois
 from .pipeline import sample, sample_all, sample_batches
 from .samplers import ddim_invert, ddim_sample, ddpm_sample, dpmpp_2m_sample
 from .schedule import NoiseSchedule, cosine_betas, linear_betas
-from .sources import Sources, default_sources, resolve_sources
+from .sources import Sources, default_sources, load_guide, resolve_sources
 from .unet import UNet
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Training checkpoints (resume); save_pretrained / from_pretrained (safetensors + config.json); the guide snapshot
-of a run and `load_guide` (autoguidance, Karras et al. 2024)."""
+of a run (autoguidance, Karras et al. 2024; sources.load_guide loads any guide)."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,6 @@ import torch
 from .config import DiffusionConfig, ModelConfig, from_dict, to_dict
 from .errors import DdpmError
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_safetensors
-from .guidance import Guide, check_guide_schedule
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -162,74 +161,3 @@ def save_guide_snapshot(run_dir: Path, model: torch.nn.Module, diffusion: Diffus
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return True
-
-
-def load_guide(path: Path, main_model: torch.nn.Module, device: torch.device | str = "cpu", *, schedule=None):
-    """Load a guide for autoguidance: `Guide(model in eval mode on device, its DiffusionConfig)`.
-
-    `path` is a model folder (model.safetensors + config.json), a run folder (its guide snapshot RUN/guide; never
-    its final model/, which is the main model itself) or a training checkpoint checkpoints/step_XXXXXXXX.pt (its
-    EMA weights). The guide must fit `main_model` (image size, channels, classes) and, when `schedule` (the main
-    model's NoiseSchedule) is given, its noise schedule; otherwise a one-line CheckpointError names both values."""
-    path = Path(path)
-    if path.is_file():
-        model, diffusion = _guide_from_checkpoint(path)
-    else:
-        folder = _guide_folder(path)
-        model, _, config = from_pretrained(folder)
-        diffusion, path = from_dict(DiffusionConfig, config["diffusion"]), folder
-    _check_guide_fits(path, model.config, main_model.config)
-    if schedule is not None:
-        try:
-            check_guide_schedule(diffusion, schedule, name=f"guide {path}")
-        except DdpmError as error:
-            raise CheckpointError(str(error)) from None
-    return Guide(model.to(device).eval(), diffusion)
-
-
-def _guide_folder(path: Path) -> Path:
-    """The model folder behind a guide path: the folder itself, or a run folder's guide snapshot (never the
-    run's model/: that is the main model itself, and guiding a model with itself does nothing)."""
-    if (path / WEIGHTS).is_file():
-        return path
-    guide = find_run_guide(path)
-    if guide is not None:
-        return guide
-    if (path / CHECKPOINT_DIR).is_dir() or (path / LATEST).is_file() or (path / MODEL_DIR).is_dir():
-        raise CheckpointError(f"run {path} has no guide snapshot {GUIDE_DIR}/ (it is written at --guide-fraction of "
-                              f"the run); give a model folder or one of its {CHECKPOINT_DIR}/step_*.pt as the guide")
-    if (path / CONFIG).is_file():
-        return path  # from_pretrained says what is missing
-    what = "does not exist" if not path.exists() else "is not a guide"
-    raise CheckpointError(f"{path} {what}: give a model folder ({WEIGHTS} + {CONFIG}), a run folder with a "
-                          f"{GUIDE_DIR}/ snapshot, or a training checkpoint {CHECKPOINT_DIR}/step_*.pt")
-
-
-def _guide_from_checkpoint(path: Path):
-    """(UNet with the checkpoint's EMA weights, DiffusionConfig) from a training checkpoint file."""
-    from .config import RunConfig
-    from .unet import UNet
-
-    state = load_training_state(path)
-    try:
-        config = RunConfig.from_dict(state["config"])
-        weights = state["ema"]["model"] if state.get("ema") else state["model"]
-    except (KeyError, TypeError) as error:
-        raise CheckpointError(f"{path} is not a ddpm training checkpoint (no {error}); "
-                              f"give a {CHECKPOINT_DIR}/step_*.pt") from None
-    model = UNet(config.model)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        raise CheckpointError(f"the weights in {path} do not fit the model of its own config: {error}") from error
-    return model, config.diffusion
-
-
-def _check_guide_fits(path: Path, guide: ModelConfig, main: ModelConfig) -> None:
-    """Autoguidance subtracts the two networks' predictions for the same x_t and labels: shapes and classes
-    must agree (widths and depths may differ: a smaller guide is the paper's default)."""
-    for name in ("image_size", "in_channels", "num_classes"):
-        mine, theirs = getattr(guide, name), getattr(main, name)
-        if mine != theirs:
-            raise CheckpointError(f"guide {path} has {name} {mine} but the model has {theirs}; "
-                                  "a guide must be trained on the same images and classes as the model it guides")

@@ -264,6 +264,9 @@ class RuntimeConfig:
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+# denoiser evaluations when no step count is given (ddpm always takes all T): DPM-Solver++'s second-order updates
+# reach DDIM-100 quality in 15-20 (Lu et al. 2022)
+DEFAULT_STEPS = {"ddim": 50, "dpmpp2m": 20}
 DEFAULT_CFG = 3.0  # classifier-free guidance w of `ddpm sample` when no guide model is used (the seed's)
 # `ddpm sample`'s defaults when the run has a guide (autoguidance, Karras et al. 2024): measured on the quickstart
 # model, benchmarks/RESULTS.md "Autoguidance" and "Post-hoc EMA" (guiding the steps below t = 0.05 T too, the last
@@ -351,13 +354,11 @@ class SamplingConfig:
         return " ".join(text(self.OPTION_NAMES[k], v) for k, v in self.changed_options().items()) or "-"
 
     def steps_for(self, timesteps: int) -> int:
-        """The number of denoiser evaluations this setting makes: T for ddpm; else `steps`, by default 50 for
-        ddim and 20 for dpmpp2m (its second-order updates reach DDIM-100 quality in 15-20, Lu et al. 2022)."""
+        """The number of denoiser evaluations this setting makes: T for ddpm; else `steps`, by default
+        DEFAULT_STEPS[sampler]."""
         if self.sampler == "ddpm":
             return timesteps
-        if self.steps is not None:
-            return self.steps
-        return 20 if self.sampler == "dpmpp2m" else 50
+        return self.steps if self.steps is not None else DEFAULT_STEPS[self.sampler]
 
 
 @dataclass

@@ -402,7 +402,7 @@ def sweep(model, schedule, evaluator: Evaluator, settings: list[SamplingConfig],
     """Sample and score the model once per setting; `eval.json` in `eval_dir` is rewritten after every row, so an
     interrupted sweep keeps what it measured and a second call reuses every image already written.
 
-    `guide` (a `checkpoint.load_guide` result) serves the settings whose guide_weight is not 1; `guide_id` (e.g.
+    `guide` (a `sources.load_guide` result) serves the settings whose guide_weight is not 1; `guide_id` (e.g.
     the guide's weights' sha1) names it in the sample folders and the rows. Rows already in `record` are kept, so
     that sweeps with several guides add up to one record."""
     start = time.perf_counter()

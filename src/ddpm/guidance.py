@@ -198,7 +198,7 @@ def _indices_inside(timesteps: int, lo: float, hi: float) -> torch.Tensor:
 
 
 class Guide(NamedTuple):
-    """A guide network for autoguidance with the diffusion config it was trained under (what `checkpoint.load_guide`
+    """A guide network for autoguidance with the diffusion config it was trained under (what `sources.load_guide`
     returns): its prediction type may differ from the main model's, its noise schedule may not."""
 
     model: nn.Module

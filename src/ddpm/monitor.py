@@ -17,6 +17,7 @@ from .errors import DdpmWarning
 from .files import atomic_write_json, make_grid
 from .progress import progress as progress_bar
 from .snapshots import snapshot_due, snapshot_every, write_snapshot
+from .sources import load_guide
 
 
 class Monitor:
@@ -172,7 +173,7 @@ class RankZeroMonitor(Monitor):
         start = time.perf_counter()
         if self.quality_guide is None:  # RUN/guide is written once and never changes: loaded once it exists
             guide_dir = ckpt.find_run_guide(self.run_dir)
-            self.quality_guide = None if guide_dir is None else ckpt.load_guide(
+            self.quality_guide = None if guide_dir is None else load_guide(
                 guide_dir, trainer.ema.model, trainer.device, schedule=trainer.schedule)
         scores = self.quality.score(trainer.ema.model, trainer.schedule, self.quality_guide)
         floor = self.quality.floor()

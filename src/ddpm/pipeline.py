@@ -65,7 +65,7 @@ def sample(
 
     Unconditional models take `n`; conditional ones take `labels` (n = len(labels)). The sampler and guidance
     come from `sampling` and/or keyword options of `SamplingConfig` (sampler="dpmpp2m", steps=20, guidance=3, ...).
-    The network's output is read as `schedule.prediction` says (eps or v). `guide` (a `checkpoint.load_guide`
+    The network's output is read as `schedule.prediction` says (eps or v). `guide` (a `sources.load_guide`
     result, or a module predicting what the model predicts) turns on autoguidance when `guide_weight` != 1.
     `x_T`, `start_index`, `stop_index`, `state_hook`: start from a given state at a given timestep index, stop at
     another, and a hook on each new state (`samplers`' docstring; `editing.py` uses them).

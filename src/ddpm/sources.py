@@ -12,10 +12,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import BEST_DIR, CONFIG, LATEST, MODEL_DIR, find_run_guide
-from .config import POSTHOC_DEFAULT
+import torch
+
+from .checkpoint import (
+    BEST_DIR,
+    CHECKPOINT_DIR,
+    CONFIG,
+    GUIDE_DIR,
+    LATEST,
+    MODEL_DIR,
+    WEIGHTS,
+    CheckpointError,
+    find_run_guide,
+    from_pretrained,
+    load_training_state,
+)
+from .config import POSTHOC_DEFAULT, DiffusionConfig, ModelConfig, RunConfig, from_dict
 from .errors import DdpmError
+from .guidance import Guide, check_guide_schedule
 from .snapshots import WELL_REBUILT, Rebuild, list_snapshots, plan_rebuild, rebuilt_model_dir, step_at_fraction
+from .unet import UNet
 
 NO_GUIDE = "none"  # --guide none: no autoguidance, whatever the run holds
 
@@ -23,7 +39,7 @@ NO_GUIDE = "none"  # --guide none: no autoguidance, whatever the run holds
 @dataclass(frozen=True)
 class Sources:
     weights: Path | None  # a model folder (model.safetensors + config.json); None when only the guide was asked
-    guide: Path | None  # what `checkpoint.load_guide` reads; None: no autoguidance
+    guide: Path | None  # what `sources.load_guide` reads; None: no autoguidance
     posthoc_default: bool  # the weights and guide are the run's measured post-hoc defaults
 
 
@@ -166,3 +182,72 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
 def default_sources(model: Path | str) -> Sources:
     """What `ddpm sample MODEL` draws with when no flag says otherwise."""
     return resolve_sources(model)
+
+
+# -- loading a guide ------------------------------------------------------------------------------------------------
+def load_guide(path: Path, main_model: torch.nn.Module, device: torch.device | str = "cpu", *, schedule=None):
+    """Load a guide for autoguidance: `Guide(model in eval mode on device, its DiffusionConfig)`.
+
+    `path` is a model folder (model.safetensors + config.json), a run folder (its guide snapshot RUN/guide; never
+    its final model/, which is the main model itself) or a training checkpoint checkpoints/step_XXXXXXXX.pt (its
+    EMA weights). The guide must fit `main_model` (image size, channels, classes) and, when `schedule` (the main
+    model's NoiseSchedule) is given, its noise schedule; otherwise a one-line CheckpointError names both values."""
+    path = Path(path)
+    if path.is_file():
+        model, diffusion = _guide_from_checkpoint(path)
+    else:
+        folder = _guide_folder(path)
+        model, _, config = from_pretrained(folder)
+        diffusion, path = from_dict(DiffusionConfig, config["diffusion"]), folder
+    _check_guide_fits(path, model.config, main_model.config)
+    if schedule is not None:
+        try:
+            check_guide_schedule(diffusion, schedule, name=f"guide {path}")
+        except DdpmError as error:
+            raise CheckpointError(str(error)) from None
+    return Guide(model.to(device).eval(), diffusion)
+
+
+def _guide_folder(path: Path) -> Path:
+    """The model folder behind a guide path: the folder itself, or a run folder's guide snapshot (never the
+    run's model/: that is the main model itself, and guiding a model with itself does nothing)."""
+    if (path / WEIGHTS).is_file():
+        return path
+    guide = find_run_guide(path)
+    if guide is not None:
+        return guide
+    if (path / CHECKPOINT_DIR).is_dir() or (path / LATEST).is_file() or (path / MODEL_DIR).is_dir():
+        raise CheckpointError(f"run {path} has no guide snapshot {GUIDE_DIR}/ (it is written at --guide-fraction of "
+                              f"the run); give a model folder or one of its {CHECKPOINT_DIR}/step_*.pt as the guide")
+    if (path / CONFIG).is_file():
+        return path  # from_pretrained says what is missing
+    what = "does not exist" if not path.exists() else "is not a guide"
+    raise CheckpointError(f"{path} {what}: give a model folder ({WEIGHTS} + {CONFIG}), a run folder with a "
+                          f"{GUIDE_DIR}/ snapshot, or a training checkpoint {CHECKPOINT_DIR}/step_*.pt")
+
+
+def _guide_from_checkpoint(path: Path):
+    """(UNet with the checkpoint's EMA weights, DiffusionConfig) from a training checkpoint file."""
+    state = load_training_state(path)
+    try:
+        config = RunConfig.from_dict(state["config"])
+        weights = state["ema"]["model"] if state.get("ema") else state["model"]
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"{path} is not a ddpm training checkpoint (no {error}); "
+                              f"give a {CHECKPOINT_DIR}/step_*.pt") from None
+    model = UNet(config.model)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointError(f"the weights in {path} do not fit the model of its own config: {error}") from error
+    return model, config.diffusion
+
+
+def _check_guide_fits(path: Path, guide: ModelConfig, main: ModelConfig) -> None:
+    """Autoguidance subtracts the two networks' predictions for the same x_t and labels: shapes and classes
+    must agree (widths and depths may differ: a smaller guide is the paper's default)."""
+    for name in ("image_size", "in_channels", "num_classes"):
+        mine, theirs = getattr(guide, name), getattr(main, name)
+        if mine != theirs:
+            raise CheckpointError(f"guide {path} has {name} {mine} but the model has {theirs}; "
+                                  "a guide must be trained on the same images and classes as the model it guides")

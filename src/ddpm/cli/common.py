@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import (
     AUTOGUIDED,
     DEFAULT_CFG,
+    DEFAULT_STEPS,
     MAX_SEED,
     POSTHOC_DEFAULT,
     SAMPLERS,
@@ -19,6 +20,7 @@ from ..config import (
     sampling_defaults,
 )
 from ..errors import DdpmError, DdpmWarning
+from ..sources import load_guide
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -129,8 +131,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> N
     a = parser.add_argument
     a("--sampler", choices=SAMPLERS, nargs=nargs, help="ddpm: all T ancestral steps; ddim; dpmpp2m: DPM-Solver++(2M)"
       + ("" if many else f" (default {d.sampler})"))
-    a("--sampling-steps", type=int, nargs=nargs, help="denoiser evaluations for ddim (default 50) and dpmpp2m "
-      "(default 20); ddpm always takes T")
+    a("--sampling-steps", type=int, nargs=nargs, help=f"denoiser evaluations for ddim (default "
+      f"{DEFAULT_STEPS['ddim']}) and dpmpp2m (default {DEFAULT_STEPS['dpmpp2m']}); ddpm always takes T")
     a("--guidance", type=float, nargs=nargs, help="classifier-free guidance w: 0 = unconditional, 1 = conditional, "
       f">1 = guided (default {DEFAULT_CFG:g}; {AUTOGUIDED['guidance']:g} when a guide is used)")
     a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024): "
@@ -220,7 +222,7 @@ def resolve_guide(args: argparse.Namespace, model, schedule, device):
 
     found = sources(args, part="guide").guide
     if found is not None:
-        return ckpt.load_guide(found, model, device, schedule=schedule), str(found)
+        return load_guide(found, model, device, schedule=schedule), str(found)
     if args.guide is not None:  # --guide none
         return None, None
     run = run_folder(Path(args.model))

@@ -47,7 +47,7 @@ TRAIN_FLAGS = {
     "cuda_graphs": ("runtime", "cuda_graphs"),
     "num_workers": ("runtime", "num_workers"), "log_every": ("runtime", "log_every"),
     "checkpoint_every": ("runtime", "checkpoint_every"), "keep_checkpoints": ("runtime", "keep_checkpoints"),
-    "sample_every": ("runtime", "sample_every"), "sample_steps": ("runtime", "sample_steps"),
+    "sample_every": ("runtime", "sample_every"), "sampling_steps": ("runtime", "sample_steps"),
     "guidance": ("runtime", "guidance"), "val_every": ("runtime", "val_every"), "val_size": ("runtime", "val_size"),
     "max_bad_fraction": ("runtime", "max_bad_fraction"), "guide_fraction": ("runtime", "guide_fraction"),
     "time_limit": ("runtime", "time_limit"), "dist_timeout": ("runtime", "dist_timeout"),
@@ -155,8 +155,9 @@ def _add_runtime_flags(a) -> None:
     a("--keep-checkpoints", type=int, help="checkpoints kept (older ones are deleted)" + _default("keep_checkpoints"))
     a("--sample-every", type=int, help="preview grid to TensorBoard every N steps, 0 = never"
       + _default("sample_every"))
-    a("--sample-steps", type=int, help="sampling steps of the preview grids (default sampler)"
-      + _default("sample_steps"))
+    a("--sampling-steps", type=int, help="denoiser evaluations of the preview grids (the default sampler, as "
+      "ddpm sample --sampling-steps)" + _default("sampling_steps"))
+    a("--sample-steps", type=int, dest="old_sample_steps", help=argparse.SUPPRESS)  # the old name of the above
     a("--guidance", type=float, help="guidance scale w of the preview grids, 0 = unconditional" + _default("guidance"))
     a("--val-every", type=int, help="held-out validation loss every N steps, 0 = never" + _default("val_every"))
     a("--val-size", type=int, help="held-out images for the validation loss" + _default("val_size"))
@@ -206,6 +207,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..distributed import StopRequest, stop_on_signals
 
     stop = StopRequest()  # --time-limit counts from here
+    if getattr(args, "old_sample_steps", None) is not None:
+        print("ddpm train: note: --sample-steps is now --sampling-steps (the same name as in ddpm sample); the old "
+              "name still works", file=sys.stderr)
+        args.sampling_steps = args.sampling_steps if args.sampling_steps is not None else args.old_sample_steps
     if args.resume:
         config, resume = resumed_config_from_args(args), True
     else:

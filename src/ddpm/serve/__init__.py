@@ -32,7 +32,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from ..config import MAX_TIMESTEPS, SAMPLE_BATCH, SAMPLERS, SamplingConfig
+from ..config import MAX_SEED, MAX_TIMESTEPS, SAMPLE_BATCH, SAMPLERS, SamplingConfig
 from ..errors import DdpmError
 from ..files import keeps_process_frame, save_images
 from .edit_tab import build_edit_tab
@@ -44,7 +44,6 @@ from .served import (  # noqa: F401 - re-exported: ddpm.serve is the page's publ
     MAX_GUIDANCE,
     MAX_GUIDE_WEIGHT,
     MAX_IMAGES,
-    MAX_SEED,
     MAX_STEPS,
     NO_GUIDE,
     RANDOM_SEED,

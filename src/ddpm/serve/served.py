@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import SAMPLERS, SamplingConfig, sampling_defaults
+from ..config import MAX_SEED, SAMPLERS, SamplingConfig, sampling_defaults
 from ..errors import DdpmError
 from ..files import grid_upscale, make_grid, process_strip
 from ..guidance import Guide
@@ -28,7 +28,6 @@ DEFAULT_IMAGES = 4
 MAX_GUIDANCE = 10.0  # classifier-free guidance w
 MAX_GUIDE_WEIGHT = 5.0  # autoguidance g (Karras et al. 2024 use about 1.5 to 3)
 RANDOM_SEED = "random"
-MAX_SEED = 2**32 - 1
 INSTALL_HINT = "pip install -e '.[ui]' (in a clone of ddpm) or pip install 'ddpm[ui]'"
 
 
@@ -85,7 +84,7 @@ class ServedModel:
     device: torch.device
     source: Path
     class_names: list[str] | None = field(default=None)
-    guide: Guide | None = None  # autoguidance: a `checkpoint.load_guide` result
+    guide: Guide | None = None  # autoguidance: a `sources.load_guide` result
     guide_path: Path | None = None  # where the guide came from (printed as `ddpm sample --guide PATH`)
     worker: TorchThread = field(default_factory=TorchThread, repr=False)
 
@@ -125,9 +124,9 @@ def load_served_model(model_dir: Path | str, device: torch.device | str | None =
 
 
 def _load(source: Path, device, guide, worker: TorchThread) -> ServedModel:
-    from ..checkpoint import from_pretrained, load_guide
+    from ..checkpoint import from_pretrained
     from ..devices import configure_for_speed, pick_device
-    from ..sources import resolve_sources
+    from ..sources import load_guide, resolve_sources
 
     if not source.exists():
         raise DdpmError(f"{source} does not exist; give a run folder (runs/NAME) or a model folder "
