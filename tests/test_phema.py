@@ -421,3 +421,36 @@ def test_a_run_shorter_than_its_ema_warm_up_does_not_export_its_raw_weights_as_t
     raw = state["model"]
     assert any(not torch.equal(value, raw[name]) for name, value in ema.state_dict().items()
                if value.is_floating_point())
+
+
+def test_a_100k_step_runs_default_rebuild_plan_and_its_note(tmp_path, recwarn):
+    # What a long run gets by default (issue 36, item 4), from the snapshots the monitor writes (headers only: the
+    # plan reads no weights): the main average at the end, the guide at half the run with the rule's length clamped
+    # at 0.03 (a window of 1,500 steps, not the measured 100), both rebuilt within snapshots.WELL_REBUILT; and the
+    # one line that says the run is outside what was measured, with the sweep to run. The bugs it catches: a long
+    # run whose default silently falls back (a guide step off the snapshots, a length they cannot rebuild), or a
+    # long run drawn with an unmeasured default without a word.
+    from ddpm.config import POSTHOC_DEFAULT
+    from ddpm.phema import gamma_of
+    from ddpm.snapshots import WELL_REBUILT, Snapshot, snapshot_due, snapshot_every
+    from ddpm.sources import plan_posthoc, resolve_sources
+
+    last = 100_000
+    steps = [s for s in range(1, last + 1)
+             if snapshot_due(s, last, snapshot_every(None, last), POSTHOC_DEFAULT["guide_ema_fraction"])]
+    assert len(steps) == 40 and 50_000 in steps
+    headers = [Snapshot(tmp_path / f"s{s}_{g}", s, g, gamma_of(g)) for s in steps for g in (0.05, 0.10)]
+    (tmp_path / "model").mkdir()
+    plan = plan_posthoc(tmp_path, headers)
+    assert (plan.main.sigma_rel, plan.main.step) == (0.13, 100_000)
+    assert (plan.guide.sigma_rel, plan.guide.step) == (0.03, 50_000)
+    assert plan.main.error < 0.002 and plan.guide.error == pytest.approx(0.0264, abs=0.001)
+    assert plan.rebuilds_well and max(plan.main.error, plan.guide.error) <= WELL_REBUILT
+
+    # a run beyond the measured 4,000 steps, snapshotted as the monitor would
+    run = fake_run(tmp_path / "run", [s for s in range(1, 8_001) if snapshot_due(s, 8_000, 200, 0.5)])
+    found = resolve_sources(run, warn=lambda text: recwarn.list.append(text))
+    assert found.posthoc_default
+    notes = [text for text in recwarn.list if isinstance(text, str)]
+    assert len(notes) == 1 and "is longer than the runs its post-hoc default was measured on" in notes[0]
+    assert f"ddpm eval {run} --guide-ema-length" in notes[0]

@@ -277,7 +277,8 @@ AUTOGUIDED = {"guidance": 1.0, "guide_weight": 2.6, "guidance_interval": (0.05, 
 # `guide_window` training steps (sigma_rel x the guide's step: 0.2 at step 500 of the 1,000-step quickstart, 0.05
 # at step 2,000 of a 4,000-step run), kept within `guide_ema_range`, where the default tracks rebuild it well
 # (sources.py; measured in benchmarks/RESULTS.md "Post-hoc EMA").
-POSTHOC_DEFAULT = {"ema_length": 0.13, "guide_ema_fraction": 0.5, "guide_window": 100, "guide_ema_range": (0.03, 0.2)}
+POSTHOC_DEFAULT = {"ema_length": 0.13, "guide_ema_fraction": 0.5, "guide_window": 100, "guide_ema_range": (0.03, 0.2),
+                   "measured_steps": (1000, 4000)}  # the run lengths the rule was measured on (16x16 digits)
 
 
 def sampling_defaults(guided: bool) -> dict[str, Any]:

@@ -110,6 +110,18 @@ def default_posthoc(run: Path, snapshots: list | None = None) -> tuple[float, in
     return plan.main.sigma_rel, plan.main.step, plan.guide.sigma_rel, plan.guide.step
 
 
+def outside_note(run: Path, plan: PosthocPlan) -> str:
+    """The one line said when a run is longer than the runs the guide rule was measured on, with the sweep that
+    measures it for this run."""
+    low, high = POSTHOC_DEFAULT["measured_steps"]
+    window = round(plan.guide.sigma_rel * plan.guide.step)
+    return (f"{run} ({plan.main.step:,} steps) is longer than the runs its post-hoc default was measured on "
+            f"({low:,}-{high:,} steps of 16x16 digits): it draws {plan.describe()} (a guide averaged over about "
+            f"{window:,} steps; the rule's {POSTHOC_DEFAULT['guide_window']} steps cannot be rebuilt that late); "
+            f"to measure this run: ddpm eval {run} --guide-ema-length {plan.guide.sigma_rel:g} 0.05 0.1 "
+            "--guide-weight 2 2.6 3")
+
+
 def fallback_note(run: Path, plan: PosthocPlan) -> str:
     """The one line said when a run's post-hoc default cannot be rebuilt: what it draws instead, and why."""
     guide = find_run_guide(run)
@@ -148,6 +160,8 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
     default = None
     if plan is not None and plan.rebuilds_well:
         default = plan.main.sigma_rel, plan.main.step, plan.guide.sigma_rel, plan.guide.step
+        if plan.main.step > POSTHOC_DEFAULT["measured_steps"][1] and part != "guide" and warn is not None:
+            warn(outside_note(run, plan))
     elif plan is not None and part != "guide" and warn is not None:
         warn(fallback_note(run, plan))
     if ema_length is not None:
