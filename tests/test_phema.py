@@ -268,25 +268,32 @@ def test_a_run_from_before_post_hoc_ema_resumes_and_samples_as_before(tmp_path):
 
 
 def test_serve_serves_a_rebuilt_average_guided_by_the_runs_guide(tmp_path, monkeypatch, capsys):
-    # The bug it catches: the page drawing from the run's own EMA despite --ema-length, or losing the run's guide
-    # (the rebuilt folder has none of its own).
-    import ddpm.serve as serve
+    # The bugs it catches: the page drawing from the run's own EMA despite --ema-length, or losing the run's guide
+    # (the rebuilt folder has none of its own); the page's source flags differing from ddpm sample's (issue 34:
+    # it had no --guide-ema-length).
+    import ddpm.serve as page
     from ddpm.cli import build_parser, main
+    from ddpm.cli.serve import run_serve
     from helpers import TINY_TRAIN_ARGS, free_port
 
     run = tmp_path / "run"
     assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "4", "--ema-snapshot-every", "2",
                  *TINY_TRAIN_ARGS]) == 0
     served = {}
-    monkeypatch.setattr(serve, "launch_app", lambda app, host, port, block: served.setdefault("app", app))
+    monkeypatch.setattr(page, "launch_app", lambda app, host, port, block: served.setdefault("app", app))
     args = build_parser().parse_args(["serve", str(run), "--ema-length", "0.1", "--port", str(free_port()),
                                       "--device", "cpu"])
-    assert serve.run_serve(args) == 0 and "app" in served
+    assert run_serve(args) == 0 and "app" in served
     folder = run / "ema_rebuilt" / "sigma0.1000_step00000004"
     assert f"ddpm serve: {folder} (guide {run / 'guide'})" in capsys.readouterr().out
+    args = build_parser().parse_args(["serve", str(run), "--ema-length", "0.1", "--guide-ema-length", "0.2",
+                                      "--guide-ema-fraction", "0.5", "--port", str(free_port()), "--device", "cpu"])
+    assert run_serve(args) == 0
+    guide = run / "ema_rebuilt" / "sigma0.2000_step00000002"
+    assert f"ddpm serve: {folder} (guide {guide})" in capsys.readouterr().out
     args = build_parser().parse_args(["serve", str(run), "--ema-step", "2", "--port", str(free_port())])
     with pytest.raises(Exception, match="needs --ema-length"):
-        serve.run_serve(args)
+        run_serve(args)
 
 
 def test_a_run_is_drawn_with_its_measured_post_hoc_defaults_and_its_classic_ema_by_name(tmp_path, capsys):

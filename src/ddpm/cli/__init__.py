@@ -12,13 +12,14 @@ import sys
 import warnings
 
 from ..errors import DdpmError, DdpmWarning, PeerLost
-from . import edit, evaluate, export, prepare, sample, train
+from . import edit, evaluate, export, prepare, sample, serve, train
 from .common import sampling_configs
 from .edit import add_edit_parser
 from .evaluate import add_eval_parser
 from .export import add_export_parser
 from .prepare import add_prepare_parser
 from .sample import add_sample_parser
+from .serve import add_serve_parser
 from .train import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
@@ -42,17 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_prepare_parser(sub)
     add_export_parser(sub)
-    from ..serve import add_serve_parser  # Gradio itself is imported only when the page runs
-
     add_serve_parser(sub)
     return parser
 
 
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from ..serve import run_serve
-
-    return run_serve(args)
 
 
 
@@ -83,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # looked up at each call, so that a test can replace one command's function in its module
     commands = {"train": train.cmd_train, "sample": sample.cmd_sample, "edit": edit.cmd_edit, "eval": evaluate.cmd_eval,
-                "prepare": prepare.cmd_prepare, "serve": cmd_serve, "export": export.cmd_export}
+                "prepare": prepare.cmd_prepare, "serve": serve.run_serve, "export": export.cmd_export}
     try:
         with one_line_warnings(args.command):
             return commands[args.command](args)

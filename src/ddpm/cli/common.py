@@ -66,6 +66,15 @@ def ema_lengths_arg(text: str) -> tuple[float, ...]:
             from None
 
 
+# the flags every command shares, each defined once; `a` is a parser's add_argument
+def add_device_flag(a) -> None:
+    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+
+
+def add_quiet_flag(a) -> None:
+    a("--quiet", action="store_true", help="no progress bars or progress lines")
+
+
 def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True, many: bool = False) -> None:
     """--ema-length / --ema-step: draw from an average rebuilt from the run's post-hoc EMA snapshots; with `guide`,
     also --guide-ema-length / --guide-ema-fraction: guide with one. `many`: several lengths (eval's sweep)."""

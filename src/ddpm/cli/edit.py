@@ -11,7 +11,9 @@ from ..errors import DdpmError
 from .common import (
     MAX_SAMPLES,
     HelpFormatter,
+    add_device_flag,
     add_ema_flags,
+    add_quiet_flag,
     add_sampling_flags,
     folder_path,
     int_list,
@@ -61,8 +63,8 @@ def add_edit_parser(sub) -> None:
       help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
     add_ema_flags(ed)
     a("--batch-size", type=int, default=SAMPLE_BATCH, help="images per sampling batch")
-    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    a("--quiet", action="store_true", help="no progress bar")
+    add_device_flag(a)
+    add_quiet_flag(a)
 
 
 # ------------------------------------------------------------------------------------------------ reading inputs

@@ -16,7 +16,9 @@ from .common import (
     MAX_CLASSIFIER_STEPS,
     MAX_SAMPLES,
     HelpFormatter,
+    add_device_flag,
     add_ema_flags,
+    add_quiet_flag,
     add_sampling_flags,
     folder_path,
     load_model,
@@ -58,8 +60,8 @@ def add_eval_parser(sub) -> None:
     add_ema_flags(ev, many=True)
     a("--out", type=folder_path, help="folder for eval/ (default: the run folder; with --ema-length, the rebuilt "
       "average's folder)")
-    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    a("--quiet", action="store_true", help="no progress bars")
+    add_device_flag(a)
+    add_quiet_flag(a)
 
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import (
     MAX_WORKERS,
 )
-from .common import HelpFormatter, folder_path
+from .common import HelpFormatter, add_quiet_flag, folder_path
 
 
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     pr.add_argument("--max-bad-fraction", type=float, default=BAD_FRACTION, metavar="F",
                     help="unreadable image files tolerated, as a fraction of the folder (at least 10 files); past it "
                          "nothing is prepared and OUT/bad_files.txt lists them; 0 = none")
-    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_flag(pr.add_argument)
     return pr
 
 

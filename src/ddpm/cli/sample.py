@@ -13,7 +13,9 @@ from ..errors import DdpmError
 from .common import (
     MAX_SAMPLES,
     HelpFormatter,
+    add_device_flag,
     add_ema_flags,
+    add_quiet_flag,
     add_sampling_flags,
     folder_path,
     int_list,
@@ -42,10 +44,10 @@ def add_sample_parser(sub) -> None:
     a("--batch-size", type=int, default=SAMPLE_BATCH, help="images per sampling batch (batch b is seeded by (seed, b))")
     a("--process", action="store_true", help="also write the denoising process (x_t over the steps) "
       "as process.png and process.gif")
-    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    add_device_flag(a)
     a("--compile", action="store_true",
       help="torch.compile the model (the first step compiles; worth it for many steps)")
-    a("--quiet", action="store_true", help="no progress bar")
+    add_quiet_flag(a)
 
 
 

@@ -17,7 +17,16 @@ from ..config import (
 )
 from ..errors import DdpmError
 from ..presets import PRESETS
-from .common import HelpFormatter, duration, ema_lengths_arg, folder_path, int_list, worker_count
+from .common import (
+    HelpFormatter,
+    add_device_flag,
+    add_quiet_flag,
+    duration,
+    ema_lengths_arg,
+    folder_path,
+    int_list,
+    worker_count,
+)
 
 
 def tracker_list(text: str) -> tuple[str, ...]:
@@ -100,7 +109,7 @@ def add_train_parser(sub) -> None:
       help="class-conditional with classifier-free guidance (labels from class subfolders)")
     _add_recipe_flags(a)
     _add_runtime_flags(a)
-    a("--quiet", action="store_true", help="no progress bar")
+    add_quiet_flag(a)
 
 
 def _add_recipe_flags(a) -> None:
@@ -140,7 +149,7 @@ def _add_runtime_flags(a) -> None:
     """How a run executes: the flags `--resume` accepts (RuntimeConfig's fields, except --out)."""
     a("--steps", type=int, help="optimizer steps to train for")
     a("--epochs", type=int, help="passes over the data (when --steps is not given)")
-    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    add_device_flag(a)
     a("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision; auto = bf16 on CUDA, off on CPU"
       + _default("amp"))
     a("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -13,15 +13,12 @@ temporary folder that is removed when the server stops.
 """
 from __future__ import annotations
 
-import argparse
 import atexit
-import ipaddress
 import itertools
 import queue
 import random
 import shlex
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -32,7 +29,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from ..config import MAX_SEED, MAX_TIMESTEPS, SAMPLE_BATCH, SAMPLERS, SamplingConfig
+from ..config import MAX_SEED, SAMPLE_BATCH, SAMPLERS, SamplingConfig
 from ..errors import DdpmError
 from ..files import keeps_process_frame, save_images
 from .edit_tab import build_edit_tab
@@ -426,81 +423,3 @@ def launch_app(app, host: str = DEFAULT_HOST, port: int | None = DEFAULT_PORT, *
     except OSError as error:
         raise DdpmError(f"cannot listen on {host}:{port} ({error}); pass a free --port") from error
     return app
-
-
-# ---------------------------------------------------------------------------------------------------- the command
-def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `ddpm serve` to the CLI's sub-commands (Gradio is imported only when it runs). Defaults are written
-    into the help texts (argparse's own formatter would print "(default: None)" for flags without one)."""
-    parser = subparsers.add_parser(
-        "serve", help="a local web page to sample a trained model (needs the [ui] extra)",
-        description="Open a web page to sample a run folder or a model folder: choose the class, guidance (and "
-                    "autoguidance, when the run has a guide), sampler, steps and seed and watch the images form. "
-                    f"Needs Gradio: {INSTALL_HINT}.")
-    a = parser.add_argument
-    a("model", help="run folder or model folder (only read, never written)")
-    a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024), as `ddpm sample --guide`: a model folder, a "
-      f"run folder (its guide/ snapshot) or a checkpoint .pt; '{NO_GUIDE}' = off (default: as `ddpm sample`, a "
-      "run's rebuilt half-way average when it keeps post-hoc EMA snapshots, else its guide/ snapshot)")
-    a("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only); "
-      "0.0.0.0 opens the page to your network")
-    a("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
-    a("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    a("--max-steps", type=int, default=MAX_STEPS,
-      help=f"most sampling steps one request may ask for (default {MAX_STEPS})")
-    a("--ema-length", type=float, metavar="S", help="serve the average of this post-hoc EMA length (sigma_rel), "
-      "rebuilt from the run's snapshots as `ddpm sample --ema-length` does (default: as `ddpm sample`, the "
-      "measured length for a run with snapshots, else its classic EMA)")
-    a("--ema-step", type=int, metavar="N", help="with --ema-length: the average as it was at step N")
-    return parser
-
-
-def check_listen_address(host: str, port: int) -> None:
-    """A one-line DdpmError unless this process can listen on host:port. Checked before Gradio starts: its own
-    failure is a log line from uvicorn plus a message about port ranges, whatever was wrong."""
-    hint = f"use {DEFAULT_HOST} (this machine only) or 0.0.0.0 (your network)"
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:  # a host name, which must resolve; "0" or "1e3" would be read as odd IPv4 spellings
-        if not host or not any(c.isalpha() for c in host):
-            raise DdpmError(f"--host {host!r} is not an IP address or host name; {hint}") from None
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as error:
-        raise DdpmError(f"--host {host!r} is not a known address ({error}); {hint}") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds, so the check agrees
-        try:
-            probe.bind(address)
-        except OSError as error:
-            raise DdpmError(f"cannot listen on {host}:{port} ({error.strerror or error}); pass a free --port, "
-                            f"or a --host of this machine") from None
-
-
-def served_source(args: argparse.Namespace) -> tuple[Path, Path | str | None]:
-    """(the model folder to serve, its guide as `load_served_model` takes it), resolved as `ddpm sample` resolves
-    them (sources.resolve_sources): a run's post-hoc defaults, --ema-length's rebuilt average, --guide; the page's
-    printed command then names those folders."""
-    from ..sources import resolve_sources
-
-    found = resolve_sources(Path(args.model), ema_length=args.ema_length, ema_step=args.ema_step, guide=args.guide)
-    return found.weights, found.guide if found.guide is not None else NO_GUIDE
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    """`ddpm serve`: load the model and its guide (one-line DdpmError if unusable), then serve the page until
-    Ctrl-C."""
-    if not 1 <= args.port <= 65535:
-        raise DdpmError(f"--port {args.port} is not a port number; use 1 to 65535 (default {DEFAULT_PORT})")
-    if not 1 <= args.max_steps <= MAX_TIMESTEPS:
-        raise DdpmError(f"--max-steps must be from 1 to {MAX_TIMESTEPS:,}, got {args.max_steps}")
-    check_listen_address(args.host, args.port)
-    import_gradio()  # before the model loads: without Gradio nothing else is worth doing
-    source, guide = served_source(args)
-    served = load_served_model(source, args.device, guide)
-    app = build_app(source, max_steps=args.max_steps, served=served)
-    guide = f"guide {served.guide_path}" if served.guide is not None else "no guide"
-    print(f"ddpm serve: {source} ({guide}) on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    launch_app(app, args.host, args.port, block=True)
-    return 0
