@@ -461,3 +461,36 @@ def test_a_100k_step_runs_default_rebuild_plan_and_its_note(tmp_path, recwarn):
     notes = [text for text in recwarn.list if isinstance(text, str)]
     assert len(notes) == 1 and "is longer than the runs its post-hoc default was measured on" in notes[0]
     assert f"ddpm eval {run} --guide-ema-length" in notes[0]
+
+
+def test_sample_and_the_page_resolve_and_load_a_model_once(tmp_path, monkeypatch):
+    # The bug it catches (issue 34): the model and its guide resolved twice per command (ddpm sample asked for the
+    # weights, then again for the guide) and loaded through two loaders (the CLI's and the page's), which then
+    # drift apart. Both now go through sources.open_model.
+    import ddpm.serve as page
+    import ddpm.sources as sources
+    from ddpm.cli import main
+
+    run = fake_run(tmp_path / "run", [s for s in range(1, 201) if snapshot_due_every(s, 200)])
+    calls = {"resolve": 0, "load": 0}
+    resolve, load = sources.resolve_sources, sources.from_pretrained
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(sources, "resolve_sources", counted("resolve", resolve))
+    monkeypatch.setattr(sources, "from_pretrained", counted("load", load))
+    assert main(["sample", str(run), "--n", "2", "--sampling-steps", "2", "--out", str(tmp_path / "s"), "--quiet",
+                 "--device", "cpu"]) == 0
+    assert calls == {"resolve": 1, "load": 2}  # the weights, and the guide's (load_guide)
+    served = page.load_served_model(run, "cpu")
+    assert calls == {"resolve": 2, "load": 4} and served.guide is not None
+
+
+def snapshot_due_every(step: int, last: int) -> bool:
+    from ddpm.snapshots import snapshot_due, snapshot_every
+
+    return snapshot_due(step, last, snapshot_every(None, last), 0.5)

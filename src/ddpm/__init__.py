@@ -28,16 +28,17 @@ from .guidance import ClassifierFreeGuidance, Guide, GuidedDenoiser, make_denois
 from .pipeline import sample, sample_all, sample_batches
 from .samplers import ddim_invert, ddim_sample, ddpm_sample, dpmpp_2m_sample
 from .schedule import NoiseSchedule, cosine_betas, linear_betas
-from .sources import Sources, default_sources, load_guide, resolve_sources
+from .sources import Opened, Sources, default_sources, load_guide, open_model, resolve_sources
 from .unet import UNet
 
 __all__ = [
     "ClassifierFreeGuidance", "DdpmError", "DiffusionConfig", "EMA", "Guide", "GuidedDenoiser", "ModelConfig",
-    "NoiseSchedule", "RunConfig", "RuntimeConfig", "SamplingConfig", "Sources", "TrainConfig", "UNet", "cosine_betas",
+    "NoiseSchedule", "Opened", "RunConfig", "RuntimeConfig", "SamplingConfig", "Sources", "TrainConfig", "UNet",
+    "cosine_betas",
     "ddim_invert", "ddim_sample", "ddpm_sample", "default_sources", "dpmpp_2m_sample", "draw_training_inputs",
     "find_run_guide", "from_pretrained", "img2img", "inpaint", "interpolate_images", "interpolate_seeds", "invert",
-    "linear_betas", "load_guide", "make_denoiser", "posterior_mean", "predict_eps", "predict_x0", "q_sample",
-    "reconstruct", "resolve_sources", "sample", "sample_all", "sample_batches", "save_grid", "save_images",
+    "linear_betas", "load_guide", "make_denoiser", "open_model", "posterior_mean", "predict_eps", "predict_x0",
+    "q_sample", "reconstruct", "resolve_sources", "sample", "sample_all", "sample_batches", "save_grid", "save_images",
     "save_pretrained", "slerp", "training_loss", "training_losses",
 ]
 __version__ = "0.1.0"

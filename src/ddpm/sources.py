@@ -25,11 +25,14 @@ from .checkpoint import (
     CheckpointError,
     find_run_guide,
     from_pretrained,
+    latest_checkpoint,
     load_training_state,
 )
 from .config import POSTHOC_DEFAULT, DiffusionConfig, ModelConfig, RunConfig, from_dict
+from .devices import configure_for_speed, pick_device
 from .errors import DdpmError
 from .guidance import Guide, check_guide_schedule
+from .schedule import NoiseSchedule
 from .snapshots import WELL_REBUILT, Rebuild, list_snapshots, plan_rebuild, rebuilt_model_dir, step_at_fraction
 from .unet import UNet
 
@@ -134,21 +137,18 @@ def fallback_note(run: Path, plan: PosthocPlan) -> str:
 
 def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_step: int | None = None,
                     guide: str | None = None, guide_ema_length: float | None = None,
-                    guide_ema_fraction: float | None = None, raw_weights: bool = False, part: str = "both",
-                    warn=None) -> Sources:
+                    guide_ema_fraction: float | None = None, raw_weights: bool = False, warn=None) -> Sources:
     """The weights and the guide that the flags of the same names ask for (None: the defaults, see the module
     docstring). `guide`: a path, "none", or None for the default. `raw_weights`: --no-ema (the training weights of
-    the latest checkpoint, loaded over MODEL's folder by the caller). `part`: "both", "weights" (guide None, the
-    guide's flags unread) or "guide" (weights None: the main average is only planned, for the guide's time, and not
-    warned about again). `warn(text)` hears about a poor rebuild. Guides rebuilt by length sit at a fraction of the
-    main model's step (`--ema-step`, else the run's end). Contradicting flags are one-line DdpmErrors."""
+    the latest checkpoint, loaded over MODEL's folder by open_model). `warn(text)` hears about a poor rebuild, a
+    default that cannot be rebuilt, and a run outside what the default was measured on. Guides rebuilt by length
+    sit at a fraction of the main model's step (`--ema-step`, else the run's end). Contradicting flags are one-line
+    DdpmErrors."""
     model = Path(model)
     if ema_length is None and ema_step is not None:
         raise DdpmError("--ema-step needs --ema-length (the average's length)")
     if raw_weights and ema_length is not None:
         raise DdpmError("--no-ema draws the raw weights; it cannot go with --ema-length (a rebuilt average)")
-    if part == "weights":
-        guide = guide_ema_length = guide_ema_fraction = None
     if guide_ema_length is None and guide_ema_fraction is not None:
         raise DdpmError("--guide-ema-fraction needs --guide-ema-length (the guide's averaging length)")
     if guide is not None and guide_ema_length is not None:
@@ -160,23 +160,20 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
     default = None
     if plan is not None and plan.rebuilds_well:
         default = plan.main.sigma_rel, plan.main.step, plan.guide.sigma_rel, plan.guide.step
-        if plan.main.step > POSTHOC_DEFAULT["measured_steps"][1] and part != "guide" and warn is not None:
+        if plan.main.step > POSTHOC_DEFAULT["measured_steps"][1] and warn is not None:
             warn(outside_note(run, plan))
-    elif plan is not None and part != "guide" and warn is not None:
+    elif plan is not None and warn is not None:
         warn(fallback_note(run, plan))
     if ema_length is not None:
         main_step = plan_rebuild(run, ema_length, ema_step, snapshots).step
-        weights = None if part == "guide" else rebuilt_model_dir(run, ema_length, ema_step, warn=warn,
-                                                                 snapshots=snapshots)
+        weights = rebuilt_model_dir(run, ema_length, ema_step, warn=warn, snapshots=snapshots)
     elif default is not None:
         main_step = default[1]
-        weights = None if part == "guide" else rebuilt_model_dir(run, default[0], default[1], snapshots=snapshots)
+        weights = rebuilt_model_dir(run, default[0], default[1], snapshots=snapshots)
     else:
         weights, main_step = model, None
 
-    if part == "weights":
-        guide_path = None
-    elif guide_ema_length is not None:
+    if guide_ema_length is not None:
         fraction = 0.5 if guide_ema_fraction is None else guide_ema_fraction
         step = step_at_fraction(run, fraction, main_step, snapshots)
         guide_path = rebuilt_model_dir(run, guide_ema_length, step, warn=warn, snapshots=snapshots)
@@ -196,6 +193,32 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
 def default_sources(model: Path | str) -> Sources:
     """What `ddpm sample MODEL` draws with when no flag says otherwise."""
     return resolve_sources(model)
+
+
+@dataclass
+class Opened:
+    """A model ready to draw with (eval mode, on its device) and its guide, as `ddpm sample` uses them."""
+
+    model: torch.nn.Module
+    schedule: NoiseSchedule
+    config: dict  # the model folder's config.json
+    device: torch.device
+    guide: Guide | None  # autoguidance's guide, loaded; None: none
+    sources: Sources  # where both came from
+
+
+def open_model(model: Path | str, device: str | None = None, *, warn=None, **flags) -> Opened:
+    """The one way in: resolve the weights and the guide once (`resolve_sources`, whose keyword flags these are),
+    load both, and make the model fast to sample (configure_for_speed). The CLI's commands, the page and the API
+    open models through here."""
+    found = resolve_sources(model, warn=warn, **flags)
+    torch_device = pick_device(device)
+    net, schedule, config = from_pretrained(found.weights, torch_device)
+    if flags.get("raw_weights"):  # --no-ema: the training weights of the latest checkpoint over the same config
+        net.load_state_dict(load_training_state(latest_checkpoint(Path(model)))["model"])
+    net, _ = configure_for_speed(net)
+    guide = None if found.guide is None else load_guide(found.guide, net, torch_device, schedule=schedule)
+    return Opened(net, schedule, config, torch_device, guide, found)
 
 
 # -- loading a guide ------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from ..config import (
     sampling_defaults,
 )
 from ..errors import DdpmError, DdpmWarning
-from ..sources import load_guide
+from ..sources import Opened, load_guide, resolve_sources
+from ..sources import open_model as open_model_for_use
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -98,22 +99,22 @@ def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True, many: boo
       + ("; several are crossed with the guide's lengths" if many else ""))
 
 
-def sources(args: argparse.Namespace, part: str = "both"):
+def source_flags(args: argparse.Namespace) -> dict:
+    """The sampling-source flags of any command (absent ones as None), as sources.resolve_sources takes them."""
+    return dict(ema_length=getattr(args, "ema_length", None), ema_step=getattr(args, "ema_step", None),
+                guide=getattr(args, "guide", None), guide_ema_length=getattr(args, "guide_ema_length", None),
+                guide_ema_fraction=getattr(args, "guide_ema_fraction", None),
+                raw_weights=not getattr(args, "ema", True))
+
+
+def warn_one_line(text: str) -> None:
+    warnings.warn(text, DdpmWarning, stacklevel=2)
+
+
+def sources(args: argparse.Namespace):
     """The weights and guide the flags ask for (sources.resolve_sources): by default, for a run folder with
     post-hoc EMA snapshots, the measured rebuilt averages; else MODEL and its run's guide/ snapshot."""
-    from ..sources import resolve_sources
-
-    return resolve_sources(
-        Path(args.model), ema_length=getattr(args, "ema_length", None), ema_step=getattr(args, "ema_step", None),
-        guide=getattr(args, "guide", None), guide_ema_length=getattr(args, "guide_ema_length", None),
-        guide_ema_fraction=getattr(args, "guide_ema_fraction", None), raw_weights=not getattr(args, "ema", True),
-        part=part, warn=lambda text: warnings.warn(text, DdpmWarning, stacklevel=2))
-
-
-def weights_folder(args: argparse.Namespace) -> Path:
-    """The model folder to draw from: MODEL itself, a rebuilt average (--ema-length, or a run's post-hoc default:
-    a model folder inside the run, made once)."""
-    return sources(args, part="weights").weights
+    return resolve_sources(Path(args.model), warn=warn_one_line, **source_flags(args))
 
 
 def seed(text: str) -> int:
@@ -204,36 +205,30 @@ MAX_CLASSIFIER_STEPS = 1_000_000  # the evaluation classifier converges in hundr
 MAX_SAMPLES = 10_000_000  # one `ddpm sample`: labels for more would not fit in memory long before the time runs out
 
 
-def load_model(args: argparse.Namespace, folder: Path | None = None):
-    """(model, schedule, config, device) as `ddpm sample` loads them: from `folder` when the caller has resolved
-    it already (weights_folder), else from MODEL or the average --ema-length asks for."""
+def open_model(args: argparse.Namespace) -> Opened:
+    """MODEL and its guide as the flags ask, resolved and loaded once (sources.open_model), compiled with
+    --compile; a run without a guide is said in one line (missing_guide)."""
     import torch
 
-    from .. import checkpoint as ckpt
-    from ..devices import configure_for_speed, pick_device
-
-    device = pick_device(args.device)
-    model, schedule, config = ckpt.from_pretrained(folder or weights_folder(args), device)
-    if not getattr(args, "ema", True):
-        state = ckpt.load_training_state(ckpt.latest_checkpoint(Path(args.model)))
-        model.load_state_dict(state["model"])
-    model, _ = configure_for_speed(model)
+    opened = open_model_for_use(Path(args.model), args.device, warn=warn_one_line, **source_flags(args))
     if getattr(args, "compile", False):
-        model = torch.compile(model)  # attribute access (config, null_class) passes through to the UNet
-    return model, schedule, config, device
+        opened.model = torch.compile(opened.model)  # attribute access (config, null_class) passes through
+    if opened.guide is None:
+        missing_guide(args)
+    return opened
 
 
-def resolve_guide(args: argparse.Namespace, model, schedule, device):
-    """(Guide or None, its path as text): --guide (a path or 'none'), --guide-ema-length, or by default the run's
-    post-hoc default guide or its own guide/ snapshot. A run folder without a guide is said in one line on stderr
-    (sampling goes on with classifier-free guidance)."""
+def guide_path_text(opened: Opened) -> str | None:
+    return None if opened.guide is None else str(opened.sources.guide)
+
+
+def missing_guide(args: argparse.Namespace) -> None:
+    """No guide was found: fine with --guide none; a one-line error with --guide-weight (it needs one); a note for
+    a run folder that has not written its guide snapshot yet (sampling goes on with classifier-free guidance)."""
     from .. import checkpoint as ckpt
 
-    found = sources(args, part="guide").guide
-    if found is not None:
-        return load_guide(found, model, device, schedule=schedule), str(found)
     if args.guide is not None:  # --guide none
-        return None, None
+        return
     run = run_folder(Path(args.model))
     if args.guide_weight is not None:
         raise DdpmError(f"--guide-weight needs a guide, and {run} has no {ckpt.GUIDE_DIR}/ snapshot; "
@@ -242,6 +237,15 @@ def resolve_guide(args: argparse.Namespace, model, schedule, device):
     if (run / ckpt.CHECKPOINT_DIR).is_dir():
         print(f"note: {run} has no guide snapshot yet (written at --guide-fraction of the planned steps), so no "
               "autoguidance: classifier-free guidance only (--guide PATH to give one)", file=sys.stderr)
+
+
+def resolve_guide(args: argparse.Namespace, model, schedule, device):
+    """(Guide or None, its path as text) for flags other than those MODEL was opened with (eval's sweep over
+    --guide-ema-length): resolved as open_model does, the guide alone loaded."""
+    found = sources(args).guide
+    if found is not None:
+        return load_guide(found, model, device, schedule=schedule), str(found)
+    missing_guide(args)
     return None, None
 
 

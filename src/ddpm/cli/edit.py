@@ -16,9 +16,9 @@ from .common import (
     add_quiet_flag,
     add_sampling_flags,
     folder_path,
+    guide_path_text,
     int_list,
-    load_model,
-    resolve_guide,
+    open_model,
     sampling_configs,
     seed,
 )
@@ -175,14 +175,15 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     _check_args(args)
-    model, schedule, _, device = load_model(args)
+    opened = open_model(args)
+    model, schedule, device = opened.model, opened.schedule, opened.device
+    guide, guide_path = opened.guide, guide_path_text(opened)
     if args.interpolate is not None:
-        return _interpolate(args, model, schedule, device)
+        return _interpolate(args, model, schedule, device, guide, guide_path)
     files = _image_files(args.images)
     images, sizes = _read_images(files, model.config)
     masks = None if args.mask is None else _read_masks(args.mask, files, sizes, model.config.image_size)
     labels = _labels(args, model.config.num_classes, len(files))
-    guide, guide_path = resolve_guide(args, model, schedule, device)
     sampling = sampling_configs(args, guided=guide is not None)[0]
     from ..editing import edit_batches
 
@@ -220,7 +221,7 @@ def _describe(sampling, timesteps: int) -> str:
     return f"{sampling.sampler}, {sampling.steps_for(timesteps)} steps, w={sampling.guidance:g}"
 
 
-def _interpolate(args, model, schedule, device) -> int:
+def _interpolate(args, model, schedule, device, guide, guide_path) -> int:
     from ..editing import INVERSION_STEPS, interpolate_images, interpolate_seeds
     from ..files import grid_upscale, save_grid, save_images
 
@@ -228,7 +229,6 @@ def _interpolate(args, model, schedule, device) -> int:
         files = _image_files(args.images)
         ends, _ = _read_images(files, model.config)
     labels = _labels(args, model.config.num_classes, 2)  # one label for every frame, or the two ends'
-    guide, guide_path = resolve_guide(args, model, schedule, device)
     sampling = sampling_configs(args, guided=guide is not None)[0]
     if args.seeds is None:
         # through DDIM's inversion: guidance off unless asked for (a guided inversion does not come back to the image)

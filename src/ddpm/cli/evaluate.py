@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -21,12 +22,12 @@ from .common import (
     add_quiet_flag,
     add_sampling_flags,
     folder_path,
-    load_model,
+    guide_path_text,
+    open_model,
     resolve_guide,
     run_folder,
     sampling_configs,
     seed,
-    weights_folder,
 )
 
 
@@ -115,26 +116,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guides(args: argparse.Namespace, model, schedule, device) -> list[tuple[object, str | None, str | None]]:
+def _guides(args: argparse.Namespace, opened) -> list[tuple[object, str | None, str | None]]:
     """[(guide, its path, its id in the rows)]: the run's own or --guide's (id: its weights' sha1, set later), or
     one per --guide-ema-length x --guide-ema-fraction (id: the rebuilt folder's name, e.g. sigma0.2000_step00000500)."""
     lengths = args.guide_ema_length if isinstance(args.guide_ema_length, list) else [args.guide_ema_length]
     fractions = args.guide_ema_fraction if isinstance(args.guide_ema_fraction, list) else [args.guide_ema_fraction]
     guides = []
-    for length in lengths:
-        for fraction in fractions:
+    for i, (length, fraction) in enumerate(itertools.product(lengths, fractions)):
+        if i == 0:  # the guide MODEL was opened with (first_guide)
+            guide, path = opened.guide, guide_path_text(opened)
+        else:
             one = argparse.Namespace(**{**vars(args), "guide_ema_length": length, "guide_ema_fraction": fraction})
-            guide, path = resolve_guide(one, model, schedule, device)
-            guides.append((guide, path, Path(path).name if length is not None else None))
+            guide, path = resolve_guide(one, opened.model, opened.schedule, opened.device)
+        guides.append((guide, path, Path(path).name if length is not None else None))
     return guides
+
+
+def first_guide(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags with the first of --guide-ema-length's and --guide-ema-fraction's values (the sweep's first guide,
+    which MODEL is opened with)."""
+    first = {name: value[0] for name in ("guide_ema_length", "guide_ema_fraction")
+             if isinstance(value := getattr(args, name, None), list)}
+    return argparse.Namespace(**{**vars(args), **first})
 
 
 def _eval_one(args: argparse.Namespace) -> tuple[int, dict | None]:
     from ..evaluation import eval_record, prepare_evaluator, sweep
 
     model_path = Path(args.model)
-    weights = weights_folder(args)  # once: a rebuilt average is planned (and a poor one warned about) here
-    model, schedule, config, device = load_model(args, weights)
+    opened = open_model(first_guide(args))  # once: a rebuilt average is planned (and a poor one warned about) here
+    weights = opened.sources.weights
+    model, schedule, config, device = opened.model, opened.schedule, opened.config, opened.device
     # a rebuilt average keeps its samples apart from the run's own EMA's (eval/ caches samples by setting)
     run_dir = Path(args.out) if args.out else weights if args.ema_length else run_folder(model_path)
     data = args.data or _training_data(run_folder(model_path))  # the run's data, wherever --out puts eval/
@@ -144,7 +156,7 @@ def _eval_one(args: argparse.Namespace) -> tuple[int, dict | None]:
     num_classes = model.config.num_classes
     if num_classes is None and args.guidance is not None:
         raise DdpmError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance)")
-    guides = _guides(args, model, schedule, device)
+    guides = _guides(args, opened)
     guide, guide_path = guides[0][:2]
     if guide is not None and args.guidance is None and args.guide_weight is None:
         args.guidance, args.guide_weight = ([1.0] if num_classes else None), [1.0, AUTOGUIDED["guide_weight"]]

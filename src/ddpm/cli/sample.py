@@ -18,9 +18,9 @@ from .common import (
     add_quiet_flag,
     add_sampling_flags,
     folder_path,
+    guide_path_text,
     int_list,
-    load_model,
-    resolve_guide,
+    open_model,
     sampling_configs,
     seed,
 )
@@ -96,11 +96,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DdpmError(f"--out {out} is a file; give a folder for the images")
     if not 1 <= args.batch_size <= MAX_SAMPLES:
         raise DdpmError(f"--batch-size must be from 1 to {MAX_SAMPLES:,}, got {args.batch_size}")
-    model, schedule, config, device = load_model(args)
+    opened = open_model(args)
+    model, schedule, config, device = opened.model, opened.schedule, opened.config, opened.device
     labels, n, nrow = _labels_and_rows(args, model.config.num_classes)
     if n < 1:
         raise DdpmError(f"nothing to sample: --n must be >= 1, got {n}")
-    guide, guide_path = resolve_guide(args, model, schedule, device)
+    guide, guide_path = opened.guide, guide_path_text(opened)
     sampling = sampling_configs(args, guided=guide is not None)[0]
     steps_total = sampling.steps_for(len(schedule))
     frames, start = [], time.perf_counter()

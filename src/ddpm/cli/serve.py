@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import socket
+from pathlib import Path
 
 from .. import serve as page
 from ..config import MAX_TIMESTEPS
 from ..errors import DdpmError
-from ..serve.served import DEFAULT_HOST, DEFAULT_PORT, INSTALL_HINT, MAX_STEPS, NO_GUIDE
-from .common import add_device_flag, add_ema_flags, sources
+from ..serve.served import DEFAULT_HOST, DEFAULT_PORT, INSTALL_HINT, MAX_STEPS
+from .common import add_device_flag, add_ema_flags, source_flags, warn_one_line
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -68,11 +69,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise DdpmError(f"--max-steps must be from 1 to {MAX_TIMESTEPS:,}, got {args.max_steps}")
     check_listen_address(args.host, args.port)
     page.import_gradio()  # before the model loads: without Gradio nothing else is worth doing
-    found = sources(args)
-    guide = found.guide if found.guide is not None else NO_GUIDE
-    served = page.load_served_model(found.weights, args.device, guide)
-    app = page.build_app(found.weights, max_steps=args.max_steps, served=served)
+    flags = source_flags(args)
+    served = page.load_served_model(Path(args.model), args.device, flags.pop("guide"), warn=warn_one_line, **flags)
+    app = page.build_app(served.source, max_steps=args.max_steps, served=served)
     said = f"guide {served.guide_path}" if served.guide is not None else "no guide"
-    print(f"ddpm serve: {found.weights} ({said}) on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"ddpm serve: {served.source} ({said}) on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     page.launch_app(app, args.host, args.port, block=True)  # looked up here: a test may replace it
     return 0

@@ -114,32 +114,27 @@ def class_names_for(config: dict, num_classes: int | None) -> list[str] | None:
 
 
 def load_served_model(model_dir: Path | str, device: torch.device | str | None = None,
-                      guide: Path | str | None = None) -> ServedModel:
-    """Load a run folder or model folder (only reads it) the way `ddpm sample` does, on the page's torch thread
-    (see TorchThread); DdpmError if unusable. `guide` as `ddpm sample --guide`: None = the default (a run's post-hoc
-    default guide or its own guide snapshot), "none" = no autoguidance, or a path (a model folder, a run folder or
-    a checkpoint .pt)."""
+                      guide: Path | str | None = None, warn=None, **flags) -> ServedModel:
+    """Open a run folder or model folder (only reads it) as `ddpm sample` does (sources.open_model, with the
+    sampling-source `flags` of the same names), on the page's torch thread (see TorchThread); DdpmError if
+    unusable. `guide` as `ddpm sample --guide`: None = the default (a run's post-hoc default guide or its own guide
+    snapshot), "none" = no autoguidance, or a path (a model folder, a run folder or a checkpoint .pt)."""
     worker = TorchThread()
-    return worker.run(_load, Path(model_dir), device, guide, worker)
+    return worker.run(_load, Path(model_dir), device, guide, worker, warn, flags)
 
 
-def _load(source: Path, device, guide, worker: TorchThread) -> ServedModel:
-    from ..checkpoint import from_pretrained
-    from ..devices import configure_for_speed, pick_device
-    from ..sources import load_guide, resolve_sources
+def _load(source: Path, device, guide, worker: TorchThread, warn, flags: dict) -> ServedModel:
+    from ..sources import open_model
 
     if not source.exists():
         raise DdpmError(f"{source} does not exist; give a run folder (runs/NAME) or a model folder "
                         "(model.safetensors + config.json)")
-    torch_device = pick_device(str(device) if device is not None else None)  # DdpmError naming the fix
-    # the weights and guide `ddpm sample MODEL [--guide GUIDE]` draws with (a run's post-hoc defaults)
-    found = resolve_sources(source, guide=None if guide is None else str(guide))
-    source, guide_path = found.weights, found.guide
-    model, schedule, config = from_pretrained(source, torch_device)
-    model, _ = configure_for_speed(model)  # as `ddpm sample` does (results unchanged, steps faster)
-    loaded = None if guide_path is None else load_guide(guide_path, model, torch_device, schedule=schedule)
-    return ServedModel(model, schedule, config, torch_device, source, class_names_for(config, model.config.num_classes),
-                       loaded, guide_path, worker)
+    opened = open_model(source, None if device is None else str(device), warn=warn,
+                        guide=None if guide is None else str(guide), **flags)
+    config = opened.config
+    return ServedModel(opened.model, opened.schedule, config, opened.device, opened.sources.weights,
+                       class_names_for(config, opened.model.config.num_classes), opened.guide, opened.sources.guide,
+                       worker)
 
 
 @dataclass(frozen=True)
