@@ -27,7 +27,7 @@ demo: install
 # The suite, then ruff's checks (a lint finding fails `make test` too).
 test: install
 	bash scripts/ensure_chromium.sh
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 	$(BIN)/ruff check src tests benchmarks
 
 # ruff's checks alone (pyproject.toml [tool.ruff]).

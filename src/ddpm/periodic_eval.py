@@ -1,7 +1,9 @@
-"""Quality in the training log: every `--eval-every` steps rank 0 draws K images from the EMA weights with `ddpm
-sample`'s default settings (autoguided by the run's guide once it exists) and scores them with `ddpm eval`'s own
-library, so the logged numbers are what `ddpm eval RUN --n K --seed 0 --sampling-steps S` reports on the same
-weights; `--keep-best METRIC` exports the best-scoring weights to RUN/best/.
+"""Quality in the training log: every `--eval-every` steps rank 0 draws K images from the classic EMA weights
+(RUN/model) with `ddpm sample`'s default settings (autoguided by the run's guide/ snapshot once it exists) and scores
+them with `ddpm eval`'s own library, so the logged `eval/*` numbers are what `ddpm eval RUN/model --n K --seed 0
+--sampling-steps S` reports at that step. They are not what `ddpm eval RUN` reports after training: that draws the
+post-hoc EMA default, rebuilt from snapshots only once the run is done (a rebuild per evaluation is not paid for
+here). `--keep-best METRIC` exports the best-scoring classic EMA weights to RUN/best/.
 
 The evaluator (real reference images, the floor, the evaluation classifier) is prepared once, at the first
 evaluation, from the run's training data, and shares `ddpm eval`'s cache (RUN/eval/cache), so the classifier is
