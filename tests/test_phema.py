@@ -412,13 +412,13 @@ def test_a_run_too_short_to_rebuild_its_default_says_what_it_draws_instead(tmp_p
 def test_a_run_shorter_than_its_ema_warm_up_does_not_export_its_raw_weights_as_the_ema(tmp_path):
     # The bug it catches (issue 36): the seed's EMA warm-up (2,000 steps) longer than the run, so model/ (and the
     # half-way guide) held the raw weights. The warm-up is now at most a tenth of the run, and is kept on resume.
+    import dataclasses
+
     from ddpm.checkpoint import from_pretrained
     from ddpm.ema import sized_warmup
 
     assert [sized_warmup(2000, n) for n in (30, 1500, 1000, 50_000, None)] == [3, 150, 100, 2000, 2000]
     assert TrainConfig().ema_warmup == 2000
-    import dataclasses
-
     run = tmp_path / "run"
     config = run_config(run, 30)
     train(dataclasses.replace(config, train=dataclasses.replace(config.train, ema_warmup=2000)), progress=False)
@@ -494,3 +494,22 @@ def snapshot_due_every(step: int, last: int) -> bool:
     from ddpm.snapshots import snapshot_due, snapshot_every
 
     return snapshot_due(step, last, snapshot_every(None, last), 0.5)
+
+
+def test_the_run_folder_type_knows_a_run_its_exports_and_a_plain_model_folder(tmp_path):
+    # The bug it catches (issue 34): "is this a run?" answered differently in different places (six checks), e.g.
+    # RUN/best taken for a model folder of its own, or a plain model folder taken for a run.
+    from ddpm.checkpoint import RunFolder
+
+    run = fake_run(tmp_path / "run", [1, 2])
+    (run / "config.json").write_text("{}")
+    (run / "best").mkdir()
+    for given in (run, run / "model", run / "best"):
+        assert RunFolder.containing(given) == RunFolder(run), given
+    assert RunFolder.containing(run / "model" / "..") is not None
+    plain = tmp_path / "exported"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes(b"")
+    assert RunFolder.containing(plain) is None and not RunFolder(plain).looks_like_run()
+    assert RunFolder(run).has_model_export() and RunFolder(run).guide_snapshot() is None
+    assert not RunFolder(run).holds_checkpoints() and RunFolder(run).looks_like_run()

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,58 @@ CONFIG = "config.json"
 
 class CheckpointError(DdpmError):
     """A checkpoint or model folder cannot be used; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A training run's folder, and the one place that knows its layout: RUN/model (the classic EMA's export),
+    RUN/guide (the guide snapshot), RUN/best (--keep-best), RUN/checkpoints and RUN/latest (resume). A new kind of
+    folder inside a run (a distilled student) is one more property here."""
+
+    path: Path
+
+    @classmethod
+    def containing(cls, path: Path | str) -> RunFolder | None:
+        """The run that `path` is (a folder with a model/ export), or whose model/ or best/ folder it is; None for
+        anything else (a plain model folder)."""
+        path = Path(path)
+        if (path / MODEL_DIR).is_dir():
+            return cls(path)
+        parent = path.parent
+        if path.name in (MODEL_DIR, BEST_DIR) and ((parent / LATEST).exists() or (parent / CONFIG).is_file()):
+            return cls(parent)
+        return None
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL_DIR
+
+    @property
+    def guide(self) -> Path:
+        return self.path / GUIDE_DIR
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    def has_model_export(self) -> bool:
+        return (self.model / WEIGHTS).is_file() or (self.model / CONFIG).is_file()
+
+    def guide_snapshot(self) -> Path | None:
+        """RUN/guide once the run has written it whole, else None."""
+        return self.guide if (self.guide / WEIGHTS).is_file() and (self.guide / CONFIG).is_file() else None
+
+    def holds_checkpoints(self) -> bool:
+        """A run has started here: `latest` or a checkpoint (what a new run must not overwrite)."""
+        return (self.path / LATEST).exists() or any(self.checkpoints.glob("step_*.pt"))
+
+    def looks_like_run(self) -> bool:
+        """Any trace of a run: checkpoints/, latest or model/ (a guide asked of it must be its guide/)."""
+        return self.checkpoints.is_dir() or (self.path / LATEST).is_file() or self.model.is_dir()
 
 
 def save_training_state(run_dir: Path, state: dict, step: int, keep: int = 3) -> Path:
@@ -77,10 +130,8 @@ def save_pretrained(
 
 def resolve_model_dir(path: Path) -> Path:
     """A run folder (its `model/` export) or a model folder itself."""
-    path = Path(path)
-    if (path / MODEL_DIR / WEIGHTS).is_file() or (path / MODEL_DIR / CONFIG).is_file():
-        return path / MODEL_DIR
-    return path
+    run = RunFolder(Path(path))
+    return run.model if run.has_model_export() else run.path
 
 
 def from_pretrained(path: Path, device: torch.device | str = "cpu"):
@@ -121,9 +172,8 @@ def find_run_guide(run_dir: Path) -> Path | None:
     export or its best/ (what `ddpm sample RUN/model` is given): its run folder is then the parent."""
     run_dir = Path(run_dir)
     for run in (run_dir, run_dir.parent) if run_dir.name in (MODEL_DIR, BEST_DIR) else (run_dir,):
-        folder = run / GUIDE_DIR
-        if (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file():
-            return folder
+        if RunFolder(run).guide_snapshot() is not None:
+            return RunFolder(run).guide
     return None
 
 

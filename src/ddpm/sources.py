@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (
-    BEST_DIR,
     CHECKPOINT_DIR,
     CONFIG,
     GUIDE_DIR,
-    LATEST,
     MODEL_DIR,
     WEIGHTS,
     CheckpointError,
+    RunFolder,
     find_run_guide,
     from_pretrained,
     latest_checkpoint,
@@ -48,14 +47,8 @@ class Sources:
 
 def run_folder(model_path: Path) -> Path:
     """The run folder when MODEL is one (or is the model/ or best/ folder inside one), else MODEL itself."""
-    model_path = Path(model_path)
-    if (model_path / MODEL_DIR).is_dir():
-        return model_path
-    if model_path.name in (MODEL_DIR, BEST_DIR) and (
-        (model_path.parent / LATEST).exists() or (model_path.parent / CONFIG).is_file()
-    ):
-        return model_path.parent
-    return model_path
+    run = RunFolder.containing(model_path)
+    return run.path if run is not None else Path(model_path)
 
 
 def default_guide_length(guide_step: int) -> float:
@@ -253,7 +246,7 @@ def _guide_folder(path: Path) -> Path:
     guide = find_run_guide(path)
     if guide is not None:
         return guide
-    if (path / CHECKPOINT_DIR).is_dir() or (path / LATEST).is_file() or (path / MODEL_DIR).is_dir():
+    if RunFolder(path).looks_like_run():
         raise CheckpointError(f"run {path} has no guide snapshot {GUIDE_DIR}/ (it is written at --guide-fraction of "
                               f"the run); give a model folder or one of its {CHECKPOINT_DIR}/step_*.pt as the guide")
     if (path / CONFIG).is_file():

@@ -479,7 +479,7 @@ def resume_config(run_dir: Path, **runtime_changes) -> RunConfig:
 
 
 def holds_run(run_dir: Path) -> bool:
-    return (run_dir / ckpt.LATEST).exists() or any((run_dir / ckpt.CHECKPOINT_DIR).glob("step_*.pt"))
+    return ckpt.RunFolder(Path(run_dir)).holds_checkpoints()
 
 
 def _check_new_run_dir(run_dir: Path) -> None:

@@ -234,7 +234,7 @@ def missing_guide(args: argparse.Namespace) -> None:
         raise DdpmError(f"--guide-weight needs a guide, and {run} has no {ckpt.GUIDE_DIR}/ snapshot; "
                         "give --guide PATH "
                         "(a model folder, a run folder or a checkpoint .pt)")
-    if (run / ckpt.CHECKPOINT_DIR).is_dir():
+    if ckpt.RunFolder(run).checkpoints.is_dir():
         print(f"note: {run} has no guide snapshot yet (written at --guide-fraction of the planned steps), so no "
               "autoguidance: classifier-free guidance only (--guide PATH to give one)", file=sys.stderr)
 
