@@ -40,7 +40,7 @@ NO_GUIDE = "none"  # --guide none: no autoguidance, whatever the run holds
 
 @dataclass(frozen=True)
 class Sources:
-    weights: Path | None  # a model folder (model.safetensors + config.json); None when only the guide was asked
+    weights: Path  # a model folder (model.safetensors + config.json)
     guide: Path | None  # what `sources.load_guide` reads; None: no autoguidance
     posthoc_default: bool  # the weights and guide are the run's measured post-hoc defaults
 
@@ -150,9 +150,8 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
     snapshots = list_snapshots(run)  # once: each listing opens every snapshot's header
     # the defaults apply to a run folder given as itself: RUN/model asks for the classic EMA by name
     plan = plan_posthoc(run, snapshots) if model == run and ema_length is None and not raw_weights else None
-    default = None
-    if plan is not None and plan.rebuilds_well:
-        default = plan.main.sigma_rel, plan.main.step, plan.guide.sigma_rel, plan.guide.step
+    default = plan if plan is not None and plan.rebuilds_well else None
+    if default is not None:
         if plan.main.step > POSTHOC_DEFAULT["measured_steps"][1] and warn is not None:
             warn(outside_note(run, plan))
     elif plan is not None and warn is not None:
@@ -161,8 +160,8 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
         main_step = plan_rebuild(run, ema_length, ema_step, snapshots).step
         weights = rebuilt_model_dir(run, ema_length, ema_step, warn=warn, snapshots=snapshots)
     elif default is not None:
-        main_step = default[1]
-        weights = rebuilt_model_dir(run, default[0], default[1], snapshots=snapshots)
+        main_step = default.main.step
+        weights = rebuilt_model_dir(run, default.main.sigma_rel, main_step, snapshots=snapshots)
     else:
         weights, main_step = model, None
 
@@ -173,7 +172,7 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
     elif guide is not None:
         guide_path = None if guide.strip().lower() == NO_GUIDE else Path(guide)
     elif default is not None:
-        guide_path = rebuilt_model_dir(run, default[2], default[3], snapshots=snapshots)
+        guide_path = rebuilt_model_dir(run, default.guide.sigma_rel, default.guide.step, snapshots=snapshots)
     elif ema_length is not None and default_posthoc(run, snapshots) is not None:
         # an average chosen by length is guided as the defaults are, at the same fraction of its own step
         step = default_guide_step(main_step, snapshots)
