@@ -19,6 +19,7 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 MODEL_DIR = "model"
 GUIDE_DIR = "guide"  # written once, at RuntimeConfig.guide_fraction of the run; outside checkpoints/, never pruned
+DISTILLED_DIR = "distilled"  # `ddpm distill`: its checkpoints and one student folder a round, steps_K/
 BEST_DIR = "best"  # --keep-best: the best-scoring EMA weights so far (periodic_eval.py); never pruned
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -63,6 +64,10 @@ class RunFolder:
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINT_DIR
+
+    @property
+    def distilled(self) -> Path:
+        return self.path / DISTILLED_DIR
 
     def has_model_export(self) -> bool:
         return (self.model / WEIGHTS).is_file() or (self.model / CONFIG).is_file()

@@ -49,6 +49,9 @@ class ModelConfig:
     # cannot predict eps to the precision that x0 = (x_t - sqrt(1-abar) eps)/sqrt(abar) needs at large t:
     # samples come out grey or saturated. False gives the seed's network exactly.
     input_skip: bool = True
+    # A distilled student's extra input (Meng et al. 2023): the guidance weight it was trained to produce in one
+    # call, "guide_weight" (autoguidance's g) or "guidance" (classifier-free guidance's w); None: no such input.
+    weight_input: str | None = None
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -84,9 +87,12 @@ class ModelConfig:
             )
         _check(self.time_embed_dim >= 2 and self.time_embed_dim % 2 == 0, "time_embed_dim must be an even number >= 2")
         _check(self.num_classes is None or self.num_classes >= 1, "num_classes must be None (unconditional) or >= 1")
+        _check(self.weight_input in WEIGHT_INPUTS,
+               f"weight_input must be one of {WEIGHT_INPUTS}, not {self.weight_input!r}")
 
 
 PREDICTIONS = ("eps", "v")
+WEIGHT_INPUTS = (None, "guide_weight", "guidance")
 
 
 @dataclass
@@ -263,10 +269,10 @@ class RuntimeConfig:
                f"guide_fraction={self.guide_fraction} must be in (0, 1), or 0 for no guide snapshot")
 
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "student")  # student: DDIM on a distilled student's grid (distill.py)
 # denoiser evaluations when no step count is given (ddpm always takes all T): DPM-Solver++'s second-order updates
 # reach DDIM-100 quality in 15-20 (Lu et al. 2022)
-DEFAULT_STEPS = {"ddim": 50, "dpmpp2m": 20}
+DEFAULT_STEPS = {"ddim": 50, "dpmpp2m": 20, "student": 4}
 DEFAULT_CFG = 3.0  # classifier-free guidance w of `ddpm sample` when no guide model is used (the seed's)
 # `ddpm sample`'s defaults when the run has a guide (autoguidance, Karras et al. 2024): measured on the quickstart
 # model, benchmarks/RESULTS.md "Autoguidance" and "Post-hoc EMA" (guiding the steps below t = 0.05 T too, the last

@@ -57,9 +57,9 @@ class GuidedDenoiser:
         null_class = getattr(model, "null_class", None)
         if (labels is None) != (null_class is None):
             raise DdpmError("labels must be given for a class-conditional model and only for one")
-        if null_class is None and float(guidance) != 1.0:
+        if null_class is None and not _is(_weight(guidance), 1.0):
             raise DdpmError("classifier-free guidance needs a class-conditional model (num_classes set)")
-        if guide is None and float(guide_weight) != 1.0:
+        if guide is None and not _is(_weight(guide_weight), 1.0):
             raise DdpmError(f"guide_weight={guide_weight} needs a guide model (autoguidance); give guide=")
         if not 0.0 <= rescale <= 1.0:
             raise DdpmError(f"guidance rescale phi={rescale} must be in [0, 1]")
@@ -67,7 +67,8 @@ class GuidedDenoiser:
             raise DdpmError("guidance rescale and guidance interval need the noise schedule: pass schedule=")
         self.model, self.guide, self.labels = model, guide, labels
         self.null_labels = None if labels is None else torch.full_like(labels, null_class)
-        self.guidance, self.guide_weight = float(guidance), float(guide_weight)
+        # a number, or a tensor [N] of one weight per sample (distillation's teacher draws each sample at its own)
+        self.guidance, self.guide_weight = _weight(guidance), _weight(guide_weight)
         device = labels.device if labels is not None else "cpu"
         self.batched = default_batched(device) if batched is None else batched
         self.rescale = float(rescale)
@@ -94,7 +95,7 @@ class GuidedDenoiser:
     @staticmethod
     def _blend(weight: float, inside: bool | torch.Tensor) -> float | torch.Tensor:
         """`weight` inside the interval, 1 (no guidance) outside: a number, or a float32 tensor [N]."""
-        if weight == 1.0 or inside is True:
+        if _is(weight, 1.0) or inside is True:
             return weight
         if inside is False:
             return 1.0
@@ -177,6 +178,10 @@ def _is(weight: float | torch.Tensor, value: float) -> bool:
     return isinstance(weight, float) and weight == value
 
 
+def _weight(weight: float | torch.Tensor) -> float | torch.Tensor:
+    return weight if isinstance(weight, torch.Tensor) else float(weight)
+
+
 def _per_sample(weight: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
     """A number as it is; a per-sample tensor [N] shaped to broadcast over x."""
     if isinstance(weight, torch.Tensor):
@@ -253,8 +258,20 @@ def check_guide_schedule(diffusion: DiffusionConfig, schedule: NoiseSchedule, na
                         f"(both T={len(betas)}); a guide must be trained on the same noise schedule")
 
 
+def student_denoiser(model: nn.Module, labels: torch.Tensor | None, weight: float | torch.Tensor,
+                     schedule: NoiseSchedule):
+    """A distilled student (Meng et al. 2023): the guided prediction at `weight` (a number, or one per sample) in one
+    call, with no guide and no unconditional branch."""
+    def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        w = weight if isinstance(weight, torch.Tensor) else torch.full((x.shape[0],), float(weight), device=x.device)
+        return eps_from_output(schedule, x, t, model(x, t, labels, weight=w), schedule.prediction)
+
+    return denoiser
+
+
 def make_denoiser(model: nn.Module, labels: torch.Tensor | None, sampling: SamplingConfig, *, schedule: NoiseSchedule,
-                  batched: bool | None = None, guide: nn.Module | Guide | None = None):
+                  batched: bool | None = None, guide: nn.Module | Guide | None = None,
+                  weights: dict[str, torch.Tensor] | None = None):
     """The eps denoiser a sampler needs: the plain model, or a `GuidedDenoiser` (classifier-free guidance for a
     class-conditional model; autoguidance when a `guide` is given and `sampling.guide_weight` != 1).
 
@@ -262,17 +279,26 @@ def make_denoiser(model: nn.Module, labels: torch.Tensor | None, sampling: Sampl
     (`diffusion.eps_from_output`) before anything else sees it. `sampling` gives the guidance options (guidance,
     guide_weight, guidance_rescale, guidance_interval); an unconditional model has no classifier-free guidance
     and ignores `guidance`; without a guide `guide_weight` is ignored the same way (a default for runs that have
-    one must not break those that have none)."""
+    one must not break those that have none). `weights` ({"guidance" or "guide_weight": tensor [N]}) replace
+    `sampling`'s weight of that name by one weight per sample. A distilled student (`config.weight_input`) takes its
+    weight as an input instead: one call a step, no guide."""
+    weights = weights or {}
+    w, g = weights.get("guidance", sampling.guidance), weights.get("guide_weight", sampling.guide_weight)
     net = _as_eps(model, schedule, schedule.prediction)
     conditional = getattr(model, "null_class", None) is not None
     if not conditional and labels is not None:
         raise DdpmError("labels were given but the model is unconditional (trained without --conditional)")
     if conditional and labels is None:
         raise DdpmError("the model is class-conditional: give labels (e.g. --labels 0,1,2 or --per-class K)")
+    student_input = getattr(getattr(model, "config", None), "weight_input", None)
+    if student_input is not None:
+        if guide is not None:
+            raise DdpmError("a distilled student draws its guidance itself and takes no guide")
+        return student_denoiser(model, labels, w if student_input == "guidance" else g, schedule)
     options = dict(rescale=sampling.guidance_rescale, interval=sampling.guidance_interval, schedule=schedule)
-    if guide is not None and sampling.guide_weight != 1.0:
-        return GuidedDenoiser(net, labels, sampling.guidance if conditional else 1.0, batched,
-                              guide=_guide_net(guide, model, schedule), guide_weight=sampling.guide_weight, **options)
+    if guide is not None and not _is(_weight(g), 1.0):
+        return GuidedDenoiser(net, labels, w if conditional else 1.0, batched,
+                              guide=_guide_net(guide, model, schedule), guide_weight=g, **options)
     if not conditional:
         return lambda x, t: net(x, t)
-    return ClassifierFreeGuidance(net, labels, sampling.guidance, batched, **options)
+    return ClassifierFreeGuidance(net, labels, w, batched, **options)

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .config import SamplingConfig
+from .config import SAMPLERS, SamplingConfig
 from .diffusion import Denoiser, predict_x0
 from .errors import DdpmError
 from .progress import progress as progress_bar
@@ -178,6 +178,7 @@ def ddim_sample(
     *,
     steps: int = 50,
     eta: float = 0.0,
+    timesteps: list[int] | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     clip_x0: bool = False,
@@ -196,12 +197,13 @@ def ddim_sample(
 
     eta=0 is deterministic given x_T; eta=1 matches DDPM's posterior variance. abar_prev = 1 after the last step.
     With x0 processing (`clip_x0`, `dynamic_threshold`) eps is recomputed from the processed x0 so the pair
-    stays consistent with x_t, as the DDIM reference implementation does after clipping.
+    stays consistent with x_t, as the DDIM reference implementation does after clipping. `timesteps`: the
+    decreasing indices to evaluate at instead of `ddim_timesteps(T, steps)` (a distilled student's grid).
     """
     device = torch.device(device) if device is not None else schedule.betas.device
     x = _initial_noise(shape, device, generator, x_T)
     n = x.shape[0]
-    pairs = _steps(ddim_timesteps(len(schedule), steps), start_index, stop_index)
+    pairs = _steps(timesteps or ddim_timesteps(len(schedule), steps), start_index, stop_index)
     abar = schedule.alphas_cumprod
     one = abar.new_ones(())
     processing = _processes_x0(clip_x0, dynamic_threshold)
@@ -273,7 +275,7 @@ def log_snr(schedule: NoiseSchedule) -> torch.Tensor:
     return 0.5 * (torch.log(abar) - torch.log1p(-abar))
 
 
-def _trailing_indices(timesteps: int, steps: int) -> list[int]:
+def trailing_timesteps(timesteps: int, steps: int) -> list[int]:
     """round(T (steps - k) / steps) - 1 for k = 0..steps-1: T-1 first, uniform in t (diffusers' "trailing",
     Lin et al. 2024 table 2). Exact rational arithmetic, ties to even as numpy's round. Distinct because the
     spacing T/steps is >= 1."""
@@ -310,7 +312,7 @@ def dpmpp_2m_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trai
     if not 1 <= steps <= T:
         raise DdpmError(f"sampling steps must be in 1..{T}, got {steps}")
     if spacing == "trailing":
-        return _trailing_indices(T, steps)
+        return trailing_timesteps(T, steps)
     if spacing == "logsnr":
         return _logsnr_indices(log_snr(schedule), steps)
     raise DdpmError(f"spacing must be 'trailing' or 'logsnr', not {spacing!r}")
@@ -394,6 +396,8 @@ def sampler_timesteps(sampling: SamplingConfig, schedule) -> list[int]:
         return list(range(len(schedule) - 1, -1, -1))
     if sampling.sampler == "ddim":
         return ddim_timesteps(len(schedule), steps)
+    if sampling.sampler == "student":
+        return trailing_timesteps(len(schedule), steps)
     return dpmpp_2m_timesteps(schedule, steps, sampling.spacing)
 
 
@@ -425,6 +429,8 @@ def run_sampler(
         return ddpm_sample(denoiser, schedule, shape, **common)
     if sampling.sampler == "ddim":
         return ddim_sample(denoiser, schedule, shape, steps=steps, eta=sampling.eta, **common)
+    if sampling.sampler == "student":  # DDIM on the grid a distilled student was trained for (distill.py)
+        return ddim_sample(denoiser, schedule, shape, timesteps=trailing_timesteps(len(schedule), steps), **common)
     if sampling.sampler == "dpmpp2m":
         return dpmpp_2m_sample(denoiser, schedule, shape, steps=steps, spacing=sampling.spacing, **common)
-    raise DdpmError(f"sampler must be 'ddpm', 'ddim' or 'dpmpp2m', not {sampling.sampler!r}")
+    raise DdpmError(f"sampler must be one of {SAMPLERS}, not {sampling.sampler!r}")

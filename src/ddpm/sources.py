@@ -33,6 +33,7 @@ from .errors import DdpmError
 from .guidance import Guide, check_guide_schedule
 from .schedule import NoiseSchedule
 from .snapshots import WELL_REBUILT, Rebuild, list_snapshots, plan_rebuild, rebuilt_model_dir, step_at_fraction
+from .students import Student
 from .unet import UNet
 
 NO_GUIDE = "none"  # --guide none: no autoguidance, whatever the run holds
@@ -197,6 +198,7 @@ class Opened:
     device: torch.device
     guide: Guide | None  # autoguidance's guide, loaded; None: none
     sources: Sources  # where both came from
+    student: Student | None = None  # a distilled student's record (students.py): its grid and weight range
 
 
 def open_model(model: Path | str, device: str | None = None, *, warn=None, **flags) -> Opened:
@@ -206,11 +208,17 @@ def open_model(model: Path | str, device: str | None = None, *, warn=None, **fla
     found = resolve_sources(model, warn=warn, **flags)
     torch_device = pick_device(device)
     net, schedule, config = from_pretrained(found.weights, torch_device)
+    student = Student.from_config(config)
+    if student is not None and found.guide is not None:
+        if flags.get("guide") is not None or flags.get("guide_ema_length") is not None:
+            raise DdpmError(f"{model} is a distilled student: it draws its guidance itself ({student.flag} chooses "
+                            "the weight), so it takes no --guide")
+        found = Sources(found.weights, None, found.posthoc_default)
     if flags.get("raw_weights"):  # --no-ema: the training weights of the latest checkpoint over the same config
         net.load_state_dict(load_training_state(latest_checkpoint(Path(model)))["model"])
     net, _ = configure_for_speed(net)
     guide = None if found.guide is None else load_guide(found.guide, net, torch_device, schedule=schedule)
-    return Opened(net, schedule, config, torch_device, guide, found)
+    return Opened(net, schedule, config, torch_device, guide, found, student)
 
 
 # -- loading a guide ------------------------------------------------------------------------------------------------

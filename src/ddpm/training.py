@@ -147,14 +147,35 @@ class StepStats:
     images: int  # global images this step
 
 
+class DenoisingObjective:
+    """The diffusion model's loss (diffusion.training_losses) under the run's settings. An objective draws each
+    step's random inputs for the global batch (`draw`: tensors of one row per sample, named `draw_names`) and turns a
+    slice of them into losses per sample (`losses`); distill.DistillationObjective is the other one."""
+
+    draw_names = ("t", "noise", "drop")
+
+    def __init__(self, config: RunConfig, schedule: NoiseSchedule, null_class: int | None):
+        self.config, self.schedule, self.null_class = config, schedule, null_class
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+        draws = draw_training_inputs(self.schedule, shape, self.config.train.p_uncond, generator, device)
+        return {"t": draws.t, "noise": draws.noise, "drop": draws.drop}
+
+    def losses(self, net, x0: torch.Tensor, labels: torch.Tensor | None, draws: dict[str, torch.Tensor]):
+        return training_losses(net, self.schedule, x0, labels, draws=TrainingDraws(**draws),
+                               null_class=self.null_class, prediction=self.config.diffusion.prediction,
+                               snr_gamma=self.config.train.snr_gamma)
+
+
 class Trainer:
     """Model, optimizer, EMA, noise generator and the step that updates them; `state_dict` is the checkpoint."""
 
     def __init__(self, config: RunConfig, info: DataInfo, device: torch.device, ctx: DistributedContext | None = None,
-                 model: torch.nn.Module | None = None, last_step: int | None = None):
+                 model: torch.nn.Module | None = None, last_step: int | None = None, objective=None):
         """`model` replaces the UNet of `config.model` (benchmarks train other networks with this very step); it
         takes (x_t, t, labels) and has a `null_class` attribute (None when unconditional). `last_step`: the run's
-        planned length, which sizes the classic EMA's warm-up (ema.sized_warmup)."""
+        planned length, which sizes the classic EMA's warm-up (ema.sized_warmup). `objective`: the loss
+        (DenoisingObjective, the default, or distillation's), which may be replaced between `fit` calls."""
         self.config, self.info, self.device = config, info, device
         self.ctx = ctx or DistributedContext()
         t = config.train
@@ -164,6 +185,7 @@ class Trainer:
         if self.channels_last:
             self.model, _ = configure_for_speed(self.model)
         self.schedule = NoiseSchedule.from_config(config.diffusion).to(device)
+        self.objective = objective or DenoisingObjective(config, self.schedule, self.model.null_class)
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay)
         self.params = list(self.model.parameters())  # listed once: a walk of the module tree costs host time each step
         self.amp_dtype = resolve_amp(config.runtime.amp, device)
@@ -283,11 +305,9 @@ class Trainer:
         t, ctx = self.config.train, self.ctx
         share = t.batch_size // ctx.world_size
         mine = slice(ctx.rank * share, (ctx.rank + 1) * share)
-        draws = draw_training_inputs(
-            self.schedule, (t.batch_size, *x0.shape[1:]), t.p_uncond, self.noise_gen, self.device
-        )[mine]
+        draws = self.objective.draw((t.batch_size, *x0.shape[1:]), self.noise_gen, self.device)
         flips = torch.rand(t.batch_size, device=self.device, generator=self.noise_gen)[mine] < 0.5
-        inputs = {"x0": x0, "t": draws.t, "noise": draws.noise, "drop": draws.drop, "flips": flips}
+        inputs = {"x0": x0, **{name: value[mine] for name, value in draws.items()}, "flips": flips}
         if labels is not None:
             inputs["labels"] = labels
         return self.static.load(**inputs)
@@ -298,7 +318,7 @@ class Trainer:
         t, ctx = self.config.train, self.ctx
         share = t.batch_size // ctx.world_size
         x0, labels = inputs["x0"], inputs.get("labels")
-        draws = TrainingDraws(inputs["t"], inputs["noise"], inputs["drop"])
+        draws = {name: inputs[name] for name in self.objective.draw_names}
         if self.hflip:
             x0 = random_hflip(x0, inputs["flips"])
         micro = share // t.grad_accum
@@ -309,10 +329,8 @@ class Trainer:
             sync = self.net.no_sync() if ctx.enabled and not last else torch.enable_grad()
             # no autocast weight cache: a CUDA graph must not keep casts made at capture time
             with sync, autocast(self.device, self.amp_dtype, cache=False):
-                per_sample, ts = training_losses(
-                    self.net, self.schedule, x0[part], labels[part] if labels is not None else None, draws=draws[part],
-                    null_class=self.model.null_class, prediction=self.config.diffusion.prediction,
-                    snr_gamma=t.snr_gamma)
+                per_sample, ts = self.objective.losses(self.net, x0[part], labels[part] if labels is not None else None,
+                                                       {name: value[part] for name, value in draws.items()})
                 # sum / share: the micro-batches add up to this rank's mean; DDP averages the ranks
                 self.scaler.scale(per_sample.sum() / share).backward()
             losses.append(per_sample.detach())

@@ -146,13 +146,23 @@ class UNet(nn.Module):
                 if config.in_channels == out_channels:
                     self.input_skip.weight[:, :, 0, 0] = torch.eye(out_channels)
         self.label_emb = nn.Embedding(config.num_classes + 1, emb) if config.num_classes else None
+        self.weight_emb = None
+        if config.weight_input:  # a distilled student: the guidance weight, embedded like t and added to it
+            self.weight_emb = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
+            with torch.no_grad():  # zero at the start: the untrained student computes exactly what its teacher does
+                self.weight_emb[-1].weight.zero_()
+                self.weight_emb[-1].bias.zero_()
 
     @property
     def null_class(self) -> int | None:
         """The label index that means "no label" (classifier-free guidance), or None for unconditional models."""
         return self.config.num_classes
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        """eps (or v) for x_t at timestep indices t [N], labels y [N] of a conditional model, and for a distilled
+        student (`config.weight_input`) the guidance weight [N] it draws at; None: the weight embedding is left out,
+        which is the teacher's network."""
         if (y is None) != (self.label_emb is None):
             raise ValueError(
                 "labels are required for a class-conditional model and not allowed for an unconditional one "
@@ -161,6 +171,12 @@ class UNet(nn.Module):
         emb = sinusoidal_embedding(t, self.config.time_embed_dim).to(x.dtype)
         if y is not None:
             emb = emb + self.label_emb(y)
+        if weight is not None:
+            if self.weight_emb is None:
+                raise ValueError("a guidance weight was given to a model without a weight input (not a student)")
+            # x100: the slider's weights (0..10) span the same range of frequencies as the timestep indices
+            weight_features = sinusoidal_embedding(weight * 100, self.config.time_embed_dim).to(x.dtype)
+            emb = emb + self.weight_emb(weight_features)
         h = self.inc(x)
         skips = [h]
         for down, attn in zip(self.downs, self.down_attns):

@@ -1,4 +1,5 @@
-"""`ddpm train | sample | edit | eval | prepare | serve | export`: parse flags into config objects and call the library.
+"""`ddpm train | sample | edit | eval | distill | prepare | serve | export`: parse flags into config objects and call
+the library.
 
 One module a command (its parser beside its function), `common` for what they share. Only this package prints
 tables and maps errors to exit codes: a `DdpmError` (bad input, unusable file) is one line on stderr and exit 2;
@@ -12,8 +13,9 @@ import sys
 import warnings
 
 from ..errors import DdpmError, DdpmWarning, PeerLost
-from . import edit, evaluate, export, prepare, sample, serve, train
+from . import distill, edit, evaluate, export, prepare, sample, serve, train
 from .common import sampling_configs
+from .distill import add_distill_parser
 from .edit import add_edit_parser
 from .evaluate import add_eval_parser
 from .export import add_export_parser
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub)
     add_edit_parser(sub)
     add_eval_parser(sub)
+    add_distill_parser(sub)
     add_prepare_parser(sub)
     add_export_parser(sub)
     add_serve_parser(sub)
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # looked up at each call, so that a test can replace one command's function in its module
     commands = {"train": train.cmd_train, "sample": sample.cmd_sample, "edit": edit.cmd_edit, "eval": evaluate.cmd_eval,
+                "distill": distill.cmd_distill,
                 "prepare": prepare.cmd_prepare, "serve": serve.run_serve, "export": export.cmd_export}
     try:
         with one_line_warnings(args.command):

@@ -168,10 +168,14 @@ def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> N
       help="dpmpp2m timesteps: uniform in t, or uniform in log-SNR")
 
 
-def sampling_configs(args: argparse.Namespace, guided: bool = False) -> list[SamplingConfig]:
+def sampling_configs(args: argparse.Namespace, guided: bool = False, student=None) -> list[SamplingConfig]:
     """Every combination of the listed samplers, steps, guidance scales and guide weights (one for `ddpm sample`).
     `guided`: a guide model is in use, so the measured autoguidance defaults (config.AUTOGUIDED) replace the
-    classifier-free ones wherever a flag is not given."""
+    classifier-free ones wherever a flag is not given. `student` (students.Student): a distilled student's grid and
+    weight replace them instead, and a draw off its grid is said in one line."""
+    if student is not None:
+        return _unique([_student_sampling(args, student, config)
+                        for config in sampling_configs(args, guided=False)])
     def listed(value, default):
         return [default] if value is None else (value if isinstance(value, list) else [value])
 
@@ -187,6 +191,17 @@ def sampling_configs(args: argparse.Namespace, guided: bool = False) -> list[Sam
                                       guidance_rescale=args.guidance_rescale, guidance_interval=interval,
                                       spacing=args.spacing))
     return _unique(configs)
+
+
+def _student_sampling(args: argparse.Namespace, student, config: SamplingConfig) -> SamplingConfig:
+    """`config` (one of the flags' combinations) as the student draws it: what was given by hand is kept."""
+    flags = {"sampler": "sampler", "steps": "sampling_steps", "guidance": "guidance", "guide_weight": "guide_weight"}
+    given = {name: getattr(config, name) for name, flag in flags.items() if getattr(args, flag, None) is not None}
+    drawn = student.sampling(config, given)
+    note = student.off_grid_note(drawn.sampler, drawn.steps)
+    if note is not None:
+        warn_one_line(note)
+    return drawn
 
 
 def _unique(configs: list[SamplingConfig]) -> list[SamplingConfig]:

@@ -102,7 +102,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if n < 1:
         raise DdpmError(f"nothing to sample: --n must be >= 1, got {n}")
     guide, guide_path = opened.guide, guide_path_text(opened)
-    sampling = sampling_configs(args, guided=guide is not None)[0]
+    sampling = sampling_configs(args, guided=guide is not None, student=opened.student)[0]
     steps_total = sampling.steps_for(len(schedule))
     frames, start = [], time.perf_counter()
 
@@ -122,8 +122,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     upscale = grid_upscale(model.config.image_size)
     grid = save_grid(torch.cat(images), out / "grid.png", nrow=nrow, upscale=upscale)
     guided = guide is not None and sampling.guide_weight != 1
+    student = opened.student
     print(f"{n} images ({sampling.sampler}, {steps_total} steps"
-          + (f", classifier-free guidance w={sampling.guidance:g}" if labels is not None else "")
+          + (f" = {steps_total} calls of {student.describe()} of {student.teacher}, "
+             f"{'g' if student.weight == 'guide_weight' else 'w'}="
+             f"{getattr(sampling, student.weight):g}" if student is not None and student.weight else "")
+          + (f", classifier-free guidance w={sampling.guidance:g}" if labels is not None and student is None else "")
           + (f", autoguidance g={sampling.guide_weight:g} by {guide_path}" if guided else "")
           # a rebuilt average (--ema-length, or a run's post-hoc default) names its length in its config
           + (f", post-hoc EMA length {config['ema_length']:g}" if config.get("ema_length") is not None else "")

@@ -1,0 +1,83 @@
+"""`ddpm distill RUN`: students that draw in 4, 2 or 1 calls what RUN draws in about 39 (distill.py)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import DdpmError
+from .common import (
+    HelpFormatter,
+    add_device_flag,
+    add_ema_flags,
+    add_quiet_flag,
+    duration,
+    folder_path,
+    seed,
+    source_flags,
+    warn_one_line,
+)
+
+
+def add_distill_parser(sub) -> None:
+    from ..distill import START_STEPS, WEIGHT_RANGES
+
+    d = sub.add_parser("distill", formatter_class=HelpFormatter,
+                       help="distil a run into a student that draws in 1, 2 or 4 calls (progressive distillation)",
+                       description="Guided progressive distillation (Salimans & Ho 2022; Meng et al. 2023): each round "
+                                   "trains a student to take in one DDIM step what its teacher takes in two, with the "
+                                   "guidance weight as its input, and writes RUN/distilled/steps_K.")
+    a = d.add_argument
+    a("model", type=folder_path, help="the teacher: a run folder (drawn as ddpm sample draws it) or its model folder")
+    a("--steps", type=int, default=2, help="the last student's calls per image: 1, 2 or 4")
+    a("--start-steps", type=int, default=START_STEPS, help="the first teacher's DDIM steps; each round halves them")
+    a("--round-steps", type=int, default=250, help="optimizer steps per round")
+    a("--weight-range", type=float, nargs=2, metavar=("LO", "HI"), help="the guidance weights the student learns "
+      f"(default: g {WEIGHT_RANGES['guide_weight'][0]:g}-{WEIGHT_RANGES['guide_weight'][1]:g} with a guide, w "
+      f"{WEIGHT_RANGES['guidance'][0]:g}-{WEIGHT_RANGES['guidance'][1]:g} without)")
+    a("--guidance", type=float, help="the teacher's classifier-free guidance w when the student learns g (default: "
+      "ddpm sample's)")
+    a("--guide-weight", type=float, metavar="G", help="the student's default g (default: ddpm sample's)")
+    a("--guide", metavar="PATH", help="the teacher's guide, as ddpm sample --guide ('none': classifier-free guidance "
+      "only, and the student learns w)")
+    add_ema_flags(d)
+    a("--data", help="the images to distil on (default: the run's training data)")
+    a("--batch-size", type=int, help="images per step (default: the run's)")
+    a("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    a("--out", type=folder_path, help="the distillation's folder (default RUN/distilled)")
+    a("--seed", type=seed, default=0, help="random seed")
+    a("--resume", action="store_true", help="continue the distillation in its folder from its latest checkpoint")
+    a("--resume-if-exists", action="store_true", help="continue it when the folder holds this same distillation, "
+      "else start it (for restarted jobs)")
+    a("--time-limit", type=duration, metavar="DURATION", help="stop at a checkpoint before this much time (exit 75)")
+    a("--checkpoint-every", type=int, help="checkpoint every N steps (default: at each round's end)")
+    add_device_flag(a)
+    add_quiet_flag(a)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ..distill import distill
+    from ..distributed import StopRequest, describe_stop, distributed_context, stop_on_signals
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise DdpmError(f"--batch-size must be >= 1, got {args.batch_size}")
+    stop = StopRequest()
+    with stop_on_signals(stop):
+        result = distill(Path(args.model), steps=args.steps, start_steps=args.start_steps,
+                         round_steps=args.round_steps, weight_range=args.weight_range, batch_size=args.batch_size,
+                         lr=args.lr, data=args.data, out=args.out, device=args.device, seed=args.seed,
+                         resume=args.resume, if_exists=args.resume_if_exists, progress=not args.quiet, stop=stop,
+                         time_limit=args.time_limit, checkpoint_every=args.checkpoint_every, warn=warn_one_line,
+                         guidance=args.guidance, guide_weight=args.guide_weight, **source_flags(args))
+    if not distributed_context().is_main:
+        return 0
+    if result.stopped:
+        print(f"ddpm distill: stopped by {describe_stop(result.stopped)}, checkpoint written; continue with "
+              f"`ddpm distill {args.model} --resume` and the same flags", file=sys.stderr, flush=True)
+        from .train import EXIT_STOPPED
+
+        return EXIT_STOPPED
+    last = result.students[-1]
+    print(f"students: {', '.join(str(path) for path in result.students)}")
+    print(f"sample it:  ddpm sample {last} --out {last / 'samples'}")
+    return 0

@@ -1,0 +1,410 @@
+"""Guided progressive distillation: a student that samples in K calls what its guided teacher samples in 2K DDIM
+steps (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models", Algorithm 2), with the
+guidance weight as an input of the student (Meng et al. 2023, "On Distillation of Guided Diffusion Models"), so one
+student draws at any weight of its range with one call a step and no guide.
+
+With alpha = sqrt(abar) and sigma = sqrt(1 - abar), z = alpha x + sigma eps, and DDIM's step (Song et al. 2021,
+eq. 12 with eta = 0) from index s to index t
+    z_t = alpha_t x0(z_s) + sigma_t eps(z_s),     x0(z_s) = (z_s - sigma_s eps(z_s)) / alpha_s,
+a round draws z_s on the student's grid, takes two teacher steps s -> m -> t (m: the teacher's grid point between),
+and asks the student for the x0 whose one DDIM step s -> t lands on the same z_t (Algorithm 2):
+    x~ = (z_t - (sigma_t / sigma_s) z_s) / (alpha_t - (sigma_t / sigma_s) alpha_s),
+where the step after the grid's last index goes to the image (alpha = 1, sigma = 0, so x~ = z_t). The loss is the
+x-space MSE weighted by the truncated SNR max(alpha_s^2 / sigma_s^2, 1) (the paper's choice, sec. 4). No clipping of
+the teacher's x0, no t off the student's grid, no EMA of the student: each costs quality (DESIGN.md's traps).
+
+Grids are diffusers' "trailing" spacing, round(T k / K) - 1 for k = K..1 (samplers.trailing_timesteps): T-1 first,
+and the grid of 2K steps holds the grid of K steps at its even points, for any T.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .config import ConfigError, RunConfig, RuntimeConfig, SamplingConfig, TrainConfig, sampling_defaults
+from .errors import DdpmError
+from .files import atomic_write_bytes, atomic_write_json, make_grid, png_bytes
+from .guidance import make_denoiser
+from .samplers import trailing_timesteps
+from .schedule import NoiseSchedule
+
+STUDENT = "student"  # the student's record in its model folder's config.json
+SETTINGS = "distill.json"  # the distillation's settings, in its folder beside config.json and the checkpoints
+STEP_CHOICES = (1, 2, 4)
+# The weight ranges trained by default: autoguidance's g from off (1) to well past its measured 2.6; classifier-free
+# guidance's w from the plain conditional model (1) to past the seed's 3.
+WEIGHT_RANGES = {"guide_weight": (1.0, 4.0), "guidance": (1.0, 6.0)}
+START_STEPS = 8  # the first teacher's DDIM grid (benchmarks/RESULTS.md, "Distillation")
+
+Teacher = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+
+
+# -- the grids and the maths ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grid:
+    """A K-step student's grid: for position j the index it starts at, the teacher's index between, and the index it
+    ends at (-1: the image)."""
+
+    start: list[int]
+    middle: list[int]
+    end: list[int]
+
+
+def nested_grid(timesteps: int, steps: int) -> Grid:
+    """The student's `steps`-step grid inside its teacher's 2 * `steps`-step grid."""
+    teacher = trailing_timesteps(timesteps, 2 * steps) + [-1]
+    student = trailing_timesteps(timesteps, steps) + [-1]
+    if teacher[::2] != student:  # exact rational arithmetic makes this hold for every T; a guard, not a branch
+        raise DdpmError(f"the {steps}-step grid is not inside the {2 * steps}-step grid")
+    return Grid(student[:-1], teacher[1::2], student[1:])
+
+
+def alphas_sigmas(schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha = sqrt(abar), sigma = sqrt(1 - abar) in float64 from the betas, with index -1 (the image) appended as
+    alpha = 1, sigma = 0, so that `table[index]` serves every step."""
+    abar = torch.cumprod(1.0 - schedule.betas_host, dim=0)
+    abar = torch.cat([abar, abar.new_ones(1)])
+    return abar.sqrt(), (1.0 - abar).clamp(min=0).sqrt()
+
+
+def ddim_step(z: torch.Tensor, eps: torch.Tensor, alpha_s, sigma_s, alpha_t, sigma_t) -> torch.Tensor:
+    """DDIM (eq. 12, eta = 0) from z at (alpha_s, sigma_s) to (alpha_t, sigma_t), given the prediction eps."""
+    x0 = (z - sigma_s * eps) / alpha_s
+    return alpha_t * x0 + sigma_t * eps
+
+
+def student_target(z_s: torch.Tensor, z_t: torch.Tensor, alpha_s, sigma_s, alpha_t, sigma_t) -> torch.Tensor:
+    """The x0 whose one DDIM step from z_s lands on z_t (Salimans & Ho 2022, Algorithm 2)."""
+    ratio = sigma_t / sigma_s
+    return (z_t - ratio * z_s) / (alpha_t - ratio * alpha_s)
+
+
+def truncated_snr_weight(alpha, sigma):
+    """max(SNR, 1) with SNR = alpha^2 / sigma^2 (Salimans & Ho 2022, sec. 4: "truncated SNR" weighting)."""
+    return torch.clamp(alpha**2 / sigma**2, min=1.0)
+
+
+class DistillationObjective:
+    """The Trainer's loss for one round (training.DenoisingObjective's interface): a student of `steps` steps
+    learns two steps of `teacher` (eps of (z, t, labels, weight)) on the nested grid, each sample at a weight drawn
+    uniformly from `weight_range` (None: a student without a weight input)."""
+
+    draw_names = ("position", "noise", "weight")
+
+    def __init__(self, teacher: Teacher, schedule: NoiseSchedule, steps: int,
+                 weight_range: tuple[float, float] | None):
+        self.teacher, self.schedule, self.steps, self.weight_range = teacher, schedule, steps, weight_range
+        self.grid = nested_grid(len(schedule), steps)
+        alpha, sigma = alphas_sigmas(schedule)
+        device = schedule.betas.device
+        self.index = {name: torch.tensor(getattr(self.grid, name), device=device)
+                      for name in ("start", "middle", "end")}
+        self.alpha = alpha.to(device=device, dtype=torch.float32)
+        self.sigma = sigma.to(device=device, dtype=torch.float32)
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+        position = torch.randint(0, self.steps, (shape[0],), device=device, generator=generator)
+        noise = torch.randn(shape, device=device, generator=generator)
+        uniform = torch.rand(shape[0], device=device, generator=generator)
+        lo, hi = self.weight_range or (0.0, 0.0)
+        return {"position": position, "noise": noise, "weight": lo + (hi - lo) * uniform}
+
+    def _coefficients(self, index: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (-1,) + (1,) * (ndim - 1)
+        return self.alpha[index].view(shape), self.sigma[index].view(shape)
+
+    def losses(self, net, x0: torch.Tensor, labels: torch.Tensor | None, draws: dict[str, torch.Tensor]):
+        start, middle, end = (self.index[name][draws["position"]] for name in ("start", "middle", "end"))
+        weight = draws["weight"] if self.weight_range is not None else None
+        a_s, s_s = self._coefficients(start, x0.ndim)
+        a_m, s_m = self._coefficients(middle, x0.ndim)
+        a_t, s_t = self._coefficients(end, x0.ndim)
+        z_s = a_s * x0 + s_s * draws["noise"].to(x0.dtype)
+        with torch.no_grad():
+            z_m = ddim_step(z_s, self.teacher(z_s, start, labels, weight).float(), a_s, s_s, a_m, s_m)
+            z_t = ddim_step(z_m, self.teacher(z_m, middle, labels, weight).float(), a_m, s_m, a_t, s_t)
+            target = student_target(z_s, z_t, a_s, s_s, a_t, s_t)
+        output = net(z_s, start, labels, weight=weight) if weight is not None else net(z_s, start, labels)
+        x0_student = predicted_x0(self.schedule.prediction, z_s, output.float(), a_s, s_s)
+        per_sample = F.mse_loss(x0_student, target, reduction="none").flatten(1).mean(1)
+        return per_sample * truncated_snr_weight(a_s, s_s).flatten(), start
+
+
+def predicted_x0(prediction: str, z: torch.Tensor, output: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """The network's output read as x0: v gives x0 = alpha z - sigma v; eps gives x0 = (z - sigma eps) / alpha."""
+    if prediction == "v":
+        return alpha * z - sigma * output
+    return (z - sigma * output) / alpha
+
+
+# -- teachers ----------------------------------------------------------------------------------------------------
+def denoiser_teacher(model: torch.nn.Module, schedule: NoiseSchedule, sampling: SamplingConfig, guide=None,
+                     weight_name: str | None = None) -> Teacher:
+    """eps(z, t, labels, weight) of `model` guided as `sampling` says (by `guide` too), with `weight_name`'s weight
+    replaced by one weight per sample: the same guided prediction `ddpm sample` draws with (guidance.make_denoiser).
+    A student teacher (a previous round's) takes the weight as its input."""
+    def teacher(z, t, labels, weight):
+        weights = {weight_name: weight} if weight_name is not None and weight is not None else None
+        return make_denoiser(model, labels, sampling, schedule=schedule, guide=guide, weights=weights)(z, t)
+
+    return teacher
+
+
+def student_from(teacher: torch.nn.Module, weight_name: str | None) -> torch.nn.Module:
+    """A copy of the teacher's network with a guidance-weight input (zero at the start: the teacher's outputs)."""
+    from .unet import UNet
+
+    student = UNet(dataclasses.replace(teacher.config, weight_input=weight_name))
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("weight_emb.") for key in missing):
+        raise DdpmError(f"the teacher's weights do not fit its student (missing {missing}, unexpected {unexpected})")
+    return student.to(next(teacher.parameters()).device)
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+# -- the settings of a distillation --------------------------------------------------------------------------------
+@dataclass
+class DistillSettings:
+    """What a distillation computes, saved as RUN/distilled/distill.json: its teacher, its rounds and its weights."""
+
+    teacher: dict  # {"weights": path, "guide": path or None, "sampling": the teacher's SamplingConfig}
+    weight: str | None  # "guide_weight", "guidance" or None (an unconditional model without a guide)
+    weight_range: tuple[float, float] | None
+    default_weight: float | None
+    start_steps: int = START_STEPS
+    steps: int = 2
+    round_steps: int = 250
+
+    def __post_init__(self) -> None:
+        if self.weight_range is not None:
+            self.weight_range = tuple(float(v) for v in self.weight_range)
+        if self.steps not in STEP_CHOICES:
+            raise ConfigError(f"--steps {self.steps}: a student takes 1, 2 or 4 steps (each round halves the "
+                              f"steps from {self.start_steps})")
+        ratio = self.start_steps // self.steps
+        if self.start_steps % self.steps or ratio < 2 or ratio & (ratio - 1):
+            raise ConfigError(f"--start-steps {self.start_steps} must be {self.steps} times a power of 2 (>= 2), "
+                              f"e.g. {max(8, 2 * self.steps)}")
+        if self.round_steps < 1:
+            raise ConfigError(f"--round-steps {self.round_steps} must be >= 1")
+        if self.weight_range is not None:
+            lo, hi = self.weight_range
+            if not 0 <= lo <= hi <= 100:
+                raise ConfigError(f"--weight-range {lo:g} {hi:g} must be two weights 0 <= LO <= HI <= 100")
+
+    @property
+    def rounds(self) -> list[int]:
+        """The student's steps after each round: start_steps / 2, / 4, ... down to `steps`."""
+        counts, k = [], self.start_steps // 2
+        while k >= self.steps:
+            counts.append(k)
+            k //= 2
+        return counts
+
+    @property
+    def last_step(self) -> int:
+        return len(self.rounds) * self.round_steps
+
+    def student(self, steps: int, teacher_text: str) -> dict:
+        from .students import Student
+
+        fixed = {k: v for k, v in self.teacher["sampling"].items() if k in ("guidance", "guide_weight")
+                 and k != self.weight}
+        return Student(steps, 2 * steps, self.weight, self.weight_range, self.default_weight, fixed,
+                       teacher_text).to_record()
+
+
+# -- the command ---------------------------------------------------------------------------------------------------
+@dataclass
+class DistillResult:
+    folder: Path  # RUN/distilled
+    students: list[Path]  # the steps_K folders written so far, the last round's last
+    stopped: int = 0  # 0: every round done; else why it saved and stopped early (distributed.stop_code)
+
+
+def student_dir(folder: Path, steps: int) -> Path:
+    return Path(folder) / f"steps_{steps}"
+
+
+def teacher_settings(opened, sampling_overrides: dict, weight_range, start_steps: int):
+    """(the teacher's record, the weight name, its range, its default) for a model opened as `ddpm sample` opens it."""
+    conditional = opened.model.config.num_classes is not None
+    defaults = sampling_defaults(opened.guide is not None)
+    defaults.update({k: v for k, v in sampling_overrides.items() if v is not None})
+    weight = "guide_weight" if opened.guide is not None else ("guidance" if conditional else None)
+    sampling = SamplingConfig(sampler="ddim", steps=start_steps, **defaults)
+    default_weight = None if weight is None else getattr(sampling, weight)
+    weight_range = None if weight is None else tuple(weight_range or WEIGHT_RANGES[weight])
+    record = {"weights": str(opened.sources.weights), "guide": None if opened.guide is None else
+              str(opened.sources.guide), "sampling": dataclasses.asdict(sampling)}
+    return record, weight, weight_range, default_weight
+
+
+def _run_config(run: Path) -> RunConfig:
+    path = ckpt.RunFolder(run).path / ckpt.CONFIG
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        raise ConfigError(f"{run} is not a training run with its config.json: distillation trains on the run's data "
+                          "(give the run folder, or --data DATA)") from None
+
+
+def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, round_steps: int = 250,
+            weight_range: tuple[float, float] | None = None, batch_size: int | None = None, lr: float = 1e-4,
+            data: str | None = None, out: Path | str | None = None, device: str | None = None, seed: int = 0,
+            resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
+            time_limit: float | None = None, checkpoint_every: int | None = None, log_every: int = 25,
+            trackers: tuple[str, ...] = ("tensorboard",), amp: str = "auto", warn=None,
+            guidance: float | None = None, guide_weight: float | None = None, **source_flags) -> DistillResult:
+    """Distil what `ddpm sample RUN` draws (or what `source_flags`, sources.resolve_sources's, choose) into students
+    of start_steps / 2, / 4, ... `steps` steps, `round_steps` optimizer steps a round, each written to
+    RUN/distilled/steps_K/ (a model folder with a "student" record). Training is the Trainer's: checkpoints, resume,
+    the graceful stop, --time-limit, torchrun and the log come with it."""
+    from .distributed import StopRequest, as_peer_lost, distributed_context, setup_device
+    from .monitor import Monitor, RankZeroMonitor
+    from .sources import open_model, run_folder
+    from .training import Trainer, prepare
+
+    run = Path(run)
+    opened = open_model(run, device, warn=warn, **source_flags)
+    record, weight, weights, default_weight = teacher_settings(
+        opened, {"guidance": guidance, "guide_weight": guide_weight}, weight_range, start_steps)
+    settings = DistillSettings(record, weight, weights, default_weight, start_steps, steps, round_steps)
+    folder = Path(out) if out is not None else ckpt.RunFolder(run_folder(run)).distilled
+    state = _existing(folder, settings, resume, if_exists)
+    trained = _run_config(run) if data is None else None
+    config = RunConfig(
+        model=dataclasses.replace(opened.model.config, weight_input=weight),
+        diffusion=_diffusion(opened.config),
+        train=TrainConfig(data=data or trained.train.data, conditional=opened.model.config.num_classes is not None,
+                          channels=opened.model.config.in_channels,
+                          hflip=None if trained is None else trained.train.hflip,
+                          batch_size=batch_size or (64 if trained is None else trained.train.batch_size), lr=lr,
+                          ema_decay=0.0, ema_warmup=0, p_uncond=0.0, seed=seed, ema_lengths=()),
+        runtime=RuntimeConfig(out_dir=str(folder), steps=settings.last_step, device=device, amp=amp,
+                              log_every=log_every, checkpoint_every=checkpoint_every or round_steps,
+                              sample_every=0, val_every=0, guide_fraction=0.0, time_limit=time_limit,
+                              trackers=tuple(trackers)))
+    config, info = prepare(config)
+    ctx = distributed_context()
+    torch_device = setup_device(ctx, device, config.runtime.dist_timeout)
+    trainer = Trainer(config, info, torch_device, ctx, model=student_from(opened.model, weight),
+                      last_step=settings.last_step)
+    if state is not None:
+        trainer.load_state_dict(state)
+    elif ctx.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / SETTINGS, dataclasses.asdict(settings))
+    stop = stop or StopRequest()
+    stop.time_limit = time_limit
+    monitor = RankZeroMonitor(trainer, folder, settings.last_step, progress) if ctx.is_main else Monitor(folder)
+    written, stopped = [], 0
+    try:
+        for number, student_steps in enumerate(settings.rounds):
+            end = (number + 1) * round_steps
+            if trainer.step_count >= end:
+                written.append(student_dir(folder, student_steps))
+                continue
+            trainer.objective = DistillationObjective(
+                _round_teacher(number, settings, opened, folder, torch_device), trainer.schedule, student_steps,
+                settings.weight_range)
+            stopped = trainer.fit(end, monitor, stop)
+            if stopped:
+                break
+            if ctx.is_main:
+                written.append(_write_student(trainer, settings, folder, student_steps, run, monitor, info))
+            ctx.barrier()
+    except RuntimeError as error:
+        lost = as_peer_lost(error, ctx, trainer.step_count, folder)
+        if lost is None:
+            raise
+        raise lost from None
+    finally:
+        monitor.close(trainer)
+        if ctx.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return DistillResult(folder, written, stopped)
+
+
+def _diffusion(config: dict):
+    from .config import DiffusionConfig, from_dict
+
+    return from_dict(DiffusionConfig, config["diffusion"])
+
+
+def _existing(folder: Path, settings: DistillSettings, resume: bool, if_exists: bool) -> dict | None:
+    """The checkpoint to continue from (--resume, or --resume-if-exists on a folder that holds this distillation),
+    or None for a new one; a folder holding another distillation is a one-line error."""
+    from .training import _load_latest_state
+
+    held = ckpt.RunFolder(folder).holds_checkpoints()
+    if not held:
+        if resume:
+            raise ConfigError(f"{folder} holds no distillation to resume; leave --resume out to start one")
+        return None
+    try:
+        saved = json.loads((folder / SETTINGS).read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved is None or DistillSettings(**saved) != settings:
+        what = "another teacher or other settings" if saved is not None else f"no {SETTINGS}"
+        raise ConfigError(f"{folder} holds a distillation of {what}; give another --out (or the same flags as "
+                          "that distillation to continue it)")
+    if not (resume or if_exists):
+        raise ConfigError(f"{folder} already holds this distillation; continue it with --resume (or "
+                          "--resume-if-exists), or give another --out")
+    return _load_latest_state(folder)
+
+
+def _round_teacher(number: int, settings: DistillSettings, opened, folder: Path, device) -> Teacher:
+    """Round 0's teacher is the guided model; each later round's is the previous round's student, frozen."""
+    sampling = SamplingConfig(**{**settings.teacher["sampling"], "guidance_interval": _interval(settings)})
+    if number == 0:
+        return denoiser_teacher(opened.model, opened.schedule, sampling, opened.guide, settings.weight)
+    previous = student_dir(folder, settings.rounds[number - 1])
+    model, schedule, _ = ckpt.from_pretrained(previous, device)
+    return denoiser_teacher(frozen(model), schedule, sampling, None, settings.weight)
+
+
+def _interval(settings: DistillSettings):
+    interval = settings.teacher["sampling"]["guidance_interval"]
+    return None if interval is None else tuple(interval)
+
+
+def _write_student(trainer, settings: DistillSettings, folder: Path, steps: int, run: Path, monitor,
+                   info) -> Path:
+    """RUN/distilled/steps_K: the student's weights (no EMA) with its record, and its preview grid."""
+    from .pipeline import balanced_labels, sample_all
+    from .students import Student
+
+    path = student_dir(folder, steps)
+    teacher_text = f"{run} ({settings.teacher['weights']})"
+    record = settings.student(steps, teacher_text)
+    student = frozen(trainer.model)
+    ckpt.save_pretrained(student, path, trainer.config.diffusion,
+                         {"class_names": info.class_names, "step": trainer.step_count, "student": record})
+    num_classes = student.config.num_classes
+    n = num_classes * 8 if num_classes else 16
+    sampling = Student.from_config({"student": record}).sampling(SamplingConfig(), {})
+    images = sample_all(student, trainer.schedule, n=n, labels=balanced_labels(n, num_classes), sampling=sampling,
+                        seed=0)
+    grid = make_grid(images, nrow=num_classes or 8)
+    atomic_write_bytes(path / "preview.png", png_bytes(grid))
+    monitor.writer.add_image(f"distill/steps_{steps}", grid, trainer.step_count)
+    if monitor.show_progress:
+        monitor.bar.write(f"step {trainer.step_count}: round done, {path} draws in {steps} call(s) "
+                          f"(preview {path / 'preview.png'})")
+    return path
