@@ -24,10 +24,11 @@ demo: install
 
 # The browser test needs Debian's chromium: installed here when running as root with apt-get; otherwise that one
 # test is skipped and says how to install it (under CI=true it fails instead).
-# The suite, then ruff's checks (a lint finding fails `make test` too).
+# The suite in two workers (pytest-xdist; each keeps one thread, tests/conftest.py), then ruff's checks (a lint
+# finding fails `make test` too).
 test: install
 	bash scripts/ensure_chromium.sh
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 	$(BIN)/ruff check src tests benchmarks
 
 # ruff's checks alone (pyproject.toml [tool.ruff]).

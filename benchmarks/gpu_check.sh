@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issues 13 and 18). On a machine with one CUDA GPU and no network, from the repo root:
 #
-#   bash benchmarks/gpu_check.sh      # at most about 6.5 minutes: every part has its own time cap (376 s)
+#   bash benchmarks/gpu_check.sh      # at most about 7 minutes: every part has its own time cap (416 s)
 #
 # Results: $OUT/gpu_check.md (everything printed), $OUT/gpu_check.json and $OUT/gpu_check_tables.md (the rows and
 # issue 18's targets), $OUT/gpu.jsonl (raw rows), $OUT/gpu_grid.png. Without $OUT: benchmarks/results/.
@@ -60,6 +60,11 @@ bench() {  # bench CAP_SECONDS PART ARGS...: one part of bench_gpu.py under its 
   echo "## 4. A sample grid"
   timeout 15 "$PY" -m ddpm sample "$WORK/run" --out "$WORK/samples" --per-class 4 --sampler dpmpp2m --sampling-steps 20 \
     || echo "ddpm sample: exit $?"
+  echo "## 4b. Distillation of that 64x64 run: 20 steps of one round (8 -> 4 DDIM steps, bf16), then its student"
+  timeout 30 "$PY" -m ddpm distill "$WORK/run" --steps 4 --start-steps 8 --round-steps 20 --batch-size 14 \
+    --out "$WORK/distilled" || echo "ddpm distill: exit $? (124: cut at its 30s cap)"
+  timeout 10 "$PY" -m ddpm sample "$WORK/distilled/steps_4" --out "$WORK/student" --per-class 2 \
+    || echo "ddpm sample of the student: exit $?"
   echo
   wait "$cold"
   echo "## 5. Compiled, with and without CUDA graphs, batch 128 and the seed's batch 14 (the compiles with an empty cache"

@@ -49,8 +49,9 @@ def test_one_student_step_equals_two_teacher_ddim_steps_in_float64():
     # treated as an ordinary index) -- checked by running DDIM written out here, in float64, on a known teacher
     timesteps = 1000
     schedule = NoiseSchedule.from_config(DiffusionConfig(timesteps=timesteps))
-    assert torch.allclose(torch.tensor(reference_abar(timesteps), dtype=torch.float64), torch.cumprod(1 - schedule.betas_host, 0),
-                          rtol=1e-6)  # the linear schedule, to float32's precision of its betas
+    reference = torch.tensor(reference_abar(timesteps), dtype=torch.float64)
+    # the linear schedule, to float32's precision of its betas
+    assert torch.allclose(reference, torch.cumprod(1 - schedule.betas_host, 0), rtol=1e-6)
     # from here on the betas as the library holds them (float32 numbers), the products and the steps in float64
     abar = torch.cumprod(1 - schedule.betas_host, 0).tolist() + [1.0]  # index -1: the image
     alpha, sigma = alphas_sigmas(schedule)
@@ -123,3 +124,173 @@ def test_an_untrained_student_is_its_teacher_at_every_weight(tiny_config):
         for weight in (0.0, 1.0, 2.6, 4.0, 100.0):
             out = student(x, t, y, weight=torch.full((4,), weight))
             assert torch.equal(out, reference), weight
+
+
+# -- the command, end to end on a tiny run ---------------------------------------------------------------------------
+TEACHER_ARGS = ["--conditional", "--steps", "8", "--lr", "1e-2", "--prediction", "v", "--guide-fraction", "0.5",
+                "--checkpoint-every", "4", "--ema-warmup", "0", "--ema-lengths", "none", "--val-every", "0"]
+DISTILL = ["--batch-size", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A tiny conditional v-prediction run with its guide snapshot: distilled with g as the student's input."""
+    from ddpm.cli import main
+    from helpers import TINY_TRAIN_ARGS
+
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    assert main(["train", "mnist", "--out", str(run), *TEACHER_ARGS, *TINY_TRAIN_ARGS]) == 0
+    return run
+
+
+def sampled_with(model, schedule, x_T, labels, sampler_steps, guide=None, **weights):
+    from ddpm.config import SamplingConfig
+    from ddpm.pipeline import sample
+
+    sampling = SamplingConfig(sampler="student", steps=sampler_steps, guidance=1.0, guidance_interval=(0.05, 1.0),
+                              **weights)
+    return sample(model, schedule, labels=labels, sampling=sampling, guide=guide, x_T=x_T)
+
+
+def test_one_round_brings_the_students_k_steps_closer_to_the_teachers_2k_steps(teacher_run, tmp_path):
+    # bug caught: a student that learns anything but its teacher's two steps (a wrong target, the wrong teacher
+    # weight, t off the grid): it would not come closer to the teacher's 2-step images than 1 teacher step is
+    from ddpm.checkpoint import from_pretrained
+    from ddpm.cli import main
+    from ddpm.sources import open_model
+
+    out = tmp_path / "distilled"
+    assert main(["distill", str(teacher_run), "--steps", "1", "--start-steps", "2", "--round-steps", "60",
+                 "--lr", "3e-3", "--out", str(out), *DISTILL]) == 0
+    student, schedule, _ = from_pretrained(out / "steps_1")
+    teacher = open_model(teacher_run)
+    assert teacher.guide is not None
+    g = torch.Generator().manual_seed(5)
+    x_T, labels = torch.randn(20, 1, 8, 8, generator=g), torch.arange(20) % 10
+    two = sampled_with(teacher.model, schedule, x_T, labels, 2, teacher.guide, guide_weight=2.6)
+    one = sampled_with(teacher.model, schedule, x_T, labels, 1, teacher.guide, guide_weight=2.6)
+    drawn = sampled_with(student, schedule, x_T, labels, 1, guide_weight=2.6)
+    teachers_own, students = ((one - two) ** 2).mean().item(), ((drawn - two) ** 2).mean().item()
+    assert students < 0.7 * teachers_own, (students, teachers_own)
+
+
+class StopAfter:
+    """A stop request that asks to stop (as SIGTERM does) after `steps` optimizer steps."""
+
+    def __init__(self, steps: int):
+        self.steps, self.calls, self.time_limit = steps, 0, None
+
+    def code(self, step_seconds, save_seconds):
+        import signal
+
+        self.calls += 1
+        return int(signal.SIGTERM) if self.calls == self.steps else 0
+
+
+def test_a_stop_mid_round_and_resume_give_the_uninterrupted_students_bits(teacher_run, tmp_path):
+    # bugs caught: a resumed round with another teacher (the round's teacher not reloaded from the previous
+    # student's folder), a lost optimizer or noise state, the round counter off by one
+    from safetensors.torch import load_file
+
+    from ddpm.distill import distill
+
+    options = dict(steps=1, start_steps=4, round_steps=3, batch_size=8, progress=False)
+    whole = distill(teacher_run, out=tmp_path / "whole", **options)
+    assert [p.name for p in whole.students] == ["steps_2", "steps_1"] and whole.stopped == 0
+    stopped = distill(teacher_run, out=tmp_path / "cut", stop=StopAfter(4), **options)
+    # stopped at step 4, one step into round 2: round 1's student (written at step 3) is its teacher on resume
+    assert stopped.stopped and [p.name for p in stopped.students] == ["steps_2"]
+    first_round = (tmp_path / "cut" / "steps_2" / "model.safetensors").stat().st_mtime_ns
+    resumed = distill(teacher_run, out=tmp_path / "cut", resume=True, **options)
+    assert resumed.stopped == 0
+    assert (tmp_path / "cut" / "steps_2" / "model.safetensors").stat().st_mtime_ns == first_round  # not redone
+    for name in ("steps_2", "steps_1"):
+        a = load_file(str(tmp_path / "whole" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "cut" / name / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def count_calls(monkeypatch):
+    calls = []
+    original = UNet.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(len(args[0]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def students(teacher_run, tmp_path_factory):
+    from ddpm.cli import main
+
+    out = tmp_path_factory.mktemp("students") / "distilled"
+    assert main(["distill", str(teacher_run), "--steps", "1", "--start-steps", "4", "--round-steps", "2",
+                 "--out", str(out), *DISTILL]) == 0
+    return out
+
+
+@pytest.mark.parametrize("calls", [2, 1])
+def test_ddpm_sample_draws_a_student_in_k_calls_and_names_it(students, tmp_path, monkeypatch, capsys, calls):
+    # bugs caught: a student drawn with the 20-step default, guided by a second call, or with its guide loaded
+    from ddpm.cli import main
+
+    counted = count_calls(monkeypatch)
+    assert main(["sample", str(students / f"steps_{calls}"), "--labels", "0,1,2", "--out", str(tmp_path / "s"),
+                 "--quiet"]) == 0
+    assert counted == [3] * calls
+    out = capsys.readouterr().out
+    assert f"(student, {calls} steps = {calls} calls of a {calls}-call student (g 1-4)" in out and "g=2.6" in out
+
+
+def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkeypatch):
+    # bugs caught: the page sampling a student with its own defaults (20 DPM-Solver++ steps, a guide), or refusing
+    # its g because the page has no guide model
+    from ddpm.errors import DdpmError
+    from ddpm.serve import draw, page_defaults, request_from_fields
+    from ddpm.serve.served import load_served_model
+
+    served = load_served_model(students / "steps_2", "cpu")
+    defaults = page_defaults(served)
+    assert defaults["sampler"] == "student" and defaults["steps"] == 2 and defaults["guide_weight"] == 2.6
+    counted = count_calls(monkeypatch)
+    draw(served, request_from_fields(served, {**defaults, "seed": "0", "count": 2, "guide_weight": 3.5}))
+    assert counted == [2, 2]
+    with pytest.raises(DdpmError, match="outside the weights"):
+        request_from_fields(served, {**defaults, "seed": "0", "guide_weight": 4.5})
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["sample", "{student}", "--guide", "{teacher}"], "takes no --guide"),
+    (["sample", "{student}", "--guide-weight", "9"], "outside the weights this student was trained on"),
+    (["distill", "{teacher}", "--steps", "3"], "a student takes 1, 2 or 4 steps"),
+    (["distill", "{empty}"], "does not exist|not a folder|no config.json"),
+    (["distill", "{teacher}", "--out", "{students}", "--weight-range", "1", "3"], "holds a distillation of another"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teacher_run, tmp_path, capsys):
+    import re
+
+    from ddpm.cli import main
+
+    before = sorted(p.relative_to(students) for p in students.rglob("*"))
+    names = {"student": students / "steps_1", "teacher": teacher_run, "students": students,
+             "empty": tmp_path / "nothing"}
+    argv = [a.format(**{k: str(v) for k, v in names.items()}) for a in argv]
+    assert main([*argv, "--out" if argv[0] == "sample" else "--quiet", *( [str(tmp_path / "o")] if argv[0] ==
+                 "sample" else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(expected, err[0]), err
+    assert sorted(p.relative_to(students) for p in students.rglob("*")) == before
+    assert not (tmp_path / "o").exists() and not (teacher_run / "distilled").exists()
+
+
+def test_resume_if_exists_continues_a_finished_distillation_without_training(students, teacher_run, capsys):
+    from ddpm.cli import main
+
+    stamp = (students / "steps_1" / "model.safetensors").stat().st_mtime_ns
+    assert main(["distill", str(teacher_run), "--steps", "1", "--start-steps", "4", "--round-steps", "2",
+                 "--out", str(students), "--resume-if-exists", *DISTILL]) == 0
+    assert (students / "steps_1" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "steps_1" in capsys.readouterr().out

@@ -8,6 +8,10 @@
     guide = ddpm.load_guide("runs/x", model, schedule=schedule)   # autoguidance: the run's guide/ snapshot
     images = ddpm.sample(model, schedule, labels=[0, 1, 2], guide=guide, guide_weight=2.0, guidance=1.0)
     edited = ddpm.inpaint(model, schedule, images, masks, labels=[0, 1, 2])  # also img2img, interpolate_images
+    ddpm.distill("runs/x", steps=2)     # writes runs/x/distilled/steps_2, a student that draws in 2 calls:
+    student = ddpm.open_model("runs/x/distilled/steps_2")
+    images = ddpm.sample(student.model, student.schedule, labels=[0, 1, 2],
+                         sampling=student.student.sampling(ddpm.SamplingConfig(), {"guide_weight": 2.6}))
 """
 from .checkpoint import find_run_guide, from_pretrained, save_pretrained
 from .config import DiffusionConfig, ModelConfig, RunConfig, RuntimeConfig, SamplingConfig, TrainConfig
@@ -20,6 +24,7 @@ from .diffusion import (
     training_loss,
     training_losses,
 )
+from .distill import distill
 from .editing import img2img, inpaint, interpolate_images, interpolate_seeds, invert, reconstruct, slerp
 from .ema import EMA
 from .errors import DdpmError
@@ -34,8 +39,8 @@ from .unet import UNet
 __all__ = [
     "ClassifierFreeGuidance", "DdpmError", "DiffusionConfig", "EMA", "Guide", "GuidedDenoiser", "ModelConfig",
     "NoiseSchedule", "Opened", "RunConfig", "RuntimeConfig", "SamplingConfig", "Sources", "TrainConfig", "UNet",
-    "cosine_betas",
-    "ddim_invert", "ddim_sample", "ddpm_sample", "default_sources", "dpmpp_2m_sample", "draw_training_inputs",
+    "cosine_betas", "ddim_invert", "ddim_sample", "ddpm_sample", "default_sources", "distill", "dpmpp_2m_sample",
+    "draw_training_inputs",
     "find_run_guide", "from_pretrained", "img2img", "inpaint", "interpolate_images", "interpolate_seeds", "invert",
     "linear_betas", "load_guide", "make_denoiser", "open_model", "posterior_mean", "predict_eps", "predict_x0",
     "q_sample", "reconstruct", "resolve_sources", "sample", "sample_all", "sample_batches", "save_grid", "save_images",

@@ -42,7 +42,8 @@ STEP_CHOICES = (1, 2, 4)
 # The weight ranges trained by default: autoguidance's g from off (1) to well past its measured 2.6; classifier-free
 # guidance's w from the plain conditional model (1) to past the seed's 3.
 WEIGHT_RANGES = {"guide_weight": (1.0, 4.0), "guidance": (1.0, 6.0)}
-START_STEPS = 8  # the first teacher's DDIM grid (benchmarks/RESULTS.md, "Distillation")
+START_STEPS = 16  # the first teacher's DDIM grid (benchmarks/RESULTS.md, "Distillation")
+ROUND_STEPS = 200  # optimizer steps a round (the same)
 
 Teacher = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
 
@@ -158,11 +159,14 @@ def denoiser_teacher(model: torch.nn.Module, schedule: NoiseSchedule, sampling: 
     return teacher
 
 
-def student_from(teacher: torch.nn.Module, weight_name: str | None) -> torch.nn.Module:
-    """A copy of the teacher's network with a guidance-weight input (zero at the start: the teacher's outputs)."""
+def student_from(teacher: torch.nn.Module, weight_name: str | None, seed: int = 0) -> torch.nn.Module:
+    """A copy of the teacher's network with a guidance-weight input (zero at the start: the teacher's outputs). The
+    embedding's first layer is drawn from `seed`, not from the global generator: the same seed, the same student."""
     from .unet import UNet
 
-    student = UNet(dataclasses.replace(teacher.config, weight_input=weight_name))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = UNet(dataclasses.replace(teacher.config, weight_input=weight_name))
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(not key.startswith("weight_emb.") for key in missing):
         raise DdpmError(f"the teacher's weights do not fit its student (missing {missing}, unexpected {unexpected})")
@@ -171,6 +175,19 @@ def student_from(teacher: torch.nn.Module, weight_name: str | None) -> torch.nn.
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def check_rounds(steps: int, start_steps: int, round_steps: int) -> None:
+    """One line unless the rounds can halve `start_steps` down to `steps` (1, 2 or 4)."""
+    if steps not in STEP_CHOICES:
+        raise ConfigError(f"--steps {steps}: a student takes 1, 2 or 4 steps (each round halves the steps from "
+                          f"{start_steps})")
+    ratio = start_steps // steps
+    if start_steps % steps or ratio < 2 or ratio & (ratio - 1):
+        raise ConfigError(f"--start-steps {start_steps} must be {steps} times a power of 2 (>= 2), e.g. "
+                          f"{max(8, 2 * steps)}")
+    if round_steps < 1:
+        raise ConfigError(f"--round-steps {round_steps} must be >= 1")
 
 
 # -- the settings of a distillation --------------------------------------------------------------------------------
@@ -184,20 +201,12 @@ class DistillSettings:
     default_weight: float | None
     start_steps: int = START_STEPS
     steps: int = 2
-    round_steps: int = 250
+    round_steps: int = ROUND_STEPS
 
     def __post_init__(self) -> None:
         if self.weight_range is not None:
             self.weight_range = tuple(float(v) for v in self.weight_range)
-        if self.steps not in STEP_CHOICES:
-            raise ConfigError(f"--steps {self.steps}: a student takes 1, 2 or 4 steps (each round halves the "
-                              f"steps from {self.start_steps})")
-        ratio = self.start_steps // self.steps
-        if self.start_steps % self.steps or ratio < 2 or ratio & (ratio - 1):
-            raise ConfigError(f"--start-steps {self.start_steps} must be {self.steps} times a power of 2 (>= 2), "
-                              f"e.g. {max(8, 2 * self.steps)}")
-        if self.round_steps < 1:
-            raise ConfigError(f"--round-steps {self.round_steps} must be >= 1")
+        check_rounds(self.steps, self.start_steps, self.round_steps)
         if self.weight_range is not None:
             lo, hi = self.weight_range
             if not 0 <= lo <= hi <= 100:
@@ -216,13 +225,13 @@ class DistillSettings:
     def last_step(self) -> int:
         return len(self.rounds) * self.round_steps
 
-    def student(self, steps: int, teacher_text: str) -> dict:
+    def student(self, steps: int, teacher_text: str, data: str) -> dict:
         from .students import Student
 
         fixed = {k: v for k, v in self.teacher["sampling"].items() if k in ("guidance", "guide_weight")
                  and k != self.weight}
         return Student(steps, 2 * steps, self.weight, self.weight_range, self.default_weight, fixed,
-                       teacher_text).to_record()
+                       teacher_text, data).to_record()
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
@@ -260,7 +269,7 @@ def _run_config(run: Path) -> RunConfig:
                           "(give the run folder, or --data DATA)") from None
 
 
-def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, round_steps: int = 250,
+def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, round_steps: int = ROUND_STEPS,
             weight_range: tuple[float, float] | None = None, batch_size: int | None = None, lr: float = 1e-4,
             data: str | None = None, out: Path | str | None = None, device: str | None = None, seed: int = 0,
             resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
@@ -277,29 +286,20 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, 
     from .training import Trainer, prepare
 
     run = Path(run)
+    check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
     opened = open_model(run, device, warn=warn, **source_flags)
     record, weight, weights, default_weight = teacher_settings(
         opened, {"guidance": guidance, "guide_weight": guide_weight}, weight_range, start_steps)
     settings = DistillSettings(record, weight, weights, default_weight, start_steps, steps, round_steps)
     folder = Path(out) if out is not None else ckpt.RunFolder(run_folder(run)).distilled
     state = _existing(folder, settings, resume, if_exists)
-    trained = _run_config(run) if data is None else None
-    config = RunConfig(
-        model=dataclasses.replace(opened.model.config, weight_input=weight),
-        diffusion=_diffusion(opened.config),
-        train=TrainConfig(data=data or trained.train.data, conditional=opened.model.config.num_classes is not None,
-                          channels=opened.model.config.in_channels,
-                          hflip=None if trained is None else trained.train.hflip,
-                          batch_size=batch_size or (64 if trained is None else trained.train.batch_size), lr=lr,
-                          ema_decay=0.0, ema_warmup=0, p_uncond=0.0, seed=seed, ema_lengths=()),
-        runtime=RuntimeConfig(out_dir=str(folder), steps=settings.last_step, device=device, amp=amp,
-                              log_every=log_every, checkpoint_every=checkpoint_every or round_steps,
-                              sample_every=0, val_every=0, guide_fraction=0.0, time_limit=time_limit,
-                              trackers=tuple(trackers)))
+    config = student_run_config(opened, run, folder, settings, data=data, batch_size=batch_size, lr=lr, seed=seed,
+                                device=device, amp=amp, log_every=log_every, checkpoint_every=checkpoint_every,
+                                time_limit=time_limit, trackers=trackers)
     config, info = prepare(config)
     ctx = distributed_context()
     torch_device = setup_device(ctx, device, config.runtime.dist_timeout)
-    trainer = Trainer(config, info, torch_device, ctx, model=student_from(opened.model, weight),
+    trainer = Trainer(config, info, torch_device, ctx, model=student_from(opened.model, weight, seed),
                       last_step=settings.last_step)
     if state is not None:
         trainer.load_state_dict(state)
@@ -309,22 +309,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, 
     stop = stop or StopRequest()
     stop.time_limit = time_limit
     monitor = RankZeroMonitor(trainer, folder, settings.last_step, progress) if ctx.is_main else Monitor(folder)
-    written, stopped = [], 0
     try:
-        for number, student_steps in enumerate(settings.rounds):
-            end = (number + 1) * round_steps
-            if trainer.step_count >= end:
-                written.append(student_dir(folder, student_steps))
-                continue
-            trainer.objective = DistillationObjective(
-                _round_teacher(number, settings, opened, folder, torch_device), trainer.schedule, student_steps,
-                settings.weight_range)
-            stopped = trainer.fit(end, monitor, stop)
-            if stopped:
-                break
-            if ctx.is_main:
-                written.append(_write_student(trainer, settings, folder, student_steps, run, monitor, info))
-            ctx.barrier()
+        written, stopped = run_rounds(trainer, settings, opened, folder, monitor, stop, run, info)
     except RuntimeError as error:
         lost = as_peer_lost(error, ctx, trainer.step_count, folder)
         if lost is None:
@@ -337,6 +323,46 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, 
 
             dist.destroy_process_group()
     return DistillResult(folder, written, stopped)
+
+
+def student_run_config(opened, run: Path, folder: Path, settings: DistillSettings, *, data, batch_size, lr, seed,
+                       device, amp, log_every, checkpoint_every, time_limit, trackers) -> RunConfig:
+    """The distillation as a run of the Trainer: the student's network, the teacher's schedule, the run's data, no
+    EMA (the paper uses none), no label dropout, no guide snapshot and no previews of its own (one a round)."""
+    trained = _run_config(run) if data is None else None
+    model = opened.model.config
+    return RunConfig(
+        model=dataclasses.replace(model, weight_input=settings.weight),
+        diffusion=_diffusion(opened.config),
+        train=TrainConfig(data=data or trained.train.data, conditional=model.num_classes is not None,
+                          channels=model.in_channels, hflip=None if trained is None else trained.train.hflip,
+                          batch_size=batch_size or (64 if trained is None else trained.train.batch_size), lr=lr,
+                          ema_decay=0.0, ema_warmup=0, p_uncond=0.0, seed=seed, ema_lengths=()),
+        runtime=RuntimeConfig(out_dir=str(folder), steps=settings.last_step, device=device, amp=amp,
+                              log_every=log_every, checkpoint_every=checkpoint_every or settings.round_steps,
+                              sample_every=0, val_every=0, guide_fraction=0.0, time_limit=time_limit,
+                              trackers=tuple(trackers)))
+
+
+def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor, stop, run: Path,
+               info) -> tuple[list[Path], int]:
+    """The rounds not done yet, each through `trainer.fit` with its own teacher; (the student folders, the stop
+    code or 0)."""
+    written = []
+    for number, steps in enumerate(settings.rounds):
+        end = (number + 1) * settings.round_steps
+        if trainer.step_count >= end:
+            written.append(student_dir(folder, steps))
+            continue
+        teacher = _round_teacher(number, settings, opened, folder, trainer.device)
+        trainer.objective = DistillationObjective(teacher, trainer.schedule, steps, settings.weight_range)
+        stopped = trainer.fit(end, monitor, stop)
+        if stopped:
+            return written, stopped
+        if trainer.ctx.is_main:
+            written.append(_write_student(trainer, settings, folder, steps, run, monitor, info))
+        trainer.ctx.barrier()
+    return written, 0
 
 
 def _diffusion(config: dict):
@@ -359,7 +385,7 @@ def _existing(folder: Path, settings: DistillSettings, resume: bool, if_exists: 
         saved = json.loads((folder / SETTINGS).read_text())
     except (OSError, ValueError):
         saved = None
-    if saved is None or DistillSettings(**saved) != settings:
+    if saved != json.loads(json.dumps(dataclasses.asdict(settings))):  # compared as written (tuples are lists)
         what = "another teacher or other settings" if saved is not None else f"no {SETTINGS}"
         raise ConfigError(f"{folder} holds a distillation of {what}; give another --out (or the same flags as "
                           "that distillation to continue it)")
@@ -392,7 +418,7 @@ def _write_student(trainer, settings: DistillSettings, folder: Path, steps: int,
 
     path = student_dir(folder, steps)
     teacher_text = f"{run} ({settings.teacher['weights']})"
-    record = settings.student(steps, teacher_text)
+    record = settings.student(steps, teacher_text, trainer.config.train.data)
     student = frozen(trainer.model)
     ckpt.save_pretrained(student, path, trainer.config.diffusion,
                          {"class_names": info.class_names, "step": trainer.step_count, "student": record})

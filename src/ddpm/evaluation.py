@@ -384,6 +384,8 @@ def model_calls_per_image(sampling: SamplingConfig, schedule, conditional: bool 
     from .samplers import sampler_timesteps
 
     indices = sampler_timesteps(sampling, schedule)
+    if sampling.sampler == "student":  # a distilled student takes its guidance weight as an input: one call a step
+        return len(indices)
     extra = int(conditional and sampling.guidance not in (0.0, 1.0)) + int(guided and sampling.guide_weight != 1.0)
     lo, hi = sampling.guidance_interval if sampling.guidance_interval is not None else (0.0, 1.0)
     span = max(len(schedule) - 1, 1)

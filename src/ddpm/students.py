@@ -22,6 +22,7 @@ class Student:
     default_weight: float | None  # what it draws at when no flag gives a weight (its teacher's default)
     fixed: dict  # the teacher's other guidance settings, baked in (e.g. w = 1 for an autoguided teacher)
     teacher: str  # what it was distilled from, as text
+    data: str | None = None  # the images it was distilled on (`ddpm eval` compares with them)
 
     @classmethod
     def from_config(cls, config: dict) -> Student | None:

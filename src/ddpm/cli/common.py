@@ -228,7 +228,7 @@ def open_model(args: argparse.Namespace) -> Opened:
     opened = open_model_for_use(Path(args.model), args.device, warn=warn_one_line, **source_flags(args))
     if getattr(args, "compile", False):
         opened.model = torch.compile(opened.model)  # attribute access (config, null_class) passes through
-    if opened.guide is None:
+    if opened.guide is None and opened.student is None:  # a student takes its weight as an input, no guide
         missing_guide(args)
     return opened
 

@@ -20,7 +20,7 @@ from .common import (
 
 
 def add_distill_parser(sub) -> None:
-    from ..distill import START_STEPS, WEIGHT_RANGES
+    from ..distill import ROUND_STEPS, START_STEPS, WEIGHT_RANGES
 
     d = sub.add_parser("distill", formatter_class=HelpFormatter,
                        help="distil a run into a student that draws in 1, 2 or 4 calls (progressive distillation)",
@@ -31,7 +31,7 @@ def add_distill_parser(sub) -> None:
     a("model", type=folder_path, help="the teacher: a run folder (drawn as ddpm sample draws it) or its model folder")
     a("--steps", type=int, default=2, help="the last student's calls per image: 1, 2 or 4")
     a("--start-steps", type=int, default=START_STEPS, help="the first teacher's DDIM steps; each round halves them")
-    a("--round-steps", type=int, default=250, help="optimizer steps per round")
+    a("--round-steps", type=int, default=ROUND_STEPS, help="optimizer steps per round")
     a("--weight-range", type=float, nargs=2, metavar=("LO", "HI"), help="the guidance weights the student learns "
       f"(default: g {WEIGHT_RANGES['guide_weight'][0]:g}-{WEIGHT_RANGES['guide_weight'][1]:g} with a guide, w "
       f"{WEIGHT_RANGES['guidance'][0]:g}-{WEIGHT_RANGES['guidance'][1]:g} without)")

@@ -184,7 +184,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     images, sizes = _read_images(files, model.config)
     masks = None if args.mask is None else _read_masks(args.mask, files, sizes, model.config.image_size)
     labels = _labels(args, model.config.num_classes, len(files))
-    sampling = sampling_configs(args, guided=guide is not None)[0]
+    sampling = sampling_configs(args, guided=guide is not None, student=opened.student)[0]
     from ..editing import edit_batches
 
     results = edit_batches(model, schedule, images, masks=masks, strength=None if masks is not None else args.strength,

@@ -67,8 +67,10 @@ def add_eval_parser(sub) -> None:
 
 
 def _training_data(run_dir: Path) -> str | None:
+    """The data a run trained on (its config.json's train section), or a distilled student was distilled on."""
     try:
-        return json.loads((run_dir / "config.json").read_text())["train"]["data"]
+        config = json.loads((run_dir / "config.json").read_text())
+        return config["train"]["data"] if "train" in config else config["student"]["data"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -158,11 +160,13 @@ def _eval_one(args: argparse.Namespace) -> tuple[int, dict | None]:
         raise DdpmError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance)")
     guides = _guides(args, opened)
     guide, guide_path = guides[0][:2]
-    if guide is not None and args.guidance is None and args.guide_weight is None:
+    if opened.student is not None:
+        pass  # a student draws at its own default weight unless a flag lists others
+    elif guide is not None and args.guidance is None and args.guide_weight is None:
         args.guidance, args.guide_weight = ([1.0] if num_classes else None), [1.0, AUTOGUIDED["guide_weight"]]
     elif num_classes is not None and args.guidance is None:
         args.guidance = [0.0, 1.0, DEFAULT_CFG] if guide is None else [AUTOGUIDED["guidance"]]
-    settings = sampling_configs(args, guided=guide is not None)
+    settings = sampling_configs(args, guided=guide is not None, student=opened.student)
     eval_dir = run_dir / "eval"
     progress = not args.quiet
     try:

@@ -62,6 +62,7 @@ from .served import (  # noqa: F401 - re-exported: ddpm.serve is the page's publ
     parse_seed,
     process_array,
     sampling_flags,
+    student_defaults,
 )
 
 # tiny images shown large, without blur
@@ -109,11 +110,15 @@ class Request:
 def page_defaults(served: ServedModel, max_steps: int = MAX_STEPS, max_images: int = MAX_IMAGES) -> dict[str, Any]:
     """The value every field (FIELDS) starts from on the page: `ddpm sample`'s defaults (see guidance_defaults)."""
     d, sampling = guidance_defaults(served.guide is not None), SamplingConfig()
-    return {"class_index": 0 if served.num_classes else None, "guidance": d.guidance, "guide_weight": d.guide_weight,
-            "sampler": sampling.sampler, "steps": min(sampling.steps_for(len(served.schedule)), max_steps),
-            "seed": RANDOM_SEED, "count": min(DEFAULT_IMAGES, max_images), "show_process": False,
-            "interval_lo": d.interval[0], "interval_hi": d.interval[1], "rescale": sampling.guidance_rescale,
-            "threshold": sampling.dynamic_threshold or 0.0}  # the threshold slider's 0 is off
+    values = {"class_index": 0 if served.num_classes else None, "guidance": d.guidance,
+              "guide_weight": d.guide_weight, "sampler": sampling.sampler,
+              "steps": min(sampling.steps_for(len(served.schedule)), max_steps), "seed": RANDOM_SEED,
+              "count": min(DEFAULT_IMAGES, max_images), "show_process": False, "interval_lo": d.interval[0],
+              "interval_hi": d.interval[1], "rescale": sampling.guidance_rescale,
+              "threshold": sampling.dynamic_threshold or 0.0}  # the threshold slider's 0 is off
+    if served.student is not None:  # a distilled student: its grid and its own weight, no guide
+        values.update(student_defaults(served.student))
+    return values
 
 
 
@@ -352,9 +357,9 @@ def _controls(gr, served: ServedModel, start: dict[str, Any], max_steps: int, ma
     controls = {
         "class_index": gr.Dropdown(choices=[(name, i) for i, name in enumerate(served.class_names or [])],
                                    value=start["class_index"], label="Class", visible=conditional, elem_id="class"),
-        "guidance": gr.Slider(0, MAX_GUIDANCE, value=start["guidance"], step=0.1, label="Classifier-free guidance w",
-                              info="0 unconditional, 1 conditional, >1 guided", visible=conditional,
-                              elem_id="guidance"),
+        "guidance": gr.Slider(*_guidance_range(served), value=start["guidance"], step=0.1,
+                              label="Classifier-free guidance w", info="0 unconditional, 1 conditional, >1 guided",
+                              visible=conditional, elem_id="guidance"),
         "guide_weight": _guide_slider(gr, served, start["guide_weight"]),
         "sampler": gr.Dropdown(choices=list(SAMPLERS), value=start["sampler"], label="Sampler",
                                info=f"ddpm always takes all T={len(served.schedule)} steps", elem_id="sampler"),
@@ -370,8 +375,20 @@ def _controls(gr, served: ServedModel, start: dict[str, Any], max_steps: int, ma
     return controls
 
 
+def _guidance_range(served: ServedModel) -> tuple[float, float]:
+    """The w slider's ends: 0 to MAX_GUIDANCE, or the weights a student of w was trained on."""
+    student = served.student
+    return student.weight_range if student is not None and student.weight == "guidance" else (0.0, MAX_GUIDANCE)
+
+
 def _guide_slider(gr, served: ServedModel, value: float):
-    """Autoguidance's weight g; without a guide it stays at 1 (off), greyed out, with a note on how to get one."""
+    """Autoguidance's weight g; without a guide it stays at 1 (off), greyed out, with a note on how to get one. A
+    student of g spans the weights it was trained on."""
+    student = served.student
+    if student is not None and student.weight == "guide_weight":
+        lo, hi = student.weight_range
+        return gr.Slider(lo, hi, value=value, step=0.1, label="Guide weight g", elem_id="guide-weight",
+                         info=f"{student.describe()}: one call a step at any g from {lo:g} to {hi:g}")
     if served.guide is None:
         info = "no guide for this model (start ddpm serve with --guide PATH): autoguidance is off"
     else:

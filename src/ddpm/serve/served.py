@@ -19,6 +19,7 @@ from ..errors import DdpmError
 from ..files import grid_upscale, make_grid, process_strip
 from ..guidance import Guide
 from ..sources import NO_GUIDE  # --guide none: no autoguidance even when the run has a guide snapshot
+from ..students import SAMPLER, Student
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only; another address must be asked for with --host
 DEFAULT_PORT = 7860
@@ -87,6 +88,7 @@ class ServedModel:
     guide: Guide | None = None  # autoguidance: a `sources.load_guide` result
     guide_path: Path | None = None  # where the guide came from (printed as `ddpm sample --guide PATH`)
     worker: TorchThread = field(default_factory=TorchThread, repr=False)
+    student: Student | None = None  # a distilled student: its grid, its weight and the range it was trained on
 
     @property
     def num_classes(self) -> int | None:
@@ -134,7 +136,7 @@ def _load(source: Path, device, guide, worker: TorchThread, warn, flags: dict) -
     config = opened.config
     return ServedModel(opened.model, opened.schedule, config, opened.device, opened.sources.weights,
                        class_names_for(config, opened.model.config.num_classes), opened.guide, opened.sources.guide,
-                       worker)
+                       worker, opened.student)
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,7 @@ def _class_index(served: ServedModel, value) -> int:
 
 def _guide_weight(served: ServedModel, value, default: float) -> float:
     g = default if value is None else _number(value, "guide weight g", 0.0, MAX_GUIDE_WEIGHT)
-    if served.guide is None and g != 1.0:
+    if served.guide is None and g != 1.0 and not _student_weight(served, "guide_weight"):
         raise DdpmError(f"guide weight g={g:g} needs a guide model and this page has none: keep g at 1, or start "
                         "ddpm serve with --guide PATH (a model folder, a run folder or a checkpoint .pt)")
     return g
@@ -255,10 +257,27 @@ def parse_sampling(served: ServedModel, class_index, guidance, sampler, steps, *
         w = _number(guidance, "guidance w", 0.0, MAX_GUIDANCE)
     g = _guide_weight(served, guide_weight, defaults.guide_weight)
     # the remaining options are checked by SamplingConfig (a ConfigError is a DdpmError naming the field)
-    return label, SamplingConfig(sampler=sampler, steps=None if sampler == "ddpm" else steps, guidance=w,
-                                 guide_weight=g, guidance_interval=_interval(interval, defaults.interval),
-                                 guidance_rescale=float(rescale or 0.0),
-                                 dynamic_threshold=None if threshold in (None, 0, 0.0) else float(threshold))
+    sampling = SamplingConfig(sampler=sampler, steps=None if sampler == "ddpm" else steps, guidance=w,
+                              guide_weight=g, guidance_interval=_interval(interval, defaults.interval),
+                              guidance_rescale=float(rescale or 0.0),
+                              dynamic_threshold=None if threshold in (None, 0, 0.0) else float(threshold))
+    if served.student is not None:  # its weight checked against the range it was trained on
+        given = {"sampler": sampler, "steps": sampling.steps, "guidance": w, "guide_weight": g}
+        sampling = served.student.sampling(sampling, given)
+    return label, sampling
+
+
+def _student_weight(served: ServedModel, name: str) -> bool:
+    """Whether the page's model is a distilled student that takes the weight `name` as its input."""
+    return served.student is not None and served.student.weight == name
+
+
+def student_defaults(student: Student) -> dict:
+    """The page's starting values for a student: its sampler, its steps and its default weight."""
+    values = {"sampler": SAMPLER, "steps": student.steps, **student.fixed}
+    if student.weight is not None:
+        values[student.weight] = student.default_weight
+    return values
 
 
 def sampling_flags(served: ServedModel, s: SamplingConfig, labelled: bool) -> list[str]:
