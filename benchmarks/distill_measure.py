@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--weight", type=float, default=2.6, help="the students' g (the teacher's default)")
+    parser.add_argument("--students", help="the distillation's folder (default RUN/distilled)")
+    parser.add_argument("--no-teacher", action="store_true", help="the students' rows only")
     args = parser.parse_args()
     run = Path(args.run)
     teacher = open_model(run, "cpu")
@@ -59,11 +61,13 @@ def main() -> None:
     teacher_rows = [("teacher default: DPM++ 20 steps, autoguided", SamplingConfig(steps=20, **autoguided))]
     teacher_rows += [(f"teacher DPM++ {k} steps, autoguided", SamplingConfig(steps=k, **autoguided)) for k in (4, 2, 1)]
     teacher_rows += [("teacher DPM++ 1 step, unguided", SamplingConfig(steps=1, guidance=1.0, guide_weight=1.0))]
-    per_seed = rows_of(teacher.model, teacher.schedule, [s for _, s in teacher_rows], evaluator,
-                       run / "eval" / "distill_teacher", args, guide=teacher.guide, guide_id="runguide")
-    for i, (name, _) in enumerate(teacher_rows):
-        lines.append(table_row(name, [rows[i] for rows in per_seed], floor, args.n))
-    for folder in sorted((run / "distilled").glob("steps_*"), key=lambda p: -int(p.name.split("_")[1])):
+    if not args.no_teacher:
+        per_seed = rows_of(teacher.model, teacher.schedule, [s for _, s in teacher_rows], evaluator,
+                           run / "eval" / "distill_teacher", args, guide=teacher.guide, guide_id="runguide")
+        for i, (name, _) in enumerate(teacher_rows):
+            lines.append(table_row(name, [rows[i] for rows in per_seed], floor, args.n))
+    students = Path(args.students) if args.students else run / "distilled"
+    for folder in sorted(students.glob("steps_*"), key=lambda p: -int(p.name.split("_")[1])):
         student = open_model(folder, "cpu")
         sampling = student.student.sampling(SamplingConfig(), {"guide_weight": args.weight})
         per_seed = rows_of(student.model, student.schedule, [sampling], evaluator, folder / "eval", args)

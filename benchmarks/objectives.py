@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ddpm import RunConfig
+from ddpm.checkpoint import ema_states
 from ddpm.cli import build_parser, train_config_from_args
 from ddpm.training import train
 
@@ -59,7 +60,7 @@ def export_checkpoints(run: Path) -> None:
         state = load_training_state(path)
         config = RunConfig.from_dict(state["config"])
         model = UNet(config.model)
-        model.load_state_dict(state["ema"]["model"])
+        model.load_state_dict(ema_states(state)[0]["model"])
         save_pretrained(model, run / f"model_step_{state['step']}", config.diffusion,
                         {"step": state["step"], "class_names": None})
 

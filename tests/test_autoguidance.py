@@ -23,9 +23,10 @@ from ddpm import (
     sample,
     save_pretrained,
 )
-from ddpm.checkpoint import CheckpointError, latest_checkpoint, load_training_state, save_guide_snapshot
+from ddpm.checkpoint import CheckpointError, ema_states, latest_checkpoint, load_training_state, save_guide_snapshot
 from ddpm.config import ConfigError
-from ddpm.monitor import RankZeroMonitor, guide_step
+from ddpm.monitor import RankZeroMonitor
+from ddpm.run_files import guide_step
 from ddpm.training import Trainer, prepare, train
 from helpers import TINY_MODEL
 
@@ -276,7 +277,7 @@ def test_load_guide_takes_a_model_folder_a_run_folder_and_a_checkpoint(trained, 
     assert torch.equal(from_folder.model.state_dict()["outc.weight"], weights_of(run / "model")["outc.weight"])
     state = load_training_state(latest_checkpoint(run))
     from_file = load_guide(latest_checkpoint(run), main, "cpu")
-    assert torch.equal(from_file.model.state_dict()["outc.weight"], state["ema"]["model"]["outc.weight"])
+    assert torch.equal(from_file.model.state_dict()["outc.weight"], ema_states(state)[0]["model"]["outc.weight"])
     assert from_file.diffusion == DiffusionConfig()
     with pytest.raises(CheckpointError, match="no guide snapshot"):
         load_guide(trained / "two", main)  # a run without guide/ must not fall back to its model/

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm import from_pretrained
-from ddpm.checkpoint import latest_checkpoint, load_training_state
+from ddpm.checkpoint import ema_states, latest_checkpoint, load_training_state
 from ddpm.cli import TRAIN_FLAGS, build_parser, main, train_config_from_args
 from helpers import run_child
 
@@ -90,7 +90,7 @@ def test_train_resume_sample(tmp_path, data, extra):
     resumed, reference = weights(run), weights(straight)
     assert load_training_state(latest_checkpoint(run))["step"] == 6
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
-    ema_resumed, ema_straight = (load_training_state(latest_checkpoint(r))["ema"] for r in (run, straight))
+    ema_resumed, ema_straight = (ema_states(load_training_state(latest_checkpoint(r)))[0] for r in (run, straight))
     assert ema_resumed["num_updates"] == ema_straight["num_updates"] == 6
     assert all(torch.equal(ema_resumed["model"][k], ema_straight["model"][k]) for k in reference)
     # the EMA is an average, not a copy
@@ -125,7 +125,7 @@ def test_safetensors_export_round_trips(tmp_path):
     from ddpm import UNet
 
     reference = UNet(model.config)
-    reference.load_state_dict(state["ema"]["model"])
+    reference.load_state_dict(ema_states(state)[0]["model"])
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 10, 999]), torch.tensor([1, 2, 10])
     with torch.no_grad():
         assert torch.equal(model(x, t, y), reference.eval()(x, t, y))

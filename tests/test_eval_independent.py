@@ -23,7 +23,9 @@ def fid_by_eigenvalues(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * trace_sqrt)
 
 
-def test_reported_fid_equals_an_independent_recomputation(tmp_path, tiny_config):
+def test_reported_fid_equals_an_independent_recomputation(tmp_path, tiny_config, capsys):
+    # one `ddpm eval` with FID for the whole suite (Inception-v3 on a CPU is the costly part): the reported FID of
+    # the samples and of the floor against a recomputation by eigenvalues, the cache, the record and the table
     torch.manual_seed(0)
     model = UNet(tiny_config(num_classes=10))
     save_pretrained(model, tmp_path / "model", DiffusionConfig(timesteps=50), {"step": 1})
@@ -39,6 +41,9 @@ def test_reported_fid_equals_an_independent_recomputation(tmp_path, tiny_config)
     assert result["floor"]["fid"] == np.float64(floor) or abs(result["floor"]["fid"] - floor) <= 1e-3 * floor
     assert abs(result["rows"][0]["fid"] - samples) <= 1e-3 * samples
     assert samples > floor  # random weights are far from digits
+    assert result["inception"]["sha1"] and "299x299" in result["inception"]["features"]
+    assert all(len(list(cache.glob(f"inception-{kind}-*.npz"))) == 1 for kind in ("reference", "floor"))
+    assert "FID" in capsys.readouterr().out
 
 
 def test_saturation_counts_full_white_pixels_not_the_black_background():

@@ -314,19 +314,6 @@ def test_the_sweep_gives_one_row_per_w_and_resumes(tmp_path, tiny_config, capsys
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in result["rows"]]
 
 
-def test_eval_with_fid_writes_the_floor_and_caches_the_reference(tmp_path, tiny_config, capsys):
-    run = make_run(tmp_path / "run", tiny_config, num_classes=10)
-    assert main(["eval", str(run / "model"), "--n", "4", "--guidance", "1", "--data", "mnist",
-                 "--sampling-steps", "2", "--classifier-steps", "30", "--ref-n", "6", "--quiet"]) == 0
-    result = json.loads((run / "eval" / "eval.json").read_text())  # a model/ folder inside a run writes to the run
-    row, floor = result["rows"][0], result["floor"]
-    assert row["fid"] > 0 and floor["fid"] > 0 and np.isfinite([row["fid"], floor["fid"]]).all()
-    assert result["inception"]["sha1"] and "299x299" in result["inception"]["features"]
-    cache = run / "eval" / "cache"
-    assert len(list(cache.glob("inception-reference-*.npz"))) == len(list(cache.glob("inception-floor-*.npz"))) == 1
-    assert "FID" in capsys.readouterr().out
-
-
 def test_unconditional_models_have_one_row_and_refuse_a_guidance_list(tmp_path, tiny_config, capsys):
     run = make_run(tmp_path / "run", tiny_config, num_classes=None, data="photos")
     assert main(["eval", str(run), "--guidance", "0", "1", "--no-fid", *EVAL]) == 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm import RunConfig, RuntimeConfig, TrainConfig
-from ddpm.checkpoint import latest_checkpoint, load_training_state
+from ddpm.checkpoint import ema_states, latest_checkpoint, load_training_state
 from ddpm.distributed import StopRequest
 from ddpm.ema import PowerEMA
 from ddpm.phema import beta, gamma_of, profile_inner, sigma_rel_of, solve_coefficients
@@ -95,7 +95,7 @@ def test_a_rebuilt_average_matches_the_ema_tracked_directly(tracked, tmp_path):
     shutil.copytree(tracked, only_two)
     for path in (only_two / SNAPSHOT_DIR).glob("*sigma0.0750*"):
         path.unlink()
-    direct = load_training_state(latest_checkpoint(tracked))["ema_tracks"]
+    direct = ema_states(load_training_state(latest_checkpoint(tracked)))[1:]
     assert [t["sigma_rel"] for t in direct] == [0.05, 0.075, 0.10]
     plan = plan_rebuild(only_two, 0.075)
     assert plan.step == 200 and {s.sigma_rel for s in plan.snapshots} == {0.05, 0.10} and plan.error < 0.05
@@ -257,13 +257,16 @@ def test_a_run_from_before_post_hoc_ema_resumes_and_samples_as_before(tmp_path):
     assert main(["train", "mnist", "--out", str(run), "--steps", "2", "--ema-lengths", "none", *TINY_TRAIN_ARGS]) == 0
     path = latest_checkpoint(run)
     state = load_training_state(path)
-    del state["config"]["train"]["ema_lengths"], state["ema_tracks"]  # what the previous version wrote
+    # what the version before post-hoc EMA wrote: no ema_lengths, the classic EMA under "ema", no tracks
+    del state["config"]["train"]["ema_lengths"]
+    state["ema"] = state.pop("emas")[0]
     torch.save(state, path)
     config = json.loads((run / "config.json").read_text())
     del config["train"]["ema_lengths"]
     atomic_write_json(run / "config.json", config)
     assert main(["train", "--resume", str(run), "--steps", "4", "--quiet"]) == 0
-    assert load_training_state(latest_checkpoint(run))["ema_tracks"] == [] and not (run / SNAPSHOT_DIR).exists()
+    resumed = load_training_state(latest_checkpoint(run))
+    assert len(resumed["emas"]) == 1 and "ema" not in resumed and not (run / SNAPSHOT_DIR).exists()
     assert main(["sample", str(run), "--out", str(tmp_path / "s"), "--n", "2", "--sampling-steps", "2", "--quiet"]) == 0
 
 
@@ -423,7 +426,7 @@ def test_a_run_shorter_than_its_ema_warm_up_does_not_export_its_raw_weights_as_t
     config = run_config(run, 30)
     train(dataclasses.replace(config, train=dataclasses.replace(config.train, ema_warmup=2000)), progress=False)
     state = load_training_state(latest_checkpoint(run))
-    assert state["ema"]["warmup_steps"] == 3
+    assert ema_states(state)[0]["warmup_steps"] == 3
     ema, _, _ = from_pretrained(run / "model", "cpu")
     raw = state["model"]
     assert any(not torch.equal(value, raw[name]) for name, value in ema.state_dict().items()
@@ -513,3 +516,29 @@ def test_the_run_folder_type_knows_a_run_its_exports_and_a_plain_model_folder(tm
     assert RunFolder.containing(plain) is None and not RunFolder(plain).looks_like_run()
     assert RunFolder(run).has_model_export() and RunFolder(run).guide_snapshot() is None
     assert not RunFolder(run).holds_checkpoints() and RunFolder(run).looks_like_run()
+
+
+def test_a_checkpoint_in_the_layout_before_one_ema_list_resumes_bit_identically(tmp_path):
+    # bugs caught: a checkpoint of the previous layout ("ema" and "ema_tracks" beside each other) refused on
+    # resume, or its tracks loaded into the wrong averages (the classic EMA and the tracks swapped or shifted)
+    from ddpm.checkpoint import LATEST, save_training_state
+    from ddpm.cli import main
+    from helpers import TINY_TRAIN_ARGS
+
+    run = tmp_path / "run"
+    assert main(["train", "mnist", "--out", str(run), "--steps", "4", "--checkpoint-every", "2", "--ema-warmup", "1",
+                 "--ema-decay", "0.8", *TINY_TRAIN_ARGS]) == 0
+    straight = load_training_state(latest_checkpoint(run))
+    old = load_training_state(run / "checkpoints" / "step_00000002.pt")
+    emas = old.pop("emas")
+    old["ema"], old["ema_tracks"] = emas[0], emas[1:]  # the layout written before this version
+    for path in (run / "checkpoints").glob("step_*.pt"):
+        path.unlink()
+    (run / LATEST).unlink()
+    save_training_state(run, old, 2)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    resumed = load_training_state(latest_checkpoint(run))
+    assert resumed["step"] == 4 and len(resumed["emas"]) == 3
+    for a, b in zip(resumed["emas"], straight["emas"], strict=True):
+        assert a.get("sigma_rel") == b.get("sigma_rel") and a["num_updates"] == b["num_updates"]
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])

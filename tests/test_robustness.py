@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ddpm import ModelConfig, RunConfig, RuntimeConfig, TrainConfig
-from ddpm.checkpoint import CheckpointError, latest_checkpoint, load_training_state
+from ddpm.checkpoint import CheckpointError, ema_states, latest_checkpoint, load_training_state
 from ddpm.cli import main
 from ddpm.training import TrainingDiverged, train
 from helpers import TINY_TRAIN_ARGS, Child, checkpoint_step, free_port
@@ -93,9 +93,10 @@ def test_kill_minus_9_mid_training_leaves_a_loadable_checkpoint_and_resume_is_ex
     a, b = load_training_state(latest_checkpoint(run)), load_training_state(latest_checkpoint(straight))
     assert a["step"] == b["step"] == steps
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])  # bit-identical on CPU
-    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in b["ema"]["model"])
-    assert a["ema"]["num_updates"] == b["ema"]["num_updates"] == steps
-    assert not any(torch.equal(a["ema"]["model"][k], a["model"][k]) for k in a["model"] if k.endswith("weight"))
+    ema_a, ema_b = ema_states(a)[0], ema_states(b)[0]
+    assert all(torch.equal(ema_a["model"][k], ema_b["model"][k]) for k in ema_b["model"])
+    assert ema_a["num_updates"] == ema_b["num_updates"] == steps
+    assert not any(torch.equal(ema_a["model"][k], a["model"][k]) for k in a["model"] if k.endswith("weight"))
     # the post-hoc EMA's snapshots too: every one rewritten after a kill holds the uninterrupted run's bits
     kept = {p.name: p.read_bytes() for p in (run / "ema_snapshots").iterdir()}
     assert kept == {p.name: p.read_bytes() for p in (straight / "ema_snapshots").iterdir()} and len(kept) == 2 * steps

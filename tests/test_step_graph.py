@@ -90,7 +90,7 @@ def test_a_replayed_step_gives_the_eager_weights_ema_optimizer_state_and_statist
                                        msg=field)
         assert a.lr == b.lr
     assert [bool(s.skipped) for s in graphed_stats].count(True) == 2 and int(graphed.worst_bad_run) == 2
-    assert eager.ema_weight_value == pytest.approx(0.1) and eager_stats[-1].lr == pytest.approx(1e-2)
+    assert eager.ema_weights[0].item() == pytest.approx(0.1) and eager_stats[-1].lr == pytest.approx(1e-2)
 
 
 def test_a_failed_capture_warns_and_the_run_continues_eagerly_with_the_same_bits():
@@ -213,9 +213,9 @@ def test_a_run_of_replayed_steps_resumed_midway_ends_with_the_eager_runs_bits(tm
     assert "CUDA graphs: step 9 captured" in capsys.readouterr().out
     assert capture.replays == [1, 2]
     assert graphed["step"] == eager["step"] == 11
-    for part in ("model", "ema"):
-        want = eager[part] if part == "model" else eager[part]["model"]
-        got = graphed[part] if part == "model" else graphed[part]["model"]
+    emas = enumerate(zip(eager["emas"], graphed["emas"], strict=True))
+    pairs = [("model", eager["model"], graphed["model"])] + [(f"ema {i}", a["model"], b["model"]) for i, (a, b) in emas]
+    for part, want, got in pairs:
         assert all(torch.equal(got[name], value) for name, value in want.items()), part
     for key, state in eager["optimizer"]["state"].items():
         assert all(torch.equal(value, graphed["optimizer"]["state"][key][field]) for field, value in state.items())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm.checkpoint import latest_checkpoint, load_training_state
+from ddpm.checkpoint import ema_states, latest_checkpoint, load_training_state
 from ddpm.cli import main
 from ddpm.distributed import TIME_LIMIT, StopRequest, parse_duration, stop_code
 from ddpm.training import train
@@ -34,8 +34,9 @@ def assert_same_bits(a, b):
     assert a["step"] == b["step"]
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), f"weights differ: {name}"
-    for name, value in a["ema"]["model"].items():
-        assert torch.equal(value, b["ema"]["model"][name]), f"EMA differs: {name}"
+    for ema_a, ema_b in zip(ema_states(a), ema_states(b), strict=True):
+        for name, value in ema_a["model"].items():
+            assert torch.equal(value, ema_b["model"][name]), f"EMA differs: {name}"
     for key, state in a["optimizer"]["state"].items():
         for field, value in state.items():
             assert torch.equal(value, b["optimizer"]["state"][key][field]), f"optimizer {field} differs"

@@ -14,6 +14,8 @@ import torch
 from .config import DiffusionConfig, ModelConfig, from_dict, to_dict
 from .errors import DdpmError
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_safetensors
+from .schedule import NoiseSchedule
+from .unet import UNet
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -85,6 +87,14 @@ class RunFolder:
         return self.checkpoints.is_dir() or (self.path / LATEST).is_file() or self.model.is_dir()
 
 
+def ema_states(state: dict) -> list[dict]:
+    """A checkpoint's averages of the weights, the classic EMA first, then the post-hoc EMA's tracks: its "emas"
+    list, or those of a checkpoint written before that list ("ema" and "ema_tracks")."""
+    if "emas" in state:
+        return list(state["emas"])
+    return ([state["ema"]] if state.get("ema") else []) + list(state.get("ema_tracks", []))
+
+
 def save_training_state(run_dir: Path, state: dict, step: int, keep: int = 3) -> Path:
     """Write checkpoints/step_XXXXXXXX.pt atomically, point `latest` at it, keep the newest `keep` files."""
     folder = Path(run_dir) / CHECKPOINT_DIR
@@ -142,9 +152,6 @@ def resolve_model_dir(path: Path) -> Path:
 def from_pretrained(path: Path, device: torch.device | str = "cpu"):
     """Load (UNet in eval mode, NoiseSchedule, config dict) from a model folder or a run folder."""
     from safetensors.torch import load_file
-
-    from .schedule import NoiseSchedule
-    from .unet import UNet
 
     folder = resolve_model_dir(Path(path))
     if not folder.is_dir():

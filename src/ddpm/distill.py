@@ -29,12 +29,28 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .config import ConfigError, RunConfig, RuntimeConfig, SamplingConfig, TrainConfig, sampling_defaults
+from .config import (
+    ConfigError,
+    DiffusionConfig,
+    RunConfig,
+    RuntimeConfig,
+    SamplingConfig,
+    TrainConfig,
+    from_dict,
+    sampling_defaults,
+)
+from .distributed import StopRequest, as_peer_lost, distributed_context, setup_device
 from .errors import DdpmError
 from .files import atomic_write_bytes, atomic_write_json, make_grid, png_bytes
 from .guidance import make_denoiser
+from .monitor import Monitor, RankZeroMonitor
+from .pipeline import balanced_labels, sample_all
 from .samplers import trailing_timesteps
 from .schedule import NoiseSchedule
+from .sources import open_model, run_folder
+from .students import Student
+from .training import Trainer, _load_latest_state, prepare
+from .unet import UNet
 
 STUDENT = "student"  # the student's record in its model folder's config.json
 SETTINGS = "distill.json"  # the distillation's settings, in its folder beside config.json and the checkpoints
@@ -162,7 +178,6 @@ def denoiser_teacher(model: torch.nn.Module, schedule: NoiseSchedule, sampling: 
 def student_from(teacher: torch.nn.Module, weight_name: str | None, seed: int = 0) -> torch.nn.Module:
     """A copy of the teacher's network with a guidance-weight input (zero at the start: the teacher's outputs). The
     embedding's first layer is drawn from `seed`, not from the global generator: the same seed, the same student."""
-    from .unet import UNet
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -226,8 +241,6 @@ class DistillSettings:
         return len(self.rounds) * self.round_steps
 
     def student(self, steps: int, teacher_text: str, data: str) -> dict:
-        from .students import Student
-
         fixed = {k: v for k, v in self.teacher["sampling"].items() if k in ("guidance", "guide_weight")
                  and k != self.weight}
         return Student(steps, 2 * steps, self.weight, self.weight_range, self.default_weight, fixed,
@@ -270,7 +283,7 @@ def _run_config(run: Path) -> RunConfig:
 
 
 def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, round_steps: int = ROUND_STEPS,
-            weight_range: tuple[float, float] | None = None, batch_size: int | None = None, lr: float = 1e-4,
+            weight_range: tuple[float, float] | None = None, batch_size: int | None = None, lr: float = 3e-4,
             data: str | None = None, out: Path | str | None = None, device: str | None = None, seed: int = 0,
             resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
             time_limit: float | None = None, checkpoint_every: int | None = None, log_every: int = 25,
@@ -280,10 +293,6 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, 
     of start_steps / 2, / 4, ... `steps` steps, `round_steps` optimizer steps a round, each written to
     RUN/distilled/steps_K/ (a model folder with a "student" record). Training is the Trainer's: checkpoints, resume,
     the graceful stop, --time-limit, torchrun and the log come with it."""
-    from .distributed import StopRequest, as_peer_lost, distributed_context, setup_device
-    from .monitor import Monitor, RankZeroMonitor
-    from .sources import open_model, run_folder
-    from .training import Trainer, prepare
 
     run = Path(run)
     check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
@@ -366,7 +375,6 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
 
 
 def _diffusion(config: dict):
-    from .config import DiffusionConfig, from_dict
 
     return from_dict(DiffusionConfig, config["diffusion"])
 
@@ -374,7 +382,6 @@ def _diffusion(config: dict):
 def _existing(folder: Path, settings: DistillSettings, resume: bool, if_exists: bool) -> dict | None:
     """The checkpoint to continue from (--resume, or --resume-if-exists on a folder that holds this distillation),
     or None for a new one; a folder holding another distillation is a one-line error."""
-    from .training import _load_latest_state
 
     held = ckpt.RunFolder(folder).holds_checkpoints()
     if not held:
@@ -413,8 +420,6 @@ def _interval(settings: DistillSettings):
 def _write_student(trainer, settings: DistillSettings, folder: Path, steps: int, run: Path, monitor,
                    info) -> Path:
     """RUN/distilled/steps_K: the student's weights (no EMA) with its record, and its preview grid."""
-    from .pipeline import balanced_labels, sample_all
-    from .students import Student
 
     path = student_dir(folder, steps)
     teacher_text = f"{run} ({settings.teacher['weights']})"

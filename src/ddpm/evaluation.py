@@ -35,9 +35,12 @@ from pathlib import Path
 
 import torch
 
-from .config import SamplingConfig
+from .checkpoint import WEIGHTS, resolve_model_dir
+from .classifier import classifier_for, predict
+from .config import SamplingConfig, from_dict
+from .data import DataError, NoLabels, load_dataset
 from .errors import DdpmError
-from .files import atomic_write_json, read_png, sample_name, save_images, to_uint8
+from .files import atomic_write_bytes, atomic_write_json, read_png, sample_name, save_images, to_uint8
 from .metrics import (
     InceptionFeatures,
     MetricsError,
@@ -45,10 +48,13 @@ from .metrics import (
     class_accuracy,
     default_inception_path,
     feature_statistics,
+    file_sha1,
     frechet_distance,
     precision_recall,
 )
+from .pipeline import balanced_labels, sample_all, sample_batches
 from .progress import progress as progress_bar
+from .samplers import sampler_timesteps
 
 SPLIT_SEED = 0  # the fixed order of the real pool; not --seed, so that reference and floor never move
 PR_NEIGHBOURS = 3  # k of precision/recall, as in Kynkaanniemi et al. 2019
@@ -89,7 +95,6 @@ def _load_splits(data: str, image_size: int, channels: int, num_classes: int | N
     """DATA's train split, with its labels whenever it has them (checked against a conditional model's classes;
     an unconditional model is scored with them too, in the classifier's features), and its held-out split, or
     None without one."""
-    from .data import DataError, NoLabels, load_dataset
 
     try:
         info = load_dataset(data, image_size, channels, conditional=True, split="train")
@@ -119,7 +124,6 @@ def _fixed_order(size: int) -> torch.Tensor:
 def real_sets(data: str, image_size: int, channels: int, num_classes: int | None, n: int, ref_n: int) -> RealSets:
     """Split DATA into reference, floor and classifier-training images (see the module docstring). `num_classes`
     is the model's (None: unconditional); the labels are DATA's whenever it has them."""
-    from .data import DataError
 
     info, held = _load_splits(data, image_size, channels, num_classes)
     labelled = info.num_classes is not None
@@ -156,7 +160,6 @@ def real_sets(data: str, image_size: int, channels: int, num_classes: int | None
 
 def _add_classifier_sets(real: RealSets, info, held, classifier_part: torch.Tensor, unseen_part: torch.Tensor) -> None:
     """The classifier's training images (pool) and the labelled images it never sees (its accuracy)."""
-    from .data import DataError
 
     chosen = classifier_part[:MAX_CLASSIFIER_IMAGES]
     if len(chosen) < 2:
@@ -187,8 +190,6 @@ class Evaluator:
 
     def __init__(self, real: RealSets, inception: InceptionFeatures | None = None, classifier=None,
                  cache_dir: Path | None = None, progress: bool = False):
-        from .classifier import predict
-
         self.real, self.inception, self.classifier = real, inception, classifier
         self.cache_dir, self.progress = cache_dir, progress
         self.reference_inception = None
@@ -205,7 +206,6 @@ class Evaluator:
     ) -> dict:
         """uint8 images [N, C, H, W] (N >= 2) -> {"fid", "accuracy", "classifier_fd", "precision", "recall"} (only
         those that apply; precision and recall need more than `PR_NEIGHBOURS` images and reference images)."""
-        from .classifier import predict
 
         result = {}
         if self.inception is not None:
@@ -233,7 +233,6 @@ class Evaluator:
                     batch_size: int = 256) -> dict:
         """Sample `n` images in memory (balanced labels for conditional models) and score them; for a
         quick check every K training steps. Nothing is cached: the model changes between calls."""
-        from .pipeline import balanced_labels, sample_all
 
         labels = balanced_labels(n, model.config.num_classes)
         images = sample_all(model, schedule, n=n, labels=labels, sampling=sampling or SamplingConfig(steps=25),
@@ -251,7 +250,6 @@ def prepare_evaluator(data: str, image_size: int, channels: int, num_classes: in
     `num_classes` is the model's (None: unconditional). The classifier learns DATA's labels whenever DATA has
     them, so an unconditional model's samples are scored in its features too (all but the class accuracy); only
     unlabelled DATA leaves FID alone."""
-    from .classifier import classifier_for
 
     real = real_sets(data, image_size, channels, num_classes, n, ref_n)
     inception = None
@@ -283,8 +281,6 @@ def eval_record(evaluator: Evaluator, model_path: Path, config: dict, data: str,
                 batch_size: int, guide_path: str | None = None) -> dict:
     """What `ddpm eval` writes to eval.json besides the rows: the model, the data, the floor, the feature
     extractors and the guide (autoguidance), each with what it means."""
-    from .checkpoint import WEIGHTS, resolve_model_dir
-    from .metrics import file_sha1
 
     notes, model_config = evaluator.real.notes, config["model"]
     floor = evaluator.floor()
@@ -327,7 +323,6 @@ def generate_samples(model, schedule, folder: Path, n: int, sampling: SamplingCo
     writes the same images an uninterrupted one would; a batch whose PNGs all exist and load is not redrawn. The
     same seeds serve every setting (common random numbers: rows differ by their settings, not by their noise).
     """
-    from .pipeline import balanced_labels, sample_batches
 
     folder = Path(folder)
     c = model.config
@@ -381,7 +376,6 @@ def model_calls_per_image(sampling: SamplingConfig, schedule, conditional: bool 
     """Network evaluations per image, as `guidance.GuidedDenoiser` makes them on the CPU: one per sampler step;
     at a guided step (t-index fraction t/(T-1) inside the guidance interval) one more for the null branch when w is
     not 0 or 1 (conditional models), and one more for the guide when `guided` and g != 1."""
-    from .samplers import sampler_timesteps
 
     indices = sampler_timesteps(sampling, schedule)
     if sampling.sampler == "student":  # a distilled student takes its guidance weight as an input: one call a step
@@ -443,7 +437,6 @@ METRIC_COLUMNS = (("fid", "FID", 2), ("accuracy", "class acc", 3), ("classifier_
                   ("precision", "precision", 3), ("recall", "recall", 3), ("saturated", "saturated", 4))
 def row_sampling(row: dict) -> SamplingConfig:
     """The SamplingConfig of an eval.json row (JSON lists become tuples again)."""
-    from .config import from_dict
 
     return from_dict(SamplingConfig, row.get("settings", {}))
 
@@ -572,7 +565,6 @@ def quality_plot_png(record: dict, x: str = "model_calls", xlabel: str = "model 
 def write_sweep_files(record: dict, eval_dir: Path) -> dict:
     """Write eval.csv and quality_vs_steps.png (when matplotlib is installed and there is a metric to plot) into
     `eval_dir`, each atomically; returns their paths (None for a plot not drawn)."""
-    from .files import atomic_write_bytes
 
     eval_dir = Path(eval_dir)
     csv_path, plot_path = eval_dir / "eval.csv", eval_dir / "quality_vs_steps.png"
@@ -606,7 +598,6 @@ def ema_length_record(records: dict[float, dict]) -> dict:
 def write_ema_length_files(records: dict[float, dict], folder: Path) -> dict:
     """ema_lengths.json, ema_lengths.csv and quality_vs_ema_length.png in `folder`: every length's rows side by
     side, the plot one line per setting (sampler, steps, w, guide, g) across the lengths. Returns their paths."""
-    from .files import atomic_write_bytes
 
     folder = Path(folder)
     record = ema_length_record(records)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DdpmError
+from .files import atomic_write_bytes
 from .progress import progress as progress_bar
 
 INCEPTION_SIZE = 299
@@ -230,7 +231,6 @@ def cached_features(
     """
     if cache_dir is None:
         return extractor(images, progress, desc=label)
-    from .files import atomic_write_bytes
 
     key = {"extractor_sha1": extractor.sha1, "resize": RESIZE_METHOD, "pixels_sha1": pixels_sha1(images)}
     name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

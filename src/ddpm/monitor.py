@@ -1,6 +1,7 @@
-"""What rank 0 does around the training steps: progress bar, TensorBoard, validation loss, preview grids,
-checkpoints, the exported model and the guide snapshot. Other ranks get the silent `Monitor`, so the loop has no
-rank checks.
+"""What rank 0 does around the training steps, in two parts: the training log here (progress, TensorBoard and the
+trackers, preview grids, validation loss, periodic evaluation) and the run's files in run_files.py (checkpoints,
+model folders, guide and post-hoc EMA snapshots). Other ranks get the silent `Monitor`, so the loop has no rank
+checks.
 """
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import POSTHOC_DEFAULT, SamplingConfig
+from .config import SamplingConfig
+from .data import validation_set
+from .diffusion import validation_loss
 from .errors import DdpmWarning
-from .files import atomic_write_json, make_grid
+from .files import make_grid
+from .periodic_eval import PeriodicEvaluation
+from .pipeline import balanced_labels, sample_all
 from .progress import progress as progress_bar
-from .snapshots import snapshot_due, snapshot_every, write_snapshot
+from .run_files import RunFiles
 from .sources import load_guide
+from .trackers import Trackers
 
 
 class Monitor:
@@ -81,7 +87,6 @@ class LossLogger:
 @torch.no_grad()
 def preview_grid(model: torch.nn.Module, schedule, sampling: SamplingConfig, seed: int = 0) -> torch.Tensor:
     """A uint8 preview grid from `model`: one column per class for conditional models, 16 images otherwise."""
-    from .pipeline import balanced_labels, sample_all
 
     num_classes = model.config.num_classes
     n = num_classes * max(1, min(8, 64 // num_classes)) if num_classes else 16
@@ -90,25 +95,16 @@ def preview_grid(model: torch.nn.Module, schedule, sampling: SamplingConfig, see
     return make_grid(images, nrow=num_classes or 8)
 
 
-def guide_step(fraction: float, last_step: int) -> int | None:
-    """The step at which a run planned for `last_step` steps exports its guide snapshot: round(fraction *
-    last_step), at least 1; None when `fraction` is 0. Karras et al. 2024 guide with the same model trained for
-    a fraction of the time (their presets pair each model with a shorter-trained, often smaller, guide)."""
-    return max(1, round(fraction * last_step)) if fraction > 0 else None
-
-
 class RankZeroMonitor(Monitor):
-    """Progress bar, TensorBoard, validation, previews and checkpoints of rank 0. It times its own work, so the
-    cost of monitoring is reported at the end of the run."""
+    """Rank 0's training log (progress bar, TensorBoard and the trackers, validation, previews, evaluation) beside
+    its writer of the run's files (`files`, run_files.RunFiles). It times the work of both, so the cost of
+    monitoring is reported at the end of the run."""
 
     def __init__(self, trainer, run_dir: Path, last_step: int, show_progress: bool = True):
-        from .trackers import Trackers
-
         super().__init__(run_dir)
         config, step = trainer.config, trainer.step_count
         self.config, self.show_progress, self.last_step = config, show_progress, last_step
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.run_dir / ckpt.CONFIG, config.to_dict())
+        self.files = RunFiles(self.run_dir, config, last_step)
         # TensorBoard, wandb and/or MLflow (trackers.py), each told every value the monitor logs
         self.writer = Trackers(config.runtime.trackers, self.run_dir, config.to_dict(), step)
         self.logger = LossLogger(self.writer, len(trainer.schedule), trainer.device)
@@ -120,17 +116,11 @@ class RankZeroMonitor(Monitor):
         self.start_time, self.start_step, self.extra_seconds = time.perf_counter(), step, 0.0
         self.bad_files_reported = 0
         self.capture_reported = False
-        self.guide_step = guide_step(config.runtime.guide_fraction, last_step)
-        self.snapshot_every = snapshot_every(config.runtime.ema_snapshot_every, last_step)
         self.quality = self.quality_guide = None
         if config.runtime.eval_every:
-            from .periodic_eval import PeriodicEvaluation
-
             self.quality = PeriodicEvaluation(config, self.run_dir, trainer.info.channels, trainer.device)
 
     def _validation_set(self, trainer):
-        from .data import validation_set
-
         c = self.config
         return validation_set(c.train.data, c.model.image_size, trainer.info.channels, c.model.num_classes is not None,
                               n=c.runtime.val_size)
@@ -146,17 +136,15 @@ class RankZeroMonitor(Monitor):
         self.bar.set_postfix(postfix)
 
     def extras(self, trainer) -> None:
-        """Validation loss, preview grids and the guide snapshot, each on its own schedule."""
+        """The files due at this step (the guide and EMA snapshots), then the evaluation, preview grids and
+        validation loss, each on its own schedule."""
         r, step = self.config.runtime, trainer.step_count
         start = time.perf_counter()
-        if step == self.guide_step:
-            self._save_guide(trainer, step)
+        guide = self.files.at_step(trainer)
+        if guide is not None and self.show_progress:
+            self.bar.write(f"step {step}: guide snapshot for autoguidance in {guide}")
         if self.quality is not None and (step % r.eval_every == 0 or step == self.last_step):
             self._evaluate(trainer, step)
-        if trainer.ema_tracks and snapshot_due(step, self.last_step, self.snapshot_every,
-                                                POSTHOC_DEFAULT["guide_ema_fraction"]):
-            for track in trainer.ema_tracks:
-                write_snapshot(self.run_dir, track.model, track.sigma_rel, step)
         if r.sample_every and step % r.sample_every == 0:
             sampling = SamplingConfig(steps=r.sample_steps, guidance=r.guidance)  # the default sampler and options
             grid = preview_grid(trainer.ema.model, trainer.schedule, sampling)
@@ -168,8 +156,6 @@ class RankZeroMonitor(Monitor):
     def _evaluate(self, trainer, step: int) -> None:
         """`ddpm eval`'s scores of the EMA weights (autoguided once the run has its guide) into eval/, the real
         floor into eval_floor/, and with --keep-best the weights to RUN/best when they score best so far."""
-        from .periodic_eval import keep_if_best
-
         start = time.perf_counter()
         if self.quality_guide is None:  # RUN/guide is written once and never changes: loaded once it exists
             guide_dir = ckpt.find_run_guide(self.run_dir)
@@ -183,8 +169,7 @@ class RankZeroMonitor(Monitor):
             self.writer.add_scalar(f"eval_floor/{name}", value, step)
         self.writer.add_scalar("eval/seconds", time.perf_counter() - start, step)
         metric = self.config.runtime.keep_best
-        kept = metric is not None and keep_if_best(self.run_dir, metric, scores, step, trainer.ema.model,
-                                                   self.config.diffusion, trainer.info.class_names)
+        kept = self.files.keep_best(trainer, scores)
         if self.show_progress:
             shown = ", ".join(f"{name} {value:.4g} (real {floor[name]:.4g})" for name, value in scores.items()
                               if name in floor and name in ("fid", "classifier_fd", "accuracy"))
@@ -192,22 +177,11 @@ class RankZeroMonitor(Monitor):
                                                            if kept else ""))
 
     def _validate(self, trainer, step: int) -> None:
-        from .diffusion import validation_loss
-
         images = self.held_out.images.to(trainer.device)
         labels = None if self.held_out.labels is None else self.held_out.labels.to(trainer.device)
         for tag, net in (("val/loss", trainer.model), ("val/loss_ema", trainer.ema.model)):
             value = validation_loss(net, trainer.schedule, images, labels, seed=self.config.train.seed)
             self.writer.add_scalar(tag, value, step)
-
-    def _save_guide(self, trainer, step: int) -> None:
-        """RUN/guide/: the EMA weights at `guide_step`, exported like model/ (a resumed run keeps its first one).
-        A run resumed past this step without one gets none: its checkpoints can serve as guides instead."""
-        extra = {"class_names": trainer.info.class_names, "step": step,
-                 "guide_fraction": self.config.runtime.guide_fraction}
-        written = ckpt.save_guide_snapshot(self.run_dir, trainer.ema.model, self.config.diffusion, extra)
-        if written and self.show_progress:
-            self.bar.write(f"step {step}: guide snapshot for autoguidance in {self.run_dir / ckpt.GUIDE_DIR}")
 
     def end_of_epoch(self, trainer, bad_files: list[str]) -> None:
         if len(bad_files) > self.bad_files_reported:
@@ -219,10 +193,7 @@ class RankZeroMonitor(Monitor):
 
     def save(self, trainer) -> None:
         start = time.perf_counter()
-        step = trainer.step_count
-        ckpt.save_training_state(self.run_dir, trainer.state_dict(), step, self.config.runtime.keep_checkpoints)
-        ckpt.save_pretrained(trainer.ema.model, self.run_dir / ckpt.MODEL_DIR, self.config.diffusion,
-                             {"class_names": trainer.info.class_names, "step": step})
+        self.files.save(trainer)
         self.extra_seconds += time.perf_counter() - start
 
     def progress(self, trainer) -> None:

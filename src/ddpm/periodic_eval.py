@@ -20,7 +20,9 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import RunConfig, SamplingConfig, sampling_defaults
+from .evaluation import prepare_evaluator, saturated_fraction
 from .files import to_uint8
+from .pipeline import balanced_labels, sample_all
 
 EVAL_SEED = 0  # `ddpm eval`'s default seed: the same noise at every evaluation, so curves differ by the weights
 EVAL_BATCH = 64  # `ddpm eval`'s default --batch-size (batch b is seeded by (seed, b)): the same images
@@ -43,8 +45,6 @@ class PeriodicEvaluation:
 
     def evaluator(self):
         if self._evaluator is None:
-            from .evaluation import prepare_evaluator
-
             c = self.config
 
             def prepare(fid: bool):
@@ -67,8 +67,6 @@ class PeriodicEvaluation:
 
     def score(self, model, schedule, guide=None) -> dict:
         """{metric: value} of K images drawn as `ddpm eval` draws them (balanced labels, seed 0, batches of 64)."""
-        from .evaluation import saturated_fraction
-        from .pipeline import balanced_labels, sample_all
 
         r = self.config.runtime
         evaluator = self.evaluator()  # the first time, this trains the evaluation classifier (gradients on)

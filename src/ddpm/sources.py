@@ -22,6 +22,7 @@ from .checkpoint import (
     WEIGHTS,
     CheckpointError,
     RunFolder,
+    ema_states,
     find_run_guide,
     from_pretrained,
     latest_checkpoint,
@@ -268,7 +269,8 @@ def _guide_from_checkpoint(path: Path):
     state = load_training_state(path)
     try:
         config = RunConfig.from_dict(state["config"])
-        weights = state["ema"]["model"] if state.get("ema") else state["model"]
+        emas = ema_states(state)
+        weights = emas[0]["model"] if emas else state["model"]
     except (KeyError, TypeError) as error:
         raise CheckpointError(f"{path} is not a ddpm training checkpoint (no {error}); "
                               f"give a {CHECKPOINT_DIR}/step_*.pt") from None

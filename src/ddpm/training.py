@@ -190,10 +190,11 @@ class Trainer:
         self.params = list(self.model.parameters())  # listed once: a walk of the module tree costs host time each step
         self.amp_dtype = resolve_amp(config.runtime.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = EMA(self.model, t.ema_decay, sized_warmup(t.ema_warmup, last_step)) if self.ctx.is_main else None
-        # the post-hoc EMA's power-function tracks (rank 0, like the EMA), each with its weight on the device
-        self.ema_tracks = [PowerEMA(self.model, s) for s in t.ema_lengths] if self.ctx.is_main else []
-        self.track_weights = [torch.zeros((), device=device) for _ in self.ema_tracks]
+        # rank 0's averages of the weights, one list with one code path: the classic EMA first (RUN/model), then the
+        # post-hoc EMA's power-function tracks (phema.py); each with its interpolation weight on the device
+        self.emas: list[EMA] = [EMA(self.model, t.ema_decay, sized_warmup(t.ema_warmup, last_step))] + [
+            PowerEMA(self.model, s) for s in t.ema_lengths] if self.ctx.is_main else []
+        self.ema_weights = [torch.zeros((), device=device) for _ in self.emas]
         # identical on every rank: each takes its slice
         self.noise_gen = torch.Generator(device).manual_seed(t.seed + 1)
         self.hflip = t.hflip if t.hflip is not None else t.data != "mnist"  # digits are not mirror-symmetric
@@ -205,14 +206,22 @@ class Trainer:
         # what the step reads from memory (so that a CUDA graph can replay it), and the numbers last written there
         self.static = StaticInputs()
         self.lr_value: float | None = None
-        self.ema_weight = torch.zeros((), device=device)
-        self.ema_weight_value: float | None = None
         graphs, notice = graphs_decision(config.runtime.cuda_graphs, device, distributed=self.ctx.enabled,
                                          grad_scaler=self.scaler.is_enabled(),
                                          capturable_optimizer=bool(self.optimizer.defaults.get("capturable")))
         if notice:
             warnings.warn(notice, DdpmWarning, stacklevel=2)
         self.runner = StepRunner(graphs, device=device)
+
+    @property
+    def ema(self) -> EMA | None:
+        """The classic EMA (what RUN/model exports), on rank 0; None elsewhere."""
+        return self.emas[0] if self.emas else None
+
+    @property
+    def ema_tracks(self) -> list[PowerEMA]:
+        """The post-hoc EMA's tracks, whose snapshots rebuild any other length after training."""
+        return self.emas[1:]
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         net = model
@@ -227,8 +236,7 @@ class Trainer:
     # -- the checkpoint payload -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-            "ema_tracks": [track.state_dict() for track in self.ema_tracks],
+            "model": self.model.state_dict(), "emas": [ema.state_dict() for ema in self.emas],
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step_count,
             "config": self.config.to_dict(),
             "rng": {"noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()},
@@ -245,12 +253,10 @@ class Trainer:
             group.update(bound)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
+        if self.emas:  # rank 0's; a run from before post-hoc EMA tracks none (its config says so)
             self.ema.warmup_steps = self.config.train.ema_warmup  # what a checkpoint from before sized warm-ups used
-            self.ema.load_state_dict(state["ema"])
-        if self.ema_tracks:  # rank 0's; a run from before post-hoc EMA tracks none (its config says so)
-            for track, saved in zip(self.ema_tracks, state["ema_tracks"], strict=True):
-                track.load_state_dict(saved)
+            for ema, saved in zip(self.emas, ckpt.ema_states(state), strict=True):
+                ema.load_state_dict(saved)
         self.step_count = int(state["step"])
         try:
             self.noise_gen.set_state(state["rng"]["noise"].to(torch.uint8))
@@ -345,13 +351,8 @@ class Trainer:
         if lr != self.lr_value:  # a launch saved per step once the warm-up is over
             set_learning_rate(self.optimizer, lr)
             self.lr_value = lr
-        if self.ema is not None:
-            weight = self.ema.next_weight()
-            if weight != self.ema_weight_value:
-                self.ema_weight.fill_(weight)
-                self.ema_weight_value = weight
-        for track, weight in zip(self.ema_tracks, self.track_weights):
-            weight.fill_(track.next_weight())  # changes every step: beta_t depends on t
+        for ema, weight in zip(self.emas, self.ema_weights):
+            weight.fill_(ema.next_weight())  # read from memory by the step (a CUDA graph replays it)
         self.load_inputs(x0, labels)
         per_sample, timesteps, grad_norm, skipped = self.runner(self.update)
         self.step_count += 1
@@ -376,10 +377,8 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank must skip together
             skipped = flag[0] > 0
         self._apply_update(skipped)
-        if self.ema is not None:  # a graph reads the weight from memory; eagerly a number is a launch cheaper
-            self.ema.average(self.model, self.ema_weight if self.runner.enabled else self.ema_weight_value)
-        for track, weight in zip(self.ema_tracks, self.track_weights):
-            track.average(self.model, weight)
+        for ema, weight in zip(self.emas, self.ema_weights):
+            ema.average(self.model, weight)
         self.bad_run.add_(1).mul_(skipped)  # in place: a replay reads and writes this same memory
         torch.maximum(self.worst_bad_run, self.bad_run, out=self.worst_bad_run)
         return per_sample, timesteps, grad_norm, skipped

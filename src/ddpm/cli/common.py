@@ -76,6 +76,21 @@ def add_quiet_flag(a) -> None:
     a("--quiet", action="store_true", help="no progress bars or progress lines")
 
 
+def add_seed_flag(a, what: str = "random seed", default: int | None = 0, note: str = "") -> None:
+    """--seed: a whole number from 0 to MAX_SEED (`seed` checks it), for what `what` says."""
+    a("--seed", type=seed, default=default, help=f"{what}, from 0 to 2^63 - 1{note}")
+
+
+def add_out_flag(a, what: str, required: bool = True) -> None:
+    """--out: a folder (`folder_path` refuses an empty path, which would scatter files in the current folder)."""
+    a("--out", type=folder_path, required=required, help=what)
+
+
+def add_batch_size_flag(a, what: str, default: int | None) -> None:
+    """--batch-size: each command checks its own range (a sampling batch, an optimizer step's images)."""
+    a("--batch-size", type=int, default=default, help=what)
+
+
 def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True, many: bool = False) -> None:
     """--ema-length / --ema-step: draw from an average rebuilt from the run's post-hoc EMA snapshots; with `guide`,
     also --guide-ema-length / --guide-ema-fraction: guide with one. `many`: several lengths (eval's sweep)."""

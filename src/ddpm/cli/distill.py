@@ -8,12 +8,14 @@ from pathlib import Path
 from ..errors import DdpmError
 from .common import (
     HelpFormatter,
+    add_batch_size_flag,
     add_device_flag,
     add_ema_flags,
+    add_out_flag,
     add_quiet_flag,
+    add_seed_flag,
     duration,
     folder_path,
-    seed,
     source_flags,
     warn_one_line,
 )
@@ -42,10 +44,10 @@ def add_distill_parser(sub) -> None:
       "only, and the student learns w)")
     add_ema_flags(d)
     a("--data", help="the images to distil on (default: the run's training data)")
-    a("--batch-size", type=int, help="images per step (default: the run's)")
-    a("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    a("--out", type=folder_path, help="the distillation's folder (default RUN/distilled)")
-    a("--seed", type=seed, default=0, help="random seed")
+    add_batch_size_flag(a, "images per step (default: the run's)", None)
+    a("--lr", type=float, default=3e-4, help="AdamW learning rate (measured: benchmarks/RESULTS.md, \"Distillation\")")
+    add_out_flag(a, "the distillation's folder (default RUN/distilled)", required=False)
+    add_seed_flag(a)
     a("--resume", action="store_true", help="continue the distillation in its folder from its latest checkpoint")
     a("--resume-if-exists", action="store_true", help="continue it when the folder holds this same distillation, "
       "else start it (for restarted jobs)")

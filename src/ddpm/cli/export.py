@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import DdpmError, DdpmWarning
-from .common import HelpFormatter, add_ema_flags, folder_path, run_folder
+from .common import HelpFormatter, add_ema_flags, add_out_flag, folder_path, run_folder
 
 
 def add_export_parser(sub) -> None:
@@ -17,7 +17,7 @@ def add_export_parser(sub) -> None:
                                     "(model.safetensors + config.json), which ddpm sample, eval, serve and --guide "
                                     "read like any other.")
     ex.add_argument("model", type=folder_path, help="run folder (trained with --ema-lengths)")
-    ex.add_argument("--out", type=folder_path, required=True, help="the model folder to write")
+    add_out_flag(ex.add_argument, "the model folder to write")
     add_ema_flags(ex, guide=False)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import (
     MAX_WORKERS,
 )
-from .common import HelpFormatter, add_quiet_flag, folder_path
+from .common import HelpFormatter, add_out_flag, add_quiet_flag
 
 
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,8 +25,7 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     pr.add_argument("--channels", type=int, choices=(1, 3),
                     help="1 = grayscale, 3 = RGB (default: 1 for mnist, else 3)")
     pr.add_argument("--conditional", action="store_true", help="keep the labels of an image folder's class subfolders")
-    pr.add_argument("--out", type=folder_path, required=True,
-                    help="the folder to write (new, empty, or an earlier prepared copy to replace)")
+    add_out_flag(pr.add_argument, "the folder to write (new, empty, or an earlier prepared copy to replace)")
     pr.add_argument("--num-workers", type=int,
                     help="decoding processes for image folders, 0 = in this process "
                          "(default: available cores, at most 8)")

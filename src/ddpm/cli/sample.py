@@ -13,16 +13,18 @@ from ..errors import DdpmError
 from .common import (
     MAX_SAMPLES,
     HelpFormatter,
+    add_batch_size_flag,
     add_device_flag,
     add_ema_flags,
+    add_out_flag,
     add_quiet_flag,
     add_sampling_flags,
+    add_seed_flag,
     folder_path,
     guide_path_text,
     int_list,
     open_model,
     sampling_configs,
-    seed,
 )
 
 
@@ -32,16 +34,16 @@ def add_sample_parser(sub) -> None:
                                     "(model.safetensors + config.json).")
     a = sa.add_argument
     a("model", type=folder_path, help="run folder or model folder")
-    a("--out", type=folder_path, required=True, help="output folder for the PNGs and the grid")
+    add_out_flag(a, "output folder for the PNGs and the grid")
     a("--n", type=int, help="number of images (unconditional default 16; conditional: balanced classes)")
     a("--labels", type=int_list, help="class labels to draw, e.g. 0,1,2 (conditional models)")
     a("--per-class", type=int, help="K images of every class, one grid row per class (conditional default: 8)")
     add_sampling_flags(sa)
-    a("--seed", type=seed, default=0, help="random seed, from 0 to 2^63 - 1 (same seed, same device: same images)")
+    add_seed_flag(a, "random seed (same seed, same device: same images)")
     a("--ema", action=argparse.BooleanOptionalAction, default=True,
       help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
     add_ema_flags(sa)
-    a("--batch-size", type=int, default=SAMPLE_BATCH, help="images per sampling batch (batch b is seeded by (seed, b))")
+    add_batch_size_flag(a, "images per sampling batch (batch b is seeded by (seed, b))", SAMPLE_BATCH)
     a("--process", action="store_true", help="also write the denoising process (x_t over the steps) "
       "as process.png and process.gif")
     add_device_flag(a)

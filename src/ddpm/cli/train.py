@@ -19,8 +19,11 @@ from ..errors import DdpmError
 from ..presets import PRESETS
 from .common import (
     HelpFormatter,
+    add_batch_size_flag,
     add_device_flag,
+    add_out_flag,
     add_quiet_flag,
+    add_seed_flag,
     duration,
     ema_lengths_arg,
     folder_path,
@@ -96,8 +99,8 @@ def add_train_parser(sub) -> None:
     a = tr.add_argument
     a("data", nargs="?", help="dataset: folder, CIFAR-10 folder, prepared folder, 'mnist' or 'photos' "
       "(not needed with --resume)")
-    a("--out", type=folder_path, help="run folder for checkpoints, TensorBoard logs and the exported model "
-      "(default runs/<preset or data>)")
+    add_out_flag(a, "run folder for checkpoints, TensorBoard logs and the exported model (default runs/<preset or "
+                 "data>)", required=False)
     a("--resume", type=folder_path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint; "
       "only the flags of how it runs "
       "(--steps/--epochs, --device, --amp, --compile, --num-workers, logging and checkpoint intervals) may be given")
@@ -125,7 +128,7 @@ def _add_recipe_flags(a) -> None:
       + _default("prediction"))
     a("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5 "
       "(default: off, the plain MSE)")
-    a("--batch-size", type=int, help="images per optimizer step" + _default("batch_size"))
+    add_batch_size_flag(a, "images per optimizer step" + _default("batch_size"), None)
     a("--lr", type=float, help="AdamW learning rate" + _default("lr"))
     a("--warmup-steps", type=int, help="linear learning-rate warm-up steps, 0 = none" + _default("warmup_steps"))
     a("--weight-decay", type=float, help="AdamW weight decay, 0 = none" + _default("weight_decay"))
@@ -142,7 +145,7 @@ def _add_recipe_flags(a) -> None:
       "(ddpm sample --ema-length); none = off" + _default("ema_lengths"))
     a("--hflip", action=argparse.BooleanOptionalAction, default=None,
       help="random horizontal flips (default: on, off for mnist)")
-    a("--seed", type=int, help="seed for data order, noise and initial weights, from 0 to 2^63 - 1" + _default("seed"))
+    add_seed_flag(a, "seed for data order, noise and initial weights", default=None, note=_default("seed"))
 
 
 def _add_runtime_flags(a) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from ..config import MAX_SEED, SAMPLE_BATCH, SAMPLERS, SamplingConfig
+from ..config import MAX_SEED, SAMPLE_BATCH, SamplingConfig
 from ..errors import DdpmError
 from ..files import keeps_process_frame, save_images
 from .edit_tab import build_edit_tab
@@ -58,6 +58,7 @@ from .served import (  # noqa: F401 - re-exported: ddpm.serve is the page's publ
     guidance_defaults,
     import_gradio,
     load_served_model,
+    page_samplers,
     parse_sampling,
     parse_seed,
     process_array,
@@ -361,7 +362,7 @@ def _controls(gr, served: ServedModel, start: dict[str, Any], max_steps: int, ma
                               label="Classifier-free guidance w", info="0 unconditional, 1 conditional, >1 guided",
                               visible=conditional, elem_id="guidance"),
         "guide_weight": _guide_slider(gr, served, start["guide_weight"]),
-        "sampler": gr.Dropdown(choices=list(SAMPLERS), value=start["sampler"], label="Sampler",
+        "sampler": gr.Dropdown(choices=page_samplers(served), value=start["sampler"], label="Sampler",
                                info=f"ddpm always takes all T={len(served.schedule)} steps", elem_id="sampler"),
         "steps": gr.Slider(1, max_steps, value=start["steps"], step=1, label="Steps", elem_id="steps"),
         "seed": gr.Textbox(value=start["seed"], label="Seed", info=f"'{RANDOM_SEED}' or a number from 0 to {MAX_SEED}",

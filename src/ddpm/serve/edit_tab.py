@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from ..config import SAMPLERS, SamplingConfig
+from ..config import SamplingConfig
 from ..errors import DdpmError
 from ..files import atomic_write_bytes, png_bytes
 from .served import (
@@ -28,6 +28,7 @@ from .served import (
     _number,
     grid_array,
     guidance_defaults,
+    page_samplers,
     parse_sampling,
     parse_seed,
     sampling_flags,
@@ -183,7 +184,7 @@ def build_edit_tab(gr, served: ServedModel, new_folder, max_steps: int) -> None:
                                       visible=bool(served.num_classes), elem_id="edit-guidance"),
                 "guide_weight": gr.Slider(0, MAX_GUIDE_WEIGHT, value=d.guide_weight, step=0.1, label="Guide weight g",
                                           interactive=served.guide is not None, elem_id="edit-guide-weight"),
-                "sampler": gr.Dropdown(choices=list(SAMPLERS), value=sampling.sampler, label="Sampler",
+                "sampler": gr.Dropdown(choices=page_samplers(served), value=sampling.sampler, label="Sampler",
                                        elem_id="edit-sampler"),
                 "steps": gr.Slider(1, max_steps, value=min(sampling.steps_for(len(served.schedule)), max_steps),
                                    step=1, label="Steps", elem_id="edit-steps"),

@@ -272,6 +272,11 @@ def _student_weight(served: ServedModel, name: str) -> bool:
     return served.student is not None and served.student.weight == name
 
 
+def page_samplers(served: ServedModel) -> list[str]:
+    """The sampler menus: every sampler, and a student's own ("student": DDIM on its grid) for a student only."""
+    return [name for name in SAMPLERS if name != SAMPLER or served.student is not None]
+
+
 def student_defaults(student: Student) -> dict:
     """The page's starting values for a student: its sampler, its steps and its default weight."""
     values = {"sampler": SAMPLER, "steps": student.steps, **student.fixed}
