@@ -11,6 +11,13 @@ trap 'git -C "$ROOT" worktree remove --force "$WORK/tree" >/dev/null 2>&1 || tru
 git -C "$ROOT" worktree add --detach "$WORK/tree" "$REV" >/dev/null 2>&1
 TINY="--image-size 8 --base-channels 8 --channel-mults 1,2 --bottleneck-mult 2 --batch-size 8 --sample-every 0 --quiet"
 PYTHONPATH=$ROOT/src $PY -m ddpm train mnist --conditional --out "$WORK/run" --steps 40 --val-every 0 $TINY
+# training too: the same run trained by REV's code must export the same weights, EMA and snapshots
+PYTHONPATH=$WORK/tree/src $PY -m ddpm train mnist --conditional --out "$WORK/run_before" --steps 40 --val-every 0 $TINY
+train_status=0
+for f in model/model.safetensors guide/model.safetensors $(cd "$WORK/run" && ls ema_snapshots/*); do
+  cmp -s "$WORK/run/$f" "$WORK/run_before/$f" || { echo "training differs: $f"; train_status=1; }
+done
+[ $train_status = 0 ] && echo "training: model/, guide/ and $(ls "$WORK/run/ema_snapshots" | wc -l) snapshots equal"
 for side in before after; do
   src=$([ $side = before ] && echo "$WORK/tree/src" || echo "$ROOT/src")
   out=$WORK/$side; mkdir -p "$out"
@@ -48,4 +55,4 @@ sys.exit(0 if rows_a == rows_b else 1)
 PY
 diff <(sed "s#$WORK/before#X#g; s#$WORK/after#X#g" before/stderr.txt) <(sed "s#$WORK/before#X#g; s#$WORK/after#X#g" after/stderr.txt) && echo "stderr equal" || status=1
 echo "PNG files compared: $(cd before && find . -name '*.png' | wc -l)"
-exit $status
+exit $((status | train_status))

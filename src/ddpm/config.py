@@ -117,8 +117,16 @@ class DiffusionConfig:
         _check(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, not {self.prediction!r}")
 
 
+# Fields written only when set: a model without them saves the same config.json as before they existed, which
+# earlier versions of ddpm can still read.
+WRITTEN_WHEN_SET = {"weight_input"}
+
+
 def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
+    data = dataclasses.asdict(obj)
+    if isinstance(obj, ModelConfig):
+        data = {k: v for k, v in data.items() if k not in WRITTEN_WHEN_SET or v is not None}
+    return data
 
 
 def from_dict(cls: type, data: dict) -> Any:
@@ -380,7 +388,7 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "model": to_dict(self.model)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
