@@ -294,3 +294,21 @@ def test_resume_if_exists_continues_a_finished_distillation_without_training(stu
                  "--out", str(students), "--resume-if-exists", *DISTILL]) == 0
     assert (students / "steps_1" / "model.safetensors").stat().st_mtime_ns == stamp
     assert "steps_1" in capsys.readouterr().out
+
+
+def test_ddpm_edit_inpaints_on_the_students_grid(students, tmp_path, monkeypatch, capsys):
+    # bug caught: editing a student with the 20-step default sampler (20 calls) or at g = 1 instead of its default
+    import numpy as np
+    from PIL import Image
+
+    from ddpm.cli import main
+
+    images, mask = tmp_path / "images", tmp_path / "mask.png"
+    images.mkdir()
+    Image.fromarray(np.full((8, 8), 200, np.uint8), "L").save(images / "a.png")
+    Image.fromarray(np.where(np.arange(8)[:, None] < 4, 255, 0).repeat(8, 1).astype(np.uint8), "L").save(mask)
+    counted = count_calls(monkeypatch)
+    assert main(["edit", str(students / "steps_2"), str(images), "--mask", str(mask), "--labels", "3",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert counted == [1, 1]
+    assert "(student, 2 steps, g=2.6, a 2-call student (g 1-4))" in capsys.readouterr().out

@@ -195,7 +195,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     _write_edits(args, files, images, masks, results, model.config.image_size)
     what = f"inpainted ({int(masks.float().mean() * 100)}% of pixels redrawn)" if masks is not None else \
         f"redrawn at strength {args.strength:g}"
-    print(f"{len(files)} images {what} ({_describe(sampling, len(schedule))}"
+    print(f"{len(files)} images {what} ({_describe(sampling, len(schedule), opened.student)}"
           + (f", autoguidance g={sampling.guide_weight:g} by {guide_path}" if guide is not None
              and sampling.guide_weight != 1 else "") + f") on {device}: {Path(args.out) / 'grid.png'}")
     return 0
@@ -219,8 +219,12 @@ def _write_edits(args, files, images, masks, results, image_size: int) -> None:
     save_grid(torch.stack(rows), out / "grid.png", nrow=3 if masks is not None else 2, upscale=upscale)
 
 
-def _describe(sampling, timesteps: int) -> str:
-    return f"{sampling.sampler}, {sampling.steps_for(timesteps)} steps, w={sampling.guidance:g}"
+def _describe(sampling, timesteps: int, student=None) -> str:
+    """e.g. 'dpmpp2m, 20 steps, w=3'; a distilled student names the weight it takes instead (g for a student of g)."""
+    weight = f"w={sampling.guidance:g}"
+    if student is not None and student.weight == "guide_weight":
+        weight = f"g={sampling.guide_weight:g}, {student.describe()}"
+    return f"{sampling.sampler}, {sampling.steps_for(timesteps)} steps, {weight}"
 
 
 def _interpolate(args, model, schedule, device, guide, guide_path) -> int:
