@@ -35,7 +35,7 @@ NAMES = {"wrong type": "folder", "negative": "folder", "zero": "folder", "huge":
 ALLOWED: dict[tuple[str, str], dict[str, str]] = {
     # any name is a folder name (the empty one is refused)
     ("train", "--out"): NAMES, ("sample", "--out"): NAMES, ("eval", "--out"): NAMES, ("edit", "--out"): NAMES,
-    ("prepare", "--out"): NAMES, ("export", "--out"): NAMES,
+    ("prepare", "--out"): NAMES, ("export", "--out"): NAMES, ("distill", "--out"): NAMES,
     **{("train", flag): {"zero": "0 = "} for flag in (
         "--warmup-steps", "--weight-decay", "--grad-clip", "--ema-decay", "--ema-warmup", "--guidance-dropout",
         "--num-workers", "--sample-every", "--guidance", "--val-every", "--guide-fraction", "--max-bad-fraction",
@@ -181,6 +181,8 @@ def base_argv(command: str, run: Path, out: Path, flag: str = "") -> list[str]:
         "prepare": ["prepare", "mnist", "--out", str(out / "prepared"), "--image-size", "8", "--quiet"],
         "serve": ["serve", str(run), "--port", str(free_port()), "--max-steps", "2", "--device", "cpu"],
         "export": ["export", str(run), "--ema-length", "0.1", "--out", str(out / "export")],
+        "distill": ["distill", str(run), "--steps", "1", "--start-steps", "2", "--round-steps", "1", "--batch-size",
+                    "8", "--out", str(out / "distill"), "--quiet"],
     }[command]
 
 

@@ -312,3 +312,33 @@ def test_ddpm_edit_inpaints_on_the_students_grid(students, tmp_path, monkeypatch
                  "--out", str(tmp_path / "out"), "--quiet"]) == 0
     assert counted == [1, 1]
     assert "(student, 2 steps, g=2.6, a 2-call student (g 1-4))" in capsys.readouterr().out
+
+
+def test_every_distill_flag_runs(teacher_run, tmp_path, capsys):
+    # bugs caught: a flag parsed but not passed on (the teacher's w, the student's default g, the data, the seed), a
+    # --time-limit that never stops (exit 75), and --resume from the command line
+    import json
+
+    from ddpm.cli import main
+
+    small = ["--steps", "1", "--start-steps", "2", "--round-steps", "2", *DISTILL]
+    cfg = tmp_path / "cfg"
+    assert main(["distill", str(teacher_run), "--guide", "none", "--guidance", "2", "--data", "mnist", "--seed", "3",
+                 "--checkpoint-every", "1", "--device", "cpu", "--lr", "1e-3", "--weight-range", "1", "3",
+                 "--out", str(cfg), *small]) == 0
+    record = json.loads((cfg / "steps_1" / "config.json").read_text())["student"]
+    assert record["weight"] == "guidance" and record["default_weight"] == 2.0 and record["weight_range"] == [1, 3]
+    assert json.loads((cfg / "config.json").read_text())["train"]["seed"] == 3
+    assert len(list((cfg / "checkpoints").glob("step_*.pt"))) == 2  # --checkpoint-every 1: steps 1 and 2
+    assert main(["distill", str(teacher_run), "--guide", "none", "--guidance", "2", "--data", "mnist", "--seed", "3",
+                 "--weight-range", "1", "3", "--lr", "1e-3", "--out", str(cfg), "--resume", *small]) == 0
+    g = tmp_path / "g"
+    assert main(["distill", str(teacher_run), "--guide-weight", "2.2", "--out", str(g), *small]) == 0
+    assert json.loads((g / "steps_1" / "config.json").read_text())["student"]["default_weight"] == 2.2
+    capsys.readouterr()
+    stopped = tmp_path / "stopped"
+    assert main(["distill", str(teacher_run), "--time-limit", "0.01", "--out", str(stopped),
+                 "--steps", "1", "--start-steps", "2", "--round-steps", "50", *DISTILL]) == 75
+    assert "stopped by the time limit" in capsys.readouterr().err
+    assert main(["distill", str(teacher_run), "--ema-length", "0.1", "--out", str(tmp_path / "e"), *small]) == 2
+    assert "snapshot" in capsys.readouterr().err and not (tmp_path / "e").exists()

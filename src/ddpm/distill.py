@@ -58,6 +58,7 @@ STEP_CHOICES = (1, 2, 4)
 # The weight ranges trained by default: autoguidance's g from off (1) to well past its measured 2.6; classifier-free
 # guidance's w from the plain conditional model (1) to past the seed's 3.
 WEIGHT_RANGES = {"guide_weight": (1.0, 4.0), "guidance": (1.0, 6.0)}
+MAX_START_STEPS = 256  # past this a distillation has more rounds than any measured plan, and T = 1000 runs out
 START_STEPS = 16  # the first teacher's DDIM grid (benchmarks/RESULTS.md, "Distillation")
 ROUND_STEPS = 200  # optimizer steps a round (the same)
 
@@ -203,6 +204,9 @@ def check_rounds(steps: int, start_steps: int, round_steps: int) -> None:
                           f"{max(8, 2 * steps)}")
     if round_steps < 1:
         raise ConfigError(f"--round-steps {round_steps} must be >= 1")
+    if start_steps > MAX_START_STEPS:
+        raise ConfigError(f"--start-steps {start_steps} is more than {MAX_START_STEPS} teacher steps; a round halves "
+                          f"them, so start from 16 or 32")
 
 
 # -- the settings of a distillation --------------------------------------------------------------------------------
@@ -296,7 +300,11 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, 
 
     run = Path(run)
     check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every {checkpoint_every} must be >= 1 (default: at each round's end)")
     opened = open_model(run, device, warn=warn, **source_flags)
+    if start_steps > len(opened.schedule):
+        raise ConfigError(f"--start-steps {start_steps} is more than the model's {len(opened.schedule)} timesteps")
     record, weight, weights, default_weight = teacher_settings(
         opened, {"guidance": guidance, "guide_weight": guide_weight}, weight_range, start_steps)
     settings = DistillSettings(record, weight, weights, default_weight, start_steps, steps, round_steps)
