@@ -10,9 +10,10 @@ spec = importlib.util.spec_from_file_location("flag_fuzz", Path(__file__).parent
 flag_fuzz = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(flag_fuzz)
 
-# the flags whose holes the review found (serve's base, a hang, a silent accept), and two that load a model
+# the flags whose holes the review found (serve's base, a hang, a silent accept), two that load a model, and
+# distill's --data (an empty one was a traceback)
 SUBSET = [("serve", "--host"), ("prepare", "--num-workers"), ("prepare", "--max-bad-fraction"), ("train", "--steps"),
-          ("sample", "--guide"), ("eval", "--inception"), ("edit", "--mask")]
+          ("sample", "--guide"), ("eval", "--inception"), ("edit", "--mask"), ("distill", "--data")]
 
 
 @pytest.fixture(scope="module")

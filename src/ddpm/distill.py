@@ -278,7 +278,8 @@ def teacher_settings(opened, sampling_overrides: dict, weight_range, start_steps
 
 
 def _run_config(run: Path) -> RunConfig:
-    path = ckpt.RunFolder(run).path / ckpt.CONFIG
+    """The config of the run that `run` is (or whose model/ or best/ folder it is): its data and flips."""
+    path = run_folder(run) / ckpt.CONFIG
     try:
         return RunConfig.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError, ConfigError):
@@ -299,6 +300,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, 
     the graceful stop, --time-limit, torchrun and the log come with it."""
 
     run = Path(run)
+    if data is not None and not data.strip():
+        raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
     check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every {checkpoint_every} must be >= 1 (default: at each round's end)")

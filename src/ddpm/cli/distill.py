@@ -37,9 +37,10 @@ def add_distill_parser(sub) -> None:
     a("--weight-range", type=float, nargs=2, metavar=("LO", "HI"), help="the guidance weights the student learns "
       f"(default: g {WEIGHT_RANGES['guide_weight'][0]:g}-{WEIGHT_RANGES['guide_weight'][1]:g} with a guide, w "
       f"{WEIGHT_RANGES['guidance'][0]:g}-{WEIGHT_RANGES['guidance'][1]:g} without)")
-    a("--guidance", type=float, help="the teacher's classifier-free guidance w when the student learns g (default: "
-      "ddpm sample's)")
-    a("--guide-weight", type=float, metavar="G", help="the student's default g (default: ddpm sample's)")
+    a("--guidance", type=float, help="classifier-free guidance w: the teacher's when the student learns g, else the "
+      "student's default; 0 = unconditional, 1 = conditional (default: ddpm sample's)")
+    a("--guide-weight", type=float, metavar="G", help="autoguidance g: the student's default; 0 = the guide's "
+      "prediction alone, 1 = off (default: ddpm sample's)")
     a("--guide", metavar="PATH", help="the teacher's guide, as ddpm sample --guide ('none': classifier-free guidance "
       "only, and the student learns w)")
     add_ema_flags(d)
