@@ -39,17 +39,16 @@ from .config import (
     from_dict,
     sampling_defaults,
 )
-from .distributed import StopRequest, as_peer_lost, distributed_context, setup_device
+from .distributed import StopRequest, distributed_context, setup_device
 from .errors import DdpmError
 from .files import atomic_write_bytes, atomic_write_json, make_grid, png_bytes
 from .guidance import make_denoiser
-from .monitor import Monitor, RankZeroMonitor
 from .pipeline import balanced_labels, sample_all
 from .samplers import trailing_timesteps
 from .schedule import NoiseSchedule
 from .sources import open_model, run_folder
 from .students import Student
-from .training import Trainer, _load_latest_state, prepare
+from .training import Trainer, _load_latest_state, closing_run, monitor_for, prepare
 from .unet import UNet
 
 STUDENT = "student"  # the student's record in its model folder's config.json
@@ -328,20 +327,9 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, 
         atomic_write_json(folder / SETTINGS, dataclasses.asdict(settings))
     stop = stop or StopRequest()
     stop.time_limit = time_limit
-    monitor = RankZeroMonitor(trainer, folder, settings.last_step, progress) if ctx.is_main else Monitor(folder)
-    try:
+    monitor = monitor_for(trainer, folder, settings.last_step, progress)
+    with closing_run(trainer, monitor, folder):
         written, stopped = run_rounds(trainer, settings, opened, folder, monitor, stop, run, info)
-    except RuntimeError as error:
-        lost = as_peer_lost(error, ctx, trainer.step_count, folder)
-        if lost is None:
-            raise
-        raise lost from None
-    finally:
-        monitor.close(trainer)
-        if ctx.enabled:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     return DistillResult(folder, written, stopped)
 
 

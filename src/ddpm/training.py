@@ -11,6 +11,7 @@ loss or gradient is not finite is skipped on the device (see `Trainer.step`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -545,6 +546,31 @@ def prepare(config: RunConfig) -> tuple[RunConfig, DataInfo]:
     return dataclasses.replace(config, model=model), info
 
 
+def monitor_for(trainer: Trainer, run_dir: Path, last_step: int, progress: bool) -> Monitor:
+    """Rank 0's log and files (RankZeroMonitor); the silent Monitor on the other ranks."""
+    if trainer.ctx.is_main:
+        return RankZeroMonitor(trainer, run_dir, last_step, progress)
+    return Monitor(run_dir)
+
+
+@contextlib.contextmanager
+def closing_run(trainer: Trainer, monitor: Monitor, run_dir: Path):
+    """Around a run's `fit` calls: a peer lost under torchrun becomes one PeerLost line, and whatever happens the
+    log is closed and the process group ended."""
+    ctx = trainer.ctx
+    try:
+        yield
+    except RuntimeError as error:
+        lost = as_peer_lost(error, ctx, trainer.step_count, run_dir)
+        if lost is None:
+            raise
+        raise lost from None
+    finally:
+        monitor.close(trainer)
+        if ctx.enabled:
+            dist.destroy_process_group()
+
+
 def train(config: RunConfig, resume: bool = False, progress: bool = True, stop: StopRequest | None = None,
           if_exists: bool = False) -> TrainResult:
     """Train the run in `config.runtime.out_dir`; with `resume`, continue its saved run (model, diffusion and
@@ -575,18 +601,9 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True, stop: 
         trainer.load_state_dict(state)
     stop = stop or StopRequest()
     stop.time_limit = config.runtime.time_limit
-    monitor = RankZeroMonitor(trainer, run_dir, last_step, progress) if ctx.is_main else Monitor(run_dir)
-    try:
+    monitor = monitor_for(trainer, run_dir, last_step, progress)
+    with closing_run(trainer, monitor, run_dir):
         stopped = trainer.fit(last_step, monitor, stop)
-    except RuntimeError as error:
-        lost = as_peer_lost(error, ctx, trainer.step_count, run_dir)
-        if lost is None:
-            raise
-        raise lost from None
-    finally:
-        monitor.close(trainer)
-        if ctx.enabled:
-            dist.destroy_process_group()
     return TrainResult(run_dir, trainer.model, trainer.ema.model if trainer.ema else None, trainer.step_count,
                        stopped)
 

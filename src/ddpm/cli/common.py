@@ -91,6 +91,13 @@ def add_batch_size_flag(a, what: str, default: int | None) -> None:
     a("--batch-size", type=int, default=default, help=what)
 
 
+def add_weights_flags(parser: argparse.ArgumentParser) -> None:
+    """Which weights `ddpm sample` and `ddpm edit` draw with: --ema / --no-ema, then the post-hoc EMA flags."""
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
+    add_ema_flags(parser)
+
+
 def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True, many: bool = False) -> None:
     """--ema-length / --ema-step: draw from an average rebuilt from the run's post-hoc EMA snapshots; with `guide`,
     also --guide-ema-length / --guide-ema-fraction: guide with one. `many`: several lengths (eval's sweep)."""

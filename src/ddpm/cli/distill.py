@@ -6,31 +6,20 @@ import sys
 from pathlib import Path
 
 from ..errors import DdpmError
-from .common import (
-    HelpFormatter,
-    add_batch_size_flag,
-    add_device_flag,
-    add_ema_flags,
-    add_out_flag,
-    add_quiet_flag,
-    add_seed_flag,
-    duration,
-    folder_path,
-    source_flags,
-    warn_one_line,
-)
+from . import common
 
 
 def add_distill_parser(sub) -> None:
     from ..distill import ROUND_STEPS, START_STEPS, WEIGHT_RANGES
 
-    d = sub.add_parser("distill", formatter_class=HelpFormatter,
+    d = sub.add_parser("distill", formatter_class=common.HelpFormatter,
                        help="distil a run into a student that draws in 1, 2 or 4 calls (progressive distillation)",
                        description="Guided progressive distillation (Salimans & Ho 2022; Meng et al. 2023): each round "
                                    "trains a student to take in one DDIM step what its teacher takes in two, with the "
                                    "guidance weight as its input, and writes RUN/distilled/steps_K.")
     a = d.add_argument
-    a("model", type=folder_path, help="the teacher: a run folder (drawn as ddpm sample draws it) or its model folder")
+    a("model", type=common.folder_path,
+      help="the teacher: a run folder (drawn as ddpm sample draws it) or its model folder")
     a("--steps", type=int, default=2, help="the last student's calls per image: 1, 2 or 4")
     a("--start-steps", type=int, default=START_STEPS, help="the first teacher's DDIM steps; each round halves them")
     a("--round-steps", type=int, default=ROUND_STEPS, help="optimizer steps per round")
@@ -43,19 +32,20 @@ def add_distill_parser(sub) -> None:
       "prediction alone, 1 = off (default: ddpm sample's)")
     a("--guide", metavar="PATH", help="the teacher's guide, as ddpm sample --guide ('none': classifier-free guidance "
       "only, and the student learns w)")
-    add_ema_flags(d)
+    common.add_ema_flags(d)
     a("--data", help="the images to distil on (default: the run's training data)")
-    add_batch_size_flag(a, "images per step (default: the run's)", None)
+    common.add_batch_size_flag(a, "images per step (default: the run's)", None)
     a("--lr", type=float, default=3e-4, help="AdamW learning rate (measured: benchmarks/RESULTS.md, \"Distillation\")")
-    add_out_flag(a, "the distillation's folder (default RUN/distilled)", required=False)
-    add_seed_flag(a)
+    common.add_out_flag(a, "the distillation's folder (default RUN/distilled)", required=False)
+    common.add_seed_flag(a)
     a("--resume", action="store_true", help="continue the distillation in its folder from its latest checkpoint")
     a("--resume-if-exists", action="store_true", help="continue it when the folder holds this same distillation, "
       "else start it (for restarted jobs)")
-    a("--time-limit", type=duration, metavar="DURATION", help="stop at a checkpoint before this much time (exit 75)")
+    a("--time-limit", type=common.duration, metavar="DURATION",
+      help="stop at a checkpoint before this much time (exit 75)")
     a("--checkpoint-every", type=int, help="checkpoint every N steps (default: at each round's end)")
-    add_device_flag(a)
-    add_quiet_flag(a)
+    common.add_device_flag(a)
+    common.add_quiet_flag(a)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -70,8 +60,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                          round_steps=args.round_steps, weight_range=args.weight_range, batch_size=args.batch_size,
                          lr=args.lr, data=args.data, out=args.out, device=args.device, seed=args.seed,
                          resume=args.resume, if_exists=args.resume_if_exists, progress=not args.quiet, stop=stop,
-                         time_limit=args.time_limit, checkpoint_every=args.checkpoint_every, warn=warn_one_line,
-                         guidance=args.guidance, guide_weight=args.guide_weight, **source_flags(args))
+                         time_limit=args.time_limit, checkpoint_every=args.checkpoint_every, warn=common.warn_one_line,
+                         guidance=args.guidance, guide_weight=args.guide_weight, **common.source_flags(args))
     if not distributed_context().is_main:
         return 0
     if result.stopped:

@@ -8,30 +8,15 @@ from pathlib import Path
 
 from ..config import SAMPLE_BATCH
 from ..errors import DdpmError
-from .common import (
-    MAX_SAMPLES,
-    HelpFormatter,
-    add_batch_size_flag,
-    add_device_flag,
-    add_ema_flags,
-    add_out_flag,
-    add_quiet_flag,
-    add_sampling_flags,
-    add_seed_flag,
-    folder_path,
-    guide_path_text,
-    int_list,
-    open_model,
-    sampling_configs,
-    seed,
-)
+from . import common
 
 MAX_FRAMES = 1000
 
 
 def add_edit_parser(sub) -> None:
     ed = sub.add_parser(
-        "edit", help="inpaint, image-to-image or interpolate with a trained model", formatter_class=HelpFormatter,
+        "edit", help="inpaint, image-to-image or interpolate with a trained model",
+        formatter_class=common.HelpFormatter,
         description="Edit images with a run folder or model folder, one of three ways: --mask MASK inpaints (white "
                     "= regenerate, black = keep), --strength S redraws the images from noise level S (SDEdit), "
                     "--interpolate N walks in N frames between two images (DDIM inversion) or two --seeds. Images "
@@ -41,10 +26,10 @@ def add_edit_parser(sub) -> None:
                "ddpm edit runs/quickstart sketch.png --strength 0.5 --labels 7 --out redrawn;  "
                "ddpm edit runs/quickstart a.png b.png --interpolate 8 --labels 1,7 --out walk")
     a = ed.add_argument
-    a("model", type=folder_path, help="run folder or model folder")
+    a("model", type=common.folder_path, help="run folder or model folder")
     a("images", nargs="*", help="a PNG/JPEG or a folder of them (inpainting, image-to-image); two images "
       "(interpolation)")
-    add_out_flag(a, "output folder")
+    common.add_out_flag(a, "output folder")
     mode = ed.add_mutually_exclusive_group(required=True)
     mode.add_argument("--mask", help="inpaint: one mask PNG for every image, or a folder with a mask of the same "
                       "file name per image; white = regenerate (grey at least 128 counts as white)")
@@ -55,18 +40,17 @@ def add_edit_parser(sub) -> None:
                       "guidance and with 50 steps unless --guidance, --guide-weight or --sampling-steps say otherwise")
     a("--resample", type=int, default=1, metavar="R", help="with --mask: RePaint's resampling, every 5 sampler "
       "steps jump back and run them again, R times in all (R times the model calls); 1 = off")
-    a("--seeds", type=seed, nargs=2, metavar=("A", "B"), help="with --interpolate: walk between the images that "
+    a("--seeds", type=common.seed, nargs=2, metavar=("A", "B"), help="with --interpolate: walk between the images that "
       "`ddpm sample --seed A` and `--seed B` draw first, instead of between two images")
-    a("--labels", type=int_list, help="class labels (conditional models): one for all images, or one per image in "
+    a("--labels", type=common.int_list,
+      help="class labels (conditional models): one for all images, or one per image in "
       "sorted file-name order (interpolation: one, or the two ends')")
-    add_sampling_flags(ed)
-    add_seed_flag(a, "random seed (batch b is seeded by (seed, b), as `ddpm sample` does)")
-    a("--ema", action=argparse.BooleanOptionalAction, default=True,
-      help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
-    add_ema_flags(ed)
-    add_batch_size_flag(a, "images per sampling batch", SAMPLE_BATCH)
-    add_device_flag(a)
-    add_quiet_flag(a)
+    common.add_sampling_flags(ed)
+    common.add_seed_flag(a, "random seed (batch b is seeded by (seed, b), as `ddpm sample` does)")
+    common.add_weights_flags(ed)
+    common.add_batch_size_flag(a, "images per sampling batch", SAMPLE_BATCH)
+    common.add_device_flag(a)
+    common.add_quiet_flag(a)
 
 
 # ------------------------------------------------------------------------------------------------ reading inputs
@@ -88,8 +72,8 @@ def _image_files(inputs: list[str]) -> list[Path]:
             files.append(path)
         else:
             raise DdpmError(f"{path} does not exist; give an image file or a folder of images")
-    if len(files) > MAX_SAMPLES:
-        raise DdpmError(f"{len(files):,} images, more than the {MAX_SAMPLES:,} one command edits")
+    if len(files) > common.MAX_SAMPLES:
+        raise DdpmError(f"{len(files):,} images, more than the {common.MAX_SAMPLES:,} one command edits")
     return files
 
 
@@ -168,8 +152,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DdpmError(f"--interpolate needs exactly two images (got {len(args.images)}), or --seeds A B")
     if args.interpolate is None and not args.images:
         raise DdpmError("give the images to edit: a PNG or a folder of them")
-    if not 1 <= args.batch_size <= MAX_SAMPLES:
-        raise DdpmError(f"--batch-size must be from 1 to {MAX_SAMPLES:,}, got {args.batch_size}")
+    if not 1 <= args.batch_size <= common.MAX_SAMPLES:
+        raise DdpmError(f"--batch-size must be from 1 to {common.MAX_SAMPLES:,}, got {args.batch_size}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DdpmError(f"--out {out} is a file; give a folder for the results")
@@ -177,16 +161,16 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     _check_args(args)
-    opened = open_model(args)
+    opened = common.open_model(args)
     model, schedule, device = opened.model, opened.schedule, opened.device
-    guide, guide_path = opened.guide, guide_path_text(opened)
+    guide, guide_path = opened.guide, common.guide_path_text(opened)
     if args.interpolate is not None:
         return _interpolate(args, model, schedule, device, guide, guide_path)
     files = _image_files(args.images)
     images, sizes = _read_images(files, model.config)
     masks = None if args.mask is None else _read_masks(args.mask, files, sizes, model.config.image_size)
     labels = _labels(args, model.config.num_classes, len(files))
-    sampling = sampling_configs(args, guided=guide is not None, student=opened.student)[0]
+    sampling = common.sampling_configs(args, guided=guide is not None, student=opened.student)[0]
     from ..editing import edit_batches
 
     results = edit_batches(model, schedule, images, masks=masks, strength=None if masks is not None else args.strength,
@@ -235,7 +219,7 @@ def _interpolate(args, model, schedule, device, guide, guide_path) -> int:
         files = _image_files(args.images)
         ends, _ = _read_images(files, model.config)
     labels = _labels(args, model.config.num_classes, 2)  # one label for every frame, or the two ends'
-    sampling = sampling_configs(args, guided=guide is not None)[0]
+    sampling = common.sampling_configs(args, guided=guide is not None)[0]
     if args.seeds is None:
         # through DDIM's inversion: guidance off unless asked for (a guided inversion does not come back to the image)
         sampling = replace(sampling, sampler="ddim", eta=0.0,

