@@ -19,7 +19,8 @@ import torch
 from ddpm.checkpoint import from_pretrained, load_guide
 from ddpm.cli import main as ddpm
 from ddpm.config import SamplingConfig
-from ddpm.evaluation import format_table, prepare_evaluator, sweep
+from ddpm.eval_report import format_table
+from ddpm.evaluation import prepare_evaluator, sweep
 from ddpm.files import atomic_write_json
 from ddpm.metrics import file_sha1
 

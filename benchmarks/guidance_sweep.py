@@ -16,7 +16,8 @@ import torch
 
 from ddpm.checkpoint import from_pretrained
 from ddpm.config import SamplingConfig
-from ddpm.evaluation import format_table, prepare_evaluator, sweep, write_sweep_files
+from ddpm.eval_report import format_table, write_sweep_files
+from ddpm.evaluation import prepare_evaluator, sweep
 from ddpm.metrics import file_sha1
 
 

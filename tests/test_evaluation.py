@@ -15,15 +15,8 @@ from ddpm.cli import main
 from ddpm.config import SamplingConfig
 from ddpm.data import load_dataset, to_uint8, validation_set
 from ddpm.diffusion import validation_loss
-from ddpm.evaluation import (
-    format_table,
-    model_calls_per_image,
-    quality_lines,
-    quality_plot_png,
-    real_sets,
-    sweep_csv,
-    write_sweep_files,
-)
+from ddpm.eval_report import format_table, quality_lines, quality_plot_png, sweep_csv, write_sweep_files
+from ddpm.evaluation import model_calls_per_image, real_sets
 from ddpm.metrics import class_accuracy, frechet_distance_of_features
 
 SHORT = DiffusionConfig(timesteps=50)

@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if status:
             return status  # interrupted: what is written stays, the next lengths wait for the same command
     if len(lengths) > 1:
-        from ..evaluation import format_ema_length_table, write_ema_length_files
+        from ..eval_report import format_ema_length_table, write_ema_length_files
 
         folder = Path(args.out) if args.out else common.run_folder(Path(args.model)) / "eval"
         paths = write_ema_length_files(records, folder)
@@ -182,7 +182,7 @@ def _eval_one(args: argparse.Namespace) -> tuple[int, dict | None]:
 
 def _report(args: argparse.Namespace, config: dict, device, evaluator, record: dict, eval_dir: Path) -> None:
     """The printed summary: what was compared with what, the table, where the files are."""
-    from ..evaluation import format_table
+    from ..eval_report import format_table
 
     floor = record["floor"]
     print(f"ddpm eval {args.model} (step {config.get('step', '?')}): {args.n} samples per row, "
