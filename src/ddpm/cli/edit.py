@@ -6,8 +6,13 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from ..config import SAMPLE_BATCH
+from ..data import MASK_THRESHOLD, read_image_to_edit, read_mask, uint8_to_model_range
+from ..editing import INVERSION_STEPS, edit_batches, interpolate_images, interpolate_seeds
 from ..errors import DdpmError
+from ..files import atomic_write_bytes, grid_upscale, png_bytes, save_grid, save_images
 from . import common
 
 MAX_FRAMES = 1000
@@ -78,9 +83,6 @@ def _image_files(inputs: list[str]) -> list[Path]:
 
 
 def _read_images(files: list[Path], config):
-    import torch
-
-    from ..data import read_image_to_edit, uint8_to_model_range
 
     read = [read_image_to_edit(path, config.in_channels, config.image_size) for path in files]
     return uint8_to_model_range(torch.stack([image for image, _ in read])), [size for _, size in read]
@@ -89,10 +91,6 @@ def _read_images(files: list[Path], config):
 def _read_masks(mask: str, files: list[Path], sizes, image_size: int):
     """One bool mask per image: MASK itself for all, or MASK/<the image's file name> each."""
     import sys
-
-    import torch
-
-    from ..data import MASK_THRESHOLD, read_mask
 
     folder = Path(mask)
     if not folder.exists():
@@ -114,7 +112,6 @@ def _read_masks(mask: str, files: list[Path], sizes, image_size: int):
 
 def _labels(args: argparse.Namespace, num_classes: int | None, count: int):
     """The labels tensor (one per image, or one for all) or None; refuses the wrong count in one line."""
-    import torch
 
     if num_classes is None:
         if args.labels is not None:
@@ -171,7 +168,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
     masks = None if args.mask is None else _read_masks(args.mask, files, sizes, model.config.image_size)
     labels = _labels(args, model.config.num_classes, len(files))
     sampling = common.sampling_configs(args, guided=guide is not None, student=opened.student)[0]
-    from ..editing import edit_batches
 
     results = edit_batches(model, schedule, images, masks=masks, strength=None if masks is not None else args.strength,
                            labels=labels, sampling=sampling, guide=guide, seed=args.seed, batch_size=args.batch_size,
@@ -187,9 +183,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 def _write_edits(args, files, images, masks, results, image_size: int) -> None:
     """OUT/NAME.png (the result), OUT/NAME_grid.png (input | mask | result) and OUT/grid.png (every row)."""
-    import torch
-
-    from ..files import atomic_write_bytes, grid_upscale, png_bytes, save_grid
 
     out = Path(args.out)
     upscale = grid_upscale(image_size)
@@ -212,8 +205,6 @@ def _describe(sampling, timesteps: int, student=None) -> str:
 
 
 def _interpolate(args, model, schedule, device, guide, guide_path) -> int:
-    from ..editing import INVERSION_STEPS, interpolate_images, interpolate_seeds
-    from ..files import grid_upscale, save_grid, save_images
 
     if args.seeds is None:
         files = _image_files(args.images)

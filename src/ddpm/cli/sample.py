@@ -6,10 +6,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from ..config import (
     SAMPLE_BATCH,
 )
 from ..errors import DdpmError
+from ..files import grid_upscale, keeps_process_frame, save_grid, save_images, save_process
+from ..pipeline import balanced_labels, per_class_labels, sample_batches
 from . import common
 
 
@@ -38,9 +42,6 @@ def add_sample_parser(sub) -> None:
 
 def _labels_and_rows(args: argparse.Namespace, num_classes: int | None):
     """(labels or None, n, images per grid row) from --n / --labels / --per-class."""
-    import torch
-
-    from ..pipeline import balanced_labels, per_class_labels
 
     if args.n is not None and args.n < 1:
         raise DdpmError(f"nothing to sample: --n must be >= 1, got {args.n}")
@@ -71,10 +72,6 @@ def _labels_and_rows(args: argparse.Namespace, num_classes: int | None):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..files import grid_upscale, keeps_process_frame, save_grid, save_images
-    from ..pipeline import sample_batches
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -125,7 +122,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _save_process(frames, out: Path, upscale: int) -> None:
     """process.png (rows: images, columns: steps) and process.gif (the first image over the steps)."""
-    from ..files import save_process
 
     png, gif = save_process(frames, out, upscale)
     print(f"denoising process: {png} and {gif}")
