@@ -268,6 +268,7 @@ def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkey
     (["distill", "{teacher}", "--steps", "3"], "a student takes 1, 2 or 4 steps"),
     (["distill", "{empty}"], "does not exist|not a folder|no config.json"),
     (["distill", "{teacher}", "--out", "{students}", "--weight-range", "1", "3"], "holds a distillation of another"),
+    (["distill", "{teacher}", "--guide-weight", "5"], "outside --weight-range 1 4"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teacher_run, tmp_path, capsys):
     import re

@@ -178,7 +178,6 @@ def denoiser_teacher(model: torch.nn.Module, schedule: NoiseSchedule, sampling: 
 def student_from(teacher: torch.nn.Module, weight_name: str | None, seed: int = 0) -> torch.nn.Module:
     """A copy of the teacher's network with a guidance-weight input (zero at the start: the teacher's outputs). The
     embedding's first layer is drawn from `seed`, not from the global generator: the same seed, the same student."""
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         student = UNet(dataclasses.replace(teacher.config, weight_input=weight_name))
@@ -229,6 +228,10 @@ class DistillSettings:
             lo, hi = self.weight_range
             if not 0 <= lo <= hi <= 100:
                 raise ConfigError(f"--weight-range {lo:g} {hi:g} must be two weights 0 <= LO <= HI <= 100")
+            if self.default_weight is not None and not lo <= self.default_weight <= hi:
+                flag = "--guide-weight" if self.weight == "guide_weight" else "--guidance"
+                raise ConfigError(f"{flag} {self.default_weight:g}, the student's default, is outside --weight-range "
+                                  f"{lo:g} {hi:g}; widen the range or choose a weight inside it")
 
     @property
     def rounds(self) -> list[int]:
