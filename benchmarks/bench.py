@@ -457,7 +457,8 @@ def pil_pipeline(data: bytes, image_size: int) -> torch.Tensor:
 
 
 def compare_decoders(folder: Path, image_size: int, per_format: int = 300) -> None:
-    from ddpm.data import decode_image, list_images, resize_center_crop
+    from ddpm.data import list_images
+    from ddpm.images import decode_image, resize_center_crop
 
     files = list_images(folder)
     rows = []
@@ -482,7 +483,7 @@ def torchvision_png_row(files: list[Path], image_size: int, per_format: int) -> 
     """What torchvision.io's PNG decoder would give (data.py no longer uses it: it crashes on damaged PNGs)."""
     from torchvision.io import decode_image as torchvision_decode
 
-    from ddpm.data import resize_center_crop
+    from ddpm.images import resize_center_crop
 
     blobs = [p.read_bytes() for p in files if p.suffix == ".png"][:per_format]
     times = {}
@@ -557,7 +558,7 @@ def bench_data(args) -> None:
 
 def _decode_in_child(decode, data: bytes) -> tuple[str, float]:
     """Decode `data` in a forked child: (outcome, child's peak resident MB). A signal cannot take this process."""
-    from ddpm.data import UNREADABLE
+    from ddpm.images import UNREADABLE
 
     pid = os.fork()
     if pid == 0:  # the child: report by exit code only, print nothing (libpng writes to stderr)
@@ -581,7 +582,7 @@ def bench_fuzz(args) -> None:
 
     from torchvision.io import decode_image as torchvision_decode
 
-    from ddpm.data import decode_image, resize_center_crop
+    from ddpm.images import decode_image, resize_center_crop
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from image_fuzz import malformed_files
@@ -608,7 +609,8 @@ def bench_decoders(args) -> None:
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_image as torchvision_decode
 
-    from ddpm.data import decode_image, list_images, resize_center_crop
+    from ddpm.data import list_images
+    from ddpm.images import decode_image, resize_center_crop
 
     torch.set_num_threads(1)
     files = list_images(generated_folder(args.images))

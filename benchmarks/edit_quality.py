@@ -25,10 +25,10 @@ import torch
 
 from ddpm.checkpoint import find_run_guide, from_pretrained, load_guide
 from ddpm.config import SamplingConfig, sampling_defaults
-from ddpm.data import uint8_to_model_range
 from ddpm.editing import edit_batches, reconstruct
 from ddpm.evaluation import prepare_evaluator, saturated_fraction
 from ddpm.files import atomic_write_json, to_uint8
+from ddpm.images import uint8_to_model_range
 from ddpm.pipeline import sample_all
 
 

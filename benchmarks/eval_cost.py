@@ -23,7 +23,8 @@ import torch
 from ddpm.config import RunConfig
 from ddpm.periodic_eval import PeriodicEvaluation
 from ddpm.presets import PRESETS
-from ddpm.training import Trainer, prepare
+from ddpm.run_setup import prepare
+from ddpm.training import Trainer
 
 CASES = {
     # the quickstart preset as `make demo` runs it, its guide in use (2 model calls a step)
@@ -86,7 +87,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             config, info = prepare(run_config(preset, data, Path(folder)))
             trainer = Trainer(config, info, torch.device("cpu"))
-            x0, labels = next(iter(trainer.batches(0, 10)))
+            x0, labels = next(iter(trainer.data.batches(0, 10)))
             step_times = []
             for _ in range(args.rounds + 1):
                 start = time.perf_counter()

@@ -18,8 +18,9 @@ import time
 import torch
 
 from ddpm.cli import build_parser, train_config_from_args
+from ddpm.run_setup import prepare
 from ddpm.snapshots import SNAPSHOT_DTYPE, SNAPSHOTS_PER_RUN
-from ddpm.training import Trainer, prepare
+from ddpm.training import Trainer
 
 CONFIGS = {"quickstart": ["--preset", "quickstart"], "landscape64": ["photos", "--preset", "landscape64"]}
 
@@ -41,7 +42,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, argv in CONFIGS.items():
         trainers = {lengths: trainer_for(argv, lengths, f"{folder}/{name}") for lengths in ((), (0.05, 0.10))}
-        batches = {lengths: trainer.batches(0, 10**6) for lengths, trainer in trainers.items()}
+        batches = {lengths: trainer.data.batches(0, 10**6) for lengths, trainer in trainers.items()}
         times: dict[tuple, list[float]] = {lengths: [] for lengths in trainers}
         for lengths, trainer in trainers.items():
             trainer.step(*next(batches[lengths]))  # the first step allocates

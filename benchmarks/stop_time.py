@@ -53,20 +53,21 @@ def time_step_and_save(argv: list[str], run: Path) -> tuple[float, float]:
 
     from ddpm.cli import build_parser, train_config_from_args
     from ddpm.monitor import RankZeroMonitor
-    from ddpm.training import Trainer, prepare
+    from ddpm.run_setup import prepare
+    from ddpm.training import Trainer, save
 
     config = train_config_from_args(build_parser().parse_args(["train", *argv, "--out", str(run), *COMMON]))
     config, info = prepare(config)
     trainer = Trainer(config, info, torch.device("cpu"))
     monitor = RankZeroMonitor(trainer, run, 100000, show_progress=False)
-    batches = trainer.batches(0, 6)
+    batches = trainer.data.batches(0, 6)
     trainer.step(*next(batches))  # the first step allocates
     start = time.perf_counter()
     for x0, labels in batches:
         trainer.step(x0, labels)
     step = (time.perf_counter() - start) / 5
     start = time.perf_counter()
-    trainer.save(monitor)
+    save(trainer, monitor)
     save = time.perf_counter() - start
     monitor.close(trainer)
     return step, save

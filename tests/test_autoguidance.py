@@ -27,7 +27,8 @@ from ddpm.checkpoint import CheckpointError, ema_states, latest_checkpoint, load
 from ddpm.config import ConfigError
 from ddpm.monitor import RankZeroMonitor
 from ddpm.run_files import guide_step
-from ddpm.training import Trainer, prepare, train
+from ddpm.run_setup import prepare
+from ddpm.training import Trainer, fit, train
 from helpers import TINY_MODEL
 
 T = 100
@@ -251,7 +252,7 @@ def test_a_run_stopped_before_its_snapshot_point_has_no_guide(tmp_path):
     trainer = Trainer(config, info, torch.device("cpu"))
     monitor = RankZeroMonitor(trainer, tmp_path / "short", last_step=10, show_progress=False)
     try:
-        trainer.fit(3, monitor)
+        fit(trainer, 3, monitor)
     finally:
         monitor.close(trainer)
     assert trainer.step_count == 3 and find_run_guide(tmp_path / "short") is None

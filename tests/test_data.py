@@ -11,18 +11,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from ddpm.data import (
-    UNREADABLE,
-    DataError,
-    ImageFiles,
-    auto_workers,
-    bad_files,
-    check_bad_files,
-    decode_image,
-    load_dataset,
-    resize_center_crop,
-    to_uint8,
-)
+from ddpm.data import DataError, ImageFiles, auto_workers, bad_files, check_bad_files, load_dataset
+from ddpm.files import to_uint8
+from ddpm.images import UNREADABLE, decode_image, resize_center_crop
 from helpers import run_child, write_fake_cifar, write_mixed_folder, write_with_bad_files
 
 
@@ -258,7 +249,7 @@ def test_huge_headers_are_refused_before_decoding_and_strips_are_cropped_first(m
     # resizing a 20000 x 2 strip to 640,000 columns before cropping its centre square
     import random
 
-    from ddpm.data import MAX_ASPECT, ImageTooLarge
+    from ddpm.images import MAX_ASPECT, ImageTooLarge
     from image_fuzz import huge_header, with_ihdr
 
     rng = random.Random(0)

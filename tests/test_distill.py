@@ -249,8 +249,7 @@ def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkey
     # bugs caught: the page sampling a student with its own defaults (20 DPM-Solver++ steps, a guide), or refusing
     # its g because the page has no guide model
     from ddpm.errors import DdpmError
-    from ddpm.serve import draw, page_defaults, request_from_fields
-    from ddpm.serve.served import load_served_model
+    from ddpm.serve import draw, load_served_model, page_defaults, request_from_fields
 
     served = load_served_model(students / "steps_2", "cpu")
     defaults = page_defaults(served)
@@ -336,6 +335,10 @@ def test_every_distill_flag_runs(teacher_run, tmp_path, capsys):
     g = tmp_path / "g"
     assert main(["distill", str(teacher_run), "--guide-weight", "2.2", "--out", str(g), *small]) == 0
     assert json.loads((g / "steps_1" / "config.json").read_text())["student"]["default_weight"] == 2.2
+    raw = tmp_path / "raw"  # --no-ema: the teacher is the latest checkpoint's raw weights, and says so
+    assert main(["distill", str(teacher_run), "--no-ema", "--out", str(raw), *small]) == 0
+    assert json.loads((raw / "distill.json").read_text())["teacher"]["raw_weights"] is True
+    assert main(["distill", str(teacher_run), "--out", str(raw), "--resume", *small]) == 2  # another teacher
     capsys.readouterr()
     stopped = tmp_path / "stopped"
     assert main(["distill", str(teacher_run), "--time-limit", "0.01", "--out", str(stopped),

@@ -13,10 +13,11 @@ from ddpm import DiffusionConfig, NoiseSchedule, UNet, save_pretrained
 from ddpm.classifier import classifier_for, predict, train_classifier
 from ddpm.cli import main
 from ddpm.config import SamplingConfig
-from ddpm.data import load_dataset, to_uint8, validation_set
+from ddpm.data import load_dataset, validation_set
 from ddpm.diffusion import validation_loss
 from ddpm.eval_report import format_table, quality_lines, quality_plot_png, sweep_csv, write_sweep_files
 from ddpm.evaluation import model_calls_per_image, real_sets
+from ddpm.files import to_uint8
 from ddpm.metrics import class_accuracy, frechet_distance_of_features
 
 SHORT = DiffusionConfig(timesteps=50)

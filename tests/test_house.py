@@ -76,3 +76,22 @@ def test_no_function_is_longer_than_a_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def oversized(limit_module: int = 600, limit_class: int = 200) -> list[str]:
+    """Modules over `limit_module` lines and classes over `limit_class`, as 'name (lines)'."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > limit_module:
+            found.append(f"{path.relative_to(PACKAGE)} ({len(text.splitlines())} lines)")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > limit_class:
+                found.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    return found
+
+
+def test_no_module_over_600_lines_and_no_class_over_200():
+    # The bug it catches (issue 34): features piling into a few rooms (data.py had 676 lines, the Trainer 296).
+    assert not oversized(), oversized()
+    assert oversized(limit_module=500, limit_class=150)  # the check itself can fail: training.py, the Trainer

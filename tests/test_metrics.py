@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.data import load_dataset, to_uint8
+from ddpm.data import load_dataset
+from ddpm.files import to_uint8
 from ddpm.metrics import (
     InceptionFeatures,
     MetricsError,

@@ -299,6 +299,32 @@ def test_serve_serves_a_rebuilt_average_guided_by_the_runs_guide(tmp_path, monke
         run_serve(args)
 
 
+def test_serve_no_ema_serves_the_latest_checkpoints_raw_weights(tmp_path, monkeypatch):
+    # The bug it catches (issue 34): the page's source flags differing from ddpm sample's (it had no --no-ema), or
+    # the flag parsed and dropped, so the page serves the EMA.
+    import ddpm.serve as page
+    from ddpm.cli import build_parser, main
+    from ddpm.cli.serve import run_serve
+    from helpers import TINY_TRAIN_ARGS, free_port
+
+    run = tmp_path / "run"
+    assert main(["train", "mnist", "--out", str(run), "--steps", "3", *TINY_TRAIN_ARGS]) == 0
+    served = {}
+
+    def keep_model(*args, **kwargs):
+        served["model"] = kwargs["served"].model
+        return None  # no page is built: launch_app below is replaced
+
+    monkeypatch.setattr(page, "build_app", keep_model)
+    monkeypatch.setattr(page, "launch_app", lambda app, host, port, block: app)
+    raw = load_training_state(latest_checkpoint(run))["model"]
+    for flags, is_raw in ((["--no-ema"], True), ([], False)):
+        served.clear()
+        assert run_serve(build_parser().parse_args(["serve", str(run), *flags, "--port", str(free_port())])) == 0
+        state = served["model"].state_dict()
+        assert all(torch.equal(state[k].cpu(), v) for k, v in raw.items()) == is_raw
+
+
 def test_a_run_is_drawn_with_its_measured_post_hoc_defaults_and_its_classic_ema_by_name(tmp_path, capsys):
     # The bugs it catches: `ddpm sample RUN` (or eval, or the page) still drawing the classic EMA of model/ when the
     # run kept snapshots; the default guide rebuilt at another time or length than config.POSTHOC_DEFAULT says; the

@@ -9,7 +9,8 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader
 
 from ddpm import prepared
-from ddpm.data import DataError, PreparedImages, load_dataset, to_uint8
+from ddpm.data import DataError, PreparedImages, load_dataset
+from ddpm.files import to_uint8
 from ddpm.prepared import prepare_dataset
 from helpers import write_fake_cifar, write_mixed_folder, write_with_bad_files
 

@@ -28,6 +28,7 @@ from ddpm.config import AUTOGUIDED, DEFAULT_CFG, SAMPLE_BATCH, DiffusionConfig, 
 from ddpm.errors import DdpmError
 from ddpm.files import keeps_process_frame, save_process, to_uint8
 from ddpm.pipeline import sample_batches
+from ddpm.serve import sample_requests
 from ddpm.sources import load_guide
 from ddpm.training import train
 from ddpm.unet import UNet
@@ -234,7 +235,7 @@ def test_limits_are_enforced_by_the_server_not_only_by_the_sliders(guided):
 def test_one_request_at_a_time(client, monkeypatch):
     # Catches: two requests sampling at once (both compete for the CPU/GPU, each taking twice as long).
     running, most = [0], [0]
-    real = serve._sample
+    real = sample_requests._sample
 
     def counting(*args, **kwargs):
         running[0] += 1
@@ -245,7 +246,7 @@ def test_one_request_at_a_time(client, monkeypatch):
         finally:
             running[0] -= 1
 
-    monkeypatch.setattr(serve, "_sample", counting)
+    monkeypatch.setattr(sample_requests, "_sample", counting)
     jobs = [client.submit(1, 3.0, 2.0, "ddim", 2, str(s), 1, False, 0.4, 1.0, 0.0, 0.0, api_name="/generate")
             for s in range(3)]
     assert all(job.result(timeout=60)[0].startswith("done") for job in jobs)
@@ -280,8 +281,8 @@ def test_closing_the_page_stops_the_sampler(guided, monkeypatch):
     # Catches: a sampler that keeps running all its steps after the page went away (and delays the next request).
     request = serve.parse_request(guided, 2, 3.0, "ddim", 200, "9", 1)
     steps_run = []
-    real = serve._sample
-    monkeypatch.setattr(serve, "_sample",
+    real = sample_requests._sample
+    monkeypatch.setattr(sample_requests, "_sample",
                         lambda s, r, callback: real(s, r, lambda *a: (steps_run.append(1), callback(*a))))
     live = serve.sample_live(guided, request)
     next(live)
@@ -501,7 +502,7 @@ def test_the_edit_tab_edits_as_ddpm_edit_does_and_keeps_the_unpainted_pixels(gui
     # Catches: a tab that reads the image or the mask otherwise than `ddpm edit` (the printed command, run on the
     # tab's files, must write the same PNG), the painted layer ignored or inverted (unpainted pixels must be the
     # upload's exactly), the class, w or g not reaching the edit.
-    from ddpm.serve.edit_tab import respond_edit
+    from ddpm.serve import respond_edit
 
     updates = list(respond_edit(guided, edit_fields(guided), tmp_path / "req", max_steps=50))
     status, grid = updates[-1]["edit_status"], updates[-1]["edit_result"]
@@ -532,7 +533,7 @@ def test_the_edit_tab_edits_as_ddpm_edit_does_and_keeps_the_unpainted_pixels(gui
     ({"seed": "x"}, "is not a whole number"),
 ])
 def test_bad_edit_fields_give_a_message(guided, tmp_path, changes, message):
-    from ddpm.serve.edit_tab import respond_edit
+    from ddpm.serve import respond_edit
 
     updates = list(respond_edit(guided, edit_fields(guided, **changes), tmp_path / "req", max_steps=50))
     assert len(updates) == 1 and message in updates[0]["warning"], updates
@@ -543,7 +544,7 @@ def test_the_api_names_its_parameters(client):
     # which is which).
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert [p["parameter_name"] for p in api["/generate"]["parameters"]] == list(serve.FIELDS)
-    from ddpm.serve.edit_tab import EDIT_FIELDS
+    from ddpm.serve import EDIT_FIELDS
 
     assert [p["parameter_name"] for p in api["/edit"]["parameters"]] == list(EDIT_FIELDS)
 

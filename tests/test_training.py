@@ -1,8 +1,9 @@
 import torch
 
 from ddpm import UNet
+from ddpm.batches import StepBatches, random_hflip
 from ddpm.devices import configure_for_speed
-from ddpm.training import StepBatches, make_optimizer, random_hflip
+from ddpm.training import make_optimizer
 
 
 def test_fused_adamw_matches_the_reference_adamw(tiny_config):

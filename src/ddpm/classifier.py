@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import uint8_to_model_range
 from .errors import DdpmError
+from .images import uint8_to_model_range
 from .metrics import class_accuracy
 from .modes import eval_mode
 from .progress import progress as progress_bar

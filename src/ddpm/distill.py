@@ -44,11 +44,12 @@ from .errors import DdpmError
 from .files import atomic_write_bytes, atomic_write_json, make_grid, png_bytes
 from .guidance import make_denoiser
 from .pipeline import balanced_labels, sample_all
+from .run_setup import load_latest_state, prepare
 from .samplers import trailing_timesteps
 from .schedule import NoiseSchedule
 from .sources import open_model, run_folder
 from .students import Student
-from .training import Trainer, _load_latest_state, closing_run, monitor_for, prepare
+from .training import Trainer, closing_run, fit, monitor_for
 from .unet import UNet
 
 STUDENT = "student"  # the student's record in its model folder's config.json
@@ -312,6 +313,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, 
         raise ConfigError(f"--start-steps {start_steps} is more than the model's {len(opened.schedule)} timesteps")
     record, weight, weights, default_weight = teacher_settings(
         opened, {"guidance": guidance, "guide_weight": guide_weight}, weight_range, start_steps)
+    if source_flags.get("raw_weights"):  # --no-ema: the same folder's raw weights are another teacher
+        record["raw_weights"] = True
     settings = DistillSettings(record, weight, weights, default_weight, start_steps, steps, round_steps)
     folder = Path(out) if out is not None else ckpt.RunFolder(run_folder(run)).distilled
     state = _existing(folder, settings, resume, if_exists)
@@ -357,7 +360,7 @@ def student_run_config(opened, run: Path, folder: Path, settings: DistillSetting
 
 def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor, stop, run: Path,
                info) -> tuple[list[Path], int]:
-    """The rounds not done yet, each through `trainer.fit` with its own teacher; (the student folders, the stop
+    """The rounds not done yet, each through `training.fit` with its own teacher; (the student folders, the stop
     code or 0)."""
     written = []
     for number, steps in enumerate(settings.rounds):
@@ -367,7 +370,7 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
             continue
         teacher = _round_teacher(number, settings, opened, folder, trainer.device)
         trainer.objective = DistillationObjective(teacher, trainer.schedule, steps, settings.weight_range)
-        stopped = trainer.fit(end, monitor, stop)
+        stopped = fit(trainer, end, monitor, stop)
         if stopped:
             return written, stopped
         if trainer.ctx.is_main:
@@ -401,7 +404,7 @@ def _existing(folder: Path, settings: DistillSettings, resume: bool, if_exists: 
     if not (resume or if_exists):
         raise ConfigError(f"{folder} already holds this distillation; continue it with --resume (or "
                           "--resume-if-exists), or give another --out")
-    return _load_latest_state(folder)
+    return load_latest_state(folder)
 
 
 def _round_teacher(number: int, settings: DistillSettings, opened, folder: Path, device) -> Teacher:

@@ -16,3 +16,11 @@ class PeerLost(DdpmError):
 
 class DdpmWarning(UserWarning):
     """Something a user should know that does not stop the work (a skipped file, a fallback); one line."""
+
+
+class DataError(DdpmError):
+    """The data cannot be used as given; the message says what is wrong and how to fix it."""
+
+
+class NoLabels(DataError):
+    """Labels were asked for (--conditional) but the data has none."""

@@ -188,7 +188,7 @@ class RankZeroMonitor(Monitor):
             self.bad_files_reported = len(bad_files)
             self.bar.write(f"step {trainer.step_count}: {len(bad_files)} unreadable image file(s) so far, "
                            "each replaced by the "
-                           f"next readable one (listed in {trainer.bad_file_log}), e.g. {bad_files[0]}")
+                           f"next readable one (listed in {trainer.data.bad_file_log}), e.g. {bad_files[0]}")
             self.writer.add_scalar("data/unreadable_files", len(bad_files), trainer.step_count)
 
     def save(self, trainer) -> None:

@@ -9,7 +9,7 @@ and a meta.json (format, version, image_size, channels, count, source, class nam
 written last: a folder is prepared once its meta.json is there. Every file is written atomically.
 
 Images are quantised exactly as `to_uint8` quantises a dataset's items, so a prepared item equals the source's
-item to the pixel (the folder pipeline itself works in uint8; see data.resize_center_crop). Files that cannot
+item to the pixel (the folder pipeline itself works in uint8; see images.resize_center_crop). Files that cannot
 be read are left out (and listed in meta.json) instead of being substituted.
 """
 from __future__ import annotations
@@ -27,14 +27,13 @@ from .data import (
     PREPARED_FORMAT,
     PREPARED_VERSION,
     SPLITS,
-    UNREADABLE,
     DataError,
     ImageFiles,
     load_dataset,
     raise_if_too_many_bad,
-    to_uint8,
 )
-from .files import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json, to_uint8
+from .images import UNREADABLE
 from .progress import progress as progress_bar
 
 BAD_FILES = "bad_files.txt"

@@ -1,4 +1,4 @@
-"""The training loop as a small Trainer: set-up, one checkpoint payload, batches, one step, and `fit`.
+"""The training loop: a small Trainer (set-up, one checkpoint payload, one step) and `fit`, which runs its steps.
 
 Determinism: the data order of epoch e depends only on (seed, e); timesteps, noise, label dropout and flips
 come from one generator whose state is in every checkpoint. Those draws are made for the whole global batch
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
 
 from . import checkpoint as ckpt
+from .batches import RunBatches, random_hflip
 from .config import ConfigError, RunConfig, RuntimeConfig
-from .data import DataInfo, auto_workers, check_bad_files, load_dataset
+from .data import DataInfo
 from .devices import autocast, compile_for_training, configure_for_speed, resolve_amp
 from .diffusion import TrainingDraws, draw_training_inputs, training_losses
 from .distributed import (
@@ -32,12 +32,12 @@ from .distributed import (
     StopRequest,
     as_peer_lost,
     distributed_context,
-    ignore_stop_signals,
     setup_device,
 )
 from .ema import EMA, PowerEMA, sized_warmup
 from .errors import DdpmError, DdpmWarning
 from .monitor import Monitor, RankZeroMonitor
+from .run_setup import check_new_run_dir, continued_config, holds_run, load_latest_state, prepare
 from .schedule import NoiseSchedule
 from .step_graph import StaticInputs, StepRunner, graphs_decision
 from .unet import UNet
@@ -54,44 +54,6 @@ class TrainResult:
 
 class TrainingDiverged(DdpmError):
     """The loss stayed NaN/inf; the message names the last good checkpoint."""
-
-
-class StepBatches(Sampler[list[int]]):
-    """This rank's share of each global batch, for optimizer steps `start`, `start` + 1, ... `stop` - 1.
-
-    Step s is batch s mod E of epoch s // E (E = batches per epoch, drop_last) of a permutation that depends
-    only on (seed, epoch), so a resumed run sees the same batches. One sampler spans all epochs, so a single
-    DataLoader (and its worker processes) lives for the whole run. Rank r of K takes items
-    [r*B/K, (r+1)*B/K) of every global batch of size B.
-    """
-
-    def __init__(
-        self, size: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world_size: int = 1
-    ):
-        self.size, self.batch_size, self.seed, self.start, self.stop = size, batch_size, seed, start, stop
-        self.share = batch_size // world_size
-        self.offset = rank * self.share
-        self.per_epoch = size // batch_size
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-
-    def __iter__(self):
-        epoch, order = None, None
-        for step in range(self.start, self.stop):
-            if step // self.per_epoch != epoch:
-                epoch = step // self.per_epoch
-                order = self.permutation(epoch)
-            first = (step % self.per_epoch) * self.batch_size + self.offset
-            yield order[first : first + self.share].tolist()
-
-
-def random_hflip(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """Mirror the images where `flip` (bool [N]) is set."""
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -199,6 +161,7 @@ class Trainer:
         # identical on every rank: each takes its slice
         self.noise_gen = torch.Generator(device).manual_seed(t.seed + 1)
         self.hflip = t.hflip if t.hflip is not None else t.data != "mnist"  # digits are not mirror-symmetric
+        self.data = RunBatches(config, info, device, self.ctx)
         self.step_count = 0
         self.save_seconds: float | None = None  # how long the last checkpoint took (rank 0's write and the wait)
         self.bad_run = torch.zeros((), device=device, dtype=torch.long)  # consecutive skipped steps, on the device
@@ -268,42 +231,6 @@ class Trainer:
                           "with a fresh stream, so the run is no longer bit-identical to an uninterrupted one",
                           DdpmWarning, stacklevel=2)
         torch.set_rng_state(state["rng"]["torch"])
-
-    # -- data ----------------------------------------------------------------------------------------------------
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.info.dataset) // self.config.train.batch_size
-
-    @property
-    def bad_file_log(self) -> Path:
-        """Unreadable image files, one path a line, appended by the loader's workers (data.ImageFiles)."""
-        return Path(self.config.runtime.out_dir) / "bad_files.txt"
-
-    def check_data(self) -> list[str]:
-        """The unreadable files met so far (each was replaced by the next readable one); stops the run with
-        their list past the data module's threshold. Every rank reads the same log, so all stop together."""
-        return check_bad_files(self.bad_file_log if hasattr(self.info.dataset, "bad_log") else None,
-                               len(self.info.dataset), self.config.runtime.max_bad_fraction)
-
-    def batches(self, start: int, stop: int):
-        """(x0, labels) on the device for steps start..stop-1, from one DataLoader whose workers live all run."""
-        workers = self.config.runtime.num_workers
-        workers = auto_workers(self.device) if workers is None else workers
-        if hasattr(self.info.dataset, "bad_log"):  # set before the workers start, so that they inherit it
-            self.bad_file_log.parent.mkdir(parents=True, exist_ok=True)
-            self.info.dataset.bad_log = self.bad_file_log
-        sampler = StepBatches(len(self.info.dataset), self.config.train.batch_size, self.config.train.seed, start, stop,
-                              self.ctx.rank, self.ctx.world_size)
-        loader = DataLoader(self.info.dataset, batch_sampler=sampler, num_workers=workers,
-                            persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
-                            worker_init_fn=ignore_stop_signals,
-                            generator=torch.Generator().manual_seed(self.config.train.seed))
-        conditional = self.config.model.num_classes is not None
-        for x0, labels in loader:
-            x0 = x0.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            yield x0, labels.to(self.device, non_blocking=True) if conditional else None
 
     # -- one optimizer step --------------------------------------------------------------------------------------
     def load_inputs(self, x0: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -398,152 +325,74 @@ class Trainer:
         elif not bool(skipped):  # no fused kernel on this device: the one place that syncs
             self.optimizer.step()
 
-    def check_divergence(self, run_dir: Path, last_saved: int) -> int:
-        """Stop when `max_nonfinite_steps` steps in a row were skipped; returns the skips since the last check."""
-        worst = int(self.worst_bad_run)
-        self.worst_bad_run.zero_()
-        limit = self.config.train.max_nonfinite_steps
-        if worst >= limit:
-            raise TrainingDiverged(
-                f"the loss was NaN/inf for {worst} steps in a row (up to step {self.step_count}); "
-                "the last good checkpoint "
-                f"is step {last_saved} in {run_dir}. Lower --lr, keep gradient clipping on, or check the data")
-        return worst
 
-    # -- the loop --------------------------------------------------------------------------------------------------
-    def fit(self, last_step: int, monitor: Monitor, stop: StopRequest | None = None) -> int:
-        """Train up to `last_step`; the monitor logs, validates, draws previews and saves on its schedule. Returns
-        0 at `last_step`, or the code of the stop request (distributed.stop_code) at which it saved and ended."""
-        r = self.config.runtime
-        last_saved = self.step_count
-        step_times = collections.deque(maxlen=10)  # the slowest of the last few steps sizes --time-limit's margin
-        batches = self.batches(self.step_count, last_step)
-        try:
+def _check_divergence(trainer: Trainer, run_dir: Path, last_saved: int) -> int:
+    """Stop when `max_nonfinite_steps` steps in a row were skipped; returns the skips since the last check."""
+    worst = int(trainer.worst_bad_run)
+    trainer.worst_bad_run.zero_()
+    limit = trainer.config.train.max_nonfinite_steps
+    if worst >= limit:
+        raise TrainingDiverged(
+            f"the loss was NaN/inf for {worst} steps in a row (up to step {trainer.step_count}); "
+            "the last good checkpoint "
+            f"is step {last_saved} in {run_dir}. Lower --lr, keep gradient clipping on, or check the data")
+    return worst
+
+
+def fit(trainer: Trainer, last_step: int, monitor: Monitor, stop: StopRequest | None = None) -> int:
+    """Train up to `last_step`; the monitor logs, validates, draws previews and saves on its schedule. Returns
+    0 at `last_step`, or the code of the stop request (distributed.stop_code) at which it saved and ended."""
+    r = trainer.config.runtime
+    last_saved = trainer.step_count
+    step_times = collections.deque(maxlen=10)  # the slowest of the last few steps sizes --time-limit's margin
+    batches = trainer.data.batches(trainer.step_count, last_step)
+    try:
+        started = time.perf_counter()
+        for x0, labels in batches:
+            stats = trainer.step(x0, labels)
+            step = trainer.step_count
+            final = step == last_step
+            monitor.record(stats)
+            if step % r.log_every == 0 or final:
+                skips = _check_divergence(trainer, monitor.run_dir, last_saved)
+                monitor.log(trainer, stats, skips)
+            monitor.extras(trainer)
+            if step % trainer.data.steps_per_epoch == 0 or final:
+                monitor.end_of_epoch(trainer, trainer.data.check_data())
+            # never save in the middle of a run of skipped steps (a sync, at checkpoint steps only)
+            if (step % r.checkpoint_every == 0 or final) and bool(trainer.bad_run == 0):
+                last_saved = save(trainer, monitor)
+            monitor.progress(trainer)
+            step_times.append(time.perf_counter() - started)
+            code = 0 if final else _stop_code(trainer, stop, max(step_times))
+            if code:
+                if last_saved != step:  # a stop is the one save that a run of skipped steps does not wait for
+                    save(trainer, monitor)
+                return code
             started = time.perf_counter()
-            for x0, labels in batches:
-                stats = self.step(x0, labels)
-                step = self.step_count
-                final = step == last_step
-                monitor.record(stats)
-                if step % r.log_every == 0 or final:
-                    skips = self.check_divergence(monitor.run_dir, last_saved)
-                    monitor.log(self, stats, skips)
-                monitor.extras(self)
-                if step % self.steps_per_epoch == 0 or final:
-                    monitor.end_of_epoch(self, self.check_data())
-                # never save in the middle of a run of skipped steps (a sync, at checkpoint steps only)
-                if (step % r.checkpoint_every == 0 or final) and bool(self.bad_run == 0):
-                    last_saved = self.save(monitor)
-                monitor.progress(self)
-                step_times.append(time.perf_counter() - started)
-                code = 0 if final else self.stop_code(stop, max(step_times))
-                if code:
-                    if last_saved != step:  # a stop is the one save that a run of skipped steps does not wait for
-                        self.save(monitor)
-                    return code
-                started = time.perf_counter()
-        finally:
-            batches.close()  # ends the loader's workers now, not when the generator is collected
+    finally:
+        batches.close()  # ends the loader's workers now, not when the generator is collected
+    return 0
+
+
+def save(trainer: Trainer, monitor: Monitor) -> int:
+    """Rank 0 writes the checkpoint and the exported model; every rank waits for it. Returns the step."""
+    start = time.perf_counter()
+    monitor.save(trainer)
+    trainer.ctx.barrier()
+    trainer.save_seconds = time.perf_counter() - start
+    return trainer.step_count
+
+
+def _stop_code(trainer: Trainer, stop: StopRequest | None, step_seconds: float) -> int:
+    """The stop request's code, agreed by all ranks (MAX): every step in one process or on CPUs, every
+    AGREE_EVERY_CUDA steps under torchrun on GPUs (an agreement waits for the host; a step should not)."""
+    if stop is None:
         return 0
-
-    def save(self, monitor: Monitor) -> int:
-        """Rank 0 writes the checkpoint and the exported model; every rank waits for it. Returns the step."""
-        start = time.perf_counter()
-        monitor.save(self)
-        self.ctx.barrier()
-        self.save_seconds = time.perf_counter() - start
-        return self.step_count
-
-    def stop_code(self, stop: StopRequest | None, step_seconds: float) -> int:
-        """The stop request's code, agreed by all ranks (MAX): every step in one process or on CPUs, every
-        AGREE_EVERY_CUDA steps under torchrun on GPUs (an agreement waits for the host; a step should not)."""
-        if stop is None:
-            return 0
-        every = AGREE_EVERY_CUDA if self.ctx.enabled and self.device.type == "cuda" else 1
-        if self.step_count % every:
-            return 0
-        return self.ctx.agree_max(stop.code(every * step_seconds, self.save_seconds))
-
-
-def _load_latest_state(run_dir: Path) -> dict:
-    """The newest checkpoint that loads; a broken newer one (e.g. truncated by hand) is reported and passed over."""
-    candidates = sorted((run_dir / ckpt.CHECKPOINT_DIR).glob("step_*.pt"), reverse=True)
-    if not candidates:
-        ckpt.latest_checkpoint(run_dir)  # raises the clear "no checkpoint" error
-    for path in candidates:
-        try:
-            return ckpt.load_training_state(path)
-        except ckpt.CheckpointError as error:
-            warnings.warn(f"{error}; trying an older checkpoint", DdpmWarning, stacklevel=2)
-    raise ckpt.CheckpointError(f"no checkpoint in {run_dir / ckpt.CHECKPOINT_DIR} can be read; start a new run")
-
-
-def saved_config(run_dir: Path) -> RunConfig:
-    """The config of the newest readable checkpoint of a run (what `--resume` continues)."""
-    return RunConfig.from_dict(_load_latest_state(Path(run_dir))["config"])
-
-
-def resume_config(run_dir: Path, **runtime_changes) -> RunConfig:
-    """The saved run with new runtime settings (every RuntimeConfig field may change; nothing else can).
-
-    Giving `steps` or `epochs` replaces the run's length, whichever of the two it was defined by."""
-    config = saved_config(run_dir)
-    changes = {k: v for k, v in runtime_changes.items() if v is not None}
-    if "steps" in changes or "epochs" in changes:
-        changes.setdefault("steps", None)
-        changes.setdefault("epochs", None)
-    config.runtime = dataclasses.replace(config.runtime, **{**changes, "out_dir": str(run_dir)})
-    return config
-
-
-def holds_run(run_dir: Path) -> bool:
-    return ckpt.RunFolder(Path(run_dir)).holds_checkpoints()
-
-
-def _check_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} is a file; give a folder path")
-    if holds_run(run_dir):
-        raise ConfigError(
-            f"{run_dir} already holds a run; continue it with `ddpm train --resume {run_dir}` (or run the same "
-            "command with --resume-if-exists) or choose another --out"
-        )
-
-
-def first_difference(saved: RunConfig, given: RunConfig) -> str | None:
-    """'section.field: A in the run, B here' for the first field of the model, diffusion or recipe that differs
-    (how the run executes, the runtime section, may differ), or None."""
-    a, b = RunConfig.from_dict(saved.to_dict()).to_dict(), RunConfig.from_dict(given.to_dict()).to_dict()
-    for section in ("model", "diffusion", "train"):
-        for field, value in a[section].items():
-            if b[section].get(field) != value:
-                return f"{section}.{field}: {value!r} in the run, {b[section].get(field)!r} here"
-    return None
-
-
-def continued_config(state: dict, config: RunConfig, run_dir: Path) -> RunConfig:
-    """--resume-if-exists: the saved run under this command's runtime settings, when this command describes the
-    same run (`config` already prepared from its data); otherwise the one-line refusal a new run gets."""
-    saved = RunConfig.from_dict(state["config"])
-    difference = first_difference(saved, config)
-    if difference:
-        raise ConfigError(f"{run_dir} holds a run with another configuration ({difference}); continue it with "
-                          f"`ddpm train --resume {run_dir}`, or choose another --out")
-    return dataclasses.replace(saved, runtime=config.runtime)
-
-
-def prepare(config: RunConfig) -> tuple[RunConfig, DataInfo]:
-    """Load the data and make the model config agree with it (channels, classes)."""
-    t = config.train
-    info = load_dataset(t.data, config.model.image_size, t.channels, t.conditional)
-    if len(info.dataset) < t.batch_size:
-        raise ConfigError(
-            f"the dataset has {len(info.dataset)} images, fewer than --batch-size {t.batch_size}; lower --batch-size"
-        )
-    model = dataclasses.replace(
-        config.model, in_channels=info.channels, out_channels=None, num_classes=info.num_classes
-    )
-    return dataclasses.replace(config, model=model), info
+    every = AGREE_EVERY_CUDA if trainer.ctx.enabled and trainer.device.type == "cuda" else 1
+    if trainer.step_count % every:
+        return 0
+    return trainer.ctx.agree_max(stop.code(every * step_seconds, trainer.save_seconds))
 
 
 def monitor_for(trainer: Trainer, run_dir: Path, last_step: int, progress: bool) -> Monitor:
@@ -583,11 +432,11 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True, stop: 
     resumes from the same file and all stop at the same step."""
     ctx = distributed_context()
     run_dir = Path(config.runtime.out_dir)
-    state = _load_latest_state(run_dir) if resume or (if_exists and holds_run(run_dir)) else None
+    state = load_latest_state(run_dir) if resume or (if_exists and holds_run(run_dir)) else None
     if resume:
         config = dataclasses.replace(RunConfig.from_dict(state["config"]), runtime=config.runtime)
     elif state is None:
-        _check_new_run_dir(run_dir)
+        check_new_run_dir(run_dir)
     config, info = prepare(config)
     if state is not None and not resume:
         config = continued_config(state, config, run_dir)
@@ -603,9 +452,9 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True, stop: 
     stop.time_limit = config.runtime.time_limit
     monitor = monitor_for(trainer, run_dir, last_step, progress)
     with closing_run(trainer, monitor, run_dir):
-        stopped = trainer.fit(last_step, monitor, stop)
+        stopped = fit(trainer, last_step, monitor, stop)
     return TrainResult(run_dir, trainer.model, trainer.ema.model if trainer.ema else None, trainer.step_count,
                        stopped)
 
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "RuntimeConfig", "train", "resume_config", "StepBatches"]
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "RuntimeConfig", "train", "fit", "save"]

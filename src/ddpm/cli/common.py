@@ -91,11 +91,19 @@ def add_batch_size_flag(a, what: str, default: int | None) -> None:
     a("--batch-size", type=int, default=default, help=what)
 
 
-def add_weights_flags(parser: argparse.ArgumentParser) -> None:
-    """Which weights `ddpm sample` and `ddpm edit` draw with: --ema / --no-ema, then the post-hoc EMA flags."""
-    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                        help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
-    add_ema_flags(parser)
+def add_source_flags(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    """What a command draws with, as `ddpm sample` chooses it: --guide, --ema / --no-ema, then the post-hoc EMA
+    flags. Every command that samples a model takes these. `many`: several lengths, for eval's sweep, and no
+    --no-ema (eval/ keeps its samples by setting beside the run's EMA's, so raw weights' rows would mix with them)."""
+    a = parser.add_argument
+    a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024): guide the model with a weaker version of "
+      "itself, a model folder, a run folder (its guide/ snapshot) or a checkpoint .pt (its EMA weights); 'none' = "
+      "off (default: a run's rebuilt half-way average when it keeps post-hoc EMA snapshots, else its guide/ when it "
+      "has one)")
+    if not many:
+        a("--ema", action=argparse.BooleanOptionalAction, default=True,
+          help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")
+    add_ema_flags(parser, many=many)
 
 
 def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True, many: bool = False) -> None:
@@ -167,11 +175,6 @@ def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> N
       f"{DEFAULT_STEPS['ddim']}) and dpmpp2m (default {DEFAULT_STEPS['dpmpp2m']}); ddpm always takes T")
     a("--guidance", type=float, nargs=nargs, help="classifier-free guidance w: 0 = unconditional, 1 = conditional, "
       f">1 = guided (default {DEFAULT_CFG:g}; {AUTOGUIDED['guidance']:g} when a guide is used)")
-    a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024): "
-      "guide the model with a weaker version of itself, "
-      "a model folder, a run folder (its guide/ snapshot) or a checkpoint .pt (its EMA weights); 'none' = off "
-      "(default: a run's rebuilt half-way average when it keeps post-hoc EMA snapshots, else its guide/ when it "
-      "has one)")
     a("--guide-weight", type=float, nargs=nargs, metavar="G", help="autoguidance weight g: 1 = off, >1 = away from "
       f"the guide, 0 = the guide's prediction alone (default {AUTOGUIDED['guide_weight']:g} when a guide is used)")
     a("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 DDPM-like")

@@ -16,7 +16,9 @@ def add_distill_parser(sub) -> None:
                        help="distil a run into a student that draws in 1, 2 or 4 calls (progressive distillation)",
                        description="Guided progressive distillation (Salimans & Ho 2022; Meng et al. 2023): each round "
                                    "trains a student to take in one DDIM step what its teacher takes in two, with the "
-                                   "guidance weight as its input, and writes RUN/distilled/steps_K.")
+                                   "guidance weight as its input, and writes RUN/distilled/steps_K. The teacher is "
+                                   "what ddpm sample draws with the same source flags; with --guide none the student "
+                                   "learns classifier-free guidance's w, with a guide the guide weight g.")
     a = d.add_argument
     a("model", type=common.folder_path,
       help="the teacher: a run folder (drawn as ddpm sample draws it) or its model folder")
@@ -30,9 +32,7 @@ def add_distill_parser(sub) -> None:
       "student's default; 0 = unconditional, 1 = conditional (default: ddpm sample's)")
     a("--guide-weight", type=float, metavar="G", help="autoguidance g: the student's default; 0 = the guide's "
       "prediction alone, 1 = off (default: ddpm sample's)")
-    a("--guide", metavar="PATH", help="the teacher's guide, as ddpm sample --guide ('none': classifier-free guidance "
-      "only, and the student learns w)")
-    common.add_ema_flags(d)
+    common.add_source_flags(d)  # the teacher, chosen as ddpm sample chooses it
     a("--data", help="the images to distil on (default: the run's training data)")
     common.add_batch_size_flag(a, "images per step (default: the run's)", None)
     a("--lr", type=float, default=3e-4, help="AdamW learning rate (measured: benchmarks/RESULTS.md, \"Distillation\")")

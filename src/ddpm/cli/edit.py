@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from ..config import SAMPLE_BATCH
-from ..data import MASK_THRESHOLD, read_image_to_edit, read_mask, uint8_to_model_range
 from ..editing import INVERSION_STEPS, edit_batches, interpolate_images, interpolate_seeds
 from ..errors import DdpmError
 from ..files import atomic_write_bytes, grid_upscale, png_bytes, save_grid, save_images
+from ..images import MASK_THRESHOLD, read_image_to_edit, read_mask, uint8_to_model_range
 from . import common
 
 MAX_FRAMES = 1000
@@ -52,7 +52,7 @@ def add_edit_parser(sub) -> None:
       "sorted file-name order (interpolation: one, or the two ends')")
     common.add_sampling_flags(ed)
     common.add_seed_flag(a, "random seed (batch b is seeded by (seed, b), as `ddpm sample` does)")
-    common.add_weights_flags(ed)
+    common.add_source_flags(ed)
     common.add_batch_size_flag(a, "images per sampling batch", SAMPLE_BATCH)
     common.add_device_flag(a)
     common.add_quiet_flag(a)

@@ -43,7 +43,7 @@ def add_eval_parser(sub) -> None:
       "classifier metrics only")
     a("--classifier-steps", type=int, default=800,
       help="training steps of the evaluation classifier (trained once, then cached)")
-    common.add_ema_flags(ev, many=True)
+    common.add_source_flags(ev, many=True)
     common.add_out_flag(a, "folder for eval/ (default: the run folder; with --ema-length, the rebuilt average's "
                         "folder)", required=False)
     common.add_device_flag(a)

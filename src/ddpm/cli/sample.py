@@ -29,7 +29,7 @@ def add_sample_parser(sub) -> None:
     a("--per-class", type=int, help="K images of every class, one grid row per class (conditional default: 8)")
     common.add_sampling_flags(sa)
     common.add_seed_flag(a, "random seed (same seed, same device: same images)")
-    common.add_weights_flags(sa)
+    common.add_source_flags(sa)
     common.add_batch_size_flag(a, "images per sampling batch (batch b is seeded by (seed, b))", SAMPLE_BATCH)
     a("--process", action="store_true", help="also write the denoising process (x_t over the steps) "
       "as process.png and process.gif")

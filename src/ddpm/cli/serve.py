@@ -10,8 +10,8 @@ from pathlib import Path
 from .. import serve as page
 from ..config import MAX_TIMESTEPS
 from ..errors import DdpmError
-from ..serve.served import DEFAULT_HOST, DEFAULT_PORT, INSTALL_HINT, MAX_STEPS
-from .common import add_device_flag, add_ema_flags, source_flags, warn_one_line
+from ..serve import DEFAULT_HOST, DEFAULT_PORT, INSTALL_HINT, MAX_STEPS
+from .common import add_device_flag, add_source_flags, source_flags, warn_one_line
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,10 +24,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                     f"Needs Gradio: {INSTALL_HINT}.")
     a = parser.add_argument
     a("model", help="run folder or model folder (only read, never written)")
-    a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024), as `ddpm sample --guide`: a model folder, a "
-      "run folder (its guide/ snapshot) or a checkpoint .pt; 'none' = off (default: as `ddpm sample`, a "
-      "run's rebuilt half-way average when it keeps post-hoc EMA snapshots, else its guide/ snapshot)")
-    add_ema_flags(parser)
+    add_source_flags(parser)  # ddpm sample's: the page serves what ddpm sample with the same flags draws
     a("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only); "
       "0.0.0.0 opens the page to your network")
     a("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")

@@ -256,7 +256,7 @@ def _train(config: RunConfig, resume: bool, args: argparse.Namespace, stop):
 
 def resumed_config_from_args(args: argparse.Namespace) -> RunConfig:
     """--resume RUN_DIR: the saved run under the runtime flags given (the only ones it accepts)."""
-    from ..training import resume_config
+    from ..run_setup import resume_config
 
     fixed = [flag for flag in TRAIN_FLAGS if flag not in RESUME_FLAGS and getattr(args, flag, None) is not None]
     if args.data or args.preset or fixed or args.out or args.resume_if_exists:
