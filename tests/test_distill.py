@@ -346,3 +346,34 @@ def test_every_distill_flag_runs(teacher_run, tmp_path, capsys):
     assert "stopped by the time limit" in capsys.readouterr().err
     assert main(["distill", str(teacher_run), "--ema-length", "0.1", "--out", str(tmp_path / "e"), *small]) == 2
     assert "snapshot" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_each_rounds_end_is_scored_in_the_log_as_ddpm_eval_scores_the_student(teacher_run, tmp_path, monkeypatch,
+                                                                              capsys):
+    # The bugs it catches (issue 35: the training log's quality evaluation at the end of each round): a round's end
+    # not scored; the student scored as the teacher draws (DPM-Solver++, a guide) instead of its own K calls at its
+    # default weight, or with another evaluator than `ddpm eval`'s; and the evaluation on by default for a teacher
+    # run that never evaluated (the time budget of a distillation).
+    import json
+
+    import ddpm.periodic_eval
+    from ddpm.cli import main
+    from test_periodic_eval import logged
+
+    monkeypatch.setattr(ddpm.periodic_eval, "CLASSIFIER_STEPS", 30)
+    out = tmp_path / "d"
+    assert main(["distill", str(teacher_run), "--steps", "1", "--start-steps", "4", "--round-steps", "2",
+                 "--eval-n", "8", "--out", str(out), *DISTILL]) == 0
+    assert sorted(logged(out, "eval/steps_2/accuracy")) == [2] and sorted(logged(out, "eval/steps_1/accuracy")) == [4]
+    for steps, at in ((2, 2), (1, 4)):
+        student = out / f"steps_{steps}"
+        assert main(["eval", str(student), "--n", "8", "--no-fid", "--classifier-steps", "30", "--quiet"]) == 0
+        (row,) = json.loads((student / "eval" / "eval.json").read_text())["rows"]
+        assert row["model_calls"] == steps
+        assert logged(out, f"eval/steps_{steps}/classifier_fd")[at] == pytest.approx(row["classifier_fd"], rel=1e-6)
+        assert logged(out, f"eval/steps_{steps}/accuracy")[at] == pytest.approx(row["accuracy"])
+    capsys.readouterr()
+    quiet = tmp_path / "quiet"  # the teacher run never evaluated while training: no evaluation by default
+    assert main(["distill", str(teacher_run), "--steps", "2", "--start-steps", "4", "--round-steps", "1",
+                 "--out", str(quiet), *DISTILL]) == 0
+    assert not logged(quiet, "eval/steps_2/accuracy")

@@ -43,6 +43,7 @@ from .distributed import StopRequest, distributed_context, setup_device
 from .errors import DdpmError
 from .files import atomic_write_bytes, atomic_write_json, make_grid, png_bytes
 from .guidance import make_denoiser
+from .periodic_eval import PeriodicEvaluation
 from .pipeline import balanced_labels, sample_all
 from .run_setup import load_latest_state, prepare
 from .samplers import trailing_timesteps
@@ -296,16 +297,20 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, 
             resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
             time_limit: float | None = None, checkpoint_every: int | None = None, log_every: int = 25,
             trackers: tuple[str, ...] = ("tensorboard",), amp: str = "auto", warn=None,
-            guidance: float | None = None, guide_weight: float | None = None, **source_flags) -> DistillResult:
+            guidance: float | None = None, guide_weight: float | None = None, eval_n: int | None = None,
+            **source_flags) -> DistillResult:
     """Distil what `ddpm sample RUN` draws (or what `source_flags`, sources.resolve_sources's, choose) into students
     of start_steps / 2, / 4, ... `steps` steps, `round_steps` optimizer steps a round, each written to
     RUN/distilled/steps_K/ (a model folder with a "student" record). Training is the Trainer's: checkpoints, resume,
-    the graceful stop, --time-limit, torchrun and the log come with it."""
+    the graceful stop, --time-limit, torchrun and the log come with it. `eval_n`: images scored at each round's end
+    into the log (see _score_student); None = the teacher run's --eval-n when it evaluated while training, else 0."""
 
     run = Path(run)
     if data is not None and not data.strip():
         raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
     check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
+    if eval_n is not None and eval_n != 0 and not 2 <= eval_n <= 100_000:
+        raise ConfigError(f"--eval-n {eval_n} must be 0 (no evaluation) or from 2 to 100,000 images")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every {checkpoint_every} must be >= 1 (default: at each round's end)")
     opened = open_model(run, device, warn=warn, **source_flags)
@@ -335,7 +340,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, 
     stop.time_limit = time_limit
     monitor = monitor_for(trainer, folder, settings.last_step, progress)
     with closing_run(trainer, monitor, folder):
-        written, stopped = run_rounds(trainer, settings, opened, folder, monitor, stop, run, info)
+        written, stopped = run_rounds(trainer, settings, opened, folder, monitor, stop, run, info,
+                                      _eval_images(run, eval_n))
     return DistillResult(folder, written, stopped)
 
 
@@ -359,7 +365,7 @@ def student_run_config(opened, run: Path, folder: Path, settings: DistillSetting
 
 
 def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor, stop, run: Path,
-               info) -> tuple[list[Path], int]:
+               info, eval_images: int = 0) -> tuple[list[Path], int]:
     """The rounds not done yet, each through `training.fit` with its own teacher; (the student folders, the stop
     code or 0)."""
     written = []
@@ -374,7 +380,7 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
         if stopped:
             return written, stopped
         if trainer.ctx.is_main:
-            written.append(_write_student(trainer, settings, folder, steps, run, monitor, info))
+            written.append(_write_student(trainer, settings, folder, steps, run, monitor, info, eval_images))
         trainer.ctx.barrier()
     return written, 0
 
@@ -423,8 +429,9 @@ def _interval(settings: DistillSettings):
 
 
 def _write_student(trainer, settings: DistillSettings, folder: Path, steps: int, run: Path, monitor,
-                   info) -> Path:
-    """RUN/distilled/steps_K: the student's weights (no EMA) with its record, and its preview grid."""
+                   info, eval_images: int = 0) -> Path:
+    """RUN/distilled/steps_K: the student's weights (no EMA) with its record, its preview grid, and with
+    `eval_images` its scores in the log."""
 
     path = student_dir(folder, steps)
     teacher_text = f"{run} ({settings.teacher['weights']})"
@@ -443,4 +450,33 @@ def _write_student(trainer, settings: DistillSettings, folder: Path, steps: int,
     if monitor.show_progress:
         monitor.bar.write(f"step {trainer.step_count}: round done, {path} draws in {steps} call(s) "
                           f"(preview {path / 'preview.png'})")
+    if eval_images:
+        _score_student(trainer, student, sampling, run, eval_images, steps, monitor)
     return path
+
+
+def _eval_images(run: Path, eval_n: int | None) -> int:
+    """The images scored at each round's end: `eval_n`, or by default the teacher run's own --eval-n when it
+    evaluated while training (the quickstart does), else none."""
+    if eval_n is not None:
+        return eval_n
+    try:
+        runtime = _run_config(run).runtime
+    except ConfigError:  # a model folder outside a run: nothing says how it was evaluated
+        return 0
+    return runtime.eval_n if runtime.eval_every else 0
+
+
+def _score_student(trainer, student, sampling: SamplingConfig, run: Path, images: int, steps: int, monitor) -> None:
+    """The training log's quality evaluation at a round's end: `ddpm eval`'s scores of the new student as it draws
+    by default (its K calls at its default weight) into eval/steps_K/*, beside the real floor. The evaluator (real
+    images, classifier) is the teacher run's own, cached in RUN/eval/cache, so it is trained once for both."""
+    config = dataclasses.replace(trainer.config, runtime=dataclasses.replace(trainer.config.runtime, eval_n=images))
+    quality = PeriodicEvaluation(config, run_folder(run), trainer.info.channels, trainer.device)
+    scores, floor = quality.score(student, trainer.schedule, sampling=sampling), quality.floor()
+    for name, value in scores.items():
+        monitor.writer.add_scalar(f"eval/steps_{steps}/{name}", value, trainer.step_count)
+    if monitor.show_progress:
+        shown = ", ".join(f"{name} {value:.4g} (real {floor[name]:.4g})" for name, value in scores.items()
+                          if name in floor and name in ("fid", "classifier_fd", "accuracy"))
+        monitor.bar.write(f"step {trainer.step_count}: eval of {steps}-call student: {shown}")

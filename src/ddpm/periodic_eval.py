@@ -65,12 +65,13 @@ class PeriodicEvaluation:
             self._floor = self.evaluator().floor()
         return self._floor
 
-    def score(self, model, schedule, guide=None) -> dict:
-        """{metric: value} of K images drawn as `ddpm eval` draws them (balanced labels, seed 0, batches of 64)."""
+    def score(self, model, schedule, guide=None, sampling: SamplingConfig | None = None) -> dict:
+        """{metric: value} of K images drawn as `ddpm eval` draws them (balanced labels, seed 0, batches of 64),
+        with `ddpm sample`'s defaults at --eval-steps, or `sampling` (a distilled student's own)."""
 
         r = self.config.runtime
         evaluator = self.evaluator()  # the first time, this trains the evaluation classifier (gradients on)
-        sampling = eval_sampling(r.eval_steps, guide is not None)
+        sampling = sampling or eval_sampling(r.eval_steps, guide is not None)
         labels = balanced_labels(r.eval_n, model.config.num_classes)
         with torch.no_grad():
             images = to_uint8(sample_all(model, schedule, n=r.eval_n, labels=labels, sampling=sampling,

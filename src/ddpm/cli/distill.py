@@ -44,6 +44,8 @@ def add_distill_parser(sub) -> None:
     a("--time-limit", type=common.duration, metavar="DURATION",
       help="stop at a checkpoint before this much time (exit 75)")
     a("--checkpoint-every", type=int, help="checkpoint every N steps (default: at each round's end)")
+    a("--eval-n", type=int, metavar="N", help="at each round's end, score N images of the new student as ddpm eval "
+      "does, into the log; 0 = never (default: the teacher run's --eval-n when it evaluated while training)")
     common.add_device_flag(a)
     common.add_quiet_flag(a)
 
@@ -61,7 +63,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                          lr=args.lr, data=args.data, out=args.out, device=args.device, seed=args.seed,
                          resume=args.resume, if_exists=args.resume_if_exists, progress=not args.quiet, stop=stop,
                          time_limit=args.time_limit, checkpoint_every=args.checkpoint_every, warn=common.warn_one_line,
-                         guidance=args.guidance, guide_weight=args.guide_weight, **common.source_flags(args))
+                         guidance=args.guidance, guide_weight=args.guide_weight, eval_n=args.eval_n,
+                         **common.source_flags(args))
     if not distributed_context().is_main:
         return 0
     if result.stopped:
