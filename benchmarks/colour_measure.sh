@@ -22,14 +22,16 @@ else
   /usr/bin/time -f "training: %e s wall, %U s user" $BIN/ddpm train --preset photos32 --out "$RUN" --steps "$STEPS" \
     --quiet
 fi
+# one eval/ for every row: the classifier and the real images' features are computed once (samples are kept
+# apart by the weights' sha1 and the setting); each command's table is kept in its .txt
 OUT="$RUN/colour_step$STEPS"
 mkdir -p "$OUT"
 for seed in 0 1; do
-  $BIN/ddpm eval "$RUN" --n 500 --seed "$seed" --guide-weight 2.6 --sampling-steps 20 10 --out "$OUT/default" \
+  $BIN/ddpm eval "$RUN" --n 500 --seed "$seed" --guide-weight 2.6 --sampling-steps 20 10 --out "$OUT" \
     --quiet | tee "$OUT/default_seed$seed.txt"
   $BIN/ddpm eval "$RUN/model" --n 500 --seed "$seed" --guide none --guidance 3 --guidance-interval 0 1 \
-    --out "$OUT/seed_default" --quiet | tee "$OUT/seed_default_seed$seed.txt"
+    --out "$OUT" --quiet | tee "$OUT/seed_default_seed$seed.txt"
   $BIN/ddpm eval "$RUN/model" --n 500 --seed "$seed" --guide "$RUN/guide" --guide-weight 2.6 \
-    --out "$OUT/classic_guided" --quiet | tee "$OUT/classic_guided_seed$seed.txt"
+    --out "$OUT" --quiet | tee "$OUT/classic_guided_seed$seed.txt"
 done
 $BIN/ddpm sample "$RUN" --per-class 4 --out "$OUT/samples" --quiet

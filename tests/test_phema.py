@@ -283,10 +283,10 @@ def test_serve_serves_a_rebuilt_average_guided_by_the_runs_guide(tmp_path, monke
     assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "4", "--ema-snapshot-every", "2",
                  *TINY_TRAIN_ARGS]) == 0
     served = {}
-    monkeypatch.setattr(page, "launch_app", lambda app, host, port, block: served.setdefault("app", app))
+    monkeypatch.setattr(page, "launch_app", lambda app, host, port, block, quiet: served.update(app=app, quiet=quiet))
     args = build_parser().parse_args(["serve", str(run), "--ema-length", "0.1", "--port", str(free_port()),
-                                      "--device", "cpu"])
-    assert run_serve(args) == 0 and "app" in served
+                                      "--device", "cpu", "--quiet"])
+    assert run_serve(args) == 0 and "app" in served and served["quiet"] is True  # --quiet: no Gradio banner
     folder = run / "ema_rebuilt" / "sigma0.1000_step00000004"
     assert f"ddpm serve: {folder} (guide {run / 'guide'})" in capsys.readouterr().out
     args = build_parser().parse_args(["serve", str(run), "--ema-length", "0.1", "--guide-ema-length", "0.2",
@@ -316,7 +316,7 @@ def test_serve_no_ema_serves_the_latest_checkpoints_raw_weights(tmp_path, monkey
         return None  # no page is built: launch_app below is replaced
 
     monkeypatch.setattr(page, "build_app", keep_model)
-    monkeypatch.setattr(page, "launch_app", lambda app, host, port, block: app)
+    monkeypatch.setattr(page, "launch_app", lambda app, host, port, block, quiet: app)
     raw = load_training_state(latest_checkpoint(run))["model"]
     for flags, is_raw in ((["--no-ema"], True), ([], False)):
         served.clear()

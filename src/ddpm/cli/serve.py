@@ -11,7 +11,7 @@ from .. import serve as page
 from ..config import MAX_TIMESTEPS
 from ..errors import DdpmError
 from ..serve import DEFAULT_HOST, DEFAULT_PORT, INSTALL_HINT, MAX_STEPS
-from .common import add_device_flag, add_source_flags, source_flags, warn_one_line
+from .common import add_device_flag, add_quiet_flag, add_source_flags, source_flags, warn_one_line
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,6 +29,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
       "0.0.0.0 opens the page to your network")
     a("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     add_device_flag(a)
+    add_quiet_flag(a)
     a("--max-steps", type=int, default=MAX_STEPS,
       help=f"most sampling steps one request may ask for (default {MAX_STEPS})")
     return parser
@@ -71,5 +72,5 @@ def run_serve(args: argparse.Namespace) -> int:
     app = page.build_app(served.source, max_steps=args.max_steps, served=served)
     said = f"guide {served.guide_path}" if served.guide is not None else "no guide"
     print(f"ddpm serve: {served.source} ({said}) on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    page.launch_app(app, args.host, args.port, block=True)  # looked up here: a test may replace it
+    page.launch_app(app, args.host, args.port, block=True, quiet=args.quiet)  # looked up here: a test may replace it
     return 0
