@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -471,10 +472,11 @@ def _score_student(trainer, student, sampling: SamplingConfig, run: Path, images
     """The training log's quality evaluation at a round's end: `ddpm eval`'s scores of the new student as it draws
     by default (its K calls at its default weight) into eval/steps_K/*, beside the real floor. The evaluator (real
     images, classifier) is the teacher run's own, cached in RUN/eval/cache, so it is trained once for both."""
+    start = time.perf_counter()
     config = dataclasses.replace(trainer.config, runtime=dataclasses.replace(trainer.config.runtime, eval_n=images))
     quality = PeriodicEvaluation(config, run_folder(run), trainer.info.channels, trainer.device)
     scores, floor = quality.score(student, trainer.schedule, sampling=sampling), quality.floor()
-    for name, value in scores.items():
+    for name, value in {**scores, "seconds": time.perf_counter() - start}.items():
         monitor.writer.add_scalar(f"eval/steps_{steps}/{name}", value, trainer.step_count)
     if monitor.show_progress:
         shown = ", ".join(f"{name} {value:.4g} (real {floor[name]:.4g})" for name, value in scores.items()

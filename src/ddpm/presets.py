@@ -24,8 +24,8 @@ PRESETS: dict[str, dict] = {
                   "ema_decay": 0.995, "ema_warmup": 100, "snr_gamma": 5.0},
         "runtime": {"steps": 2000, "sample_every": 1000, "sample_steps": 25, "checkpoint_every": 500},
     },
-    # The seed's runs keep the seed's plain eps loss: the quickstart's measurement is on 16x16 digits, too far
-    # from 64x64 photos to justify changing their objective.
+    # The seed's runs keep the seed's plain eps loss: v + min-SNR-5 won on the 16x16 digits, but on the 32x32
+    # colour photos neither won at 2,000 steps (benchmarks/RESULTS.md, "Colour").
     # The seed's unconditional run: 64x64 RGB on a folder of landscape photos (give the folder as DATA).
     "landscape64": {
         "model": {"image_size": 64},
