@@ -342,7 +342,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, 
     monitor = monitor_for(trainer, folder, settings.last_step, progress)
     with closing_run(trainer, monitor, folder):
         written, stopped = run_rounds(trainer, settings, opened, folder, monitor, stop, run, info,
-                                      _eval_images(run, eval_n))
+                                      _round_evaluation(trainer, run, eval_n))
     return DistillResult(folder, written, stopped)
 
 
@@ -366,7 +366,7 @@ def student_run_config(opened, run: Path, folder: Path, settings: DistillSetting
 
 
 def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor, stop, run: Path,
-               info, eval_images: int = 0) -> tuple[list[Path], int]:
+               info, quality: PeriodicEvaluation | None = None) -> tuple[list[Path], int]:
     """The rounds not done yet, each through `training.fit` with its own teacher; (the student folders, the stop
     code or 0)."""
     written = []
@@ -381,7 +381,7 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
         if stopped:
             return written, stopped
         if trainer.ctx.is_main:
-            written.append(_write_student(trainer, settings, folder, steps, run, monitor, info, eval_images))
+            written.append(_write_student(trainer, settings, folder, steps, run, monitor, info, quality))
         trainer.ctx.barrier()
     return written, 0
 
@@ -430,9 +430,9 @@ def _interval(settings: DistillSettings):
 
 
 def _write_student(trainer, settings: DistillSettings, folder: Path, steps: int, run: Path, monitor,
-                   info, eval_images: int = 0) -> Path:
+                   info, quality: PeriodicEvaluation | None = None) -> Path:
     """RUN/distilled/steps_K: the student's weights (no EMA) with its record, its preview grid, and with
-    `eval_images` its scores in the log."""
+    with `quality` its scores in the log."""
 
     path = student_dir(folder, steps)
     teacher_text = f"{run} ({settings.teacher['weights']})"
@@ -451,30 +451,32 @@ def _write_student(trainer, settings: DistillSettings, folder: Path, steps: int,
     if monitor.show_progress:
         monitor.bar.write(f"step {trainer.step_count}: round done, {path} draws in {steps} call(s) "
                           f"(preview {path / 'preview.png'})")
-    if eval_images:
-        _score_student(trainer, student, sampling, run, eval_images, steps, monitor)
+    if quality is not None:
+        _score_student(trainer, student, sampling, quality, steps, monitor)
     return path
 
 
-def _eval_images(run: Path, eval_n: int | None) -> int:
-    """The images scored at each round's end: `eval_n`, or by default the teacher run's own --eval-n when it
-    evaluated while training (the quickstart does), else none."""
-    if eval_n is not None:
-        return eval_n
-    try:
-        runtime = _run_config(run).runtime
-    except ConfigError:  # a model folder outside a run: nothing says how it was evaluated
-        return 0
-    return runtime.eval_n if runtime.eval_every else 0
+def _round_evaluation(trainer, run: Path, eval_n: int | None) -> PeriodicEvaluation | None:
+    """The evaluation of each round's student, prepared once for all rounds on the teacher run's own evaluator
+    (real images, classifier; cached in RUN/eval/cache, so trained once for both): `eval_n` images, or by default
+    the teacher run's own --eval-n when it evaluated while training (the quickstart does); None for none."""
+    if eval_n is None:
+        try:
+            runtime = _run_config(run).runtime
+            eval_n = runtime.eval_n if runtime.eval_every else 0
+        except ConfigError:  # a model folder outside a run: nothing says how it was evaluated
+            eval_n = 0
+    if not eval_n or not trainer.ctx.is_main:
+        return None
+    config = dataclasses.replace(trainer.config, runtime=dataclasses.replace(trainer.config.runtime, eval_n=eval_n))
+    return PeriodicEvaluation(config, run_folder(run), trainer.info.channels, trainer.device)
 
 
-def _score_student(trainer, student, sampling: SamplingConfig, run: Path, images: int, steps: int, monitor) -> None:
+def _score_student(trainer, student, sampling: SamplingConfig, quality: PeriodicEvaluation, steps: int,
+                   monitor) -> None:
     """The training log's quality evaluation at a round's end: `ddpm eval`'s scores of the new student as it draws
-    by default (its K calls at its default weight) into eval/steps_K/*, beside the real floor. The evaluator (real
-    images, classifier) is the teacher run's own, cached in RUN/eval/cache, so it is trained once for both."""
+    by default (its K calls at its default weight) into eval/steps_K/*, beside the real floor."""
     start = time.perf_counter()
-    config = dataclasses.replace(trainer.config, runtime=dataclasses.replace(trainer.config.runtime, eval_n=images))
-    quality = PeriodicEvaluation(config, run_folder(run), trainer.info.channels, trainer.device)
     scores, floor = quality.score(student, trainer.schedule, sampling=sampling), quality.floor()
     for name, value in {**scores, "seconds": time.perf_counter() - start}.items():
         monitor.writer.add_scalar(f"eval/steps_{steps}/{name}", value, trainer.step_count)

@@ -262,8 +262,12 @@ def student_denoiser(model: nn.Module, labels: torch.Tensor | None, weight: floa
                      schedule: NoiseSchedule):
     """A distilled student (Meng et al. 2023): the guided prediction at `weight` (a number, or one per sample) in one
     call, with no guide and no unconditional branch."""
+    made: dict[tuple, torch.Tensor] = {}  # a number as a tensor [N], made once per batch shape, not at every step
+
     def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        w = weight if isinstance(weight, torch.Tensor) else torch.full((x.shape[0],), float(weight), device=x.device)
+        w = weight if isinstance(weight, torch.Tensor) else made.get((x.shape[0], x.device))
+        if w is None:
+            w = made[(x.shape[0], x.device)] = torch.full((x.shape[0],), float(weight), device=x.device)
         return eps_from_output(schedule, x, t, model(x, t, labels, weight=w), schedule.prediction)
 
     return denoiser
