@@ -2,6 +2,7 @@
 round's effect, resume, and drawing a student in K calls."""
 from __future__ import annotations
 
+import json
 from fractions import Fraction
 
 import pytest
@@ -189,16 +190,19 @@ class StopAfter:
 
 def test_a_stop_mid_round_and_resume_give_the_uninterrupted_students_bits(teacher_run, tmp_path):
     # bugs caught: a resumed round with another teacher (the round's teacher not reloaded from the previous
-    # student's folder), a lost optimizer or noise state, the round counter off by one
+    # student's folder), a lost optimizer or noise state, the round counter off by one, rounds of their own
+    # lengths (--round-steps 3,2) ended at another step
     from safetensors.torch import load_file
 
     from ddpm.distill import distill
 
-    options = dict(steps=1, start_steps=4, round_steps=3, batch_size=8, progress=False)
+    options = dict(steps=1, start_steps=4, round_steps=[3, 2], batch_size=8, progress=False)
     whole = distill(teacher_run, out=tmp_path / "whole", **options)
     assert [p.name for p in whole.students] == ["steps_2", "steps_1"] and whole.stopped == 0
-    stopped = distill(teacher_run, out=tmp_path / "cut", stop=StopAfter(4), **options)
-    # stopped at step 4, one step into round 2: round 1's student (written at step 3) is its teacher on resume
+    assert [json.loads((p / "config.json").read_text())["step"] for p in whole.students] == [3, 5]
+    # a round's last step asks no stop (it ends the round anyway), so the third ask is at step 4, one step into
+    # round 2: round 1's student (written at step 3) is its teacher on resume
+    stopped = distill(teacher_run, out=tmp_path / "cut", stop=StopAfter(3), **options)
     assert stopped.stopped and [p.name for p in stopped.students] == ["steps_2"]
     first_round = (tmp_path / "cut" / "steps_2" / "model.safetensors").stat().st_mtime_ns
     resumed = distill(teacher_run, out=tmp_path / "cut", resume=True, **options)
@@ -265,6 +269,7 @@ def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkey
     (["sample", "{student}", "--guide", "{teacher}"], "takes no --guide"),
     (["sample", "{student}", "--guide-weight", "9"], "outside the weights this student was trained on"),
     (["distill", "{teacher}", "--steps", "3"], "a student takes 1, 2 or 4 steps"),
+    (["distill", "{teacher}", "--steps", "4", "--round-steps", "100,200,300"], "takes 2 rounds"),
     (["distill", "{empty}"], "does not exist|not a folder|no config.json"),
     (["distill", "{teacher}", "--out", "{students}", "--weight-range", "1", "3"], "holds a distillation of another"),
     (["distill", "{teacher}", "--guide-weight", "5"], "outside --weight-range 1 4"),
@@ -284,6 +289,15 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teac
     assert len(err) == 1 and re.search(expected, err[0]), err
     assert sorted(p.relative_to(students) for p in students.rglob("*")) == before
     assert not (tmp_path / "o").exists() and not (teacher_run / "distilled").exists()
+
+
+def test_round_steps_that_are_no_numbers_are_one_line(capsys):
+    from ddpm.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "runs/x", "--round-steps", "100,x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and "'100,x' is not a number of steps" in err[-1]
 
 
 def test_resume_if_exists_continues_a_finished_distillation_without_training(students, teacher_run, capsys):

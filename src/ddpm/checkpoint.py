@@ -181,21 +181,28 @@ def from_pretrained(path: Path, device: torch.device | str = "cpu"):
 # -- autoguidance: the run's guide snapshot and loading any guide ---------------------------------------------------
 def find_run_guide(run_dir: Path) -> Path | None:
     """RUN/guide when the run has written its guide snapshot, else None. `run_dir` may also be the run's model/
-    export or its best/ (what `ddpm sample RUN/model` is given): its run folder is then the parent."""
+    export or its best/ (what `ddpm sample RUN/model` is given): its run folder is then the parent. A best/ that
+    keeps its own guide (RUN/best/guide: the rebuilt guide of the post-hoc default that scored best) uses that."""
     run_dir = Path(run_dir)
+    if run_dir.name == BEST_DIR and RunFolder(run_dir).guide_snapshot() is not None:
+        return RunFolder(run_dir).guide
     for run in (run_dir, run_dir.parent) if run_dir.name in (MODEL_DIR, BEST_DIR) else (run_dir,):
         if RunFolder(run).guide_snapshot() is not None:
             return RunFolder(run).guide
     return None
 
 
-def replace_pretrained(model: torch.nn.Module, folder: Path, diffusion: DiffusionConfig, extra: dict) -> None:
+def replace_pretrained(model: torch.nn.Module, folder: Path, diffusion: DiffusionConfig, extra: dict,
+                       guide: tuple[torch.nn.Module, dict] | None = None) -> None:
     """`save_pretrained` into a new folder that then takes `folder`'s place, so that a crash leaves the old model
-    folder or the new one whole, never the new weights beside the old config."""
+    folder or the new one whole, never the new weights beside the old config. `guide`: (network, extra) saved
+    inside it as its own guide (GUIDE_DIR), replaced with it."""
     folder = Path(folder)
     staging, old = folder.with_name(f".{folder.name}.{os.getpid()}.tmp"), folder.with_name(f".{folder.name}.old")
     shutil.rmtree(staging, ignore_errors=True)
     save_pretrained(model, staging, diffusion, extra)
+    if guide is not None:
+        save_pretrained(guide[0], staging / GUIDE_DIR, diffusion, guide[1])
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +196,13 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def check_rounds(steps: int, start_steps: int, round_steps: int) -> None:
-    """One line unless the rounds can halve `start_steps` down to `steps` (1, 2 or 4)."""
+def round_lengths(round_steps: int | list[int], rounds: int) -> list[int]:
+    """Optimizer steps of each of `rounds` rounds: `round_steps` for all, or one number per round."""
+    return list(round_steps) if isinstance(round_steps, (list, tuple)) else [round_steps] * rounds
+
+
+def check_rounds(steps: int, start_steps: int, round_steps: int | list[int]) -> None:
+    """One line unless the rounds can halve `start_steps` down to `steps` (1, 2 or 4), each with >= 1 step."""
     if steps not in STEP_CHOICES:
         raise ConfigError(f"--steps {steps}: a student takes 1, 2 or 4 steps (each round halves the steps from "
                           f"{start_steps})")
@@ -203,8 +210,13 @@ def check_rounds(steps: int, start_steps: int, round_steps: int) -> None:
     if start_steps % steps or ratio < 2 or ratio & (ratio - 1):
         raise ConfigError(f"--start-steps {start_steps} must be {steps} times a power of 2 (>= 2), e.g. "
                           f"{max(8, 2 * steps)}")
-    if round_steps < 1:
-        raise ConfigError(f"--round-steps {round_steps} must be >= 1")
+    rounds = ratio.bit_length() - 1
+    lengths = round_lengths(round_steps, rounds)
+    if len(lengths) != rounds:
+        raise ConfigError(f"--round-steps {','.join(map(str, lengths))}: {start_steps} -> {steps} steps takes {rounds} "
+                          f"rounds, so give one number for all or {rounds} numbers")
+    if min(lengths) < 1:
+        raise ConfigError(f"--round-steps {','.join(map(str, lengths))}: each round needs >= 1 step")
     if start_steps > MAX_START_STEPS:
         raise ConfigError(f"--start-steps {start_steps} is more than {MAX_START_STEPS} teacher steps; a round halves "
                           f"them, so start from 16 or 32")
@@ -221,9 +233,11 @@ class DistillSettings:
     default_weight: float | None
     start_steps: int = START_STEPS
     steps: int = 2
-    round_steps: int = ROUND_STEPS
+    round_steps: int | list[int] = ROUND_STEPS  # for every round, or one number per round
 
     def __post_init__(self) -> None:
+        if isinstance(self.round_steps, (list, tuple)):
+            self.round_steps = [int(n) for n in self.round_steps]
         if self.weight_range is not None:
             self.weight_range = tuple(float(v) for v in self.weight_range)
         check_rounds(self.steps, self.start_steps, self.round_steps)
@@ -246,8 +260,13 @@ class DistillSettings:
         return counts
 
     @property
+    def round_ends(self) -> list[int]:
+        """The optimizer step at which each round ends."""
+        return list(itertools.accumulate(round_lengths(self.round_steps, len(self.rounds))))
+
+    @property
     def last_step(self) -> int:
-        return len(self.rounds) * self.round_steps
+        return self.round_ends[-1]
 
     def student(self, steps: int, teacher_text: str, data: str) -> dict:
         fixed = {k: v for k, v in self.teacher["sampling"].items() if k in ("guidance", "guide_weight")
@@ -292,7 +311,8 @@ def _run_config(run: Path) -> RunConfig:
                           "(give the run folder, or --data DATA)") from None
 
 
-def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS, round_steps: int = ROUND_STEPS,
+def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
+            round_steps: int | list[int] = ROUND_STEPS,
             weight_range: tuple[float, float] | None = None, batch_size: int | None = None, lr: float = 3e-4,
             data: str | None = None, out: Path | str | None = None, device: str | None = None, seed: int = 0,
             resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
@@ -360,7 +380,7 @@ def student_run_config(opened, run: Path, folder: Path, settings: DistillSetting
                           batch_size=batch_size or (64 if trained is None else trained.train.batch_size), lr=lr,
                           ema_decay=0.0, ema_warmup=0, p_uncond=0.0, seed=seed, ema_lengths=()),
         runtime=RuntimeConfig(out_dir=str(folder), steps=settings.last_step, device=device, amp=amp,
-                              log_every=log_every, checkpoint_every=checkpoint_every or settings.round_steps,
+                              log_every=log_every, checkpoint_every=checkpoint_every or math.gcd(*settings.round_ends),
                               sample_every=0, val_every=0, guide_fraction=0.0, time_limit=time_limit,
                               trackers=tuple(trackers)))
 
@@ -371,7 +391,7 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
     code or 0)."""
     written = []
     for number, steps in enumerate(settings.rounds):
-        end = (number + 1) * settings.round_steps
+        end = settings.round_ends[number]
         if trainer.step_count >= end:
             written.append(student_dir(folder, steps))
             continue

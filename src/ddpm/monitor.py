@@ -22,7 +22,6 @@ from .periodic_eval import PeriodicEvaluation
 from .pipeline import balanced_labels, sample_all
 from .progress import progress as progress_bar
 from .run_files import RunFiles
-from .sources import load_guide
 from .trackers import Trackers
 
 
@@ -116,7 +115,7 @@ class RankZeroMonitor(Monitor):
         self.start_time, self.start_step, self.extra_seconds = time.perf_counter(), step, 0.0
         self.bad_files_reported = 0
         self.capture_reported = False
-        self.quality = self.quality_guide = None
+        self.quality = None
         if config.runtime.eval_every:
             self.quality = PeriodicEvaluation(config, self.run_dir, trainer.info.channels, trainer.device)
 
@@ -154,27 +153,26 @@ class RankZeroMonitor(Monitor):
         self.extra_seconds += time.perf_counter() - start
 
     def _evaluate(self, trainer, step: int) -> None:
-        """`ddpm eval`'s scores of the EMA weights (autoguided once the run has its guide) into eval/, the real
-        floor into eval_floor/, and with --keep-best the weights to RUN/best when they score best so far."""
+        """`ddpm eval`'s scores of what `ddpm sample RUN` draws at this step (periodic_eval.PeriodicEvaluation.drawn)
+        into eval/ (`eval/posthoc`: 1 for the post-hoc default, 0 for the classic EMA), the real floor into
+        eval_floor/, and with --keep-best what scored to RUN/best when it scores best so far."""
         start = time.perf_counter()
-        if self.quality_guide is None:  # RUN/guide is written once and never changes: loaded once it exists
-            guide_dir = ckpt.find_run_guide(self.run_dir)
-            self.quality_guide = None if guide_dir is None else load_guide(
-                guide_dir, trainer.ema.model, trainer.device, schedule=trainer.schedule)
-        scores = self.quality.score(trainer.ema.model, trainer.schedule, self.quality_guide)
+        drawn = self.quality.drawn(trainer.ema.model, trainer.schedule, step)
+        scores = self.quality.score(drawn.model, trainer.schedule, drawn.guide)
         floor = self.quality.floor()
         for name, value in scores.items():
             self.writer.add_scalar(f"eval/{name}", value, step)
         for name, value in floor.items():
             self.writer.add_scalar(f"eval_floor/{name}", value, step)
+        self.writer.add_scalar("eval/posthoc", float(drawn.plan is not None), step)
         self.writer.add_scalar("eval/seconds", time.perf_counter() - start, step)
         metric = self.config.runtime.keep_best
-        kept = self.files.keep_best(trainer, scores)
+        kept = self.files.keep_best(trainer, scores, drawn)
         if self.show_progress:
             shown = ", ".join(f"{name} {value:.4g} (real {floor[name]:.4g})" for name, value in scores.items()
                               if name in floor and name in ("fid", "classifier_fd", "accuracy"))
-            self.bar.write(f"step {step}: eval {shown}" + (f"; best {metric} so far: {self.run_dir / 'best'}"
-                                                           if kept else ""))
+            self.bar.write(f"step {step}: eval of {drawn.describe(self.run_dir)}: {shown}"
+                           + (f"; best {metric} so far: {self.run_dir / 'best'}" if kept else ""))
 
     def _validate(self, trainer, step: int) -> None:
         images = self.held_out.images.to(trainer.device)

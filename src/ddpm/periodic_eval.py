@@ -1,9 +1,13 @@
-"""Quality in the training log: every `--eval-every` steps rank 0 draws K images from the classic EMA weights
-(RUN/model) with `ddpm sample`'s default settings (autoguided by the run's guide/ snapshot once it exists) and scores
-them with `ddpm eval`'s own library, so the logged `eval/*` numbers are what `ddpm eval RUN/model --n K --seed 0
---sampling-steps S` reports at that step. They are not what `ddpm eval RUN` reports after training: that draws the
-post-hoc EMA default, rebuilt from snapshots only once the run is done (a rebuild per evaluation is not paid for
-here). `--keep-best METRIC` exports the best-scoring classic EMA weights to RUN/best/.
+"""Quality in the training log: every `--eval-every` steps rank 0 draws K images as `ddpm sample RUN` would draw
+them at that step, and scores them with `ddpm eval`'s own library, so the logged `eval/*` numbers are what `ddpm eval
+RUN --n K --seed 0 --sampling-steps S` reports when the run stops there:
+  - the post-hoc EMA default (sources.default_plan), rebuilt in memory from the snapshots taken so far and guided by
+    its rebuilt guide, once those rebuild it well (`eval/posthoc` is 1);
+  - before that, and in runs without snapshots, RUN/model (the classic EMA), autoguided by RUN/guide once it exists
+    (`eval/posthoc` is 0), as `ddpm sample RUN` then draws it.
+The two rebuilds cost about 12% of an evaluation of the quickstart (benchmarks/posthoc_log_cost.py, RESULTS.md).
+`--keep-best METRIC` exports what scored best to RUN/best (a rebuilt average with its guide in RUN/best/guide).
+Previews (`samples/ema`) and `val/loss_ema` stay on the classic EMA: they are cheap and frequent.
 
 The evaluator (real reference images, the floor, the evaluation classifier) is prepared once, at the first
 evaluation, from the run's training data, and shares `ddpm eval`'s cache (RUN/eval/cache), so the classifier is
@@ -13,7 +17,9 @@ labels.
 """
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +28,10 @@ from . import checkpoint as ckpt
 from .config import RunConfig, SamplingConfig, sampling_defaults
 from .evaluation import prepare_evaluator, saturated_fraction
 from .files import to_uint8
+from .guidance import Guide
 from .pipeline import balanced_labels, sample_all
+from .snapshots import list_snapshots, rebuild_state_dict
+from .sources import PosthocPlan, default_plan, load_guide
 
 EVAL_SEED = 0  # `ddpm eval`'s default seed: the same noise at every evaluation, so curves differ by the weights
 EVAL_BATCH = 64  # `ddpm eval`'s default --batch-size (batch b is seeded by (seed, b)): the same images
@@ -36,12 +45,48 @@ def eval_sampling(steps: int, guided: bool) -> SamplingConfig:
     return SamplingConfig(steps=steps, **sampling_defaults(guided))
 
 
+@dataclass
+class Drawn:
+    """What `ddpm sample RUN` draws at a step of the run: the weights, their guide, and the post-hoc plan they were
+    rebuilt by (None: the classic EMA)."""
+
+    model: torch.nn.Module
+    guide: Guide | None
+    plan: PosthocPlan | None
+
+    def describe(self, run_dir: Path) -> str:
+        if self.plan is not None:
+            return f"the post-hoc default ({self.plan.describe()})"
+        return f"{Path(run_dir) / ckpt.MODEL_DIR} (the classic EMA)" + ("" if self.guide is None else " guided")
+
+
 class PeriodicEvaluation:
-    """Scores the EMA weights of a run during training; create once per run, call `score` at each evaluation."""
+    """Scores what a run draws during training; create once per run, call `drawn` then `score` at each
+    evaluation."""
 
     def __init__(self, config: RunConfig, run_dir: Path, channels: int, device: torch.device):
         self.config, self.run_dir, self.channels, self.device = config, Path(run_dir), channels, device
-        self._evaluator = self._floor = None
+        self._evaluator = self._floor = self._classic_guide = None
+        self._templates: list[torch.nn.Module] = []  # the rebuilt averages' networks, made once
+
+    def drawn(self, classic: torch.nn.Module, schedule, step: int) -> Drawn:
+        """What `ddpm sample RUN` draws at `step` (sources.resolve_sources with no flags), from the files so far:
+        the post-hoc default rebuilt in memory from the snapshots up to `step` when they rebuild it well, else
+        `classic` (the classic EMA) guided by RUN/guide once the run has written it."""
+        snapshots = [s for s in list_snapshots(self.run_dir) if s.step <= step]
+        plan = default_plan(self.run_dir, snapshots) if snapshots else None
+        if plan is not None and plan.rebuilds_well:
+            while len(self._templates) < 2:
+                self._templates.append(copy.deepcopy(classic).eval())
+            main, guide = self._templates
+            for net, rebuild in ((main, plan.main), (guide, plan.guide)):
+                net.load_state_dict(rebuild_state_dict(rebuild))
+            return Drawn(main, Guide(guide, self.config.diffusion), plan)
+        if self._classic_guide is None:  # RUN/guide is written once and never changes: loaded once it exists
+            guide_dir = ckpt.find_run_guide(self.run_dir)
+            self._classic_guide = None if guide_dir is None else load_guide(guide_dir, classic, self.device,
+                                                                            schedule=schedule)
+        return Drawn(classic, self._classic_guide, None)
 
     def evaluator(self):
         if self._evaluator is None:
@@ -93,12 +138,19 @@ def is_better(metric: str, value: float, best: dict | None) -> bool:
     return value < best["value"] if METRICS[metric] == "lower" else value > best["value"]
 
 
-def keep_if_best(run_dir: Path, metric: str, scores: dict, step: int, model, diffusion, class_names) -> bool:
-    """Export `model` to RUN/best/ (a model folder, with the metric, its value and the step) when `scores` beat
-    the best so far; never pruned. Returns whether it wrote."""
+def keep_if_best(run_dir: Path, metric: str, scores: dict, step: int, drawn: Drawn, diffusion, class_names) -> bool:
+    """Export what scored (`drawn`) to RUN/best/ (a model folder, with the metric, its value and the step; a
+    rebuilt average also with its length and its guide in RUN/best/guide, which `ddpm sample RUN/best` uses) when
+    `scores` beat the best so far; never pruned. Returns whether it wrote."""
     if metric not in scores or not is_better(metric, scores[metric], best_so_far(run_dir)):
         return False
-    ckpt.replace_pretrained(model, Path(run_dir) / BEST_DIR, diffusion, {
-        "class_names": class_names, "step": step,
-        "best": {"metric": metric, "value": scores[metric], "step": step, "scores": scores}})
+    extra = {"class_names": class_names, "step": step,
+             "best": {"metric": metric, "value": scores[metric], "step": step, "scores": scores}}
+    guide = None
+    if drawn.plan is not None:
+        main, rebuilt = drawn.plan.main, drawn.plan.guide
+        extra.update(ema_length=main.sigma_rel, ema_step=main.step, ema_rebuild_error=main.error)
+        guide = (drawn.guide.model, {"class_names": class_names, "step": rebuilt.step,
+                                     "ema_length": rebuilt.sigma_rel, "ema_rebuild_error": rebuilt.error})
+    ckpt.replace_pretrained(drawn.model, Path(run_dir) / BEST_DIR, diffusion, extra, guide=guide)
     return True

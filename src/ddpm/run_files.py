@@ -55,9 +55,10 @@ class RunFiles:
                                  self.config.runtime.keep_checkpoints)
         ckpt.save_pretrained(trainer.ema.model, self.run.model, self.config.diffusion, self._extra(trainer))
 
-    def keep_best(self, trainer, scores: dict) -> bool:
-        """--keep-best: RUN/best when `scores` beat the best so far (periodic_eval.keep_if_best)."""
+    def keep_best(self, trainer, scores: dict, drawn) -> bool:
+        """--keep-best: what scored (`drawn`, a periodic_eval.Drawn) to RUN/best when `scores` beat the best so far
+        (periodic_eval.keep_if_best)."""
 
         metric = self.config.runtime.keep_best
-        return metric is not None and keep_if_best(self.run.path, metric, scores, trainer.step_count,
-                                                   trainer.ema.model, self.config.diffusion, trainer.info.class_names)
+        return metric is not None and keep_if_best(self.run.path, metric, scores, trainer.step_count, drawn,
+                                                   self.config.diffusion, trainer.info.class_names)

@@ -92,6 +92,12 @@ def plan_posthoc(run: Path, snapshots: list | None = None) -> PosthocPlan | None
     snapshots = list_snapshots(run) if snapshots is None else snapshots
     if not (Path(run) / MODEL_DIR).is_dir() or not snapshots:
         return None
+    return default_plan(run, snapshots)
+
+
+def default_plan(run: Path, snapshots: list) -> PosthocPlan:
+    """The default averages' rebuild plans from `snapshots` (not empty): the main length at the last snapshot's
+    step, its guide by the rule at that step. The training log plans with the snapshots taken so far."""
     main = plan_rebuild(run, POSTHOC_DEFAULT["ema_length"], snapshots=snapshots)
     guide_step = default_guide_step(main.step, snapshots)
     return PosthocPlan(main, plan_rebuild(run, default_guide_length(guide_step), guide_step, snapshots))

@@ -24,7 +24,8 @@ def add_distill_parser(sub) -> None:
       help="the teacher: a run folder (drawn as ddpm sample draws it) or its model folder")
     a("--steps", type=int, default=2, help="the last student's calls per image: 1, 2 or 4")
     a("--start-steps", type=int, default=START_STEPS, help="the first teacher's DDIM steps; each round halves them")
-    a("--round-steps", type=int, default=ROUND_STEPS, help="optimizer steps per round")
+    a("--round-steps", type=_round_steps, default=ROUND_STEPS, metavar="N[,N...]", help="optimizer steps per round: "
+      "one number for every round, or one per round (e.g. 100,200,400 for 16 -> 2 steps)")
     a("--weight-range", type=float, nargs=2, metavar=("LO", "HI"), help="the guidance weights the student learns "
       f"(default: g {WEIGHT_RANGES['guide_weight'][0]:g}-{WEIGHT_RANGES['guide_weight'][1]:g} with a guide, w "
       f"{WEIGHT_RANGES['guidance'][0]:g}-{WEIGHT_RANGES['guidance'][1]:g} without)")
@@ -48,6 +49,15 @@ def add_distill_parser(sub) -> None:
       "does, into the log; 0 = never (default: the teacher run's --eval-n when it evaluated while training)")
     common.add_device_flag(a)
     common.add_quiet_flag(a)
+
+
+def _round_steps(text: str) -> int | list[int]:
+    try:
+        numbers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps or a comma-separated list of them "
+                                         "(e.g. 200 or 100,200,400)") from None
+    return numbers[0] if len(numbers) == 1 else numbers
 
 
 def cmd_distill(args: argparse.Namespace) -> int:

@@ -173,8 +173,9 @@ def _add_runtime_flags(a) -> None:
     a("--guidance", type=float, help="guidance scale w of the preview grids, 0 = unconditional" + _default("guidance"))
     a("--val-every", type=int, help="held-out validation loss every N steps, 0 = never" + _default("val_every"))
     a("--val-size", type=int, help="held-out images for the validation loss" + _default("val_size"))
-    a("--eval-every", type=int, metavar="N", help="every N steps, score EVAL_N images of the EMA weights as ddpm eval "
-      "does (classifier FD and class accuracy on labelled data, FID on GPUs or unlabelled data) into the log; "
+    a("--eval-every", type=int, metavar="N", help="every N steps, score EVAL_N images of what ddpm sample RUN draws "
+      "at that step (the post-hoc EMA default once it rebuilds, else the classic EMA) as ddpm eval does (classifier "
+      "FD and class accuracy on labelled data, FID on GPUs or unlabelled data) into the log; "
       "0 = never (the quickstart preset: 250)" + _default("eval_every"))
     a("--eval-n", type=int, help="images per evaluation (ddpm eval --n)" + _default("eval_n"))
     a("--eval-steps", type=int, help="DPM-Solver++ steps of those images, sampled with ddpm sample's default "
@@ -182,8 +183,8 @@ def _add_runtime_flags(a) -> None:
     a("--tracker", type=tracker_list, help="where the log goes, comma-separated: tensorboard, wandb (reads "
       "WANDB_PROJECT, WANDB_MODE, ...), mlflow (reads MLFLOW_TRACKING_URI; default: its local store); wandb and "
       "mlflow are extras (pip install 'ddpm-kit[wandb]')" + _default("tracker"))
-    a("--keep-best", choices=("classifier_fd", "fid", "accuracy"), help="export the EMA weights that score best on "
-      "this metric to RUN/best (a model folder: ddpm sample RUN/best); needs --eval-every")
+    a("--keep-best", choices=("classifier_fd", "fid", "accuracy"), help="export what scores best on this metric "
+      "(with its guide) to RUN/best (a model folder: ddpm sample RUN/best); needs --eval-every")
     a("--guide-fraction", type=float, metavar="F", help="save the EMA weights at this fraction of the planned steps "
       "to RUN/guide, kept for autoguidance (ddpm sample guides with it); 0 = none" + _default("guide_fraction"))
     a("--ema-snapshot-every", type=int, metavar="N", help="steps between post-hoc EMA snapshots, kept for good "
