@@ -300,6 +300,21 @@ def test_round_steps_that_are_no_numbers_are_one_line(capsys):
     assert exit_.value.code == 2 and "'100,x' is not a number of steps" in err[-1]
 
 
+def test_ddpm_eval_draws_a_student_at_each_weight_it_is_given(students, tmp_path, monkeypatch):
+    # bug caught: the evaluation's sample cache keyed without a student's input weight g, so every g after the first
+    # reused the first one's images and reported its scores
+    import ddpm.periodic_eval
+    from ddpm.cli import main
+
+    monkeypatch.setattr(ddpm.periodic_eval, "CLASSIFIER_STEPS", 30)
+    out = tmp_path / "eval"
+    assert main(["eval", str(students / "steps_1"), "--guide-weight", "1.5", "3.5", "--n", "8", "--no-fid",
+                 "--classifier-steps", "30", "--out", str(out), "--quiet"]) == 0
+    rows = json.loads((out / "eval" / "eval.json").read_text())["rows"]
+    assert [row["guide_weight"] for row in rows] == [1.5, 3.5]
+    assert rows[0]["samples"] != rows[1]["samples"] and all(row["generated_now"] for row in rows)
+
+
 def test_resume_if_exists_continues_a_finished_distillation_without_training(students, teacher_run, capsys):
     from ddpm.cli import main
 

@@ -26,7 +26,8 @@ def _options(row: dict) -> str:
     options = row_sampling(row).describe()
     if row.get("guide_weight") is None:
         return options
-    return f"guide {row['guide']} g={row['guide_weight']:g}" + ("" if options == "-" else f" {options}")
+    guide = "" if row.get("guide") is None else f"guide {row['guide']} "  # None: g is a student's input
+    return f"{guide}g={row['guide_weight']:g}" + ("" if options == "-" else f" {options}")
 
 
 def format_table(rows: list[dict], floor: dict) -> str:

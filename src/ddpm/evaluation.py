@@ -369,6 +369,8 @@ def settings_tag(sampling: SamplingConfig, timesteps: int) -> str:
         tag += f"_rescale{s.guidance_rescale:g}"
     if s.guidance_interval is not None:
         tag += f"_interval{s.guidance_interval[0]:g}-{s.guidance_interval[1]:g}"
+    if s.sampler == "student" and s.guide_weight != 1.0:  # a distilled student's input: other g, other images
+        tag += f"_g{s.guide_weight:g}"
     return tag
 
 
@@ -409,6 +411,7 @@ def sweep(model, schedule, evaluator: Evaluator, settings: list[SamplingConfig],
         row_start = time.perf_counter()
         conditional = model.config.num_classes is not None
         guided = guide is not None and sampling.guide_weight != 1.0
+        student_g = sampling.sampler == "student" and sampling.guide_weight != 1.0  # g as the student's input
         tag = settings_tag(sampling, len(schedule)) + (f"_guide{guide_id}_g{sampling.guide_weight:g}" if guided else "")
         folder = eval_dir / f"{prefix}_{tag}_seed{seed}_batch{batch_size}" / (
             f"w{sampling.guidance:g}" if conditional else "uncond")
@@ -418,7 +421,8 @@ def sweep(model, schedule, evaluator: Evaluator, settings: list[SamplingConfig],
         row = {"sampler": sampling.sampler, "steps": sampling.steps_for(len(schedule)),
                "model_calls": model_calls_per_image(sampling, schedule, conditional, guided),
                "guidance": sampling.guidance if conditional else None,
-               "guide": guide_id if guided else None, "guide_weight": sampling.guide_weight if guided else None,
+               "guide": guide_id if guided else None,
+               "guide_weight": sampling.guide_weight if guided or student_g else None,
                "settings": dataclasses.asdict(sampling),
                **evaluator.score(images, labels), "saturated": saturated_fraction(images), "samples": str(folder),
                "generated_now": generated, "seconds": round(time.perf_counter() - row_start, 1)}
