@@ -9,6 +9,7 @@ EMA), RUN/best, a model folder, and runs without snapshots (written before post-
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +54,29 @@ def run_folder(model_path: Path) -> Path:
     return run.path if run is not None else Path(model_path)
 
 
-def default_guide_length(guide_step: int) -> float:
-    """The guide's averaging length at `guide_step`: a window of about POSTHOC_DEFAULT["guide_window"] steps, as a
-    sigma_rel (window / step), within POSTHOC_DEFAULT["guide_ema_range"]."""
+MEASURED_BATCH = 64  # the batch of the runs the rule was first measured on: a run whose config lacks one
+
+
+def guide_window_steps(batch_size: int) -> float:
+    """The guide's averaging window in training steps: POSTHOC_DEFAULT["guide_window_images"] images at
+    `batch_size` images a step (100 steps at the quickstart's 64, 200 at photos32's 32)."""
+    return POSTHOC_DEFAULT["guide_window_images"] / batch_size
+
+
+def default_guide_length(guide_step: int, batch_size: int = MEASURED_BATCH) -> float:
+    """The guide's averaging length at `guide_step` of a run of `batch_size` images a step: a window of about
+    POSTHOC_DEFAULT["guide_window_images"] images, as a sigma_rel (window in steps / step), within
+    POSTHOC_DEFAULT["guide_ema_range"]."""
     low, high = POSTHOC_DEFAULT["guide_ema_range"]
-    return round(min(high, max(low, POSTHOC_DEFAULT["guide_window"] / guide_step)), 4)
+    return round(min(high, max(low, guide_window_steps(batch_size) / guide_step)), 4)
+
+
+def run_batch_size(run: Path) -> int:
+    """The images per optimizer step of the run in `run` (its config.json), or MEASURED_BATCH when it says none."""
+    try:
+        return int(json.loads((Path(run) / CONFIG).read_text())["train"]["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return MEASURED_BATCH
 
 
 def default_guide_step(main_step: int, snapshots: list) -> int:
@@ -100,7 +119,8 @@ def default_plan(run: Path, snapshots: list) -> PosthocPlan:
     step, its guide by the rule at that step. The training log plans with the snapshots taken so far."""
     main = plan_rebuild(run, POSTHOC_DEFAULT["ema_length"], snapshots=snapshots)
     guide_step = default_guide_step(main.step, snapshots)
-    return PosthocPlan(main, plan_rebuild(run, default_guide_length(guide_step), guide_step, snapshots))
+    length = default_guide_length(guide_step, run_batch_size(run))
+    return PosthocPlan(main, plan_rebuild(run, length, guide_step, snapshots))
 
 
 def default_posthoc(run: Path, snapshots: list | None = None) -> tuple[float, int, float, int] | None:
@@ -120,8 +140,10 @@ def outside_note(run: Path, plan: PosthocPlan) -> str:
     low, high = POSTHOC_DEFAULT["measured_steps"]
     window = round(plan.guide.sigma_rel * plan.guide.step)
     return (f"{run} ({plan.main.step:,} steps) is longer than the runs its post-hoc default was measured on "
-            f"({low:,}-{high:,} steps of 16x16 digits): it draws {plan.describe()} (a guide averaged over about "
-            f"{window:,} steps; the rule's {POSTHOC_DEFAULT['guide_window']} steps cannot be rebuilt that late); "
+            f"({low:,}-{high:,} steps: 16x16 digits, 32x32 photos): it draws {plan.describe()} (a guide averaged "
+            "over about "
+            f"{window:,} steps; the rule's {guide_window_steps(run_batch_size(run)):,.0f} steps, "
+            f"{POSTHOC_DEFAULT['guide_window_images']:,} images, cannot be rebuilt that late); "
             f"to measure this run: ddpm eval {run} --guide-ema-length {plan.guide.sigma_rel:g} 0.05 0.1 "
             "--guide-weight 2 2.6 3")
 
@@ -184,7 +206,8 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
     elif ema_length is not None and default_posthoc(run, snapshots) is not None:
         # an average chosen by length is guided as the defaults are, at the same fraction of its own step
         step = default_guide_step(main_step, snapshots)
-        guide_path = rebuilt_model_dir(run, default_guide_length(step), step, warn=warn, snapshots=snapshots)
+        guide_path = rebuilt_model_dir(run, default_guide_length(step, run_batch_size(run)), step, warn=warn,
+                                       snapshots=snapshots)
     else:
         guide_path = find_run_guide(model)
     return Sources(weights, guide_path, default is not None)

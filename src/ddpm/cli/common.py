@@ -121,7 +121,8 @@ def add_ema_flags(parser: argparse.ArgumentParser, guide: bool = True, many: boo
         return
     a("--guide-ema-length", type=float, metavar="S", nargs="+" if many else None,
       help="autoguidance by a guide rebuilt from the run's post-hoc EMA snapshots, averaged with this length "
-      f"(default for a run folder with snapshots: the average over about {POSTHOC_DEFAULT['guide_window']} steps "
+      "(default for a run folder with snapshots: the average over about "
+      f"{POSTHOC_DEFAULT['guide_window_images']:,} training images "
       "at half the run; else the run's guide/ snapshot)"
       + ("; several are crossed with every --ema-length" if many else ""))
     a("--guide-ema-fraction", type=float, metavar="F", nargs="+" if many else None, help="with --guide-ema-length: "
