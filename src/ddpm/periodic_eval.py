@@ -5,7 +5,7 @@ RUN --n K --seed 0 --sampling-steps S` reports when the run stops there:
     its rebuilt guide, once those rebuild it well (`eval/posthoc` is 1);
   - before that, and in runs without snapshots, RUN/model (the classic EMA), autoguided by RUN/guide once it exists
     (`eval/posthoc` is 0), as `ddpm sample RUN` then draws it.
-The two rebuilds cost about 12% of an evaluation of the quickstart (benchmarks/posthoc_log_cost.py, RESULTS.md).
+The two rebuilds cost about 21% of an evaluation of the quickstart (benchmarks/posthoc_log_cost.py, RESULTS.md).
 `--keep-best METRIC` exports what scored best to RUN/best (a rebuilt average with its guide in RUN/best/guide).
 Previews (`samples/ema`) and `val/loss_ema` stay on the classic EMA: they are cheap and frequent.
 
