@@ -2,6 +2,7 @@
 round's effect, resume, and drawing a student in K calls."""
 from __future__ import annotations
 
+import importlib
 import json
 from fractions import Fraction
 
@@ -13,6 +14,7 @@ from ddpm.distill import (
     DistillationObjective,
     alphas_sigmas,
     ddim_step,
+    dpmpp_2s_step,
     nested_grid,
     student_from,
     student_target,
@@ -82,6 +84,40 @@ def test_one_student_step_equals_two_teacher_ddim_steps_in_float64():
             eps_student = (z_s - abar[s] ** 0.5 * x_target) / (1 - abar[s]) ** 0.5
             one_step = abar[t] ** 0.5 * x_target + (1 - abar[t]) ** 0.5 * eps_student
             assert torch.allclose(one_step, z_t, rtol=0, atol=1e-9), (steps, s, t)
+
+
+def test_round_ones_dpm_solver_2s_steps_follow_the_exact_ode_of_gaussian_data():
+    # bugs caught: a wrong DPM-Solver++(2S) coefficient (r, the 1/(2r) mix, the exp(-h) factor), a midpoint outside
+    # the step, the step to the image not being the image's prediction. For data N(0, c^2) the ideal teacher is known
+    # in closed form, eps(z, i) = sigma_i z / v_i with v = alpha^2 c^2 + sigma^2, and its probability-flow ODE keeps
+    # z / sqrt(v) fixed: z_t = z_s sqrt(v_t / v_s). A second-order step lands far nearer that than DDIM's first order.
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    alpha, sigma = alphas_sigmas(schedule)
+    c = 0.5
+    variance = alpha**2 * c**2 + sigma**2
+    calls = []
+
+    def eps(z, index):
+        calls.append(index)
+        return sigma[index].view(-1, 1) * z / variance[index].view(-1, 1)
+
+    grid = nested_grid(1000, 8)  # round 1's teacher steps: start -> middle -> end on the 16-step grid
+    for first, second in ((grid.start, grid.middle), (grid.middle, grid.end)):
+        s, t = torch.tensor(first), torch.tensor(second)
+        z = torch.randn(len(s), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        solved = dpmpp_2s_step(eps, z, s, t, alpha, sigma)
+        assert len(calls) == 2
+        calls.clear()
+        ddim = ddim_step(z, eps(z, s), alpha[s].view(-1, 1), sigma[s].view(-1, 1), alpha[t].view(-1, 1),
+                         sigma[t].view(-1, 1))
+        calls.clear()
+        to_noise = t >= 0
+        exact = z[to_noise] * (variance[t[to_noise]] / variance[s[to_noise]]).sqrt().view(-1, 1)
+        error_2s = (solved[to_noise] - exact).abs().max(dim=1).values
+        error_ddim = (ddim[to_noise] - exact).abs().max(dim=1).values
+        assert (error_2s < error_ddim / 5).all(), (error_2s, error_ddim)
+        # the step to the image is the image's prediction at s, as DDIM's
+        assert torch.allclose(solved[~to_noise], ddim[~to_noise], rtol=0, atol=1e-12)
 
 
 def test_the_loss_is_the_truncated_snr_weighted_x0_error_of_the_students_output(tiny_config):
@@ -161,8 +197,10 @@ def test_one_round_brings_the_students_k_steps_closer_to_the_teachers_2k_steps(t
     from ddpm.sources import open_model
 
     out = tmp_path / "distilled"
+    # round 1 with DDIM's steps, the teacher's own images below (the default, DPM-Solver++(2S), aims past them)
     assert main(["distill", str(teacher_run), "--steps", "1", "--start-steps", "2", "--round-steps", "60",
-                 "--lr", "3e-3", "--out", str(out), *DISTILL]) == 0
+                 "--lr", "3e-3", "--teacher-solver", "ddim", "--out", str(out), *DISTILL]) == 0
+    assert json.loads((out / "distill.json").read_text())["teacher_solver"] == "ddim"
     student, schedule, _ = from_pretrained(out / "steps_1")
     teacher = open_model(teacher_run)
     assert teacher.guide is not None
@@ -212,6 +250,19 @@ def test_a_stop_mid_round_and_resume_give_the_uninterrupted_students_bits(teache
         a = load_file(str(tmp_path / "whole" / name / "model.safetensors"))
         b = load_file(str(tmp_path / "cut" / name / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_round_one_takes_its_teachers_steps_with_dpm_solver_2s_by_default(teacher_run, tmp_path, monkeypatch):
+    # bug caught: the recorded --teacher-solver not reaching round 1's objective (DDIM's targets instead), or the
+    # later rounds (students, exact under DDIM) taking 2S steps too
+    distill_module = importlib.import_module("ddpm.distill")  # `ddpm.distill` the attribute is the function
+    used = []
+    original = distill_module.dpmpp_2s_step
+    monkeypatch.setattr(distill_module, "dpmpp_2s_step", lambda *a, **k: used.append(1) or original(*a, **k))
+    distill_module.distill(teacher_run, out=tmp_path / "d", steps=1, start_steps=4, round_steps=[2, 3],
+                           batch_size=4, progress=False, eval_n=0)
+    assert len(used) == 2 * 2  # two teacher steps a sample batch, in round 1's 2 optimizer steps only
+    assert json.loads((tmp_path / "d" / "distill.json").read_text())["teacher_solver"] == "dpmpp2s"
 
 
 def count_calls(monkeypatch):

@@ -9,7 +9,11 @@ eq. 12 with eta = 0) from index s to index t
 a round draws z_s on the student's grid, takes two teacher steps s -> m -> t (m: the teacher's grid point between),
 and asks the student for the x0 whose one DDIM step s -> t lands on the same z_t (Algorithm 2):
     x~ = (z_t - (sigma_t / sigma_s) z_s) / (alpha_t - (sigma_t / sigma_s) alpha_s),
-where the step after the grid's last index goes to the image (alpha = 1, sigma = 0, so x~ = z_t). The loss is the
+where the step after the grid's last index goes to the image (alpha = 1, sigma = 0, so x~ = z_t). Round 1's teacher
+(the guided model) takes each of its two steps with DPM-Solver++(2S) instead of DDIM by default (`teacher_solver`):
+a second-order step through the log-SNR midpoint, two calls of the guided model instead of one, whose targets make
+every student after it closer to the digits (benchmarks/RESULTS.md, "Distillation"). Later rounds' teachers are
+students, which were trained to be exact under DDIM, so they keep DDIM. The loss is the
 x-space MSE weighted by the truncated SNR max(alpha_s^2 / sigma_s^2, 1) (the paper's choice, sec. 4). No clipping of
 the teacher's x0, no t off the student's grid, no EMA of the student: each costs quality (DESIGN.md's traps).
 
@@ -63,7 +67,9 @@ STEP_CHOICES = (1, 2, 4)
 # guidance's w from the plain conditional model (1) to past the seed's 3.
 WEIGHT_RANGES = {"guide_weight": (1.0, 4.0), "guidance": (1.0, 6.0)}
 MAX_START_STEPS = 256  # past this a distillation has more rounds than any measured plan, and T = 1000 runs out
-START_STEPS = 16  # the first teacher's DDIM grid (benchmarks/RESULTS.md, "Distillation")
+START_STEPS = 16  # the first teacher's grid (benchmarks/RESULTS.md, "Distillation")
+# how round 1's teacher takes each step of its grid: "dpmpp2s" (measured better, two calls a step) or "ddim" (one)
+TEACHER_SOLVERS = ("dpmpp2s", "ddim")
 ROUND_STEPS = 200  # optimizer steps a round (the same)
 
 Teacher = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
@@ -103,6 +109,42 @@ def ddim_step(z: torch.Tensor, eps: torch.Tensor, alpha_s, sigma_s, alpha_t, sig
     return alpha_t * x0 + sigma_t * eps
 
 
+def dpmpp_2s_step(eps_fn, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor,
+                  sigma: torch.Tensor) -> torch.Tensor:
+    """One DPM-Solver++(2S) step from index s to index t, per sample (Lu et al. 2022, "DPM-Solver++", Algorithm 1
+    with r chosen by the grid). With lambda = log(alpha / sigma), h = lambda_t - lambda_s and the data predictions
+    D(z, i) = (z - sigma_i eps(z, i)) / alpha_i:
+        u   = the index nearest the log-SNR midpoint lambda_s + h / 2, r = (lambda_u - lambda_s) / h,
+        z_u = alpha_u D_s + sigma_u eps_s                                        (a first-order step to u)
+        z_t = (sigma_t / sigma_s) z - alpha_t (exp(-h) - 1) ((1 - 1/(2r)) D_s + 1/(2r) D(z_u, u)).
+    A step to the image (t = -1: sigma = 0, h infinite) or between neighbouring indices is the first-order step
+    (DDIM's, eq. 12). `eps_fn(z, index)`: the teacher's prediction; `alpha`, `sigma`: alphas_sigmas' tables, index
+    -1 the image. Calls eps_fn twice."""
+    shape = (-1,) + (1,) * (z.ndim - 1)
+    lam = (alpha[:-1] / sigma[:-1]).log()  # decreasing with the index
+    final = t < 0
+    lam_s = lam[s]
+    lam_t = torch.where(final, lam_s, lam[t.clamp(min=0)])
+    u = (lam[None, :] - (0.5 * (lam_s + lam_t))[:, None]).abs().argmin(dim=1)
+    second = ~final & (u < s) & (u > t)
+    u = torch.where(second, u, s)  # samples without a midpoint evaluate at s again and keep the first order
+
+    def coeff(table, index):
+        return table[index].to(z.dtype).view(shape)
+
+    a_s, s_s, a_t, s_t = coeff(alpha, s), coeff(sigma, s), coeff(alpha, t), coeff(sigma, t)
+    eps_s = eps_fn(z, s).to(z.dtype)
+    d_s = (z - s_s * eps_s) / a_s
+    a_u, s_u = coeff(alpha, u), coeff(sigma, u)
+    eps_u = eps_fn(a_u * d_s + s_u * eps_s, u).to(z.dtype)
+    d_u = (a_u * d_s + s_u * eps_s - s_u * eps_u) / a_u
+    h = torch.where(second, lam_t - lam_s, torch.ones_like(lam_s))
+    half_over_r = torch.where(second, 0.5 * h / (lam[u] - lam_s), torch.zeros_like(lam_s)).to(z.dtype).view(shape)
+    d = (1 - half_over_r) * d_s + half_over_r * d_u
+    # alpha_t (1 - exp(-h)) = alpha_t - alpha_s sigma_t / sigma_s; at the image (sigma_t = 0) it is the image's D
+    return (s_t / s_s) * z + (a_t - a_s * s_t / s_s) * d
+
+
 def student_target(z_s: torch.Tensor, z_t: torch.Tensor, alpha_s, sigma_s, alpha_t, sigma_t) -> torch.Tensor:
     """The x0 whose one DDIM step from z_s lands on z_t (Salimans & Ho 2022, Algorithm 2)."""
     ratio = sigma_t / sigma_s
@@ -116,14 +158,18 @@ def truncated_snr_weight(alpha, sigma):
 
 class DistillationObjective:
     """The Trainer's loss for one round (training.DenoisingObjective's interface): a student of `steps` steps
-    learns two steps of `teacher` (eps of (z, t, labels, weight)) on the nested grid, each sample at a weight drawn
-    uniformly from `weight_range` (None: a student without a weight input)."""
+    learns two steps of `teacher` (eps of (z, t, labels, weight)) on the nested grid, each taken with `solver`
+    ("ddim" or "dpmpp2s"), each sample at a weight drawn uniformly from `weight_range` (None: a student without a
+    weight input)."""
 
     draw_names = ("position", "noise", "weight")
 
     def __init__(self, teacher: Teacher, schedule: NoiseSchedule, steps: int,
-                 weight_range: tuple[float, float] | None):
+                 weight_range: tuple[float, float] | None, solver: str = "ddim"):
+        if solver not in TEACHER_SOLVERS:
+            raise ConfigError(f"--teacher-solver {solver}: choose one of {', '.join(TEACHER_SOLVERS)}")
         self.teacher, self.schedule, self.steps, self.weight_range = teacher, schedule, steps, weight_range
+        self.solver = solver
         self.grid = nested_grid(len(schedule), steps)
         alpha, sigma = alphas_sigmas(schedule)
         device = schedule.betas.device
@@ -151,8 +197,15 @@ class DistillationObjective:
         a_t, s_t = self._coefficients(end, x0.ndim)
         z_s = a_s * x0 + s_s * draws["noise"].to(x0.dtype)
         with torch.no_grad():
-            z_m = ddim_step(z_s, self.teacher(z_s, start, labels, weight).float(), a_s, s_s, a_m, s_m)
-            z_t = ddim_step(z_m, self.teacher(z_m, middle, labels, weight).float(), a_m, s_m, a_t, s_t)
+            if self.solver == "dpmpp2s":
+                def eps(z, index):
+                    return self.teacher(z, index, labels, weight).float()
+
+                z_m = dpmpp_2s_step(eps, z_s, start, middle, self.alpha, self.sigma)
+                z_t = dpmpp_2s_step(eps, z_m, middle, end, self.alpha, self.sigma)
+            else:
+                z_m = ddim_step(z_s, self.teacher(z_s, start, labels, weight).float(), a_s, s_s, a_m, s_m)
+                z_t = ddim_step(z_m, self.teacher(z_m, middle, labels, weight).float(), a_m, s_m, a_t, s_t)
             target = student_target(z_s, z_t, a_s, s_s, a_t, s_t)
         output = net(z_s, start, labels, weight=weight) if weight is not None else net(z_s, start, labels)
         x0_student = predicted_x0(self.schedule.prediction, z_s, output.float(), a_s, s_s)
@@ -234,6 +287,7 @@ class DistillSettings:
     start_steps: int = START_STEPS
     steps: int = 2
     round_steps: int | list[int] = ROUND_STEPS  # for every round, or one number per round
+    teacher_solver: str = TEACHER_SOLVERS[0]  # how round 1's teacher steps (later rounds: DDIM)
 
     def __post_init__(self) -> None:
         if isinstance(self.round_steps, (list, tuple)):
@@ -241,6 +295,8 @@ class DistillSettings:
         if self.weight_range is not None:
             self.weight_range = tuple(float(v) for v in self.weight_range)
         check_rounds(self.steps, self.start_steps, self.round_steps)
+        if self.teacher_solver not in TEACHER_SOLVERS:
+            raise ConfigError(f"--teacher-solver {self.teacher_solver}: choose one of {', '.join(TEACHER_SOLVERS)}")
         if self.weight_range is not None:
             lo, hi = self.weight_range
             if not 0 <= lo <= hi <= 100:
@@ -312,7 +368,7 @@ def _run_config(run: Path) -> RunConfig:
 
 
 def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
-            round_steps: int | list[int] = ROUND_STEPS,
+            round_steps: int | list[int] = ROUND_STEPS, teacher_solver: str = TEACHER_SOLVERS[0],
             weight_range: tuple[float, float] | None = None, batch_size: int | None = None, lr: float = 3e-4,
             data: str | None = None, out: Path | str | None = None, device: str | None = None, seed: int = 0,
             resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
@@ -330,6 +386,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     if data is not None and not data.strip():
         raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
     check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
+    if teacher_solver not in TEACHER_SOLVERS:
+        raise ConfigError(f"--teacher-solver {teacher_solver}: choose one of {', '.join(TEACHER_SOLVERS)}")
     if eval_n is not None and eval_n != 0 and not 2 <= eval_n <= 100_000:
         raise ConfigError(f"--eval-n {eval_n} must be 0 (no evaluation) or from 2 to 100,000 images")
     if checkpoint_every is not None and checkpoint_every < 1:
@@ -341,7 +399,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
         opened, {"guidance": guidance, "guide_weight": guide_weight}, weight_range, start_steps)
     if source_flags.get("raw_weights"):  # --no-ema: the same folder's raw weights are another teacher
         record["raw_weights"] = True
-    settings = DistillSettings(record, weight, weights, default_weight, start_steps, steps, round_steps)
+    settings = DistillSettings(record, weight, weights, default_weight, start_steps, steps, round_steps,
+                               teacher_solver)
     folder = Path(out) if out is not None else ckpt.RunFolder(run_folder(run)).distilled
     state = _existing(folder, settings, resume, if_exists)
     config = student_run_config(opened, run, folder, settings, data=data, batch_size=batch_size, lr=lr, seed=seed,
@@ -396,7 +455,8 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
             written.append(student_dir(folder, steps))
             continue
         teacher = _round_teacher(number, settings, opened, folder, trainer.device)
-        trainer.objective = DistillationObjective(teacher, trainer.schedule, steps, settings.weight_range)
+        solver = settings.teacher_solver if number == 0 else "ddim"  # a student is exact under DDIM
+        trainer.objective = DistillationObjective(teacher, trainer.schedule, steps, settings.weight_range, solver)
         stopped = fit(trainer, end, monitor, stop)
         if stopped:
             return written, stopped
@@ -424,6 +484,8 @@ def _existing(folder: Path, settings: DistillSettings, resume: bool, if_exists: 
         saved = json.loads((folder / SETTINGS).read_text())
     except (OSError, ValueError):
         saved = None
+    if saved is not None:
+        saved.setdefault("teacher_solver", "ddim")  # written before round 1 had a choice: DDIM
     if saved != json.loads(json.dumps(dataclasses.asdict(settings))):  # compared as written (tuples are lists)
         what = "another teacher or other settings" if saved is not None else f"no {SETTINGS}"
         raise ConfigError(f"{folder} holds a distillation of {what}; give another --out (or the same flags as "

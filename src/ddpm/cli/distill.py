@@ -10,7 +10,7 @@ from . import common
 
 
 def add_distill_parser(sub) -> None:
-    from ..distill import ROUND_STEPS, START_STEPS, WEIGHT_RANGES
+    from ..distill import ROUND_STEPS, START_STEPS, TEACHER_SOLVERS, WEIGHT_RANGES
 
     d = sub.add_parser("distill", formatter_class=common.HelpFormatter,
                        help="distil a run into a student that draws in 1, 2 or 4 calls (progressive distillation)",
@@ -23,9 +23,11 @@ def add_distill_parser(sub) -> None:
     a("model", type=common.folder_path,
       help="the teacher: a run folder (drawn as ddpm sample draws it) or its model folder")
     a("--steps", type=int, default=2, help="the last student's calls per image: 1, 2 or 4")
-    a("--start-steps", type=int, default=START_STEPS, help="the first teacher's DDIM steps; each round halves them")
+    a("--start-steps", type=int, default=START_STEPS, help="the first teacher's steps; each round halves them")
     a("--round-steps", type=_round_steps, default=ROUND_STEPS, metavar="N[,N...]", help="optimizer steps per round: "
       "one number for every round, or one per round (e.g. 100,200,400 for 16 -> 2 steps)")
+    a("--teacher-solver", choices=TEACHER_SOLVERS, default=TEACHER_SOLVERS[0], help="how round 1's teacher takes "
+      "each step of its grid: DPM-Solver++(2S), two calls a step and closer targets (measured), or DDIM, one call")
     a("--weight-range", type=float, nargs=2, metavar=("LO", "HI"), help="the guidance weights the student learns "
       f"(default: g {WEIGHT_RANGES['guide_weight'][0]:g}-{WEIGHT_RANGES['guide_weight'][1]:g} with a guide, w "
       f"{WEIGHT_RANGES['guidance'][0]:g}-{WEIGHT_RANGES['guidance'][1]:g} without)")
@@ -69,7 +71,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     stop = StopRequest()
     with stop_on_signals(stop):
         result = distill(Path(args.model), steps=args.steps, start_steps=args.start_steps,
-                         round_steps=args.round_steps, weight_range=args.weight_range, batch_size=args.batch_size,
+                         round_steps=args.round_steps, teacher_solver=args.teacher_solver,
+                         weight_range=args.weight_range, batch_size=args.batch_size,
                          lr=args.lr, data=args.data, out=args.out, device=args.device, seed=args.seed,
                          resume=args.resume, if_exists=args.resume_if_exists, progress=not args.quiet, stop=stop,
                          time_limit=args.time_limit, checkpoint_every=args.checkpoint_every, warn=common.warn_one_line,
