@@ -14,6 +14,7 @@ from ddpm.distill import (
     DistillationObjective,
     alphas_sigmas,
     ddim_step,
+    dpmpp_2s_span,
     dpmpp_2s_step,
     nested_grid,
     student_from,
@@ -118,6 +119,59 @@ def test_round_ones_dpm_solver_2s_steps_follow_the_exact_ode_of_gaussian_data():
         assert (error_2s < error_ddim / 5).all(), (error_2s, error_ddim)
         # the step to the image is the image's prediction at s, as DDIM's
         assert torch.allclose(solved[~to_noise], ddim[~to_noise], rtol=0, atol=1e-12)
+
+
+def test_the_span_solver_makes_ddims_two_calls_and_lands_nearer_the_exact_ode_of_gaussian_data():
+    # bugs caught: a wrong 2S mix (r from the wrong points, the 1/(2r) factor), the second call not at DDIM's z_m
+    # (then it is no longer DDIM's cost and calls), the step to the image not DDIM's two steps. The same closed form
+    # as above: for N(0, c^2) data the ODE keeps z / sqrt(alpha^2 c^2 + sigma^2) fixed.
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    alpha, sigma = alphas_sigmas(schedule)
+    variance = alpha**2 * 0.5**2 + sigma**2
+    calls = []
+
+    def eps(z, index):
+        calls.append((index.clone(), z.clone()))
+        return sigma[index].view(-1, 1) * z / variance[index].view(-1, 1)
+
+    grid = nested_grid(1000, 8)  # round 1: the student's step start -> end, the teacher's grid point between
+    s, m, t = torch.tensor(grid.start), torch.tensor(grid.middle), torch.tensor(grid.end)
+    z = torch.randn(len(s), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    spanned = dpmpp_2s_span(eps, z, s, m, t, alpha, sigma)
+    (first_index, first_z), (second_index, second_z) = calls
+    calls.clear()
+
+    def coefficients(index):
+        return alpha[index].view(-1, 1), sigma[index].view(-1, 1)
+
+    z_m = ddim_step(z, eps(z, s), *coefficients(s), *coefficients(m))
+    ddim = ddim_step(z_m, eps(z_m, m), *coefficients(m), *coefficients(t))
+    assert torch.equal(first_index, s) and torch.equal(first_z, z)
+    assert torch.equal(second_index, m) and torch.allclose(second_z, z_m, rtol=0, atol=1e-12)
+    to_noise = t >= 0
+    exact = z[to_noise] * (variance[t[to_noise]] / variance[s[to_noise]]).sqrt().view(-1, 1)
+    error_span = (spanned[to_noise] - exact).abs().max(dim=1).values
+    error_ddim = (ddim[to_noise] - exact).abs().max(dim=1).values
+    assert (error_span < error_ddim / 1.5).all(), (error_span, error_ddim)
+    assert torch.allclose(spanned[~to_noise], ddim[~to_noise], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver, expected", [("dpmpp2s", ["step", "step"]), ("dpmpp2s-span", ["span"]),
+                                              ("ddim", [])])
+def test_each_teacher_solver_makes_the_objectives_target(solver, expected, monkeypatch):
+    # bug caught: a --teacher-solver choice that the objective ignores (DDIM's target under another name)
+    distill_module = importlib.import_module("ddpm.distill")
+    used = []
+    for name, function in (("step", distill_module.dpmpp_2s_step), ("span", distill_module.dpmpp_2s_span)):
+        monkeypatch.setattr(distill_module, f"dpmpp_2s_{name}",
+                            lambda *a, _name=name, _function=function, **k: used.append(_name) or _function(*a, **k))
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    teacher = lambda z, t, y, w: 0.1 * z  # noqa: E731
+    objective = DistillationObjective(teacher, schedule, steps=8, weight_range=(1.0, 4.0), solver=solver)
+    x0 = torch.zeros(4, 1, 4, 4)
+    draws = objective.draw(tuple(x0.shape), torch.Generator().manual_seed(0), torch.device("cpu"))
+    objective.losses(lambda z, t, y, weight=None: torch.zeros_like(z), x0, None, draws)
+    assert used == expected
 
 
 def test_the_loss_is_the_truncated_snr_weighted_x0_error_of_the_students_output(tiny_config):

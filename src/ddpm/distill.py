@@ -12,8 +12,10 @@ and asks the student for the x0 whose one DDIM step s -> t lands on the same z_t
 where the step after the grid's last index goes to the image (alpha = 1, sigma = 0, so x~ = z_t). Round 1's teacher
 (the guided model) takes each of its two steps with DPM-Solver++(2S) instead of DDIM by default (`teacher_solver`):
 a second-order step through the log-SNR midpoint, two calls of the guided model instead of one, whose targets make
-every student after it closer to the digits (benchmarks/RESULTS.md, "Distillation"). Later rounds' teachers are
-students, which were trained to be exact under DDIM, so they keep DDIM. The loss is the
+every student after it closer to the digits (benchmarks/RESULTS.md, "Distillation"). "dpmpp2s-span" is the cheap
+middle: one 2S step across the student's step through the teacher's grid point, the very calls of DDIM's two steps
+combined to second order. Later rounds' teachers are students, which were trained to be exact under DDIM, so they
+keep DDIM. The loss is the
 x-space MSE weighted by the truncated SNR max(alpha_s^2 / sigma_s^2, 1) (the paper's choice, sec. 4). No clipping of
 the teacher's x0, no t off the student's grid, no EMA of the student: each costs quality (DESIGN.md's traps).
 
@@ -68,8 +70,9 @@ STEP_CHOICES = (1, 2, 4)
 WEIGHT_RANGES = {"guide_weight": (1.0, 4.0), "guidance": (1.0, 6.0)}
 MAX_START_STEPS = 256  # past this a distillation has more rounds than any measured plan, and T = 1000 runs out
 START_STEPS = 16  # the first teacher's grid (benchmarks/RESULTS.md, "Distillation")
-# how round 1's teacher takes each step of its grid: "dpmpp2s" (measured better, two calls a step) or "ddim" (one)
-TEACHER_SOLVERS = ("dpmpp2s", "ddim")
+# how round 1's teacher makes the student's target: "dpmpp2s" (each of its two steps by DPM-Solver++(2S): four calls),
+# "dpmpp2s-span" (one 2S step across both through the teacher's grid point: DDIM's two calls) or "ddim" (two steps)
+TEACHER_SOLVERS = ("dpmpp2s", "dpmpp2s-span", "ddim")
 ROUND_STEPS = 200  # optimizer steps a round (the same)
 
 Teacher = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
@@ -145,6 +148,34 @@ def dpmpp_2s_step(eps_fn, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor, alp
     return (s_t / s_s) * z + (a_t - a_s * s_t / s_s) * d
 
 
+def dpmpp_2s_span(eps_fn, z: torch.Tensor, s: torch.Tensor, m: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor,
+                  sigma: torch.Tensor) -> torch.Tensor:
+    """One DPM-Solver++(2S) step from index s to index t whose intermediate point is the grid point m between them
+    (Lu et al. 2022, Algorithm 1 with r = (lambda_m - lambda_s) / h). Its two calls are DDIM's two steps' calls: eps
+    at z_s, then at the first-order (DDIM) step's z_m; only their combination differs, second order instead of
+    first:
+        z_t = (sigma_t / sigma_s) z - alpha_t (exp(-h) - 1) ((1 - 1/(2r)) D_s + 1/(2r) D_m).
+    A step to the image (t = -1, h infinite) is DDIM's two steps, whose end is D_m, the image predicted at m."""
+    shape = (-1,) + (1,) * (z.ndim - 1)
+    lam = (alpha[:-1] / sigma[:-1]).log()
+    final = t < 0
+
+    def coeff(table, index):
+        return table[index].to(z.dtype).view(shape)
+
+    a_s, s_s, a_m, s_m, a_t, s_t = (coeff(alpha, s), coeff(sigma, s), coeff(alpha, m), coeff(sigma, m),
+                                    coeff(alpha, t), coeff(sigma, t))
+    eps_s = eps_fn(z, s).to(z.dtype)
+    d_s = (z - s_s * eps_s) / a_s
+    z_m = a_m * d_s + s_m * eps_s
+    d_m = (z_m - s_m * eps_fn(z_m, m).to(z.dtype)) / a_m
+    lam_s, lam_m = lam[s], lam[m]
+    h = torch.where(final, torch.ones_like(lam_s), lam[t.clamp(min=0)] - lam_s)
+    half_over_r = torch.where(final, torch.ones_like(lam_s), 0.5 * h / (lam_m - lam_s)).to(z.dtype).view(shape)
+    d = (1 - half_over_r) * d_s + half_over_r * d_m
+    return (s_t / s_s) * z + (a_t - a_s * s_t / s_s) * d
+
+
 def student_target(z_s: torch.Tensor, z_t: torch.Tensor, alpha_s, sigma_s, alpha_t, sigma_t) -> torch.Tensor:
     """The x0 whose one DDIM step from z_s lands on z_t (Salimans & Ho 2022, Algorithm 2)."""
     ratio = sigma_t / sigma_s
@@ -158,8 +189,8 @@ def truncated_snr_weight(alpha, sigma):
 
 class DistillationObjective:
     """The Trainer's loss for one round (training.DenoisingObjective's interface): a student of `steps` steps
-    learns two steps of `teacher` (eps of (z, t, labels, weight)) on the nested grid, each taken with `solver`
-    ("ddim" or "dpmpp2s"), each sample at a weight drawn uniformly from `weight_range` (None: a student without a
+    learns two steps of `teacher` (eps of (z, t, labels, weight)) on the nested grid, taken with `solver` (one of
+    TEACHER_SOLVERS), each sample at a weight drawn uniformly from `weight_range` (None: a student without a
     weight input)."""
 
     draw_names = ("position", "noise", "weight")
@@ -203,6 +234,9 @@ class DistillationObjective:
 
                 z_m = dpmpp_2s_step(eps, z_s, start, middle, self.alpha, self.sigma)
                 z_t = dpmpp_2s_step(eps, z_m, middle, end, self.alpha, self.sigma)
+            elif self.solver == "dpmpp2s-span":
+                z_t = dpmpp_2s_span(lambda z, index: self.teacher(z, index, labels, weight).float(), z_s, start,
+                                    middle, end, self.alpha, self.sigma)
             else:
                 z_m = ddim_step(z_s, self.teacher(z_s, start, labels, weight).float(), a_s, s_s, a_m, s_m)
                 z_t = ddim_step(z_m, self.teacher(z_m, middle, labels, weight).float(), a_m, s_m, a_t, s_t)

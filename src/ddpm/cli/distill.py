@@ -26,8 +26,9 @@ def add_distill_parser(sub) -> None:
     a("--start-steps", type=int, default=START_STEPS, help="the first teacher's steps; each round halves them")
     a("--round-steps", type=_round_steps, default=ROUND_STEPS, metavar="N[,N...]", help="optimizer steps per round: "
       "one number for every round, or one per round (e.g. 100,200,400 for 16 -> 2 steps)")
-    a("--teacher-solver", choices=TEACHER_SOLVERS, default=TEACHER_SOLVERS[0], help="how round 1's teacher takes "
-      "each step of its grid: DPM-Solver++(2S), two calls a step and closer targets (measured), or DDIM, one call")
+    a("--teacher-solver", choices=TEACHER_SOLVERS, default=TEACHER_SOLVERS[0], help="how round 1's teacher makes "
+      "the target: each of its two steps by DPM-Solver++(2S) (4 calls, the nearest targets, measured), one 2S step "
+      "across both (DDIM's 2 calls, faster), or two DDIM steps")
     a("--weight-range", type=float, nargs=2, metavar=("LO", "HI"), help="the guidance weights the student learns "
       f"(default: g {WEIGHT_RANGES['guide_weight'][0]:g}-{WEIGHT_RANGES['guide_weight'][1]:g} with a guide, w "
       f"{WEIGHT_RANGES['guidance'][0]:g}-{WEIGHT_RANGES['guidance'][1]:g} without)")
