@@ -87,59 +87,60 @@ def test_one_student_step_equals_two_teacher_ddim_steps_in_float64():
             assert torch.allclose(one_step, z_t, rtol=0, atol=1e-9), (steps, s, t)
 
 
-def test_round_ones_dpm_solver_2s_steps_follow_the_exact_ode_of_gaussian_data():
-    # bugs caught: a wrong DPM-Solver++(2S) coefficient (r, the 1/(2r) mix, the exp(-h) factor), a midpoint outside
-    # the step, the step to the image not being the image's prediction. For data N(0, c^2) the ideal teacher is known
-    # in closed form, eps(z, i) = sigma_i z / v_i with v = alpha^2 c^2 + sigma^2, and its probability-flow ODE keeps
-    # z / sqrt(v) fixed: z_t = z_s sqrt(v_t / v_s). A second-order step lands far nearer that than DDIM's first order.
-    schedule = NoiseSchedule.from_config(DiffusionConfig())
-    alpha, sigma = alphas_sigmas(schedule)
-    c = 0.5
-    variance = alpha**2 * c**2 + sigma**2
-    calls = []
+GAUSSIAN_STD = 0.5  # the data of the closed-form tests below: N(0, c^2)
+
+
+def gaussian_teacher(calls: list):
+    """The ideal teacher of N(0, c^2) data, eps(z, i) = sigma_i z / v_i with v = alpha^2 c^2 + sigma^2, logging its
+    calls; its probability-flow ODE keeps z / sqrt(v) fixed: z_t = z_s sqrt(v_t / v_s)."""
+    alpha, sigma = alphas_sigmas(NoiseSchedule.from_config(DiffusionConfig()))
+    variance = alpha**2 * GAUSSIAN_STD**2 + sigma**2
 
     def eps(z, index):
-        calls.append(index)
+        calls.append((index.clone(), z.clone()))
         return sigma[index].view(-1, 1) * z / variance[index].view(-1, 1)
 
+    return eps, alpha, sigma, variance
+
+
+def errors_from_the_exact_ode(z, s, t, variance, *landed):
+    """Each landing's largest error against the exact z_t, over the samples whose step ends in noise (t >= 0)."""
+    to_noise = t >= 0
+    exact = z[to_noise] * (variance[t[to_noise]] / variance[s[to_noise]]).sqrt().view(-1, 1)
+    return [(x[to_noise] - exact).abs().max(dim=1).values for x in landed]
+
+
+def test_round_ones_dpm_solver_2s_steps_follow_the_exact_ode_of_gaussian_data():
+    # bugs caught: a wrong DPM-Solver++(2S) coefficient (r, the 1/(2r) mix, the exp(-h) factor), a midpoint outside
+    # the step, the step to the image not being the image's prediction. The ideal teacher of Gaussian data is known
+    # in closed form (gaussian_teacher); a second-order step lands far nearer its ODE than DDIM's first order.
+    calls = []
+    eps, alpha, sigma, variance = gaussian_teacher(calls)
     grid = nested_grid(1000, 8)  # round 1's teacher steps: start -> middle -> end on the 16-step grid
     for first, second in ((grid.start, grid.middle), (grid.middle, grid.end)):
         s, t = torch.tensor(first), torch.tensor(second)
         z = torch.randn(len(s), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         solved = dpmpp_2s_step(eps, z, s, t, alpha, sigma)
         assert len(calls) == 2
-        calls.clear()
         ddim = ddim_step(z, eps(z, s), alpha[s].view(-1, 1), sigma[s].view(-1, 1), alpha[t].view(-1, 1),
                          sigma[t].view(-1, 1))
         calls.clear()
-        to_noise = t >= 0
-        exact = z[to_noise] * (variance[t[to_noise]] / variance[s[to_noise]]).sqrt().view(-1, 1)
-        error_2s = (solved[to_noise] - exact).abs().max(dim=1).values
-        error_ddim = (ddim[to_noise] - exact).abs().max(dim=1).values
+        error_2s, error_ddim = errors_from_the_exact_ode(z, s, t, variance, solved, ddim)
         assert (error_2s < error_ddim / 5).all(), (error_2s, error_ddim)
         # the step to the image is the image's prediction at s, as DDIM's
-        assert torch.allclose(solved[~to_noise], ddim[~to_noise], rtol=0, atol=1e-12)
+        assert torch.allclose(solved[t < 0], ddim[t < 0], rtol=0, atol=1e-12)
 
 
 def test_the_span_solver_makes_ddims_two_calls_and_lands_nearer_the_exact_ode_of_gaussian_data():
     # bugs caught: a wrong 2S mix (r from the wrong points, the 1/(2r) factor), the second call not at DDIM's z_m
-    # (then it is no longer DDIM's cost and calls), the step to the image not DDIM's two steps. The same closed form
-    # as above: for N(0, c^2) data the ODE keeps z / sqrt(alpha^2 c^2 + sigma^2) fixed.
-    schedule = NoiseSchedule.from_config(DiffusionConfig())
-    alpha, sigma = alphas_sigmas(schedule)
-    variance = alpha**2 * 0.5**2 + sigma**2
+    # (then it is no longer DDIM's cost and calls), the step to the image not DDIM's two steps
     calls = []
-
-    def eps(z, index):
-        calls.append((index.clone(), z.clone()))
-        return sigma[index].view(-1, 1) * z / variance[index].view(-1, 1)
-
+    eps, alpha, sigma, variance = gaussian_teacher(calls)
     grid = nested_grid(1000, 8)  # round 1: the student's step start -> end, the teacher's grid point between
     s, m, t = torch.tensor(grid.start), torch.tensor(grid.middle), torch.tensor(grid.end)
     z = torch.randn(len(s), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     spanned = dpmpp_2s_span(eps, z, s, m, t, alpha, sigma)
     (first_index, first_z), (second_index, second_z) = calls
-    calls.clear()
 
     def coefficients(index):
         return alpha[index].view(-1, 1), sigma[index].view(-1, 1)
@@ -148,12 +149,9 @@ def test_the_span_solver_makes_ddims_two_calls_and_lands_nearer_the_exact_ode_of
     ddim = ddim_step(z_m, eps(z_m, m), *coefficients(m), *coefficients(t))
     assert torch.equal(first_index, s) and torch.equal(first_z, z)
     assert torch.equal(second_index, m) and torch.allclose(second_z, z_m, rtol=0, atol=1e-12)
-    to_noise = t >= 0
-    exact = z[to_noise] * (variance[t[to_noise]] / variance[s[to_noise]]).sqrt().view(-1, 1)
-    error_span = (spanned[to_noise] - exact).abs().max(dim=1).values
-    error_ddim = (ddim[to_noise] - exact).abs().max(dim=1).values
+    error_span, error_ddim = errors_from_the_exact_ode(z, s, t, variance, spanned, ddim)
     assert (error_span < error_ddim / 1.5).all(), (error_span, error_ddim)
-    assert torch.allclose(spanned[~to_noise], ddim[~to_noise], rtol=0, atol=1e-12)
+    assert torch.allclose(spanned[t < 0], ddim[t < 0], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("solver, expected", [("dpmpp2s", ["step", "step"]), ("dpmpp2s-span", ["span"]),
