@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from ddpm.config import DiffusionConfig
-from ddpm.distill import (
+from ddpm.distill import distill, student_from
+from ddpm.distill_target import (
     DistillationObjective,
     alphas_sigmas,
     ddim_step,
     dpmpp_2s_span,
     dpmpp_2s_step,
     nested_grid,
-    student_from,
     student_target,
     truncated_snr_weight,
 )
@@ -158,10 +158,10 @@ def test_the_span_solver_makes_ddims_two_calls_and_lands_nearer_the_exact_ode_of
                                               ("ddim", [])])
 def test_each_teacher_solver_makes_the_objectives_target(solver, expected, monkeypatch):
     # bug caught: a --teacher-solver choice that the objective ignores (DDIM's target under another name)
-    distill_module = importlib.import_module("ddpm.distill")
+    target_module = importlib.import_module("ddpm.distill_target")
     used = []
-    for name, function in (("step", distill_module.dpmpp_2s_step), ("span", distill_module.dpmpp_2s_span)):
-        monkeypatch.setattr(distill_module, f"dpmpp_2s_{name}",
+    for name, function in (("step", target_module.dpmpp_2s_step), ("span", target_module.dpmpp_2s_span)):
+        monkeypatch.setattr(target_module, f"dpmpp_2s_{name}",
                             lambda *a, _name=name, _function=function, **k: used.append(_name) or _function(*a, **k))
     schedule = NoiseSchedule.from_config(DiffusionConfig())
     teacher = lambda z, t, y, w: 0.1 * z  # noqa: E731
@@ -284,7 +284,6 @@ def test_a_stop_mid_round_and_resume_give_the_uninterrupted_students_bits(teache
     # lengths (--round-steps 3,2) ended at another step
     from safetensors.torch import load_file
 
-    from ddpm.distill import distill
 
     options = dict(steps=1, start_steps=4, round_steps=[3, 2], batch_size=8, progress=False)
     whole = distill(teacher_run, out=tmp_path / "whole", **options)
@@ -307,12 +306,12 @@ def test_a_stop_mid_round_and_resume_give_the_uninterrupted_students_bits(teache
 def test_round_one_takes_its_teachers_steps_with_dpm_solver_2s_by_default(teacher_run, tmp_path, monkeypatch):
     # bug caught: the recorded --teacher-solver not reaching round 1's objective (DDIM's targets instead), or the
     # later rounds (students, exact under DDIM) taking 2S steps too
-    distill_module = importlib.import_module("ddpm.distill")  # `ddpm.distill` the attribute is the function
+    target_module = importlib.import_module("ddpm.distill_target")
     used = []
-    original = distill_module.dpmpp_2s_step
-    monkeypatch.setattr(distill_module, "dpmpp_2s_step", lambda *a, **k: used.append(1) or original(*a, **k))
-    distill_module.distill(teacher_run, out=tmp_path / "d", steps=1, start_steps=4, round_steps=[2, 3],
-                           batch_size=4, progress=False, eval_n=0)
+    original = target_module.dpmpp_2s_step
+    monkeypatch.setattr(target_module, "dpmpp_2s_step", lambda *a, **k: used.append(1) or original(*a, **k))
+    distill(teacher_run, out=tmp_path / "d", steps=1, start_steps=4, round_steps=[2, 3], batch_size=4,
+            progress=False, eval_n=0)
     assert len(used) == 2 * 2  # two teacher steps a sample batch, in round 1's 2 optimizer steps only
     assert json.loads((tmp_path / "d" / "distill.json").read_text())["teacher_solver"] == "dpmpp2s"
 

@@ -1,26 +1,8 @@
-"""Guided progressive distillation: a student that samples in K calls what its guided teacher samples in 2K DDIM
-steps (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models", Algorithm 2), with the
+"""Guided progressive distillation: a student that samples in K calls what its guided teacher samples in 2K steps
+(Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models", Algorithm 2), with the
 guidance weight as an input of the student (Meng et al. 2023, "On Distillation of Guided Diffusion Models"), so one
-student draws at any weight of its range with one call a step and no guide.
-
-With alpha = sqrt(abar) and sigma = sqrt(1 - abar), z = alpha x + sigma eps, and DDIM's step (Song et al. 2021,
-eq. 12 with eta = 0) from index s to index t
-    z_t = alpha_t x0(z_s) + sigma_t eps(z_s),     x0(z_s) = (z_s - sigma_s eps(z_s)) / alpha_s,
-a round draws z_s on the student's grid, takes two teacher steps s -> m -> t (m: the teacher's grid point between),
-and asks the student for the x0 whose one DDIM step s -> t lands on the same z_t (Algorithm 2):
-    x~ = (z_t - (sigma_t / sigma_s) z_s) / (alpha_t - (sigma_t / sigma_s) alpha_s),
-where the step after the grid's last index goes to the image (alpha = 1, sigma = 0, so x~ = z_t). Round 1's teacher
-(the guided model) takes each of its two steps with DPM-Solver++(2S) instead of DDIM by default (`teacher_solver`):
-a second-order step through the log-SNR midpoint, two calls of the guided model instead of one, whose targets make
-every student after it closer to the digits (benchmarks/RESULTS.md, "Distillation"). "dpmpp2s-span" is the cheap
-middle: one 2S step across the student's step through the teacher's grid point, the very calls of DDIM's two steps
-combined to second order. Later rounds' teachers are students, which were trained to be exact under DDIM, so they
-keep DDIM. The loss is the
-x-space MSE weighted by the truncated SNR max(alpha_s^2 / sigma_s^2, 1) (the paper's choice, sec. 4). No clipping of
-the teacher's x0, no t off the student's grid, no EMA of the student: each costs quality (DESIGN.md's traps).
-
-Grids are diffusers' "trailing" spacing, round(T k / K) - 1 for k = K..1 (samplers.trailing_timesteps): T-1 first,
-and the grid of 2K steps holds the grid of K steps at its even points, for any T.
+student draws at any weight of its range with one call a step and no guide. This module runs the rounds through the
+Trainer and writes the students; one round's grids, target and loss are distill_target.py's.
 """
 from __future__ import annotations
 
@@ -32,10 +14,8 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .config import (
@@ -48,6 +28,7 @@ from .config import (
     from_dict,
     sampling_defaults,
 )
+from .distill_target import TEACHER_SOLVERS, DistillationObjective, Teacher
 from .distributed import StopRequest, distributed_context, setup_device
 from .errors import DdpmError
 from .files import atomic_write_bytes, atomic_write_json, make_grid, png_bytes
@@ -55,7 +36,6 @@ from .guidance import make_denoiser
 from .periodic_eval import PeriodicEvaluation
 from .pipeline import balanced_labels, sample_all
 from .run_setup import load_latest_state, prepare
-from .samplers import trailing_timesteps
 from .schedule import NoiseSchedule
 from .sources import open_model, run_folder
 from .students import Student
@@ -70,189 +50,7 @@ STEP_CHOICES = (1, 2, 4)
 WEIGHT_RANGES = {"guide_weight": (1.0, 4.0), "guidance": (1.0, 6.0)}
 MAX_START_STEPS = 256  # past this a distillation has more rounds than any measured plan, and T = 1000 runs out
 START_STEPS = 16  # the first teacher's grid (benchmarks/RESULTS.md, "Distillation")
-# how round 1's teacher makes the student's target: "dpmpp2s" (each of its two steps by DPM-Solver++(2S): four calls),
-# "dpmpp2s-span" (one 2S step across both through the teacher's grid point: DDIM's two calls) or "ddim" (two steps)
-TEACHER_SOLVERS = ("dpmpp2s", "dpmpp2s-span", "ddim")
 ROUND_STEPS = 200  # optimizer steps a round (the same)
-
-Teacher = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
-
-
-# -- the grids and the maths ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Grid:
-    """A K-step student's grid: for position j the index it starts at, the teacher's index between, and the index it
-    ends at (-1: the image)."""
-
-    start: list[int]
-    middle: list[int]
-    end: list[int]
-
-
-def nested_grid(timesteps: int, steps: int) -> Grid:
-    """The student's `steps`-step grid inside its teacher's 2 * `steps`-step grid."""
-    teacher = trailing_timesteps(timesteps, 2 * steps) + [-1]
-    student = trailing_timesteps(timesteps, steps) + [-1]
-    if teacher[::2] != student:  # exact rational arithmetic makes this hold for every T; a guard, not a branch
-        raise DdpmError(f"the {steps}-step grid is not inside the {2 * steps}-step grid")
-    return Grid(student[:-1], teacher[1::2], student[1:])
-
-
-def alphas_sigmas(schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha = sqrt(abar), sigma = sqrt(1 - abar) in float64 from the betas, with index -1 (the image) appended as
-    alpha = 1, sigma = 0, so that `table[index]` serves every step."""
-    abar = torch.cumprod(1.0 - schedule.betas_host, dim=0)
-    abar = torch.cat([abar, abar.new_ones(1)])
-    return abar.sqrt(), (1.0 - abar).clamp(min=0).sqrt()
-
-
-def ddim_step(z: torch.Tensor, eps: torch.Tensor, alpha_s, sigma_s, alpha_t, sigma_t) -> torch.Tensor:
-    """DDIM (eq. 12, eta = 0) from z at (alpha_s, sigma_s) to (alpha_t, sigma_t), given the prediction eps."""
-    x0 = (z - sigma_s * eps) / alpha_s
-    return alpha_t * x0 + sigma_t * eps
-
-
-def dpmpp_2s_step(eps_fn, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor,
-                  sigma: torch.Tensor) -> torch.Tensor:
-    """One DPM-Solver++(2S) step from index s to index t, per sample (Lu et al. 2022, "DPM-Solver++", Algorithm 1
-    with r chosen by the grid). With lambda = log(alpha / sigma), h = lambda_t - lambda_s and the data predictions
-    D(z, i) = (z - sigma_i eps(z, i)) / alpha_i:
-        u   = the index nearest the log-SNR midpoint lambda_s + h / 2, r = (lambda_u - lambda_s) / h,
-        z_u = alpha_u D_s + sigma_u eps_s                                        (a first-order step to u)
-        z_t = (sigma_t / sigma_s) z - alpha_t (exp(-h) - 1) ((1 - 1/(2r)) D_s + 1/(2r) D(z_u, u)).
-    A step to the image (t = -1: sigma = 0, h infinite) or between neighbouring indices is the first-order step
-    (DDIM's, eq. 12). `eps_fn(z, index)`: the teacher's prediction; `alpha`, `sigma`: alphas_sigmas' tables, index
-    -1 the image. Calls eps_fn twice."""
-    shape = (-1,) + (1,) * (z.ndim - 1)
-    lam = (alpha[:-1] / sigma[:-1]).log()  # decreasing with the index
-    final = t < 0
-    lam_s = lam[s]
-    lam_t = torch.where(final, lam_s, lam[t.clamp(min=0)])
-    u = (lam[None, :] - (0.5 * (lam_s + lam_t))[:, None]).abs().argmin(dim=1)
-    second = ~final & (u < s) & (u > t)
-    u = torch.where(second, u, s)  # samples without a midpoint evaluate at s again and keep the first order
-
-    def coeff(table, index):
-        return table[index].to(z.dtype).view(shape)
-
-    a_s, s_s, a_t, s_t = coeff(alpha, s), coeff(sigma, s), coeff(alpha, t), coeff(sigma, t)
-    eps_s = eps_fn(z, s).to(z.dtype)
-    d_s = (z - s_s * eps_s) / a_s
-    a_u, s_u = coeff(alpha, u), coeff(sigma, u)
-    eps_u = eps_fn(a_u * d_s + s_u * eps_s, u).to(z.dtype)
-    d_u = (a_u * d_s + s_u * eps_s - s_u * eps_u) / a_u
-    h = torch.where(second, lam_t - lam_s, torch.ones_like(lam_s))
-    half_over_r = torch.where(second, 0.5 * h / (lam[u] - lam_s), torch.zeros_like(lam_s)).to(z.dtype).view(shape)
-    d = (1 - half_over_r) * d_s + half_over_r * d_u
-    # alpha_t (1 - exp(-h)) = alpha_t - alpha_s sigma_t / sigma_s; at the image (sigma_t = 0) it is the image's D
-    return (s_t / s_s) * z + (a_t - a_s * s_t / s_s) * d
-
-
-def dpmpp_2s_span(eps_fn, z: torch.Tensor, s: torch.Tensor, m: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor,
-                  sigma: torch.Tensor) -> torch.Tensor:
-    """One DPM-Solver++(2S) step from index s to index t whose intermediate point is the grid point m between them
-    (Lu et al. 2022, Algorithm 1 with r = (lambda_m - lambda_s) / h). Its two calls are DDIM's two steps' calls: eps
-    at z_s, then at the first-order (DDIM) step's z_m; only their combination differs, second order instead of
-    first:
-        z_t = (sigma_t / sigma_s) z - alpha_t (exp(-h) - 1) ((1 - 1/(2r)) D_s + 1/(2r) D_m).
-    A step to the image (t = -1, h infinite) is DDIM's two steps, whose end is D_m, the image predicted at m."""
-    shape = (-1,) + (1,) * (z.ndim - 1)
-    lam = (alpha[:-1] / sigma[:-1]).log()
-    final = t < 0
-
-    def coeff(table, index):
-        return table[index].to(z.dtype).view(shape)
-
-    a_s, s_s, a_m, s_m, a_t, s_t = (coeff(alpha, s), coeff(sigma, s), coeff(alpha, m), coeff(sigma, m),
-                                    coeff(alpha, t), coeff(sigma, t))
-    eps_s = eps_fn(z, s).to(z.dtype)
-    d_s = (z - s_s * eps_s) / a_s
-    z_m = a_m * d_s + s_m * eps_s
-    d_m = (z_m - s_m * eps_fn(z_m, m).to(z.dtype)) / a_m
-    lam_s, lam_m = lam[s], lam[m]
-    h = torch.where(final, torch.ones_like(lam_s), lam[t.clamp(min=0)] - lam_s)
-    half_over_r = torch.where(final, torch.ones_like(lam_s), 0.5 * h / (lam_m - lam_s)).to(z.dtype).view(shape)
-    d = (1 - half_over_r) * d_s + half_over_r * d_m
-    return (s_t / s_s) * z + (a_t - a_s * s_t / s_s) * d
-
-
-def student_target(z_s: torch.Tensor, z_t: torch.Tensor, alpha_s, sigma_s, alpha_t, sigma_t) -> torch.Tensor:
-    """The x0 whose one DDIM step from z_s lands on z_t (Salimans & Ho 2022, Algorithm 2)."""
-    ratio = sigma_t / sigma_s
-    return (z_t - ratio * z_s) / (alpha_t - ratio * alpha_s)
-
-
-def truncated_snr_weight(alpha, sigma):
-    """max(SNR, 1) with SNR = alpha^2 / sigma^2 (Salimans & Ho 2022, sec. 4: "truncated SNR" weighting)."""
-    return torch.clamp(alpha**2 / sigma**2, min=1.0)
-
-
-class DistillationObjective:
-    """The Trainer's loss for one round (training.DenoisingObjective's interface): a student of `steps` steps
-    learns two steps of `teacher` (eps of (z, t, labels, weight)) on the nested grid, taken with `solver` (one of
-    TEACHER_SOLVERS), each sample at a weight drawn uniformly from `weight_range` (None: a student without a
-    weight input)."""
-
-    draw_names = ("position", "noise", "weight")
-
-    def __init__(self, teacher: Teacher, schedule: NoiseSchedule, steps: int,
-                 weight_range: tuple[float, float] | None, solver: str = "ddim"):
-        if solver not in TEACHER_SOLVERS:
-            raise ConfigError(f"--teacher-solver {solver}: choose one of {', '.join(TEACHER_SOLVERS)}")
-        self.teacher, self.schedule, self.steps, self.weight_range = teacher, schedule, steps, weight_range
-        self.solver = solver
-        self.grid = nested_grid(len(schedule), steps)
-        alpha, sigma = alphas_sigmas(schedule)
-        device = schedule.betas.device
-        self.index = {name: torch.tensor(getattr(self.grid, name), device=device)
-                      for name in ("start", "middle", "end")}
-        self.alpha = alpha.to(device=device, dtype=torch.float32)
-        self.sigma = sigma.to(device=device, dtype=torch.float32)
-
-    def draw(self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-        position = torch.randint(0, self.steps, (shape[0],), device=device, generator=generator)
-        noise = torch.randn(shape, device=device, generator=generator)
-        uniform = torch.rand(shape[0], device=device, generator=generator)
-        lo, hi = self.weight_range or (0.0, 0.0)
-        return {"position": position, "noise": noise, "weight": lo + (hi - lo) * uniform}
-
-    def _coefficients(self, index: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (-1,) + (1,) * (ndim - 1)
-        return self.alpha[index].view(shape), self.sigma[index].view(shape)
-
-    def losses(self, net, x0: torch.Tensor, labels: torch.Tensor | None, draws: dict[str, torch.Tensor]):
-        start, middle, end = (self.index[name][draws["position"]] for name in ("start", "middle", "end"))
-        weight = draws["weight"] if self.weight_range is not None else None
-        a_s, s_s = self._coefficients(start, x0.ndim)
-        a_m, s_m = self._coefficients(middle, x0.ndim)
-        a_t, s_t = self._coefficients(end, x0.ndim)
-        z_s = a_s * x0 + s_s * draws["noise"].to(x0.dtype)
-        with torch.no_grad():
-            if self.solver == "dpmpp2s":
-                def eps(z, index):
-                    return self.teacher(z, index, labels, weight).float()
-
-                z_m = dpmpp_2s_step(eps, z_s, start, middle, self.alpha, self.sigma)
-                z_t = dpmpp_2s_step(eps, z_m, middle, end, self.alpha, self.sigma)
-            elif self.solver == "dpmpp2s-span":
-                z_t = dpmpp_2s_span(lambda z, index: self.teacher(z, index, labels, weight).float(), z_s, start,
-                                    middle, end, self.alpha, self.sigma)
-            else:
-                z_m = ddim_step(z_s, self.teacher(z_s, start, labels, weight).float(), a_s, s_s, a_m, s_m)
-                z_t = ddim_step(z_m, self.teacher(z_m, middle, labels, weight).float(), a_m, s_m, a_t, s_t)
-            target = student_target(z_s, z_t, a_s, s_s, a_t, s_t)
-        output = net(z_s, start, labels, weight=weight) if weight is not None else net(z_s, start, labels)
-        x0_student = predicted_x0(self.schedule.prediction, z_s, output.float(), a_s, s_s)
-        per_sample = F.mse_loss(x0_student, target, reduction="none").flatten(1).mean(1)
-        return per_sample * truncated_snr_weight(a_s, s_s).flatten(), start
-
-
-def predicted_x0(prediction: str, z: torch.Tensor, output: torch.Tensor, alpha, sigma) -> torch.Tensor:
-    """The network's output read as x0: v gives x0 = alpha z - sigma v; eps gives x0 = (z - sigma eps) / alpha."""
-    if prediction == "v":
-        return alpha * z - sigma * output
-    return (z - sigma * output) / alpha
-
 
 # -- teachers ----------------------------------------------------------------------------------------------------
 def denoiser_teacher(model: torch.nn.Module, schedule: NoiseSchedule, sampling: SamplingConfig, guide=None,
