@@ -194,3 +194,15 @@ def test_the_old_name_of_the_previews_step_count_still_works_with_a_note(tmp_pat
                  "--val-every", "0", *TINY_TRAIN_ARGS]) == 0
     assert "--sample-steps is now --sampling-steps" in capsys.readouterr().err
     assert load_training_state(latest_checkpoint(tmp_path / "run"))["config"]["runtime"]["sample_steps"] == 7
+
+
+@pytest.mark.parametrize("preset", ["landscape64", "cifar10-64"])
+def test_the_seed_presets_train_v_prediction_with_min_snr_5_and_flags_still_override(preset):
+    # bug caught: the seed presets left on the plain eps loss, which lost to v + min-SNR-5 on the 8,000-step colour
+    # run (benchmarks/RESULTS.md, "Colour"); or a preset's objective that a flag can no longer override
+    config = train_config_from_args(build_parser().parse_args(["train", "some/folder", "--preset", preset]))
+    assert (config.diffusion.prediction, config.train.snr_gamma) == ("v", 5.0)
+    assert (config.model.image_size, config.train.lr) == (64, 3e-4)
+    seed_objective = train_config_from_args(build_parser().parse_args(
+        ["train", "some/folder", "--preset", preset, "--prediction", "eps"]))
+    assert seed_objective.diffusion.prediction == "eps"
