@@ -28,7 +28,7 @@ from .config import (
     from_dict,
     sampling_defaults,
 )
-from .distill_target import TEACHER_SOLVERS, DistillationObjective, Teacher
+from .distill_target import TEACHER_SOLVERS, DistillationObjective, Teacher, check_teacher_solver
 from .distributed import StopRequest, distributed_context, setup_device
 from .errors import DdpmError
 from .files import atomic_write_bytes, atomic_write_json, make_grid, png_bytes
@@ -127,8 +127,7 @@ class DistillSettings:
         if self.weight_range is not None:
             self.weight_range = tuple(float(v) for v in self.weight_range)
         check_rounds(self.steps, self.start_steps, self.round_steps)
-        if self.teacher_solver not in TEACHER_SOLVERS:
-            raise ConfigError(f"--teacher-solver {self.teacher_solver}: choose one of {', '.join(TEACHER_SOLVERS)}")
+        check_teacher_solver(self.teacher_solver)
         if self.weight_range is not None:
             lo, hi = self.weight_range
             if not 0 <= lo <= hi <= 100:
@@ -218,8 +217,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     if data is not None and not data.strip():
         raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
     check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
-    if teacher_solver not in TEACHER_SOLVERS:
-        raise ConfigError(f"--teacher-solver {teacher_solver}: choose one of {', '.join(TEACHER_SOLVERS)}")
+    check_teacher_solver(teacher_solver)
     if eval_n is not None and eval_n != 0 and not 2 <= eval_n <= 100_000:
         raise ConfigError(f"--eval-n {eval_n} must be 0 (no evaluation) or from 2 to 100,000 images")
     if checkpoint_every is not None and checkpoint_every < 1:

@@ -75,6 +75,36 @@ def ddim_step(z: torch.Tensor, eps: torch.Tensor, alpha_s, sigma_s, alpha_t, sig
     return alpha_t * x0 + sigma_t * eps
 
 
+def check_teacher_solver(solver: str) -> None:
+    if solver not in TEACHER_SOLVERS:
+        raise ConfigError(f"--teacher-solver {solver}: choose one of {', '.join(TEACHER_SOLVERS)}")
+
+
+def _log_snr(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha / sigma) of every index but the image's (-1, where it is infinite); decreasing."""
+    return (alpha[:-1] / sigma[:-1]).log()
+
+
+def _two_stage(eps_fn, z, s, u, t, alpha, sigma, weight_of_u) -> torch.Tensor:
+    """The 2S update shared by both solvers (Lu et al. 2022, Algorithm 1): eps at (z, s), a first-order step to u,
+    eps there, then z_t = (sigma_t / sigma_s) z + (alpha_t - alpha_s sigma_t / sigma_s) ((1 - k) D_s + k D_u) with
+    k = `weight_of_u` per sample (1/(2r); 0 keeps DDIM's first order). alpha_t (1 - exp(-h)) is written as
+    alpha_t - alpha_s sigma_t / sigma_s, which at the image (sigma_t = 0) makes z_t the mixed D itself."""
+    shape = (-1,) + (1,) * (z.ndim - 1)
+
+    def coeff(table, index):
+        return table[index].to(z.dtype).view(shape)
+
+    a_s, s_s, a_u, s_u, a_t, s_t = (coeff(alpha, s), coeff(sigma, s), coeff(alpha, u), coeff(sigma, u),
+                                    coeff(alpha, t), coeff(sigma, t))
+    eps_s = eps_fn(z, s).to(z.dtype)
+    d_s = (z - s_s * eps_s) / a_s
+    z_u = a_u * d_s + s_u * eps_s
+    d_u = (z_u - s_u * eps_fn(z_u, u).to(z.dtype)) / a_u
+    k = weight_of_u.to(z.dtype).view(shape)
+    return (s_t / s_s) * z + (a_t - a_s * s_t / s_s) * ((1 - k) * d_s + k * d_u)
+
+
 def dpmpp_2s_step(eps_fn, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor,
                   sigma: torch.Tensor) -> torch.Tensor:
     """One DPM-Solver++(2S) step from index s to index t, per sample (Lu et al. 2022, "DPM-Solver++", Algorithm 1
@@ -86,29 +116,15 @@ def dpmpp_2s_step(eps_fn, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor, alp
     A step to the image (t = -1: sigma = 0, h infinite) or between neighbouring indices is the first-order step
     (DDIM's, eq. 12). `eps_fn(z, index)`: the teacher's prediction; `alpha`, `sigma`: alphas_sigmas' tables, index
     -1 the image. Calls eps_fn twice."""
-    shape = (-1,) + (1,) * (z.ndim - 1)
-    lam = (alpha[:-1] / sigma[:-1]).log()  # decreasing with the index
+    lam = _log_snr(alpha, sigma)
     final = t < 0
     lam_s = lam[s]
     lam_t = torch.where(final, lam_s, lam[t.clamp(min=0)])
     u = (lam[None, :] - (0.5 * (lam_s + lam_t))[:, None]).abs().argmin(dim=1)
     second = ~final & (u < s) & (u > t)
     u = torch.where(second, u, s)  # samples without a midpoint evaluate at s again and keep the first order
-
-    def coeff(table, index):
-        return table[index].to(z.dtype).view(shape)
-
-    a_s, s_s, a_t, s_t = coeff(alpha, s), coeff(sigma, s), coeff(alpha, t), coeff(sigma, t)
-    eps_s = eps_fn(z, s).to(z.dtype)
-    d_s = (z - s_s * eps_s) / a_s
-    a_u, s_u = coeff(alpha, u), coeff(sigma, u)
-    eps_u = eps_fn(a_u * d_s + s_u * eps_s, u).to(z.dtype)
-    d_u = (a_u * d_s + s_u * eps_s - s_u * eps_u) / a_u
-    h = torch.where(second, lam_t - lam_s, torch.ones_like(lam_s))
-    half_over_r = torch.where(second, 0.5 * h / (lam[u] - lam_s), torch.zeros_like(lam_s)).to(z.dtype).view(shape)
-    d = (1 - half_over_r) * d_s + half_over_r * d_u
-    # alpha_t (1 - exp(-h)) = alpha_t - alpha_s sigma_t / sigma_s; at the image (sigma_t = 0) it is the image's D
-    return (s_t / s_s) * z + (a_t - a_s * s_t / s_s) * d
+    half_over_r = torch.where(second, 0.5 * (lam_t - lam_s) / (lam[u] - lam_s), torch.zeros_like(lam_s))
+    return _two_stage(eps_fn, z, s, u, t, alpha, sigma, half_over_r)
 
 
 def dpmpp_2s_span(eps_fn, z: torch.Tensor, s: torch.Tensor, m: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor,
@@ -116,27 +132,13 @@ def dpmpp_2s_span(eps_fn, z: torch.Tensor, s: torch.Tensor, m: torch.Tensor, t: 
     """One DPM-Solver++(2S) step from index s to index t whose intermediate point is the grid point m between them
     (Lu et al. 2022, Algorithm 1 with r = (lambda_m - lambda_s) / h). Its two calls are DDIM's two steps' calls: eps
     at z_s, then at the first-order (DDIM) step's z_m; only their combination differs, second order instead of
-    first:
-        z_t = (sigma_t / sigma_s) z - alpha_t (exp(-h) - 1) ((1 - 1/(2r)) D_s + 1/(2r) D_m).
-    A step to the image (t = -1, h infinite) is DDIM's two steps, whose end is D_m, the image predicted at m."""
-    shape = (-1,) + (1,) * (z.ndim - 1)
-    lam = (alpha[:-1] / sigma[:-1]).log()
+    first. A step to the image (t = -1, h infinite) is DDIM's two steps, whose end is D_m, the image predicted at
+    m (k = 1)."""
+    lam = _log_snr(alpha, sigma)
     final = t < 0
-
-    def coeff(table, index):
-        return table[index].to(z.dtype).view(shape)
-
-    a_s, s_s, a_m, s_m, a_t, s_t = (coeff(alpha, s), coeff(sigma, s), coeff(alpha, m), coeff(sigma, m),
-                                    coeff(alpha, t), coeff(sigma, t))
-    eps_s = eps_fn(z, s).to(z.dtype)
-    d_s = (z - s_s * eps_s) / a_s
-    z_m = a_m * d_s + s_m * eps_s
-    d_m = (z_m - s_m * eps_fn(z_m, m).to(z.dtype)) / a_m
-    lam_s, lam_m = lam[s], lam[m]
-    h = torch.where(final, torch.ones_like(lam_s), lam[t.clamp(min=0)] - lam_s)
-    half_over_r = torch.where(final, torch.ones_like(lam_s), 0.5 * h / (lam_m - lam_s)).to(z.dtype).view(shape)
-    d = (1 - half_over_r) * d_s + half_over_r * d_m
-    return (s_t / s_s) * z + (a_t - a_s * s_t / s_s) * d
+    lam_s = lam[s]
+    half_over_r = torch.where(final, torch.ones_like(lam_s), 0.5 * (lam[t.clamp(min=0)] - lam_s) / (lam[m] - lam_s))
+    return _two_stage(eps_fn, z, s, m, t, alpha, sigma, half_over_r)
 
 
 def student_target(z_s: torch.Tensor, z_t: torch.Tensor, alpha_s, sigma_s, alpha_t, sigma_t) -> torch.Tensor:
@@ -160,8 +162,7 @@ class DistillationObjective:
 
     def __init__(self, teacher: Teacher, schedule: NoiseSchedule, steps: int,
                  weight_range: tuple[float, float] | None, solver: str = "ddim"):
-        if solver not in TEACHER_SOLVERS:
-            raise ConfigError(f"--teacher-solver {solver}: choose one of {', '.join(TEACHER_SOLVERS)}")
+        check_teacher_solver(solver)
         self.teacher, self.schedule, self.steps, self.weight_range = teacher, schedule, steps, weight_range
         self.solver = solver
         self.grid = nested_grid(len(schedule), steps)
