@@ -3,6 +3,7 @@ round's effect, resume, and drawing a student in K calls."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 from fractions import Fraction
 
@@ -36,16 +37,44 @@ def teacher_grid(timesteps: int, steps: int) -> list[int]:
     return [round(Fraction(timesteps * k, steps)) - 1 for k in range(steps, 0, -1)]
 
 
+def schedule_of(timesteps: int = 1000) -> NoiseSchedule:
+    return NoiseSchedule.from_config(DiffusionConfig(timesteps=timesteps))
+
+
+def logsnr_grid(timesteps: int, steps: int) -> list[int]:
+    """The indices nearest to K log-SNR values uniform from lambda(T-1) towards lambda(0), the image after them,
+    written out here from reference_abar (float64, the paper's betas)."""
+    abar = torch.tensor(reference_abar(timesteps), dtype=torch.float64)
+    lam = 0.5 * torch.log(abar / (1 - abar))
+    lo, hi = lam[-1].item(), lam[0].item()
+    return [int((lam - (lo + j * (hi - lo) / steps)).abs().argmin()) for j in range(steps)]
+
+
 @pytest.mark.parametrize("timesteps", [1000, 999, 37])
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
 def test_the_students_grid_is_every_other_point_of_its_teachers(timesteps, steps):
     # bug caught: a student trained between points its teacher never visits (grids that are not nested), or a
     # position whose two teacher steps are not the two between its own points
-    grid = nested_grid(timesteps, steps)
+    grid = nested_grid(schedule_of(timesteps), steps)
     teacher = teacher_grid(timesteps, 2 * steps) + [-1]
     assert grid.start == teacher_grid(timesteps, steps)
     assert grid.start == teacher[0:-1:2] and grid.middle == teacher[1::2] and grid.end == teacher[2::2]
     assert grid.start[0] == timesteps - 1 and grid.end[-1] == -1
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8, 16])
+def test_the_log_snr_grids_are_uniform_in_log_snr_and_nest(steps):
+    # bugs caught: targets spaced by (hi - lo) / (K - 1) (dpmpp2m's logsnr grid, which ends at index 0 and does not
+    # nest), a grid not starting at T - 1, or the teacher's points not between the student's
+    grid = nested_grid(schedule_of(), steps, "logsnr")
+    teacher = logsnr_grid(1000, 2 * steps) + [-1]
+    assert grid.start == logsnr_grid(1000, steps)
+    assert grid.start == teacher[0:-1:2] and grid.middle == teacher[1::2] and grid.end == teacher[2::2]
+    assert grid.start[0] == 999 and len(set(teacher)) == len(teacher)
+    if steps == 2:
+        assert grid.start == [999, 302]  # the 2-call student's middle: t = 0.3 T, where trailing has 499
+    with pytest.raises(Exception, match="two steps fall on one index"):
+        nested_grid(schedule_of(37), 8, "logsnr")
 
 
 def test_one_student_step_equals_two_teacher_ddim_steps_in_float64():
@@ -71,8 +100,8 @@ def test_one_student_step_equals_two_teacher_ddim_steps_in_float64():
         x0 = (z - (1 - abar[s]) ** 0.5 * eps) / abar[s] ** 0.5
         return abar[t] ** 0.5 * x0 + (1 - abar[t]) ** 0.5 * eps
 
-    for steps in (1, 2, 4):
-        grid = nested_grid(timesteps, steps)
+    for steps, spacing in itertools.product((1, 2, 4), ("trailing", "logsnr")):
+        grid = nested_grid(schedule, steps, spacing)
         for s, m, t in zip(grid.start, grid.middle, grid.end):
             z_s = torch.randn(3, 4, dtype=torch.float64, generator=g)
             z_t = ddim(ddim(z_s, s, m), m, t)
@@ -116,7 +145,7 @@ def test_round_ones_dpm_solver_2s_steps_follow_the_exact_ode_of_gaussian_data():
     # in closed form (gaussian_teacher); a second-order step lands far nearer its ODE than DDIM's first order.
     calls = []
     eps, alpha, sigma, variance = gaussian_teacher(calls)
-    grid = nested_grid(1000, 8)  # round 1's teacher steps: start -> middle -> end on the 16-step grid
+    grid = nested_grid(schedule_of(), 8)  # round 1's teacher steps: start -> middle -> end on the 16-step grid
     for first, second in ((grid.start, grid.middle), (grid.middle, grid.end)):
         s, t = torch.tensor(first), torch.tensor(second)
         z = torch.randn(len(s), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -136,7 +165,7 @@ def test_the_span_solver_makes_ddims_two_calls_and_lands_nearer_the_exact_ode_of
     # (then it is no longer DDIM's cost and calls), the step to the image not DDIM's two steps
     calls = []
     eps, alpha, sigma, variance = gaussian_teacher(calls)
-    grid = nested_grid(1000, 8)  # round 1: the student's step start -> end, the teacher's grid point between
+    grid = nested_grid(schedule_of(), 8)  # round 1: the student's step start -> end, the teacher's grid point between
     s, m, t = torch.tensor(grid.start), torch.tensor(grid.middle), torch.tensor(grid.end)
     z = torch.randn(len(s), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     spanned = dpmpp_2s_span(eps, z, s, m, t, alpha, sigma)
@@ -188,7 +217,7 @@ def test_the_loss_is_the_truncated_snr_weighted_x0_error_of_the_students_output(
 
     per_sample, t = objective.losses(net, x0, None, draws)
     abar = reference_abar(1000) + [1.0]
-    grid = nested_grid(1000, 8)
+    grid = nested_grid(schedule_of(), 8)
     for i in range(8):
         s, e = grid.start[draws["position"][i]], grid.end[draws["position"][i]]
         a_s, s_s, a_e, s_e = (abar[s] ** 0.5, (1 - abar[s]) ** 0.5, abar[e] ** 0.5, (1 - abar[e]) ** 0.5)
@@ -232,12 +261,12 @@ def teacher_run(tmp_path_factory):
     return run
 
 
-def sampled_with(model, schedule, x_T, labels, sampler_steps, guide=None, **weights):
+def sampled_with(model, schedule, x_T, labels, sampler_steps, guide=None, spacing="trailing", **weights):
     from ddpm.config import SamplingConfig
     from ddpm.pipeline import sample
 
     sampling = SamplingConfig(sampler="student", steps=sampler_steps, guidance=1.0, guidance_interval=(0.05, 1.0),
-                              **weights)
+                              spacing=spacing, **weights)
     return sample(model, schedule, labels=labels, sampling=sampling, guide=guide, x_T=x_T)
 
 
@@ -252,14 +281,15 @@ def test_one_round_brings_the_students_k_steps_closer_to_the_teachers_2k_steps(t
     # round 1 with DDIM's steps, the teacher's own images below (the default, DPM-Solver++(2S), aims past them)
     assert main(["distill", str(teacher_run), "--steps", "1", "--start-steps", "2", "--round-steps", "60",
                  "--lr", "3e-3", "--teacher-solver", "ddim", "--out", str(out), *DISTILL]) == 0
-    assert json.loads((out / "distill.json").read_text())["teacher_solver"] == "ddim"
+    settings = json.loads((out / "distill.json").read_text())
+    assert settings["teacher_solver"] == "ddim" and settings["spacing"] == "logsnr"  # --spacing auto for 1 step
     student, schedule, _ = from_pretrained(out / "steps_1")
     teacher = open_model(teacher_run)
     assert teacher.guide is not None
     g = torch.Generator().manual_seed(5)
     x_T, labels = torch.randn(20, 1, 8, 8, generator=g), torch.arange(20) % 10
-    two = sampled_with(teacher.model, schedule, x_T, labels, 2, teacher.guide, guide_weight=2.6)
-    one = sampled_with(teacher.model, schedule, x_T, labels, 1, teacher.guide, guide_weight=2.6)
+    two = sampled_with(teacher.model, schedule, x_T, labels, 2, teacher.guide, "logsnr", guide_weight=2.6)
+    one = sampled_with(teacher.model, schedule, x_T, labels, 1, teacher.guide, "logsnr", guide_weight=2.6)
     drawn = sampled_with(student, schedule, x_T, labels, 1, guide_weight=2.6)
     teachers_own, students = ((one - two) ** 2).mean().item(), ((drawn - two) ** 2).mean().item()
     assert students < 0.7 * teachers_own, (students, teachers_own)
@@ -306,14 +336,19 @@ def test_a_stop_mid_round_and_resume_give_the_uninterrupted_students_bits(teache
 def test_round_one_takes_its_teachers_steps_with_dpm_solver_2s_by_default(teacher_run, tmp_path, monkeypatch):
     # bug caught: the recorded --teacher-solver not reaching round 1's objective (DDIM's targets instead), or the
     # later rounds (students, exact under DDIM) taking 2S steps too
+    # and (bug caught) the log-SNR grid that --spacing auto records not reaching the objective: its steps start
+    # from the 4-step log-SNR grid's points, not the trailing grid's
     target_module = importlib.import_module("ddpm.distill_target")
     used = []
     original = target_module.dpmpp_2s_step
-    monkeypatch.setattr(target_module, "dpmpp_2s_step", lambda *a, **k: used.append(1) or original(*a, **k))
+    monkeypatch.setattr(target_module, "dpmpp_2s_step", lambda *a, **k: used.append(a[2].tolist()) or original(*a, **k))
     distill(teacher_run, out=tmp_path / "d", steps=1, start_steps=4, round_steps=[2, 3], batch_size=4,
             progress=False, eval_n=0)
     assert len(used) == 2 * 2  # two teacher steps a sample batch, in round 1's 2 optimizer steps only
-    assert json.loads((tmp_path / "d" / "distill.json").read_text())["teacher_solver"] == "dpmpp2s"
+    settings = json.loads((tmp_path / "d" / "distill.json").read_text())
+    assert settings["teacher_solver"] == "dpmpp2s" and settings["spacing"] == "logsnr"
+    starts = set(itertools.chain(*used))
+    assert starts <= set(logsnr_grid(1000, 4)) and 999 in starts, starts
 
 
 def count_calls(monkeypatch):
@@ -351,6 +386,32 @@ def test_ddpm_sample_draws_a_student_in_k_calls_and_names_it(students, tmp_path,
     assert f"(student, {calls} steps = {calls} calls of a {calls}-call student (g 1-4)" in out and "g=2.6" in out
 
 
+def test_a_student_draws_on_the_grid_it_was_distilled_on_and_an_older_record_on_the_trailing_one(
+        students, tmp_path, monkeypatch):
+    # bugs caught: a log-SNR student drawn at t = 499 (the trailing grid) instead of 302 by ddpm sample or the page,
+    # the record's spacing lost on the way, or a record written before the choice read as anything but trailing
+    import shutil
+
+    from ddpm.cli import main
+    from ddpm.serve import draw, load_served_model, page_defaults, request_from_fields
+
+    times = []
+    original = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda self, x, t, *a, **k: times.append(int(t[0])) or original(self, x, t,
+                                                                                                          *a, **k))
+    assert json.loads((students / "steps_2" / "config.json").read_text())["student"]["spacing"] == "logsnr"
+    assert main(["sample", str(students / "steps_2"), "--labels", "0", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    served = load_served_model(students / "steps_2", "cpu")
+    draw(served, request_from_fields(served, {**page_defaults(served), "seed": "0", "count": 1}))
+    older = tmp_path / "older"
+    shutil.copytree(students / "steps_2", older)
+    config = json.loads((older / "config.json").read_text())
+    del config["student"]["spacing"]
+    (older / "config.json").write_text(json.dumps(config))
+    assert main(["sample", str(older), "--labels", "0", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert times == [999, 302] * 2 + [999, 499]
+
+
 def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkeypatch):
     # bugs caught: the page sampling a student with its own defaults (20 DPM-Solver++ steps, a guide), or refusing
     # its g because the page has no guide model
@@ -375,6 +436,7 @@ def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkey
     (["distill", "{empty}"], "does not exist|not a folder|no config.json"),
     (["distill", "{teacher}", "--out", "{students}", "--weight-range", "1", "3"], "holds a distillation of another"),
     (["distill", "{teacher}", "--guide-weight", "5"], "outside --weight-range 1 4"),
+    (["distill", "{teacher}", "--spacing", "logsnr", "--start-steps", "64"], "two steps fall on one index"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teacher_run, tmp_path, capsys):
     import re
@@ -464,8 +526,10 @@ def test_every_distill_flag_runs(teacher_run, tmp_path, capsys):
     assert main(["distill", str(teacher_run), "--guide", "none", "--guidance", "2", "--data", "mnist", "--seed", "3",
                  "--weight-range", "1", "3", "--lr", "1e-3", "--out", str(cfg), "--resume", *small]) == 0
     g = tmp_path / "g"
-    assert main(["distill", str(teacher_run), "--guide-weight", "2.2", "--out", str(g), *small]) == 0
-    assert json.loads((g / "steps_1" / "config.json").read_text())["student"]["default_weight"] == 2.2
+    assert main(["distill", str(teacher_run), "--guide-weight", "2.2", "--spacing", "trailing", "--out", str(g),
+                 *small]) == 0
+    record = json.loads((g / "steps_1" / "config.json").read_text())["student"]
+    assert record["default_weight"] == 2.2 and record["spacing"] == "trailing"
     raw = tmp_path / "raw"  # --no-ema: the teacher is the latest checkpoint's raw weights, and says so
     assert main(["distill", str(teacher_run), "--no-ema", "--out", str(raw), *small]) == 0
     assert json.loads((raw / "distill.json").read_text())["teacher"]["raw_weights"] is True

@@ -36,6 +36,7 @@ from .guidance import make_denoiser
 from .periodic_eval import PeriodicEvaluation
 from .pipeline import balanced_labels, sample_all
 from .run_setup import load_latest_state, prepare
+from .samplers import STUDENT_SPACINGS, student_timesteps
 from .schedule import NoiseSchedule
 from .sources import open_model, run_folder
 from .students import Student
@@ -51,6 +52,9 @@ WEIGHT_RANGES = {"guide_weight": (1.0, 4.0), "guidance": (1.0, 6.0)}
 MAX_START_STEPS = 256  # past this a distillation has more rounds than any measured plan, and T = 1000 runs out
 START_STEPS = 16  # the first teacher's grid (benchmarks/RESULTS.md, "Distillation")
 ROUND_STEPS = 200  # optimizer steps a round (the same)
+# --spacing auto: the log-SNR grid when the last student takes 1 or 2 steps (its 2-call student is far nearer the
+# digits), the trailing one for 4 (its 4- and 8-call students are nearer); benchmarks/RESULTS.md, "Distillation"
+AUTO_SPACING = {1: "logsnr", 2: "logsnr", 4: "trailing"}
 
 # -- teachers ----------------------------------------------------------------------------------------------------
 def denoiser_teacher(model: torch.nn.Module, schedule: NoiseSchedule, sampling: SamplingConfig, guide=None,
@@ -107,6 +111,26 @@ def check_rounds(steps: int, start_steps: int, round_steps: int | list[int]) -> 
                           f"them, so start from 16 or 32")
 
 
+def check_spacing(spacing: str) -> None:
+    if spacing not in STUDENT_SPACINGS:
+        raise ConfigError(f"--spacing {spacing}: choose auto or one of {', '.join(STUDENT_SPACINGS)}")
+
+
+def resolve_spacing(spacing: str, steps: int, start_steps: int, schedule) -> str:
+    """--spacing as the students are trained: "auto" is AUTO_SPACING's choice for the last student's steps, or
+    trailing where a log-SNR grid does not fit the schedule's timesteps (samplers.nested_logsnr_timesteps); a
+    grid asked for by name that does not fit is one line."""
+    chosen = AUTO_SPACING.get(steps, "trailing") if spacing == "auto" else spacing
+    check_spacing(chosen)
+    try:
+        student_timesteps(schedule, start_steps, chosen)
+    except DdpmError as error:
+        if spacing == "auto":
+            return "trailing"
+        raise ConfigError(f"--spacing {chosen} --start-steps {start_steps}: {error}") from None
+    return chosen
+
+
 # -- the settings of a distillation --------------------------------------------------------------------------------
 @dataclass
 class DistillSettings:
@@ -120,6 +144,7 @@ class DistillSettings:
     steps: int = 2
     round_steps: int | list[int] = ROUND_STEPS  # for every round, or one number per round
     teacher_solver: str = TEACHER_SOLVERS[0]  # how round 1's teacher steps (later rounds: DDIM)
+    spacing: str = "trailing"  # the students' nested grids (samplers.STUDENT_SPACINGS)
 
     def __post_init__(self) -> None:
         if isinstance(self.round_steps, (list, tuple)):
@@ -128,6 +153,7 @@ class DistillSettings:
             self.weight_range = tuple(float(v) for v in self.weight_range)
         check_rounds(self.steps, self.start_steps, self.round_steps)
         check_teacher_solver(self.teacher_solver)
+        check_spacing(self.spacing)
         if self.weight_range is not None:
             lo, hi = self.weight_range
             if not 0 <= lo <= hi <= 100:
@@ -159,7 +185,7 @@ class DistillSettings:
         fixed = {k: v for k, v in self.teacher["sampling"].items() if k in ("guidance", "guide_weight")
                  and k != self.weight}
         return Student(steps, 2 * steps, self.weight, self.weight_range, self.default_weight, fixed,
-                       teacher_text, data).to_record()
+                       teacher_text, data, self.spacing).to_record()
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
@@ -200,9 +226,9 @@ def _run_config(run: Path) -> RunConfig:
 
 def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
             round_steps: int | list[int] = ROUND_STEPS, teacher_solver: str = TEACHER_SOLVERS[0],
-            weight_range: tuple[float, float] | None = None, batch_size: int | None = None, lr: float = 3e-4,
-            data: str | None = None, out: Path | str | None = None, device: str | None = None, seed: int = 0,
-            resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
+            spacing: str = "auto", weight_range: tuple[float, float] | None = None, batch_size: int | None = None,
+            lr: float = 3e-4, data: str | None = None, out: Path | str | None = None, device: str | None = None,
+            seed: int = 0, resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
             time_limit: float | None = None, checkpoint_every: int | None = None, log_every: int = 25,
             trackers: tuple[str, ...] = ("tensorboard",), amp: str = "auto", warn=None,
             guidance: float | None = None, guide_weight: float | None = None, eval_n: int | None = None,
@@ -218,6 +244,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
         raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
     check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
     check_teacher_solver(teacher_solver)
+    if spacing != "auto":
+        check_spacing(spacing)
     if eval_n is not None and eval_n != 0 and not 2 <= eval_n <= 100_000:
         raise ConfigError(f"--eval-n {eval_n} must be 0 (no evaluation) or from 2 to 100,000 images")
     if checkpoint_every is not None and checkpoint_every < 1:
@@ -225,12 +253,13 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     opened = open_model(run, device, warn=warn, **source_flags)
     if start_steps > len(opened.schedule):
         raise ConfigError(f"--start-steps {start_steps} is more than the model's {len(opened.schedule)} timesteps")
+    spacing = resolve_spacing(spacing, steps, start_steps, opened.schedule)
     record, weight, weights, default_weight = teacher_settings(
         opened, {"guidance": guidance, "guide_weight": guide_weight}, weight_range, start_steps)
     if source_flags.get("raw_weights"):  # --no-ema: the same folder's raw weights are another teacher
         record["raw_weights"] = True
     settings = DistillSettings(record, weight, weights, default_weight, start_steps, steps, round_steps,
-                               teacher_solver)
+                               teacher_solver, spacing)
     folder = Path(out) if out is not None else ckpt.RunFolder(run_folder(run)).distilled
     state = _existing(folder, settings, resume, if_exists)
     config = student_run_config(opened, run, folder, settings, data=data, batch_size=batch_size, lr=lr, seed=seed,
@@ -286,7 +315,8 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
             continue
         teacher = _round_teacher(number, settings, opened, folder, trainer.device)
         solver = settings.teacher_solver if number == 0 else "ddim"  # a student is exact under DDIM
-        trainer.objective = DistillationObjective(teacher, trainer.schedule, steps, settings.weight_range, solver)
+        trainer.objective = DistillationObjective(teacher, trainer.schedule, steps, settings.weight_range, solver,
+                                                  settings.spacing)
         stopped = fit(trainer, end, monitor, stop)
         if stopped:
             return written, stopped
@@ -316,6 +346,7 @@ def _existing(folder: Path, settings: DistillSettings, resume: bool, if_exists: 
         saved = None
     if saved is not None:
         saved.setdefault("teacher_solver", "ddim")  # written before round 1 had a choice: DDIM
+        saved.setdefault("spacing", "trailing")  # written before the grid had a choice: trailing
     if saved != json.loads(json.dumps(dataclasses.asdict(settings))):  # compared as written (tuples are lists)
         what = "another teacher or other settings" if saved is not None else f"no {SETTINGS}"
         raise ConfigError(f"{folder} holds a distillation of {what}; give another --out (or the same flags as "

@@ -18,8 +18,12 @@ keep DDIM. The loss is the x-space MSE weighted by the truncated SNR max(alpha_s
 choice, sec. 4). No clipping of the teacher's x0, no t off the student's grid, no EMA of the student: each costs
 quality (DESIGN.md's traps).
 
-Grids are diffusers' "trailing" spacing, round(T k / K) - 1 for k = K..1 (samplers.trailing_timesteps): T-1 first,
-and the grid of 2K steps holds the grid of K steps at its even points, for any T.
+Grids (samplers.student_timesteps) are diffusers' "trailing" spacing, round(T k / K) - 1 for k = K..1, uniform in t,
+or "logsnr", uniform in log-SNR from lambda(T-1) towards lambda(0) with the image as the end. Both start at T-1 and
+nest: the grid of 2K steps holds the grid of K steps at its even points. They differ in where the few steps go: the
+2-step student's middle point is t = 499 on the trailing grid and t = 302 on the log-SNR one (linear betas, T = 1000),
+and the log-SNR students of 2 calls come out far nearer the digits, those of 4 and 8 a little further (RESULTS.md,
+"Distillation"; distill.py's "auto" chooses by the last student's steps).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError
 from .errors import DdpmError
-from .samplers import trailing_timesteps
+from .samplers import student_timesteps
 from .schedule import NoiseSchedule
 
 # how round 1's teacher makes the student's target: "dpmpp2s" (each of its two steps by DPM-Solver++(2S): four calls),
@@ -52,10 +56,10 @@ class Grid:
     end: list[int]
 
 
-def nested_grid(timesteps: int, steps: int) -> Grid:
-    """The student's `steps`-step grid inside its teacher's 2 * `steps`-step grid."""
-    teacher = trailing_timesteps(timesteps, 2 * steps) + [-1]
-    student = trailing_timesteps(timesteps, steps) + [-1]
+def nested_grid(schedule: NoiseSchedule, steps: int, spacing: str = "trailing") -> Grid:
+    """The student's `steps`-step grid inside its teacher's 2 * `steps`-step grid, both of `spacing`."""
+    teacher = student_timesteps(schedule, 2 * steps, spacing) + [-1]
+    student = student_timesteps(schedule, steps, spacing) + [-1]
     if teacher[::2] != student:  # exact rational arithmetic makes this hold for every T; a guard, not a branch
         raise DdpmError(f"the {steps}-step grid is not inside the {2 * steps}-step grid")
     return Grid(student[:-1], teacher[1::2], student[1:])
@@ -154,18 +158,18 @@ def truncated_snr_weight(alpha, sigma):
 
 class DistillationObjective:
     """The Trainer's loss for one round (training.DenoisingObjective's interface): a student of `steps` steps
-    learns two steps of `teacher` (eps of (z, t, labels, weight)) on the nested grid, taken with `solver` (one of
-    TEACHER_SOLVERS), each sample at a weight drawn uniformly from `weight_range` (None: a student without a
-    weight input)."""
+    learns two steps of `teacher` (eps of (z, t, labels, weight)) on the nested grid of `spacing`, taken with
+    `solver` (one of TEACHER_SOLVERS), each sample at a weight drawn uniformly from `weight_range` (None: a student
+    without a weight input)."""
 
     draw_names = ("position", "noise", "weight")
 
     def __init__(self, teacher: Teacher, schedule: NoiseSchedule, steps: int,
-                 weight_range: tuple[float, float] | None, solver: str = "ddim"):
+                 weight_range: tuple[float, float] | None, solver: str = "ddim", spacing: str = "trailing"):
         check_teacher_solver(solver)
         self.teacher, self.schedule, self.steps, self.weight_range = teacher, schedule, steps, weight_range
         self.solver = solver
-        self.grid = nested_grid(len(schedule), steps)
+        self.grid = nested_grid(schedule, steps, spacing)
         alpha, sigma = alphas_sigmas(schedule)
         device = schedule.betas.device
         self.index = {name: torch.tensor(getattr(self.grid, name), device=device)

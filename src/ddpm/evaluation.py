@@ -359,7 +359,7 @@ def settings_tag(sampling: SamplingConfig, timesteps: int) -> str:
     tag = f"{s.sampler}{s.steps_for(timesteps)}"
     if s.sampler == "ddim" and s.eta:
         tag += f"_eta{s.eta:g}"
-    if s.sampler == "dpmpp2m" and s.spacing != "trailing":
+    if s.sampler in ("dpmpp2m", "student") and s.spacing != "trailing":
         tag += f"_{s.spacing}"
     if s.clip_x0:
         tag += "_clip"

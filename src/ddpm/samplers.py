@@ -282,6 +282,36 @@ def trailing_timesteps(timesteps: int, steps: int) -> list[int]:
     return [round(Fraction(timesteps * (steps - k), steps)) - 1 for k in range(steps)]
 
 
+STUDENT_SPACINGS = ("trailing", "logsnr")  # the grids a distilled student can be trained on (student_timesteps)
+
+
+def nested_logsnr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
+    """The indices nearest to lambda_j = lambda(T-1) + j (lambda(0) - lambda(T-1)) / steps for j = 0..steps-1:
+    uniform in log-SNR, T-1 first, the image after the last. Unlike dpmpp_2m_timesteps' "logsnr" (whose last point
+    is index 0 itself) the image is the grid's end, so the grid of 2K steps holds the grid of K steps at its even
+    points (the same lambda targets), as progressive distillation needs. One line when two targets share an index
+    (too few timesteps for this many steps)."""
+    lambdas = log_snr(schedule)
+    lo, hi = float(lambdas[-1]), float(lambdas[0])
+    targets = lo + (hi - lo) * torch.arange(steps, dtype=torch.float64) / steps
+    indices = (lambdas[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
+    if any(a <= b for a, b in zip(indices, indices[1:])):
+        raise DdpmError(f"the log-SNR grid of {steps} steps needs more than the schedule's {len(lambdas)} timesteps "
+                        "(two steps fall on one index); use the trailing spacing")
+    return indices
+
+
+def student_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing") -> list[int]:
+    """The grid a distilled student of `steps` steps draws on (and was trained on, distill_target.nested_grid):
+    "trailing" (uniform in t) or "logsnr" (nested_logsnr_timesteps). Both nest: halving the steps keeps every
+    other point."""
+    if spacing == "trailing":
+        return trailing_timesteps(len(schedule), steps)
+    if spacing == "logsnr":
+        return nested_logsnr_timesteps(schedule, steps)
+    raise DdpmError(f"a student's spacing must be one of {', '.join(STUDENT_SPACINGS)}, not {spacing!r}")
+
+
 def _logsnr_indices(lambdas: torch.Tensor, steps: int) -> list[int]:
     """Indices whose lambda is nearest to `steps` values uniform in lambda from lambda(T-1) to lambda(0).
 
@@ -397,7 +427,7 @@ def sampler_timesteps(sampling: SamplingConfig, schedule) -> list[int]:
     if sampling.sampler == "ddim":
         return ddim_timesteps(len(schedule), steps)
     if sampling.sampler == "student":
-        return trailing_timesteps(len(schedule), steps)
+        return student_timesteps(schedule, steps, sampling.spacing)
     return dpmpp_2m_timesteps(schedule, steps, sampling.spacing)
 
 
@@ -419,8 +449,8 @@ def run_sampler(
     """Run the sampler that `sampling` names with its options: the one dispatch from settings to sampler functions.
 
     Guidance options (guidance, guidance_rescale, guidance_interval) live in the denoiser (`make_denoiser`);
-    eta is DDIM's only; spacing is DPM-Solver++'s only. `x_T`, `start_index`, `stop_index`, `state_hook`: see the
-    module's docstring."""
+    eta is DDIM's only; spacing is DPM-Solver++'s and a student's. `x_T`, `start_index`, `stop_index`,
+    `state_hook`: see the module's docstring."""
     common = dict(generator=generator, device=device, clip_x0=sampling.clip_x0,
                   dynamic_threshold=sampling.dynamic_threshold, callback=callback, progress=progress, x_T=x_T,
                   start_index=start_index, stop_index=stop_index, state_hook=state_hook)
@@ -430,7 +460,8 @@ def run_sampler(
     if sampling.sampler == "ddim":
         return ddim_sample(denoiser, schedule, shape, steps=steps, eta=sampling.eta, **common)
     if sampling.sampler == "student":  # DDIM on the grid a distilled student was trained for (distill.py)
-        return ddim_sample(denoiser, schedule, shape, timesteps=trailing_timesteps(len(schedule), steps), **common)
+        return ddim_sample(denoiser, schedule, shape, timesteps=student_timesteps(schedule, steps, sampling.spacing),
+                           **common)
     if sampling.sampler == "dpmpp2m":
         return dpmpp_2m_sample(denoiser, schedule, shape, steps=steps, spacing=sampling.spacing, **common)
     raise DdpmError(f"sampler must be one of {SAMPLERS}, not {sampling.sampler!r}")

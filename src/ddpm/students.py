@@ -15,7 +15,7 @@ SAMPLER = "student"  # samplers.run_sampler's name for DDIM on a student's grid
 
 @dataclass(frozen=True)
 class Student:
-    steps: int  # the calls it was distilled to take: its grid is samplers.trailing_timesteps(T, steps)
+    steps: int  # the calls it was distilled to take, on samplers.student_timesteps(schedule, steps, spacing)
     teacher_steps: int  # its teacher's DDIM steps (2 x steps)
     weight: str | None  # the guidance weight it takes: "guide_weight" (g), "guidance" (w), or None
     weight_range: tuple[float, float] | None  # the weights it was trained over
@@ -23,6 +23,7 @@ class Student:
     fixed: dict  # the teacher's other guidance settings, baked in (e.g. w = 1 for an autoguided teacher)
     teacher: str  # what it was distilled from, as text
     data: str | None = None  # the images it was distilled on (`ddpm eval` compares with them)
+    spacing: str = "trailing"  # its grid (samplers.STUDENT_SPACINGS); students written before the choice: trailing
 
     @classmethod
     def from_config(cls, config: dict) -> Student | None:
@@ -32,7 +33,9 @@ class Student:
         record = dict(record)
         if record.get("weight_range") is not None:
             record["weight_range"] = tuple(float(v) for v in record["weight_range"])
-        return cls(**{f.name: record.get(f.name) for f in dataclasses.fields(cls)})
+        # a field missing from an older record takes its default (data: None, spacing: trailing)
+        return cls(**{f.name: record.get(f.name) for f in dataclasses.fields(cls)
+                      if f.name in record or f.default is dataclasses.MISSING})
 
     def to_record(self) -> dict:
         return dataclasses.asdict(self)
@@ -53,6 +56,8 @@ class Student:
         """`sampling` as a student draws it: its sampler and steps unless given, its weight unless given (checked
         against its range), and the teacher's other settings. `given`: the flags given by hand ({name: value})."""
         changes = {"sampler": given.get("sampler") or SAMPLER, "guidance_interval": None}
+        if changes["sampler"] == SAMPLER:
+            changes["spacing"] = self.spacing
         changes["steps"] = given.get("steps") or self.steps
         changes.update({k: v for k, v in self.fixed.items() if k in ("guidance", "guide_weight")})
         if self.weight is not None:

@@ -11,6 +11,7 @@ from . import common
 
 def add_distill_parser(sub) -> None:
     from ..distill import ROUND_STEPS, START_STEPS, TEACHER_SOLVERS, WEIGHT_RANGES
+    from ..samplers import STUDENT_SPACINGS
 
     d = sub.add_parser("distill", formatter_class=common.HelpFormatter,
                        help="distil a run into a student that draws in 1, 2 or 4 calls (progressive distillation)",
@@ -29,6 +30,9 @@ def add_distill_parser(sub) -> None:
     a("--teacher-solver", choices=TEACHER_SOLVERS, default=TEACHER_SOLVERS[0], help="how round 1's teacher makes "
       "the target: each of its two steps by DPM-Solver++(2S) (4 calls, the nearest targets, measured), one 2S step "
       "across both (DDIM's 2 calls, faster), or two DDIM steps")
+    a("--spacing", choices=("auto", *STUDENT_SPACINGS), default="auto", help="the students' grids: uniform in t "
+      "(trailing) or in log-SNR (whose 2-step middle point is t = 0.3 T instead of 0.5 T); auto = logsnr for "
+      "--steps 1 or 2, trailing for 4 (measured: benchmarks/RESULTS.md, \"Distillation\")")
     a("--weight-range", type=float, nargs=2, metavar=("LO", "HI"), help="the guidance weights the student learns "
       f"(default: g {WEIGHT_RANGES['guide_weight'][0]:g}-{WEIGHT_RANGES['guide_weight'][1]:g} with a guide, w "
       f"{WEIGHT_RANGES['guidance'][0]:g}-{WEIGHT_RANGES['guidance'][1]:g} without)")
@@ -72,7 +76,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     stop = StopRequest()
     with stop_on_signals(stop):
         result = distill(Path(args.model), steps=args.steps, start_steps=args.start_steps,
-                         round_steps=args.round_steps, teacher_solver=args.teacher_solver,
+                         round_steps=args.round_steps, teacher_solver=args.teacher_solver, spacing=args.spacing,
                          weight_range=args.weight_range, batch_size=args.batch_size,
                          lr=args.lr, data=args.data, out=args.out, device=args.device, seed=args.seed,
                          resume=args.resume, if_exists=args.resume_if_exists, progress=not args.quiet, stop=stop,
