@@ -234,8 +234,9 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
             guidance: float | None = None, guide_weight: float | None = None, eval_n: int | None = None,
             **source_flags) -> DistillResult:
     """Distil what `ddpm sample RUN` draws (or what `source_flags`, sources.resolve_sources's, choose) into students
-    of start_steps / 2, / 4, ... `steps` steps, `round_steps` optimizer steps a round, each written to
-    RUN/distilled/steps_K/ (a model folder with a "student" record). Training is the Trainer's: checkpoints, resume,
+    of start_steps / 2, / 4, ... `steps` steps, `round_steps` optimizer steps a round, on the nested grids of
+    `spacing` (resolve_spacing), each written to RUN/distilled/steps_K/ (a model folder with a "student" record,
+    its grid included). Training is the Trainer's: checkpoints, resume,
     the graceful stop, --time-limit, torchrun and the log come with it. `eval_n`: images scored at each round's end
     into the log (see _score_student); None = the teacher run's --eval-n when it evaluated while training, else 0."""
 
