@@ -455,6 +455,17 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teac
     assert not (tmp_path / "o").exists() and not (teacher_run / "distilled").exists()
 
 
+def test_round_one_gets_300_steps_and_each_later_round_200_by_default():
+    # bugs caught: the default lengths saved as None in distill.json (a resume could not tell what ran), every round
+    # at one length, or round 1's length given to the last round
+    from ddpm.distill import DistillSettings
+
+    two = DistillSettings({}, None, None, None, start_steps=16, steps=2)
+    assert two.round_steps == [300, 200, 200] and two.round_ends == [300, 500, 700]
+    assert DistillSettings({}, None, None, None, start_steps=16, steps=1).round_ends == [300, 500, 700, 900]
+    assert DistillSettings({}, None, None, None, start_steps=8, steps=4, round_steps=50).round_ends == [50]
+
+
 def test_round_steps_that_are_no_numbers_are_one_line(capsys):
     from ddpm.cli import main
 

@@ -51,7 +51,10 @@ STEP_CHOICES = (1, 2, 4)
 WEIGHT_RANGES = {"guide_weight": (1.0, 4.0), "guidance": (1.0, 6.0)}
 MAX_START_STEPS = 256  # past this a distillation has more rounds than any measured plan, and T = 1000 runs out
 START_STEPS = 16  # the first teacher's grid (benchmarks/RESULTS.md, "Distillation")
-ROUND_STEPS = 200  # optimizer steps a round (the same)
+# optimizer steps a round by default: round 1, which learns from the guided model itself, FIRST_ROUND_STEPS, every
+# later round ROUND_STEPS (benchmarks/RESULTS.md, "Distillation": 300 for round 1 brought the 8- and 4-call students
+# nearer the digits; the last round gained nothing from 400 and lost little with 100)
+FIRST_ROUND_STEPS, ROUND_STEPS = 300, 200
 # --spacing auto: the log-SNR grid when the last student takes 1 or 2 steps (its 2-call student is far nearer the
 # digits), the trailing one for 4 (its 4- and 8-call students are nearer); benchmarks/RESULTS.md, "Distillation"
 AUTO_SPACING = {1: "logsnr", 2: "logsnr", 4: "trailing"}
@@ -85,12 +88,15 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def round_lengths(round_steps: int | list[int], rounds: int) -> list[int]:
-    """Optimizer steps of each of `rounds` rounds: `round_steps` for all, or one number per round."""
+def round_lengths(round_steps: int | list[int] | None, rounds: int) -> list[int]:
+    """Optimizer steps of each of `rounds` rounds: `round_steps` for all, or one number per round; None: the
+    defaults (FIRST_ROUND_STEPS, then ROUND_STEPS)."""
+    if round_steps is None:
+        return [FIRST_ROUND_STEPS] + [ROUND_STEPS] * (rounds - 1)
     return list(round_steps) if isinstance(round_steps, (list, tuple)) else [round_steps] * rounds
 
 
-def check_rounds(steps: int, start_steps: int, round_steps: int | list[int]) -> None:
+def check_rounds(steps: int, start_steps: int, round_steps: int | list[int] | None) -> None:
     """One line unless the rounds can halve `start_steps` down to `steps` (1, 2 or 4), each with >= 1 step."""
     if steps not in STEP_CHOICES:
         raise ConfigError(f"--steps {steps}: a student takes 1, 2 or 4 steps (each round halves the steps from "
@@ -142,11 +148,14 @@ class DistillSettings:
     default_weight: float | None
     start_steps: int = START_STEPS
     steps: int = 2
-    round_steps: int | list[int] = ROUND_STEPS  # for every round, or one number per round
+    round_steps: int | list[int] | None = None  # for every round, or one number per round; None: the defaults
     teacher_solver: str = TEACHER_SOLVERS[0]  # how round 1's teacher steps (later rounds: DDIM)
     spacing: str = "trailing"  # the students' nested grids (samplers.STUDENT_SPACINGS)
 
     def __post_init__(self) -> None:
+        if self.round_steps is None:  # written out, so that distill.json says what ran
+            check_rounds(self.steps, self.start_steps, None)
+            self.round_steps = round_lengths(None, len(self.rounds))
         if isinstance(self.round_steps, (list, tuple)):
             self.round_steps = [int(n) for n in self.round_steps]
         if self.weight_range is not None:
@@ -225,7 +234,7 @@ def _run_config(run: Path) -> RunConfig:
 
 
 def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
-            round_steps: int | list[int] = ROUND_STEPS, teacher_solver: str = TEACHER_SOLVERS[0],
+            round_steps: int | list[int] | None = None, teacher_solver: str = TEACHER_SOLVERS[0],
             spacing: str = "auto", weight_range: tuple[float, float] | None = None, batch_size: int | None = None,
             lr: float = 3e-4, data: str | None = None, out: Path | str | None = None, device: str | None = None,
             seed: int = 0, resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,

@@ -10,7 +10,7 @@ from . import common
 
 
 def add_distill_parser(sub) -> None:
-    from ..distill import ROUND_STEPS, START_STEPS, TEACHER_SOLVERS, WEIGHT_RANGES
+    from ..distill import FIRST_ROUND_STEPS, ROUND_STEPS, START_STEPS, TEACHER_SOLVERS, WEIGHT_RANGES
     from ..samplers import STUDENT_SPACINGS
 
     d = sub.add_parser("distill", formatter_class=common.HelpFormatter,
@@ -25,8 +25,9 @@ def add_distill_parser(sub) -> None:
       help="the teacher: a run folder (drawn as ddpm sample draws it) or its model folder")
     a("--steps", type=int, default=2, help="the last student's calls per image: 1, 2 or 4")
     a("--start-steps", type=int, default=START_STEPS, help="the first teacher's steps; each round halves them")
-    a("--round-steps", type=_round_steps, default=ROUND_STEPS, metavar="N[,N...]", help="optimizer steps per round: "
-      "one number for every round, or one per round (e.g. 100,200,400 for 16 -> 2 steps)")
+    a("--round-steps", type=_round_steps, metavar="N[,N...]", help="optimizer steps per round: one number for "
+      f"every round, or one per round (e.g. 300,200,100 for 16 -> 2 steps) (default: {FIRST_ROUND_STEPS} for round 1, "
+      f"which learns from the guided model, {ROUND_STEPS} for each later one)")
     a("--teacher-solver", choices=TEACHER_SOLVERS, default=TEACHER_SOLVERS[0], help="how round 1's teacher makes "
       "the target: each of its two steps by DPM-Solver++(2S) (4 calls, the nearest targets, measured), one 2S step "
       "across both (DDIM's 2 calls, faster), or two DDIM steps")
