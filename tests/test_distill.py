@@ -77,6 +77,19 @@ def test_the_log_snr_grids_are_uniform_in_log_snr_and_nest(steps):
         nested_grid(schedule_of(37), 8, "logsnr")
 
 
+def test_spacing_auto_is_the_log_snr_grid_where_it_fits_and_else_trailing():
+    # bugs caught: "auto" refusing a short schedule (a model of few timesteps could not be distilled without a flag),
+    # or a grid named by hand silently replaced
+    from ddpm.config import ConfigError
+    from ddpm.distill import resolve_spacing
+
+    assert resolve_spacing("auto", 16, schedule_of()) == "logsnr"
+    assert resolve_spacing("auto", 16, schedule_of(37)) == "trailing"
+    assert resolve_spacing("trailing", 16, schedule_of()) == "trailing"
+    with pytest.raises(ConfigError, match="--spacing logsnr --start-steps 16: the log-SNR grid"):
+        resolve_spacing("logsnr", 16, schedule_of(37))
+
+
 def test_one_student_step_equals_two_teacher_ddim_steps_in_float64():
     # bug caught: a wrong target formula (a sign, sigma ratio inverted, alpha and sigma swapped, the image step
     # treated as an ordinary index) -- checked by running DDIM written out here, in float64, on a known teacher
@@ -282,7 +295,7 @@ def test_one_round_brings_the_students_k_steps_closer_to_the_teachers_2k_steps(t
     assert main(["distill", str(teacher_run), "--steps", "1", "--start-steps", "2", "--round-steps", "60",
                  "--lr", "3e-3", "--teacher-solver", "ddim", "--out", str(out), *DISTILL]) == 0
     settings = json.loads((out / "distill.json").read_text())
-    assert settings["teacher_solver"] == "ddim" and settings["spacing"] == "logsnr"  # --spacing auto for 1 step
+    assert settings["teacher_solver"] == "ddim" and settings["spacing"] == "logsnr"  # --spacing auto
     student, schedule, _ = from_pretrained(out / "steps_1")
     teacher = open_model(teacher_run)
     assert teacher.guide is not None

@@ -55,9 +55,6 @@ START_STEPS = 16  # the first teacher's grid (benchmarks/RESULTS.md, "Distillati
 # later round ROUND_STEPS (benchmarks/RESULTS.md, "Distillation": 300 for round 1 brought the 8- and 4-call students
 # nearer the digits; the last round gained nothing from 400 and lost little with 100)
 FIRST_ROUND_STEPS, ROUND_STEPS = 300, 200
-# --spacing auto: the log-SNR grid when the last student takes 1 or 2 steps (its 2-call student is far nearer the
-# digits), the trailing one for 4 (its 4- and 8-call students are nearer); benchmarks/RESULTS.md, "Distillation"
-AUTO_SPACING = {1: "logsnr", 2: "logsnr", 4: "trailing"}
 
 # -- teachers ----------------------------------------------------------------------------------------------------
 def denoiser_teacher(model: torch.nn.Module, schedule: NoiseSchedule, sampling: SamplingConfig, guide=None,
@@ -122,11 +119,12 @@ def check_spacing(spacing: str) -> None:
         raise ConfigError(f"--spacing {spacing}: choose auto or one of {', '.join(STUDENT_SPACINGS)}")
 
 
-def resolve_spacing(spacing: str, steps: int, start_steps: int, schedule) -> str:
-    """--spacing as the students are trained: "auto" is AUTO_SPACING's choice for the last student's steps, or
-    trailing where a log-SNR grid does not fit the schedule's timesteps (samplers.nested_logsnr_timesteps); a
-    grid asked for by name that does not fit is one line."""
-    chosen = AUTO_SPACING.get(steps, "trailing") if spacing == "auto" else spacing
+def resolve_spacing(spacing: str, start_steps: int, schedule) -> str:
+    """--spacing as the students are trained: "auto" is the log-SNR grid (its students of 8, 4, 2 and 1 calls were
+    all as near the digits as the trailing grid's or nearer, the 2-call one far nearer: benchmarks/RESULTS.md,
+    "Distillation"), or trailing where a log-SNR grid does not fit the schedule's timesteps
+    (samplers.nested_logsnr_timesteps); a grid asked for by name that does not fit is one line."""
+    chosen = "logsnr" if spacing == "auto" else spacing
     check_spacing(chosen)
     try:
         student_timesteps(schedule, start_steps, chosen)
@@ -263,7 +261,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     opened = open_model(run, device, warn=warn, **source_flags)
     if start_steps > len(opened.schedule):
         raise ConfigError(f"--start-steps {start_steps} is more than the model's {len(opened.schedule)} timesteps")
-    spacing = resolve_spacing(spacing, steps, start_steps, opened.schedule)
+    spacing = resolve_spacing(spacing, start_steps, opened.schedule)
     record, weight, weights, default_weight = teacher_settings(
         opened, {"guidance": guidance, "guide_weight": guide_weight}, weight_range, start_steps)
     if source_flags.get("raw_weights"):  # --no-ema: the same folder's raw weights are another teacher

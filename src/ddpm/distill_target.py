@@ -22,8 +22,8 @@ Grids (samplers.student_timesteps) are diffusers' "trailing" spacing, round(T k 
 or "logsnr", uniform in log-SNR from lambda(T-1) towards lambda(0) with the image as the end. Both start at T-1 and
 nest: the grid of 2K steps holds the grid of K steps at its even points. They differ in where the few steps go: the
 2-step student's middle point is t = 499 on the trailing grid and t = 302 on the log-SNR one (linear betas, T = 1000),
-and the log-SNR students of 2 calls come out far nearer the digits, those of 4 and 8 a little further (RESULTS.md,
-"Distillation"; distill.py's "auto" chooses by the last student's steps).
+and the log-SNR student of 2 calls comes out far nearer the digits (RESULTS.md, "Distillation"; the default where
+the schedule allows it, distill.resolve_spacing).
 """
 from __future__ import annotations
 

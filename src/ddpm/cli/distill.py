@@ -32,8 +32,8 @@ def add_distill_parser(sub) -> None:
       "the target: each of its two steps by DPM-Solver++(2S) (4 calls, the nearest targets, measured), one 2S step "
       "across both (DDIM's 2 calls, faster), or two DDIM steps")
     a("--spacing", choices=("auto", *STUDENT_SPACINGS), default="auto", help="the students' grids: uniform in t "
-      "(trailing) or in log-SNR (whose 2-step middle point is t = 0.3 T instead of 0.5 T); auto = logsnr for "
-      "--steps 1 or 2, trailing for 4 (measured: benchmarks/RESULTS.md, \"Distillation\")")
+      "(trailing) or in log-SNR (whose 2-step middle point is t = 0.3 T instead of 0.5 T); auto = logsnr, or "
+      "trailing where the schedule has too few timesteps for it (measured: benchmarks/RESULTS.md, \"Distillation\")")
     a("--weight-range", type=float, nargs=2, metavar=("LO", "HI"), help="the guidance weights the student learns "
       f"(default: g {WEIGHT_RANGES['guide_weight'][0]:g}-{WEIGHT_RANGES['guide_weight'][1]:g} with a guide, w "
       f"{WEIGHT_RANGES['guidance'][0]:g}-{WEIGHT_RANGES['guidance'][1]:g} without)")
