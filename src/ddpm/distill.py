@@ -52,9 +52,9 @@ WEIGHT_RANGES = {"guide_weight": (1.0, 4.0), "guidance": (1.0, 6.0)}
 MAX_START_STEPS = 256  # past this a distillation has more rounds than any measured plan, and T = 1000 runs out
 START_STEPS = 16  # the first teacher's grid (benchmarks/RESULTS.md, "Distillation")
 # optimizer steps a round by default: round 1, which learns from the guided model itself, FIRST_ROUND_STEPS, every
-# later round ROUND_STEPS (benchmarks/RESULTS.md, "Distillation": round 1 at 300 and 400 steps came out nearer the
-# digits than at 200 in three of four runs, within the spread between seeds; 400 gained nothing over 300; the last
-# round gained nothing from 400 and lost little with 100)
+# later round ROUND_STEPS (benchmarks/RESULTS.md, "Distillation": four runs with round 1 at 300 or 400 steps were all
+# nearer the digits at 8 and 4 calls than the one at 200, three of them at 2 calls, by less than two seeds of one
+# setting differ; 400 gained nothing over 300; the last round gained nothing from 400 and lost little with 100)
 FIRST_ROUND_STEPS, ROUND_STEPS = 300, 200
 
 # -- teachers ----------------------------------------------------------------------------------------------------
