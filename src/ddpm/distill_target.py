@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError
 from .errors import DdpmError
-from .samplers import student_timesteps
+from .samplers import nearest_indices, student_timesteps
 from .schedule import NoiseSchedule
 
 # how round 1's teacher makes the student's target: "dpmpp2s" (each of its two steps by DPM-Solver++(2S): four calls),
@@ -124,7 +124,7 @@ def dpmpp_2s_step(eps_fn, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor, alp
     final = t < 0
     lam_s = lam[s]
     lam_t = torch.where(final, lam_s, lam[t.clamp(min=0)])
-    u = (lam[None, :] - (0.5 * (lam_s + lam_t))[:, None]).abs().argmin(dim=1)
+    u = nearest_indices(lam, 0.5 * (lam_s + lam_t))
     second = ~final & (u < s) & (u > t)
     u = torch.where(second, u, s)  # samples without a midpoint evaluate at s again and keep the first order
     half_over_r = torch.where(second, 0.5 * (lam_t - lam_s) / (lam[u] - lam_s), torch.zeros_like(lam_s))

@@ -282,6 +282,11 @@ def trailing_timesteps(timesteps: int, steps: int) -> list[int]:
     return [round(Fraction(timesteps * (steps - k), steps)) - 1 for k in range(steps)]
 
 
+def nearest_indices(lambdas: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """For each of `targets`, the index whose lambda is nearest (ties: the lower index)."""
+    return (lambdas[None, :] - targets[:, None]).abs().argmin(dim=1)
+
+
 STUDENT_SPACINGS = ("trailing", "logsnr")  # the grids a distilled student can be trained on (student_timesteps)
 
 
@@ -294,7 +299,7 @@ def nested_logsnr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
     lambdas = log_snr(schedule)
     lo, hi = float(lambdas[-1]), float(lambdas[0])
     targets = lo + (hi - lo) * torch.arange(steps, dtype=torch.float64) / steps
-    indices = (lambdas[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
+    indices = nearest_indices(lambdas, targets).tolist()
     if any(a <= b for a, b in zip(indices, indices[1:])):
         raise DdpmError(f"the log-SNR grid of {steps} steps needs more than the schedule's {len(lambdas)} timesteps "
                         "(two steps fall on one index); use the trailing spacing")
@@ -324,7 +329,7 @@ def _logsnr_indices(lambdas: torch.Tensor, steps: int) -> list[int]:
     if steps == 1:
         return [T - 1]
     targets = torch.linspace(float(lambdas[-1]), float(lambdas[0]), steps, dtype=torch.float64)
-    nearest = (lambdas[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
+    nearest = nearest_indices(lambdas, targets).tolist()
     indices = list(nearest)
     for k in range(steps - 2, -1, -1):  # from the low-noise end: strictly above the next index
         indices[k] = max(indices[k], indices[k + 1] + 1)
