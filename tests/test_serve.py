@@ -253,6 +253,30 @@ def test_one_request_at_a_time(client, monkeypatch):
     assert most[0] == 1
 
 
+def test_every_image_reaches_gradio_as_a_file_it_never_rewrites(client, monkeypatch, tmp_path):
+    # Catches: an image handed to Gradio as an array. Gradio stores an array under a name made from its bytes and
+    # rewrites that file in place, so two requests drawing the same picture truncated a preview another client was
+    # downloading (CI: "peer closed connection without sending complete message body (received 0 bytes)").
+    import gradio as gr
+    from gradio import processing_utils
+
+    from ddpm.serve import controls
+
+    rewritten = []
+    real = processing_utils.save_pil_to_cache
+    monkeypatch.setattr(processing_utils, "save_pil_to_cache",
+                        lambda *args, **kwargs: rewritten.append(args) or real(*args, **kwargs))
+    (status, *_), _ = generate(client, steps=3, show_process=True)
+    assert status.startswith("done") and rewritten == []
+    grid = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)  # the edit tab's updates take the same road
+    with gr.Blocks():
+        image = gr.Image(type="numpy", format="png")
+    path = controls.gradio_update(gr, {"edit_result": image}, {"edit_result": grid}, tmp_path)[image]
+    assert np.array_equal(png_pixels(Path(path).read_bytes()), grid)
+    grey = controls.shown_png(grid[..., 0], tmp_path, "process")
+    assert np.array_equal(png_pixels(Path(grey).read_bytes()), grid[..., 0])
+
+
 def test_the_model_folder_is_only_read(client, server):
     # Catches: anything (PNGs, a cache, Gradio's files) written into the run folder being served (guide included).
     generate(client, count=1)

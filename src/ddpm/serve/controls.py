@@ -3,9 +3,15 @@
 turns a request layer's update into Gradio's."""
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from ..config import MAX_SEED
+from ..files import atomic_write_bytes, png_bytes
 from .fields import page_samplers
 from .served import MAX_GUIDANCE, MAX_GUIDE_WEIGHT, RANDOM_SEED, ServedModel
 
@@ -54,12 +60,29 @@ def seed_box(gr, value: str, elem_id: str):
                       elem_id=elem_id)
 
 
-def gradio_update(gr, outputs: dict, update: dict[str, Any]) -> dict:
+def gradio_update(gr, outputs: dict, update: dict[str, Any], folder: Path) -> dict:
     """A request layer's update keyed by the output components; a warning pops up, the process image shows or
-    hides."""
+    hides, and every image goes to Gradio as a PNG file in the request's `folder` (shown_png)."""
     if "warning" in update:
         gr.Warning(update["warning"])
+    update = {name: shown_png(value, folder, name) if isinstance(value, np.ndarray) else value
+              for name, value in update.items()}
     values = {outputs[name]: value for name, value in update.items() if name in outputs}
     if "process" in update:
         values[outputs["process"]] = gr.update(value=update["process"], visible=update["process"] is not None)
     return values
+
+
+def shown_png(image: np.ndarray, folder: Path, name: str) -> str:
+    """`image` (uint8, H x W [x C]) written to `folder` as <name>-<hash of its bytes>.png; the path, for Gradio.
+
+    Why not hand Gradio the array: Gradio stores an array under a name made from its bytes and rewrites that file in
+    place each time it is handed one, so two requests drawing the same picture (the same seed, or a blank preview)
+    truncate a file another client is downloading ("peer closed connection", a CI failure). A path Gradio copies
+    once, atomically, and never rewrites; ours is written atomically too.
+    """
+    data = png_bytes(torch.from_numpy(image if image.ndim == 3 else image[..., None]).permute(2, 0, 1))
+    path = Path(folder) / f"{name}-{hashlib.sha256(data).hexdigest()[:16]}.png"
+    if not path.exists():
+        atomic_write_bytes(path, data)
+    return str(path)

@@ -42,8 +42,9 @@ def build_edit_tab(gr, served: ServedModel, new_folder, max_steps: int) -> None:
     def edit(image, mode, class_index, strength, guidance, guide_weight, sampler, steps, seed):
         values = dict(zip(EDIT_FIELDS, (image, mode, class_index, strength, guidance, guide_weight, sampler, steps,
                                         seed)))
-        for update in respond_edit(served, values, new_folder(), max_steps=max_steps):
-            yield c.gradio_update(gr, outputs, update)
+        folder = new_folder()
+        for update in respond_edit(served, values, folder, max_steps=max_steps):
+            yield c.gradio_update(gr, outputs, update, folder)
 
     button.click(edit, [controls[name] for name in EDIT_FIELDS], [outputs[name] for name in EDIT_OUTPUTS],
                  api_name="edit", concurrency_limit=1)

@@ -37,9 +37,10 @@ def build_sample_tab(gr, served: ServedModel, new_folder, max_steps: int, max_im
                  interval_hi, rescale, threshold):
         values = (class_index, guidance, guide_weight, sampler, steps, seed, count, show_process, interval_lo,
                   interval_hi, rescale, threshold)
-        for update in respond(served, dict(zip(FIELDS, values)), new_folder(), max_steps=max_steps,
+        folder = new_folder()
+        for update in respond(served, dict(zip(FIELDS, values)), folder, max_steps=max_steps,
                               max_images=max_images):
-            yield c.gradio_update(gr, outputs, update)
+            yield c.gradio_update(gr, outputs, update, folder)
 
     button.click(generate, [controls[name] for name in FIELDS], [outputs[name] for name in OUTPUTS],
                  api_name="generate", concurrency_limit=1)
