@@ -214,6 +214,28 @@ def test_each_teacher_solver_makes_the_objectives_target(solver, expected, monke
     assert used == expected
 
 
+@pytest.mark.parametrize("steps, final_weight", [(2, 3.0), (2, 9.0), (2, 1.0), (4, 3.0), (8, 3.0)])
+def test_a_two_step_students_step_to_the_image_is_drawn_final_weight_times_as_often(steps, final_weight):
+    # bugs caught: the extra weight on the first step, the odds inverted (1/W), the weight reaching the 4- and 8-step
+    # students (measured: it costs them), a weight of 1 or another student count that changes the uniform draw (old
+    # distillations would no longer resume to the same bits), the generator ignored
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    objective = DistillationObjective(None, schedule, steps, None, final_weight=final_weight)
+    n = 40_000
+
+    def positions(seed):
+        return objective.draw((n, 1, 1, 1), torch.Generator().manual_seed(seed), torch.device("cpu"))["position"]
+
+    drawn = positions(0)
+    if steps == 2:
+        p = final_weight / (1 + final_weight)  # the closed form: odds W : 1
+        assert abs((drawn == 1).double().mean().item() - p) < 4 * (p * (1 - p) / n) ** 0.5
+        assert drawn.min() == 0 and drawn.max() == 1
+    if steps != 2 or final_weight == 1.0:
+        assert torch.equal(drawn, torch.randint(0, steps, (n,), generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(positions(0), drawn) and not torch.equal(positions(1), drawn)
+
+
 def test_the_loss_is_the_truncated_snr_weighted_x0_error_of_the_students_output(tiny_config):
     # bugs caught: no weighting, SNR not truncated at 1, the weight of the wrong index, the student's v read as x0
     schedule = NoiseSchedule.from_config(DiffusionConfig(prediction="v"))
@@ -450,6 +472,7 @@ def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkey
     (["distill", "{teacher}", "--out", "{students}", "--weight-range", "1", "3"], "holds a distillation of another"),
     (["distill", "{teacher}", "--guide-weight", "5"], "outside --weight-range 1 4"),
     (["distill", "{teacher}", "--spacing", "logsnr", "--start-steps", "64"], "two steps fall on one index"),
+    (["distill", "{teacher}", "--final-weight", "0.5"], "must be from 1"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teacher_run, tmp_path, capsys):
     import re
@@ -550,10 +573,16 @@ def test_every_distill_flag_runs(teacher_run, tmp_path, capsys):
     assert main(["distill", str(teacher_run), "--guide", "none", "--guidance", "2", "--data", "mnist", "--seed", "3",
                  "--weight-range", "1", "3", "--lr", "1e-3", "--out", str(cfg), "--resume", *small]) == 0
     g = tmp_path / "g"
-    assert main(["distill", str(teacher_run), "--guide-weight", "2.2", "--spacing", "trailing", "--out", str(g),
-                 *small]) == 0
+    g_flags = ["--guide-weight", "2.2", "--spacing", "trailing", "--out", str(g), *small]
+    assert main(["distill", str(teacher_run), "--final-weight", "2", *g_flags]) == 0
     record = json.loads((g / "steps_1" / "config.json").read_text())["student"]
     assert record["default_weight"] == 2.2 and record["spacing"] == "trailing"
+    settings = json.loads((g / "distill.json").read_text())
+    assert settings["final_weight"] == 2.0
+    del settings["final_weight"]  # as written before the draw had a choice: it was uniform, --final-weight 1
+    (g / "distill.json").write_text(json.dumps(settings))
+    assert main(["distill", str(teacher_run), "--resume-if-exists", *g_flags]) == 2  # the default 3 is another run
+    assert main(["distill", str(teacher_run), "--final-weight", "1", "--resume-if-exists", *g_flags]) == 0
     raw = tmp_path / "raw"  # --no-ema: the teacher is the latest checkpoint's raw weights, and says so
     assert main(["distill", str(teacher_run), "--no-ema", "--out", str(raw), *small]) == 0
     assert json.loads((raw / "distill.json").read_text())["teacher"]["raw_weights"] is True

@@ -56,6 +56,9 @@ START_STEPS = 16  # the first teacher's grid (benchmarks/RESULTS.md, "Distillati
 # nearer the digits at 8 and 4 calls than the one at 200, three of them at 2 calls, by less than two seeds of one
 # setting differ; 400 gained nothing over 300; the last round gained nothing from 400 and lost little with 100)
 FIRST_ROUND_STEPS, ROUND_STEPS = 300, 200
+# how many times as often the round that makes the 2-step student draws its step to the image as its first
+# (benchmarks/RESULTS.md, "Distillation", stop 44: the 2-step student loses its distance to the digits in that step)
+FINAL_STEP_WEIGHT = 3.0
 
 # -- teachers ----------------------------------------------------------------------------------------------------
 def denoiser_teacher(model: torch.nn.Module, schedule: NoiseSchedule, sampling: SamplingConfig, guide=None,
@@ -120,6 +123,11 @@ def check_spacing(spacing: str) -> None:
         raise ConfigError(f"--spacing {spacing}: choose auto or one of {', '.join(STUDENT_SPACINGS)}")
 
 
+def check_final_weight(weight: float) -> None:
+    if not 1 <= weight <= 100:
+        raise ConfigError(f"--final-weight {weight:g} must be from 1 (every step drawn alike) to 100")
+
+
 def resolve_spacing(spacing: str, start_steps: int, schedule) -> str:
     """--spacing as the students are trained: "auto" is the log-SNR grid (its 2-call student about 2.0x the real
     floor against the trailing grid's 3.5x; at 8 and 4 calls the grids differ by less than two training seeds do:
@@ -150,6 +158,7 @@ class DistillSettings:
     round_steps: int | list[int] | None = None  # for every round, or one number per round; None: the defaults
     teacher_solver: str = TEACHER_SOLVERS[0]  # how round 1's teacher steps (later rounds: DDIM)
     spacing: str = "trailing"  # the students' nested grids (samplers.STUDENT_SPACINGS)
+    final_weight: float = 1.0  # the 2-step student's step to the image drawn this many times as often as its first
 
     def __post_init__(self) -> None:
         if self.round_steps is None:  # written out, so that distill.json says what ran
@@ -162,6 +171,7 @@ class DistillSettings:
         check_rounds(self.steps, self.start_steps, self.round_steps)
         check_teacher_solver(self.teacher_solver)
         check_spacing(self.spacing)
+        check_final_weight(self.final_weight)
         if self.weight_range is not None:
             lo, hi = self.weight_range
             if not 0 <= lo <= hi <= 100:
@@ -234,7 +244,8 @@ def _run_config(run: Path) -> RunConfig:
 
 def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
             round_steps: int | list[int] | None = None, teacher_solver: str = TEACHER_SOLVERS[0],
-            spacing: str = "auto", weight_range: tuple[float, float] | None = None, batch_size: int | None = None,
+            spacing: str = "auto", final_weight: float = FINAL_STEP_WEIGHT,
+            weight_range: tuple[float, float] | None = None, batch_size: int | None = None,
             lr: float = 3e-4, data: str | None = None, out: Path | str | None = None, device: str | None = None,
             seed: int = 0, resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
             time_limit: float | None = None, checkpoint_every: int | None = None, log_every: int = 25,
@@ -253,6 +264,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
         raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
     check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
     check_teacher_solver(teacher_solver)
+    check_final_weight(final_weight)
     if spacing != "auto":
         check_spacing(spacing)
     if eval_n is not None and eval_n != 0 and not 2 <= eval_n <= 100_000:
@@ -268,7 +280,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     if source_flags.get("raw_weights"):  # --no-ema: the same folder's raw weights are another teacher
         record["raw_weights"] = True
     settings = DistillSettings(record, weight, weights, default_weight, start_steps, steps, round_steps,
-                               teacher_solver, spacing)
+                               teacher_solver, spacing, final_weight)
     folder = Path(out) if out is not None else ckpt.RunFolder(run_folder(run)).distilled
     state = _existing(folder, settings, resume, if_exists)
     config = student_run_config(opened, run, folder, settings, data=data, batch_size=batch_size, lr=lr, seed=seed,
@@ -325,7 +337,7 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
         teacher = _round_teacher(number, settings, opened, folder, trainer.device)
         solver = settings.teacher_solver if number == 0 else "ddim"  # a student is exact under DDIM
         trainer.objective = DistillationObjective(teacher, trainer.schedule, steps, settings.weight_range, solver,
-                                                  settings.spacing)
+                                                  settings.spacing, settings.final_weight)
         stopped = fit(trainer, end, monitor, stop)
         if stopped:
             return written, stopped
@@ -356,6 +368,7 @@ def _existing(folder: Path, settings: DistillSettings, resume: bool, if_exists: 
     if saved is not None:
         saved.setdefault("teacher_solver", "ddim")  # written before round 1 had a choice: DDIM
         saved.setdefault("spacing", "trailing")  # written before the grid had a choice: trailing
+        saved.setdefault("final_weight", 1.0)  # written before the draw had a choice: uniform
     if saved != json.loads(json.dumps(dataclasses.asdict(settings))):  # compared as written (tuples are lists)
         what = "another teacher or other settings" if saved is not None else f"no {SETTINGS}"
         raise ConfigError(f"{folder} holds a distillation of {what}; give another --out (or the same flags as "

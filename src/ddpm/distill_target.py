@@ -15,8 +15,9 @@ every student after it closer to the digits (benchmarks/RESULTS.md, "Distillatio
 middle: one 2S step across the student's step through the teacher's grid point, the very calls of DDIM's two steps
 combined to second order. Later rounds' teachers are students, which were trained to be exact under DDIM, so they
 keep DDIM. The loss is the x-space MSE weighted by the truncated SNR max(alpha_s^2 / sigma_s^2, 1) (the paper's
-choice, sec. 4). No clipping of the teacher's x0, no t off the student's grid, no EMA of the student: each costs
-quality (DESIGN.md's traps).
+choice, sec. 4); the 2-step student's second step is drawn three times as often as its first by default
+(`final_weight`, DistillationObjective._positions), the paper's draw is uniform. No clipping of the teacher's
+x0, no t off the student's grid, no EMA of the student: each costs quality (DESIGN.md's traps).
 
 Grids (samplers.student_timesteps) are diffusers' "trailing" spacing, round(T k / K) - 1 for k = K..1, uniform in t,
 or "logsnr", uniform in log-SNR from lambda(T-1) towards lambda(0) with the image as the end. Both start at T-1 and
@@ -160,15 +161,17 @@ class DistillationObjective:
     """The Trainer's loss for one round (training.DenoisingObjective's interface): a student of `steps` steps
     learns two steps of `teacher` (eps of (z, t, labels, weight)) on the nested grid of `spacing`, taken with
     `solver` (one of TEACHER_SOLVERS), each sample at a weight drawn uniformly from `weight_range` (None: a student
-    without a weight input)."""
+    without a weight input). A 2-step student's step to the image is drawn `final_weight` times as often as its
+    first (1: alike, the paper's; _positions)."""
 
     draw_names = ("position", "noise", "weight")
 
     def __init__(self, teacher: Teacher, schedule: NoiseSchedule, steps: int,
-                 weight_range: tuple[float, float] | None, solver: str = "ddim", spacing: str = "trailing"):
+                 weight_range: tuple[float, float] | None, solver: str = "ddim", spacing: str = "trailing",
+                 final_weight: float = 1.0):
         check_teacher_solver(solver)
         self.teacher, self.schedule, self.steps, self.weight_range = teacher, schedule, steps, weight_range
-        self.solver = solver
+        self.solver, self.final_weight = solver, final_weight
         self.grid = nested_grid(schedule, steps, spacing)
         alpha, sigma = alphas_sigmas(schedule)
         device = schedule.betas.device
@@ -178,11 +181,22 @@ class DistillationObjective:
         self.sigma = sigma.to(device=device, dtype=torch.float32)
 
     def draw(self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-        position = torch.randint(0, self.steps, (shape[0],), device=device, generator=generator)
+        position = self._positions(shape[0], generator, device)
         noise = torch.randn(shape, device=device, generator=generator)
         uniform = torch.rand(shape[0], device=device, generator=generator)
         lo, hi = self.weight_range or (0.0, 0.0)
         return {"position": position, "noise": noise, "weight": lo + (hi - lo) * uniform}
+
+    def _positions(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """n grid positions: a 2-step student's second step (302 -> the image on the log-SNR grid) `final_weight`
+        times as likely as its first; any other student's positions alike. The 2-step student loses its distance to
+        the digits in that step alone (its first step, handed to the 4-step student's last two, draws as the 4-step
+        student does), while weighting the last step of 8- and 4-step students costs them (benchmarks/RESULTS.md,
+        "Distillation", stop 44)."""
+        if self.steps != 2 or self.final_weight == 1.0:
+            return torch.randint(0, self.steps, (n,), device=device, generator=generator)
+        share = self.final_weight / (1.0 + self.final_weight)
+        return (torch.rand(n, device=device, generator=generator) < share).long()
 
     def _coefficients(self, index: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (-1,) + (1,) * (ndim - 1)

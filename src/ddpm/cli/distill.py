@@ -10,7 +10,7 @@ from . import common
 
 
 def add_distill_parser(sub) -> None:
-    from ..distill import FIRST_ROUND_STEPS, ROUND_STEPS, START_STEPS, TEACHER_SOLVERS, WEIGHT_RANGES
+    from ..distill import FINAL_STEP_WEIGHT, FIRST_ROUND_STEPS, ROUND_STEPS, START_STEPS, TEACHER_SOLVERS, WEIGHT_RANGES
     from ..samplers import STUDENT_SPACINGS
 
     d = sub.add_parser("distill", formatter_class=common.HelpFormatter,
@@ -34,6 +34,9 @@ def add_distill_parser(sub) -> None:
     a("--spacing", choices=("auto", *STUDENT_SPACINGS), default="auto", help="the students' grids: uniform in t "
       "(trailing) or in log-SNR (whose 2-step middle point is t = 0.3 T instead of 0.5 T); auto = logsnr, or "
       "trailing where the schedule has too few timesteps for it (measured: benchmarks/RESULTS.md, \"Distillation\")")
+    a("--final-weight", type=float, default=FINAL_STEP_WEIGHT, metavar="W", help="how many times as often the "
+      "2-step student trains its step to the image as its first; 1 = alike, the paper's (other students: alike) "
+      "(measured: benchmarks/RESULTS.md, \"Distillation\")")
     a("--weight-range", type=float, nargs=2, metavar=("LO", "HI"), help="the guidance weights the student learns "
       f"(default: g {WEIGHT_RANGES['guide_weight'][0]:g}-{WEIGHT_RANGES['guide_weight'][1]:g} with a guide, w "
       f"{WEIGHT_RANGES['guidance'][0]:g}-{WEIGHT_RANGES['guidance'][1]:g} without)")
@@ -78,6 +81,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     with stop_on_signals(stop):
         result = distill(Path(args.model), steps=args.steps, start_steps=args.start_steps,
                          round_steps=args.round_steps, teacher_solver=args.teacher_solver, spacing=args.spacing,
+                         final_weight=args.final_weight,
                          weight_range=args.weight_range, batch_size=args.batch_size,
                          lr=args.lr, data=args.data, out=args.out, device=args.device, seed=args.seed,
                          resume=args.resume, if_exists=args.resume_if_exists, progress=not args.quiet, stop=stop,
