@@ -263,14 +263,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     if data is not None and not data.strip():
         raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
     check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
-    check_teacher_solver(teacher_solver)
-    check_final_weight(final_weight)
-    if spacing != "auto":
-        check_spacing(spacing)
-    if eval_n is not None and eval_n != 0 and not 2 <= eval_n <= 100_000:
-        raise ConfigError(f"--eval-n {eval_n} must be 0 (no evaluation) or from 2 to 100,000 images")
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every {checkpoint_every} must be >= 1 (default: at each round's end)")
+    _check_options(teacher_solver, spacing, final_weight, eval_n, checkpoint_every)
     opened = open_model(run, device, warn=warn, **source_flags)
     if start_steps > len(opened.schedule):
         raise ConfigError(f"--start-steps {start_steps} is more than the model's {len(opened.schedule)} timesteps")
@@ -303,6 +296,19 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
         written, stopped = run_rounds(trainer, settings, opened, folder, monitor, stop, run, info,
                                       _round_evaluation(trainer, run, eval_n))
     return DistillResult(folder, written, stopped)
+
+
+def _check_options(teacher_solver: str, spacing: str, final_weight: float, eval_n: int | None,
+                   checkpoint_every: int | None) -> None:
+    """distill()'s flags that need no model, checked before anything is opened."""
+    check_teacher_solver(teacher_solver)
+    check_final_weight(final_weight)
+    if spacing != "auto":
+        check_spacing(spacing)
+    if eval_n is not None and eval_n != 0 and not 2 <= eval_n <= 100_000:
+        raise ConfigError(f"--eval-n {eval_n} must be 0 (no evaluation) or from 2 to 100,000 images")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every {checkpoint_every} must be >= 1 (default: at each round's end)")
 
 
 def student_run_config(opened, run: Path, folder: Path, settings: DistillSettings, *, data, batch_size, lr, seed,
