@@ -368,6 +368,45 @@ def test_a_stop_mid_round_and_resume_give_the_uninterrupted_students_bits(teache
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_each_round_writes_its_students_average_and_the_next_round_starts_from_it(teacher_run, tmp_path,
+                                                                                 monkeypatch):
+    # bugs caught: a round that writes its last weights instead of their average (--student-ema not reaching the
+    # Trainer), an average with the decay's complement, one that starts from anything but the round's first
+    # weights, and a next round that starts from its last weights instead of the student it learns from
+    from safetensors.torch import load_file
+
+    distill_module = importlib.import_module("ddpm.distill")  # the module (ddpm.distill is also the function)
+    starts, real_fit = [], distill_module.fit
+
+    def recording_fit(trainer, end, monitor, stop):
+        starts.append({k: v.detach().clone().double() for k, v in trainer.model.state_dict().items()})
+        return real_fit(trainer, end, monitor, stop)
+
+    monkeypatch.setattr(distill_module, "fit", recording_fit)
+    decay, out = 0.75, tmp_path / "averaged"
+    distill(teacher_run, out=out, steps=1, start_steps=4, round_steps=[2, 1], batch_size=8, progress=False,
+            student_ema=decay, checkpoint_every=1)
+    raw = [{k: v.double() for k, v in torch.load(path, weights_only=True)["model"].items()}
+           for path in sorted((out / "checkpoints").glob("step_*.pt"))]
+    assert len(raw) == 3 and len(starts) == 2  # the raw weights after steps 1, 2 and 3; each round's first weights
+
+    def average(first, later):  # e_0 = the round's first weights, e_k = decay e_(k-1) + (1 - decay) w_k
+        result = dict(first)
+        for weights in later:
+            result = {k: decay * result[k] + (1 - decay) * weights[k] for k in result}
+        return result
+
+    def written(name):
+        return {k: v.double() for k, v in load_file(str(out / name / "model.safetensors")).items()}
+
+    round_one = average(starts[0], raw[:2])
+    assert max((written("steps_2")[k] - round_one[k]).abs().max() for k in round_one) < 1e-6
+    assert max((raw[1][k] - round_one[k]).abs().max() for k in round_one) > 1e-4  # the average is not the last step
+    assert max((starts[1][k] - written("steps_2")[k]).abs().max() for k in round_one) == 0  # round 2 starts there
+    round_two = average(starts[1], raw[2:])
+    assert max((written("steps_1")[k] - round_two[k]).abs().max() for k in round_two) < 1e-6
+
+
 def test_round_one_takes_its_teachers_steps_with_dpm_solver_2s_by_default(teacher_run, tmp_path, monkeypatch):
     # bug caught: the recorded --teacher-solver not reaching round 1's objective (DDIM's targets instead), or the
     # later rounds (students, exact under DDIM) taking 2S steps too
@@ -473,6 +512,7 @@ def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkey
     (["distill", "{teacher}", "--guide-weight", "5"], "outside --weight-range 1 4"),
     (["distill", "{teacher}", "--spacing", "logsnr", "--start-steps", "64"], "two steps fall on one index"),
     (["distill", "{teacher}", "--final-weight", "0.5"], "must be from 1"),
+    (["distill", "{teacher}", "--student-ema", "1"], "must be from 0"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teacher_run, tmp_path, capsys):
     import re
@@ -574,15 +614,18 @@ def test_every_distill_flag_runs(teacher_run, tmp_path, capsys):
                  "--weight-range", "1", "3", "--lr", "1e-3", "--out", str(cfg), "--resume", *small]) == 0
     g = tmp_path / "g"
     g_flags = ["--guide-weight", "2.2", "--spacing", "trailing", "--out", str(g), *small]
-    assert main(["distill", str(teacher_run), "--final-weight", "2", *g_flags]) == 0
+    assert main(["distill", str(teacher_run), "--final-weight", "2", "--student-ema", "0.9", *g_flags]) == 0
     record = json.loads((g / "steps_1" / "config.json").read_text())["student"]
     assert record["default_weight"] == 2.2 and record["spacing"] == "trailing"
     settings = json.loads((g / "distill.json").read_text())
-    assert settings["final_weight"] == 2.0
-    del settings["final_weight"]  # as written before the draw had a choice: it was uniform, --final-weight 1
+    assert settings["final_weight"] == 2.0 and settings["student_ema"] == 0.9
+    assert json.loads((g / "config.json").read_text())["train"]["ema_decay"] == 0.9
+    # as written before the draw and the average had a choice: uniform (--final-weight 1), the last weights (0)
+    del settings["final_weight"], settings["student_ema"]
     (g / "distill.json").write_text(json.dumps(settings))
     assert main(["distill", str(teacher_run), "--resume-if-exists", *g_flags]) == 2  # the default 3 is another run
-    assert main(["distill", str(teacher_run), "--final-weight", "1", "--resume-if-exists", *g_flags]) == 0
+    assert main(["distill", str(teacher_run), "--final-weight", "1", "--student-ema", "0", "--resume-if-exists",
+                 *g_flags]) == 0
     raw = tmp_path / "raw"  # --no-ema: the teacher is the latest checkpoint's raw weights, and says so
     assert main(["distill", str(teacher_run), "--no-ema", "--out", str(raw), *small]) == 0
     assert json.loads((raw / "distill.json").read_text())["teacher"]["raw_weights"] is True

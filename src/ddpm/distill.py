@@ -59,6 +59,10 @@ FIRST_ROUND_STEPS, ROUND_STEPS = 300, 200
 # how many times as often the round that makes the 2-step student draws its step to the image as its first
 # (benchmarks/RESULTS.md, "Distillation", stop 44: the 2-step student loses its distance to the digits in that step)
 FINAL_STEP_WEIGHT = 3.0
+# the decay of each round's exponential average of the student, the student it writes (0: its last weights, the
+# paper's). The last weights of a 200-step round are a noisy draw: two training seeds of one round made 2-call
+# students 0.35x of the floor apart, averaged ones 0.05x (benchmarks/RESULTS.md, "Distillation", stop 45)
+STUDENT_EMA = 0.0
 
 # -- teachers ----------------------------------------------------------------------------------------------------
 def denoiser_teacher(model: torch.nn.Module, schedule: NoiseSchedule, sampling: SamplingConfig, guide=None,
@@ -128,6 +132,11 @@ def check_final_weight(weight: float) -> None:
         raise ConfigError(f"--final-weight {weight:g} must be from 1 (every step drawn alike) to 100")
 
 
+def check_student_ema(decay: float) -> None:
+    if not 0 <= decay < 1:
+        raise ConfigError(f"--student-ema {decay:g} must be from 0 (the last weights) to below 1, e.g. 0.98")
+
+
 def resolve_spacing(spacing: str, start_steps: int, schedule) -> str:
     """--spacing as the students are trained: "auto" is the log-SNR grid (its 2-call student about 2.0x the real
     floor against the trailing grid's 3.5x; at 8 and 4 calls the grids differ by less than two training seeds do:
@@ -159,6 +168,7 @@ class DistillSettings:
     teacher_solver: str = TEACHER_SOLVERS[0]  # how round 1's teacher steps (later rounds: DDIM)
     spacing: str = "trailing"  # the students' nested grids (samplers.STUDENT_SPACINGS)
     final_weight: float = 1.0  # the 2-step student's step to the image drawn this many times as often as its first
+    student_ema: float = 0.0  # each round writes this exponential average of its student (0: its last weights)
 
     def __post_init__(self) -> None:
         if self.round_steps is None:  # written out, so that distill.json says what ran
@@ -172,6 +182,7 @@ class DistillSettings:
         check_teacher_solver(self.teacher_solver)
         check_spacing(self.spacing)
         check_final_weight(self.final_weight)
+        check_student_ema(self.student_ema)
         if self.weight_range is not None:
             lo, hi = self.weight_range
             if not 0 <= lo <= hi <= 100:
@@ -244,7 +255,7 @@ def _run_config(run: Path) -> RunConfig:
 
 def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
             round_steps: int | list[int] | None = None, teacher_solver: str = TEACHER_SOLVERS[0],
-            spacing: str = "auto", final_weight: float = FINAL_STEP_WEIGHT,
+            spacing: str = "auto", final_weight: float = FINAL_STEP_WEIGHT, student_ema: float = STUDENT_EMA,
             weight_range: tuple[float, float] | None = None, batch_size: int | None = None,
             lr: float = 3e-4, data: str | None = None, out: Path | str | None = None, device: str | None = None,
             seed: int = 0, resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
@@ -263,7 +274,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     if data is not None and not data.strip():
         raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
     check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
-    _check_options(teacher_solver, spacing, final_weight, eval_n, checkpoint_every)
+    _check_options(teacher_solver, spacing, final_weight, student_ema, eval_n, checkpoint_every)
     opened = open_model(run, device, warn=warn, **source_flags)
     if start_steps > len(opened.schedule):
         raise ConfigError(f"--start-steps {start_steps} is more than the model's {len(opened.schedule)} timesteps")
@@ -273,7 +284,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     if source_flags.get("raw_weights"):  # --no-ema: the same folder's raw weights are another teacher
         record["raw_weights"] = True
     settings = DistillSettings(record, weight, weights, default_weight, start_steps, steps, round_steps,
-                               teacher_solver, spacing, final_weight)
+                               teacher_solver, spacing, final_weight, student_ema)
     folder = Path(out) if out is not None else ckpt.RunFolder(run_folder(run)).distilled
     state = _existing(folder, settings, resume, if_exists)
     config = student_run_config(opened, run, folder, settings, data=data, batch_size=batch_size, lr=lr, seed=seed,
@@ -298,11 +309,12 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     return DistillResult(folder, written, stopped)
 
 
-def _check_options(teacher_solver: str, spacing: str, final_weight: float, eval_n: int | None,
-                   checkpoint_every: int | None) -> None:
+def _check_options(teacher_solver: str, spacing: str, final_weight: float, student_ema: float,
+                   eval_n: int | None, checkpoint_every: int | None) -> None:
     """distill()'s flags that need no model, checked before anything is opened."""
     check_teacher_solver(teacher_solver)
     check_final_weight(final_weight)
+    check_student_ema(student_ema)
     if spacing != "auto":
         check_spacing(spacing)
     if eval_n is not None and eval_n != 0 and not 2 <= eval_n <= 100_000:
@@ -313,8 +325,9 @@ def _check_options(teacher_solver: str, spacing: str, final_weight: float, eval_
 
 def student_run_config(opened, run: Path, folder: Path, settings: DistillSettings, *, data, batch_size, lr, seed,
                        device, amp, log_every, checkpoint_every, time_limit, trackers) -> RunConfig:
-    """The distillation as a run of the Trainer: the student's network, the teacher's schedule, the run's data, no
-    EMA (the paper uses none), no label dropout, no guide snapshot and no previews of its own (one a round)."""
+    """The distillation as a run of the Trainer: the student's network, the teacher's schedule, the run's data, the
+    classic EMA as the student's average (decay 0 copies the weights: none, the paper's), no label dropout, no
+    guide snapshot and no previews of its own (one a round)."""
     trained = _run_config(run) if data is None else None
     model = opened.model.config
     return RunConfig(
@@ -323,7 +336,7 @@ def student_run_config(opened, run: Path, folder: Path, settings: DistillSetting
         train=TrainConfig(data=data or trained.train.data, conditional=model.num_classes is not None,
                           channels=model.in_channels, hflip=None if trained is None else trained.train.hflip,
                           batch_size=batch_size or (64 if trained is None else trained.train.batch_size), lr=lr,
-                          ema_decay=0.0, ema_warmup=0, p_uncond=0.0, seed=seed, ema_lengths=()),
+                          ema_decay=settings.student_ema, ema_warmup=0, p_uncond=0.0, seed=seed, ema_lengths=()),
         runtime=RuntimeConfig(out_dir=str(folder), steps=settings.last_step, device=device, amp=amp,
                               log_every=log_every, checkpoint_every=checkpoint_every or math.gcd(*settings.round_ends),
                               sample_every=0, val_every=0, guide_fraction=0.0, time_limit=time_limit,
@@ -341,6 +354,8 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
             written.append(student_dir(folder, steps))
             continue
         teacher = _round_teacher(number, settings, opened, folder, trainer.device)
+        if number and trainer.step_count == settings.round_ends[number - 1]:
+            _start_from_teacher(trainer, settings, folder, number)
         solver = settings.teacher_solver if number == 0 else "ddim"  # a student is exact under DDIM
         trainer.objective = DistillationObjective(teacher, trainer.schedule, steps, settings.weight_range, solver,
                                                   settings.spacing, settings.final_weight)
@@ -351,6 +366,15 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
             written.append(_write_student(trainer, settings, folder, steps, run, monitor, info, quality))
         trainer.ctx.barrier()
     return written, 0
+
+
+def _start_from_teacher(trainer, settings: DistillSettings, folder: Path, number: int) -> None:
+    """A later round's student starts as its teacher, the student the previous round wrote (its average, or with
+    no average the very weights it ends with), read from its folder by every rank alike."""
+    model, _, _ = ckpt.from_pretrained(student_dir(folder, settings.rounds[number - 1]), trainer.device)
+    with torch.no_grad():
+        for param, saved in zip(trainer.model.parameters(), model.parameters(), strict=True):
+            param.copy_(saved)
 
 
 def _diffusion(config: dict):
@@ -375,6 +399,7 @@ def _existing(folder: Path, settings: DistillSettings, resume: bool, if_exists: 
         saved.setdefault("teacher_solver", "ddim")  # written before round 1 had a choice: DDIM
         saved.setdefault("spacing", "trailing")  # written before the grid had a choice: trailing
         saved.setdefault("final_weight", 1.0)  # written before the draw had a choice: uniform
+        saved.setdefault("student_ema", 0.0)  # written before the average had a choice: the last weights
     if saved != json.loads(json.dumps(dataclasses.asdict(settings))):  # compared as written (tuples are lists)
         what = "another teacher or other settings" if saved is not None else f"no {SETTINGS}"
         raise ConfigError(f"{folder} holds a distillation of {what}; give another --out (or the same flags as "
@@ -408,7 +433,7 @@ def _write_student(trainer, settings: DistillSettings, folder: Path, steps: int,
     path = student_dir(folder, steps)
     teacher_text = f"{run} ({settings.teacher['weights']})"
     record = settings.student(steps, teacher_text, trainer.config.train.data)
-    student = frozen(trainer.model)
+    student = frozen(trainer.ema.model)  # the round's average (decay 0: the last weights themselves)
     ckpt.save_pretrained(student, path, trainer.config.diffusion,
                          {"class_names": info.class_names, "step": trainer.step_count, "student": record})
     num_classes = student.config.num_classes

@@ -10,8 +10,7 @@ from . import common
 
 
 def add_distill_parser(sub) -> None:
-    from ..distill import FINAL_STEP_WEIGHT, FIRST_ROUND_STEPS, ROUND_STEPS, START_STEPS, TEACHER_SOLVERS, WEIGHT_RANGES
-    from ..samplers import STUDENT_SPACINGS
+    from ..distill import WEIGHT_RANGES
 
     d = sub.add_parser("distill", formatter_class=common.HelpFormatter,
                        help="distil a run into a student that draws in 1, 2 or 4 calls (progressive distillation)",
@@ -23,20 +22,7 @@ def add_distill_parser(sub) -> None:
     a = d.add_argument
     a("model", type=common.folder_path,
       help="the teacher: a run folder (drawn as ddpm sample draws it) or its model folder")
-    a("--steps", type=int, default=2, help="the last student's calls per image: 1, 2 or 4")
-    a("--start-steps", type=int, default=START_STEPS, help="the first teacher's steps; each round halves them")
-    a("--round-steps", type=_round_steps, metavar="N[,N...]", help="optimizer steps per round: one number for "
-      f"every round, or one per round (e.g. 300,200,100 for 16 -> 2 steps) (default: {FIRST_ROUND_STEPS} for round 1, "
-      f"which learns from the guided model, {ROUND_STEPS} for each later one)")
-    a("--teacher-solver", choices=TEACHER_SOLVERS, default=TEACHER_SOLVERS[0], help="how round 1's teacher makes "
-      "the target: each of its two steps by DPM-Solver++(2S) (4 calls, the nearest targets, measured), one 2S step "
-      "across both (DDIM's 2 calls, faster), or two DDIM steps")
-    a("--spacing", choices=("auto", *STUDENT_SPACINGS), default="auto", help="the students' grids: uniform in t "
-      "(trailing) or in log-SNR (whose 2-step middle point is t = 0.3 T instead of 0.5 T); auto = logsnr, or "
-      "trailing where the schedule has too few timesteps for it (measured: benchmarks/RESULTS.md, \"Distillation\")")
-    a("--final-weight", type=float, default=FINAL_STEP_WEIGHT, metavar="W", help="how many times as often the "
-      "2-step student trains its step to the image as its first; 1 = alike, the paper's (other students: alike) "
-      "(measured: benchmarks/RESULTS.md, \"Distillation\")")
+    _add_round_flags(a)
     a("--weight-range", type=float, nargs=2, metavar=("LO", "HI"), help="the guidance weights the student learns "
       f"(default: g {WEIGHT_RANGES['guide_weight'][0]:g}-{WEIGHT_RANGES['guide_weight'][1]:g} with a guide, w "
       f"{WEIGHT_RANGES['guidance'][0]:g}-{WEIGHT_RANGES['guidance'][1]:g} without)")
@@ -62,6 +48,30 @@ def add_distill_parser(sub) -> None:
     common.add_quiet_flag(a)
 
 
+def _add_round_flags(a) -> None:
+    """The flags of the rounds: how many, how long, their teacher's solver, grids, draw and average."""
+    from ..distill import FINAL_STEP_WEIGHT, FIRST_ROUND_STEPS, ROUND_STEPS, START_STEPS, STUDENT_EMA, TEACHER_SOLVERS
+    from ..samplers import STUDENT_SPACINGS
+
+    a("--steps", type=int, default=2, help="the last student's calls per image: 1, 2 or 4")
+    a("--start-steps", type=int, default=START_STEPS, help="the first teacher's steps; each round halves them")
+    a("--round-steps", type=_round_steps, metavar="N[,N...]", help="optimizer steps per round: one number for "
+      f"every round, or one per round (e.g. 300,200,100 for 16 -> 2 steps) (default: {FIRST_ROUND_STEPS} for round 1, "
+      f"which learns from the guided model, {ROUND_STEPS} for each later one)")
+    a("--teacher-solver", choices=TEACHER_SOLVERS, default=TEACHER_SOLVERS[0], help="how round 1's teacher makes "
+      "the target: each of its two steps by DPM-Solver++(2S) (4 calls, the nearest targets, measured), one 2S step "
+      "across both (DDIM's 2 calls, faster), or two DDIM steps")
+    a("--spacing", choices=("auto", *STUDENT_SPACINGS), default="auto", help="the students' grids: uniform in t "
+      "(trailing) or in log-SNR (whose 2-step middle point is t = 0.3 T instead of 0.5 T); auto = logsnr, or "
+      "trailing where the schedule has too few timesteps for it (measured: benchmarks/RESULTS.md, \"Distillation\")")
+    a("--final-weight", type=float, default=FINAL_STEP_WEIGHT, metavar="W", help="how many times as often the "
+      "2-step student trains its step to the image as its first; 1 = alike, the paper's (other students: alike) "
+      "(measured: benchmarks/RESULTS.md, \"Distillation\")")
+    a("--student-ema", type=float, default=STUDENT_EMA, metavar="DECAY", help="each round writes this exponential "
+      "average of its student's weights, and the next round starts from it; 0 = its last weights, the paper's "
+      "(measured: benchmarks/RESULTS.md, \"Distillation\")")
+
+
 def _round_steps(text: str) -> int | list[int]:
     try:
         numbers = [int(part) for part in text.split(",")]
@@ -81,7 +91,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     with stop_on_signals(stop):
         result = distill(Path(args.model), steps=args.steps, start_steps=args.start_steps,
                          round_steps=args.round_steps, teacher_solver=args.teacher_solver, spacing=args.spacing,
-                         final_weight=args.final_weight,
+                         final_weight=args.final_weight, student_ema=args.student_ema,
                          weight_range=args.weight_range, batch_size=args.batch_size,
                          lr=args.lr, data=args.data, out=args.out, device=args.device, seed=args.seed,
                          resume=args.resume, if_exists=args.resume_if_exists, progress=not args.quiet, stop=stop,
