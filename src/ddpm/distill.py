@@ -60,8 +60,9 @@ FIRST_ROUND_STEPS, ROUND_STEPS = 300, 200
 # (benchmarks/RESULTS.md, "Distillation", stop 44: the 2-step student loses its distance to the digits in that step)
 FINAL_STEP_WEIGHT = 3.0
 # the decay of each round's exponential average of the student, the student it writes (0: its last weights, the
-# paper's). The last weights of a 200-step round are a noisy draw: two training seeds of one round made 2-call
-# students 0.35x of the floor apart, averaged ones 0.05x (benchmarks/RESULTS.md, "Distillation", stop 45)
+# paper's). A round's last weights are a noisy draw (round 3 with four training seeds: 2-call students 0.35x of the
+# floor apart, averaged ones 0.05x), but whole distillations averaged with 0.98 came out no nearer, their 4-call
+# students further (benchmarks/RESULTS.md, "Distillation", stop 45): the default stays the paper's
 STUDENT_EMA = 0.0
 
 # -- teachers ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ combined to second order. Later rounds' teachers are students, which were traine
 keep DDIM. The loss is the x-space MSE weighted by the truncated SNR max(alpha_s^2 / sigma_s^2, 1) (the paper's
 choice, sec. 4); the 2-step student's second step is drawn three times as often as its first by default
 (`final_weight`, DistillationObjective._positions), the paper's draw is uniform. No clipping of the teacher's
-x0, no t off the student's grid, no EMA of the student: each costs quality (DESIGN.md's traps).
+x0 and no t off the student's grid: each costs quality (DESIGN.md's traps). The student a round writes is its last
+weights, as in the paper, unless distill's --student-ema asks for their average (distill.STUDENT_EMA).
 
 Grids (samplers.student_timesteps) are diffusers' "trailing" spacing, round(T k / K) - 1 for k = K..1, uniform in t,
 or "logsnr", uniform in log-SNR from lambda(T-1) towards lambda(0) with the image as the end. Both start at T-1 and
