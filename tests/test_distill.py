@@ -372,7 +372,8 @@ def test_each_round_writes_its_students_average_and_the_next_round_starts_from_i
                                                                                  monkeypatch):
     # bugs caught: a round that writes its last weights instead of their average (--student-ema not reaching the
     # Trainer), an average with the decay's complement, one that starts from anything but the round's first
-    # weights, and a next round that starts from its last weights instead of the student it learns from
+    # weights, a next round that starts from its last weights instead of the student it learns from, and round 1's
+    # decay kept for round 2
     from safetensors.torch import load_file
 
     distill_module = importlib.import_module("ddpm.distill")  # the module (ddpm.distill is also the function)
@@ -383,14 +384,14 @@ def test_each_round_writes_its_students_average_and_the_next_round_starts_from_i
         return real_fit(trainer, end, monitor, stop)
 
     monkeypatch.setattr(distill_module, "fit", recording_fit)
-    decay, out = 0.75, tmp_path / "averaged"
+    decays, out = [0.75, 0.5], tmp_path / "averaged"
     distill(teacher_run, out=out, steps=1, start_steps=4, round_steps=[2, 1], batch_size=8, progress=False,
-            student_ema=decay, checkpoint_every=1)
+            student_ema=decays, checkpoint_every=1)
     raw = [{k: v.double() for k, v in torch.load(path, weights_only=True)["model"].items()}
            for path in sorted((out / "checkpoints").glob("step_*.pt"))]
     assert len(raw) == 3 and len(starts) == 2  # the raw weights after steps 1, 2 and 3; each round's first weights
 
-    def average(first, later):  # e_0 = the round's first weights, e_k = decay e_(k-1) + (1 - decay) w_k
+    def average(first, later, decay):  # e_0 = the round's first weights, e_k = decay e_(k-1) + (1 - decay) w_k
         result = dict(first)
         for weights in later:
             result = {k: decay * result[k] + (1 - decay) * weights[k] for k in result}
@@ -399,11 +400,11 @@ def test_each_round_writes_its_students_average_and_the_next_round_starts_from_i
     def written(name):
         return {k: v.double() for k, v in load_file(str(out / name / "model.safetensors")).items()}
 
-    round_one = average(starts[0], raw[:2])
+    round_one = average(starts[0], raw[:2], decays[0])
     assert max((written("steps_2")[k] - round_one[k]).abs().max() for k in round_one) < 1e-6
     assert max((raw[1][k] - round_one[k]).abs().max() for k in round_one) > 1e-4  # the average is not the last step
     assert max((starts[1][k] - written("steps_2")[k]).abs().max() for k in round_one) == 0  # round 2 starts there
-    round_two = average(starts[1], raw[2:])
+    round_two = average(starts[1], raw[2:], decays[1])
     assert max((written("steps_1")[k] - round_two[k]).abs().max() for k in round_two) < 1e-6
 
 
@@ -513,6 +514,7 @@ def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkey
     (["distill", "{teacher}", "--spacing", "logsnr", "--start-steps", "64"], "two steps fall on one index"),
     (["distill", "{teacher}", "--final-weight", "0.5"], "must be from 1"),
     (["distill", "{teacher}", "--student-ema", "1"], "must be from 0"),
+    (["distill", "{teacher}", "--student-ema", "0,0.9"], "takes 3 rounds"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teacher_run, tmp_path, capsys):
     import re
@@ -542,13 +544,15 @@ def test_round_one_gets_300_steps_and_each_later_round_200_by_default():
     assert DistillSettings({}, None, None, None, start_steps=8, steps=4, round_steps=50).round_ends == [50]
 
 
-def test_round_steps_that_are_no_numbers_are_one_line(capsys):
+@pytest.mark.parametrize("flag, value, expected", [("--round-steps", "100,x", "'100,x' is not a number of steps"),
+                                                    ("--student-ema", "0,y", "'0,y' is not a decay")])
+def test_round_steps_and_decays_that_are_no_numbers_are_one_line(capsys, flag, value, expected):
     from ddpm.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["distill", "runs/x", "--round-steps", "100,x"])
+        main(["distill", "runs/x", flag, value])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and "'100,x' is not a number of steps" in err[-1]
+    assert exit_.value.code == 2 and expected in err[-1]
 
 
 def test_ddpm_eval_draws_a_student_at_each_weight_it_is_given(students, tmp_path, monkeypatch):

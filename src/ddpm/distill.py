@@ -133,9 +133,20 @@ def check_final_weight(weight: float) -> None:
         raise ConfigError(f"--final-weight {weight:g} must be from 1 (every step drawn alike) to 100")
 
 
-def check_student_ema(decay: float) -> None:
-    if not 0 <= decay < 1:
-        raise ConfigError(f"--student-ema {decay:g} must be from 0 (the last weights) to below 1, e.g. 0.98")
+def round_decays(student_ema: float | list[float], rounds: int) -> list[float]:
+    """Each round's average decay: `student_ema` for all, or one number per round."""
+    return list(student_ema) if isinstance(student_ema, (list, tuple)) else [student_ema] * rounds
+
+
+def check_student_ema(student_ema: float | list[float], rounds: int | None = None) -> None:
+    """One line unless every decay is in [0, 1) and, given `rounds`, there is one for all or one per round."""
+    decays = round_decays(student_ema, rounds or 1)
+    text = ",".join(f"{d:g}" for d in decays)
+    if not all(0 <= d < 1 for d in decays):
+        raise ConfigError(f"--student-ema {text} must be from 0 (the last weights) to below 1, e.g. 0.98")
+    if rounds is not None and len(decays) != rounds:
+        raise ConfigError(f"--student-ema {text}: this distillation takes {rounds} rounds, so give one number for all "
+                          f"or {rounds} numbers")
 
 
 def resolve_spacing(spacing: str, start_steps: int, schedule) -> str:
@@ -169,7 +180,8 @@ class DistillSettings:
     teacher_solver: str = TEACHER_SOLVERS[0]  # how round 1's teacher steps (later rounds: DDIM)
     spacing: str = "trailing"  # the students' nested grids (samplers.STUDENT_SPACINGS)
     final_weight: float = 1.0  # the 2-step student's step to the image drawn this many times as often as its first
-    student_ema: float = 0.0  # each round writes this exponential average of its student (0: its last weights)
+    # each round writes this exponential average of its student (0: its last weights), for all or one per round
+    student_ema: float | list[float] = 0.0
 
     def __post_init__(self) -> None:
         if self.round_steps is None:  # written out, so that distill.json says what ran
@@ -183,7 +195,9 @@ class DistillSettings:
         check_teacher_solver(self.teacher_solver)
         check_spacing(self.spacing)
         check_final_weight(self.final_weight)
-        check_student_ema(self.student_ema)
+        if isinstance(self.student_ema, (list, tuple)):
+            self.student_ema = [float(d) for d in self.student_ema]
+        check_student_ema(self.student_ema, len(self.rounds))
         if self.weight_range is not None:
             lo, hi = self.weight_range
             if not 0 <= lo <= hi <= 100:
@@ -201,6 +215,11 @@ class DistillSettings:
             counts.append(k)
             k //= 2
         return counts
+
+    @property
+    def decays(self) -> list[float]:
+        """Each round's average decay (0: the round writes its last weights)."""
+        return round_decays(self.student_ema, len(self.rounds))
 
     @property
     def round_ends(self) -> list[int]:
@@ -256,7 +275,8 @@ def _run_config(run: Path) -> RunConfig:
 
 def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
             round_steps: int | list[int] | None = None, teacher_solver: str = TEACHER_SOLVERS[0],
-            spacing: str = "auto", final_weight: float = FINAL_STEP_WEIGHT, student_ema: float = STUDENT_EMA,
+            spacing: str = "auto", final_weight: float = FINAL_STEP_WEIGHT,
+            student_ema: float | list[float] = STUDENT_EMA,
             weight_range: tuple[float, float] | None = None, batch_size: int | None = None,
             lr: float = 3e-4, data: str | None = None, out: Path | str | None = None, device: str | None = None,
             seed: int = 0, resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
@@ -275,7 +295,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     if data is not None and not data.strip():
         raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
     check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
-    _check_options(teacher_solver, spacing, final_weight, student_ema, eval_n, checkpoint_every)
+    check_student_ema(student_ema, (start_steps // steps).bit_length() - 1)
+    _check_options(teacher_solver, spacing, final_weight, eval_n, checkpoint_every)
     opened = open_model(run, device, warn=warn, **source_flags)
     if start_steps > len(opened.schedule):
         raise ConfigError(f"--start-steps {start_steps} is more than the model's {len(opened.schedule)} timesteps")
@@ -310,12 +331,11 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     return DistillResult(folder, written, stopped)
 
 
-def _check_options(teacher_solver: str, spacing: str, final_weight: float, student_ema: float,
-                   eval_n: int | None, checkpoint_every: int | None) -> None:
+def _check_options(teacher_solver: str, spacing: str, final_weight: float, eval_n: int | None,
+                   checkpoint_every: int | None) -> None:
     """distill()'s flags that need no model, checked before anything is opened."""
     check_teacher_solver(teacher_solver)
     check_final_weight(final_weight)
-    check_student_ema(student_ema)
     if spacing != "auto":
         check_spacing(spacing)
     if eval_n is not None and eval_n != 0 and not 2 <= eval_n <= 100_000:
@@ -337,7 +357,7 @@ def student_run_config(opened, run: Path, folder: Path, settings: DistillSetting
         train=TrainConfig(data=data or trained.train.data, conditional=model.num_classes is not None,
                           channels=model.in_channels, hflip=None if trained is None else trained.train.hflip,
                           batch_size=batch_size or (64 if trained is None else trained.train.batch_size), lr=lr,
-                          ema_decay=settings.student_ema, ema_warmup=0, p_uncond=0.0, seed=seed, ema_lengths=()),
+                          ema_decay=settings.decays[0], ema_warmup=0, p_uncond=0.0, seed=seed, ema_lengths=()),
         runtime=RuntimeConfig(out_dir=str(folder), steps=settings.last_step, device=device, amp=amp,
                               log_every=log_every, checkpoint_every=checkpoint_every or math.gcd(*settings.round_ends),
                               sample_every=0, val_every=0, guide_fraction=0.0, time_limit=time_limit,
@@ -357,6 +377,8 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
         teacher = _round_teacher(number, settings, opened, folder, trainer.device)
         if number and trainer.step_count == settings.round_ends[number - 1]:
             _start_from_teacher(trainer, settings, folder, number)
+        if trainer.ema is not None:  # rank 0's; resumed mid-round too
+            trainer.ema.decay = settings.decays[number]
         solver = settings.teacher_solver if number == 0 else "ddim"  # a student is exact under DDIM
         trainer.objective = DistillationObjective(teacher, trainer.schedule, steps, settings.weight_range, solver,
                                                   settings.spacing, settings.final_weight)

@@ -67,9 +67,10 @@ def _add_round_flags(a) -> None:
     a("--final-weight", type=float, default=FINAL_STEP_WEIGHT, metavar="W", help="how many times as often the "
       "2-step student trains its step to the image as its first; 1 = alike, the paper's (other students: alike) "
       "(measured: benchmarks/RESULTS.md, \"Distillation\")")
-    a("--student-ema", type=float, default=STUDENT_EMA, metavar="DECAY", help="each round writes this exponential "
-      "average of its student's weights, and the next round starts from it; 0 = its last weights, the paper's "
-      "(measured: benchmarks/RESULTS.md, \"Distillation\")")
+    a("--student-ema", type=_decays, default=STUDENT_EMA, metavar="D[,D...]", help="each round writes this "
+      "exponential average of its student's weights, and the next round starts from it: one decay for every round "
+      "or one per round (e.g. 0,0,0.99); 0 = its last weights, the paper's (measured: benchmarks/RESULTS.md, "
+      "\"Distillation\")")
 
 
 def _round_steps(text: str) -> int | list[int]:
@@ -78,6 +79,15 @@ def _round_steps(text: str) -> int | list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps or a comma-separated list of them "
                                          "(e.g. 200 or 100,200,400)") from None
+    return numbers[0] if len(numbers) == 1 else numbers
+
+
+def _decays(text: str) -> float | list[float]:
+    try:
+        numbers = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a decay or a comma-separated list of them "
+                                         "(e.g. 0.98 or 0,0,0.99)") from None
     return numbers[0] if len(numbers) == 1 else numbers
 
 
