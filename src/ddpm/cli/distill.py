@@ -73,22 +73,21 @@ def _add_round_flags(a) -> None:
       "\"Distillation\")")
 
 
-def _round_steps(text: str) -> int | list[int]:
-    try:
-        numbers = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps or a comma-separated list of them "
-                                         "(e.g. 200 or 100,200,400)") from None
-    return numbers[0] if len(numbers) == 1 else numbers
+def _per_round(kind, what: str, example: str):
+    """An argparse type: one number of `kind` for every round, or a comma-separated list of one per round."""
+    def parse(text: str):
+        try:
+            numbers = [kind(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} or a comma-separated list of them (e.g. "
+                                             f"{example})") from None
+        return numbers[0] if len(numbers) == 1 else numbers
+
+    return parse
 
 
-def _decays(text: str) -> float | list[float]:
-    try:
-        numbers = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a decay or a comma-separated list of them "
-                                         "(e.g. 0.98 or 0,0,0.99)") from None
-    return numbers[0] if len(numbers) == 1 else numbers
+_round_steps = _per_round(int, "a number of steps", "200 or 100,200,400")
+_decays = _per_round(float, "a decay", "0.98 or 0,0,0.99")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
