@@ -23,13 +23,8 @@ from ddpm import checkpoint as ckpt
 from ddpm.data import mnist
 from ddpm.distill import DistillSettings, _diffusion, _round_teacher, frozen
 from ddpm.distill_target import DistillationObjective
+from ddpm.ema import EMA
 from ddpm.training import make_optimizer
-
-
-def average_into(average: torch.nn.Module, model: torch.nn.Module, weight: float) -> None:
-    with torch.no_grad():
-        for kept, param in zip(average.parameters(), model.parameters(), strict=True):
-            kept.lerp_(param, weight)
 
 
 def main() -> None:
@@ -47,8 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = DistillSettings(**json.loads((args.distilled / "distill.json").read_text()))
     number = settings.rounds.index(2)
-    teacher = _round_teacher(number, settings, None, args.distilled, "cpu")
     model, schedule, _ = ckpt.from_pretrained(args.distilled / f"steps_{settings.rounds[number - 1]}", "cpu")
+    teacher = _round_teacher(settings, None, (model, schedule))
     student = copy.deepcopy(model).train().requires_grad_(True)
     objective = DistillationObjective(teacher, schedule, 2, settings.weight_range, "ddim", settings.spacing,
                                       args.final_weight)
@@ -69,16 +64,16 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         if args.avg_from is not None and step >= int(args.avg_from * args.steps):
-            count += 1
-            average = average or copy.deepcopy(student).requires_grad_(False)
-            average_into(average, student, 1.0 / count)
+            count += 1  # the uniform average: the first kept step copies, the k-th weighs 1/k
+            average = average or EMA(student)
+            average.average(student, 1.0 / count)
         elif args.ema is not None:
-            average = average or copy.deepcopy(model).requires_grad_(False)
-            average_into(average, student, 1.0 - args.ema)
+            average = average or EMA(model, args.ema)
+            average.update(student)
         if step % 50 == 0:
             print(step, f"loss {per_sample.mean().item():.4f}", f"{time.perf_counter() - start:.0f}s", flush=True)
     record = json.loads((args.distilled / "steps_2" / "config.json").read_text())
-    ckpt.save_pretrained(frozen(average or student), args.out, _diffusion(record),
+    ckpt.save_pretrained(frozen(average.model if average else student), args.out, _diffusion(record),
                          {k: v for k, v in record.items() if k not in ("model", "diffusion")})
     print("wrote", args.out, f"in {time.perf_counter() - start:.0f}s")
 

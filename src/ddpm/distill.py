@@ -102,8 +102,9 @@ def round_lengths(round_steps: int | list[int] | None, rounds: int) -> list[int]
     return list(round_steps) if isinstance(round_steps, (list, tuple)) else [round_steps] * rounds
 
 
-def check_rounds(steps: int, start_steps: int, round_steps: int | list[int] | None) -> None:
-    """One line unless the rounds can halve `start_steps` down to `steps` (1, 2 or 4), each with >= 1 step."""
+def check_rounds(steps: int, start_steps: int, round_steps: int | list[int] | None) -> int:
+    """The number of rounds that halve `start_steps` down to `steps` (1, 2 or 4); one line unless they can, each
+    with >= 1 step."""
     if steps not in STEP_CHOICES:
         raise ConfigError(f"--steps {steps}: a student takes 1, 2 or 4 steps (each round halves the steps from "
                           f"{start_steps})")
@@ -121,6 +122,7 @@ def check_rounds(steps: int, start_steps: int, round_steps: int | list[int] | No
     if start_steps > MAX_START_STEPS:
         raise ConfigError(f"--start-steps {start_steps} is more than {MAX_START_STEPS} teacher steps; a round halves "
                           f"them, so start from 16 or 32")
+    return rounds
 
 
 def check_spacing(spacing: str) -> None:
@@ -294,8 +296,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     run = Path(run)
     if data is not None and not data.strip():
         raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
-    check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild would write its cache)
-    check_student_ema(student_ema, (start_steps // steps).bit_length() - 1)
+    rounds = check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild writes its cache)
+    check_student_ema(student_ema, rounds)
     _check_options(teacher_solver, spacing, final_weight, eval_n, checkpoint_every)
     opened = open_model(run, device, warn=warn, **source_flags)
     if start_steps > len(opened.schedule):
@@ -374,9 +376,11 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
         if trainer.step_count >= end:
             written.append(student_dir(folder, steps))
             continue
-        teacher = _round_teacher(number, settings, opened, folder, trainer.device)
-        if number and trainer.step_count == settings.round_ends[number - 1]:
-            _start_from_teacher(trainer, settings, folder, number)
+        previous = None if number == 0 else ckpt.from_pretrained(student_dir(folder, settings.rounds[number - 1]),
+                                                                 trainer.device)[:2]
+        teacher = _round_teacher(settings, opened, previous)
+        if previous is not None and trainer.step_count == settings.round_ends[number - 1]:
+            _start_from(trainer, previous[0])
         if trainer.ema is not None:  # rank 0's; resumed mid-round too
             trainer.ema.decay = settings.decays[number]
         solver = settings.teacher_solver if number == 0 else "ddim"  # a student is exact under DDIM
@@ -391,10 +395,9 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
     return written, 0
 
 
-def _start_from_teacher(trainer, settings: DistillSettings, folder: Path, number: int) -> None:
+def _start_from(trainer, model: torch.nn.Module) -> None:
     """A later round's student starts as its teacher, the student the previous round wrote (its average, or with
     no average the very weights it ends with), read from its folder by every rank alike."""
-    model, _, _ = ckpt.from_pretrained(student_dir(folder, settings.rounds[number - 1]), trainer.device)
     with torch.no_grad():
         for param, saved in zip(trainer.model.parameters(), model.parameters(), strict=True):
             param.copy_(saved)
@@ -433,13 +436,13 @@ def _existing(folder: Path, settings: DistillSettings, resume: bool, if_exists: 
     return load_latest_state(folder)
 
 
-def _round_teacher(number: int, settings: DistillSettings, opened, folder: Path, device) -> Teacher:
-    """Round 0's teacher is the guided model; each later round's is the previous round's student, frozen."""
+def _round_teacher(settings: DistillSettings, opened, previous: tuple | None) -> Teacher:
+    """Round 0's teacher (`previous` None) is the guided model; each later round's is the previous round's student,
+    `previous` = (its network, its schedule) as read from its folder, frozen."""
     sampling = SamplingConfig(**{**settings.teacher["sampling"], "guidance_interval": _interval(settings)})
-    if number == 0:
+    if previous is None:
         return denoiser_teacher(opened.model, opened.schedule, sampling, opened.guide, settings.weight)
-    previous = student_dir(folder, settings.rounds[number - 1])
-    model, schedule, _ = ckpt.from_pretrained(previous, device)
+    model, schedule = previous
     return denoiser_teacher(frozen(model), schedule, sampling, None, settings.weight)
 
 
