@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--avg-from", type=float, help="write the uniform average of the weights after this fraction")
     parser.add_argument("--ema", type=float, help="write the exponential average of the weights with this decay")
     args = parser.parse_args()
-    settings = DistillSettings(**json.loads((args.distilled / "distill.json").read_text()))
+    settings = DistillSettings.from_record(json.loads((args.distilled / "distill.json").read_text()))
     number = settings.rounds.index(2)
     model, schedule, _ = ckpt.from_pretrained(args.distilled / f"steps_{settings.rounds[number - 1]}", "cpu")
     teacher = _round_teacher(settings, None, (model, schedule))

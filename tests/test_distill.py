@@ -370,7 +370,7 @@ def test_a_stop_mid_round_and_resume_give_the_uninterrupted_students_bits(teache
 
 def test_each_round_writes_its_students_average_and_the_next_round_starts_from_it(teacher_run, tmp_path,
                                                                                  monkeypatch):
-    # bugs caught: a round that writes its last weights instead of their average (--student-ema not reaching the
+    # bugs caught: a round that writes its last weights instead of their average (--student-average not reaching the
     # Trainer), an average with the decay's complement, one that starts from anything but the round's first
     # weights, a next round that starts from its last weights instead of the student it learns from, and round 1's
     # decay kept for round 2
@@ -386,7 +386,7 @@ def test_each_round_writes_its_students_average_and_the_next_round_starts_from_i
     monkeypatch.setattr(distill_module, "fit", recording_fit)
     decays, out = [0.75, 0.5], tmp_path / "averaged"
     distill(teacher_run, out=out, steps=1, start_steps=4, round_steps=[2, 1], batch_size=8, progress=False,
-            student_ema=decays, checkpoint_every=1)
+            student_average=decays, checkpoint_every=1)
     raw = [{k: v.double() for k, v in torch.load(path, weights_only=True)["model"].items()}
            for path in sorted((out / "checkpoints").glob("step_*.pt"))]
     assert len(raw) == 3 and len(starts) == 2  # the raw weights after steps 1, 2 and 3; each round's first weights
@@ -406,6 +406,78 @@ def test_each_round_writes_its_students_average_and_the_next_round_starts_from_i
     assert max((starts[1][k] - written("steps_2")[k]).abs().max() for k in round_one) == 0  # round 2 starts there
     round_two = average(starts[1], raw[2:], decays[1])
     assert max((written("steps_1")[k] - round_two[k]).abs().max() for k in round_two) < 1e-6
+
+
+def test_by_default_each_round_writes_the_mean_of_its_second_half(teacher_run, tmp_path, monkeypatch):
+    # bugs caught: the mean weighted 1/k instead of 1/(k + 1) (the warm-up's last copy left out), a warm-up of the
+    # wrong length, the count not restarted at a round's start (round 2's mean weighted as if it went on from round
+    # 1), or the default not being the mean at all
+    from safetensors.torch import load_file
+
+    from ddpm.training import Trainer
+
+    raw, precisions, real_step = [], set(), Trainer.step
+
+    def recording_step(self, *args):
+        stats = real_step(self, *args)
+        raw.append({k: v.detach().clone().double() for k, v in self.model.state_dict().items()})
+        precisions.add(self.objective.teacher_precision)
+        return stats
+
+    monkeypatch.setattr(Trainer, "step", recording_step)
+    # and (bug caught) --teacher-precision auto not reaching the rounds' objectives on a CPU with native bf16
+    monkeypatch.setattr(importlib.import_module("ddpm.distill"), "_cpu_flags", lambda: "flags : avx2 avx512_bf16")
+    out = tmp_path / "half"
+    distill(teacher_run, out=out, steps=1, start_steps=4, round_steps=[4, 2], batch_size=8, progress=False,
+            device="cpu")
+    assert json.loads((out / "distill.json").read_text())["student_average"] == "half"
+    assert len(raw) == 6 and precisions == {"bf16"}  # the raw weights after each of the 4 + 2 steps
+
+    def mean(weights):
+        return {k: sum(w[k] for w in weights) / len(weights) for k in weights[0]}
+
+    def gap(name, want):
+        got = {k: v.double() for k, v in load_file(str(out / name / "model.safetensors")).items()}
+        return max((got[k] - want[k]).abs().max().item() for k in want)
+
+    assert gap("steps_2", mean(raw[1:4])) < 1e-6  # after steps 2, 3 and 4 of 4
+    assert gap("steps_2", raw[3]) > 1e-5  # not the last weights
+    assert gap("steps_1", mean(raw[4:6])) < 1e-6  # after steps 1 and 2 of round 2
+
+
+def test_the_teachers_calls_run_in_the_precision_asked_and_the_students_in_the_steps(monkeypatch):
+    # bugs caught: --teacher-precision not reaching the teacher's calls, the student's forward (which takes the
+    # gradient) put in bf16 with them, fp32 teacher calls left under the training step's bf16 autocast, and auto
+    # choosing bf16 on a CPU that only emulates it
+    from ddpm.distill_target import DistillationObjective
+    from ddpm.schedule import NoiseSchedule
+
+    distill_module = importlib.import_module("ddpm.distill")
+    schedule = NoiseSchedule(torch.linspace(1e-4, 0.02, 64, dtype=torch.float64))
+    seen = []
+
+    def teacher(z, t, labels, weight):
+        seen.append(("teacher", torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+        return torch.zeros_like(z)
+
+    def student(z, t, labels, weight=None):
+        seen.append(("student", torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+        return torch.zeros_like(z)
+
+    generator = torch.Generator().manual_seed(0)
+    for precision, outer, want in [("bf16", None, torch.bfloat16), ("fp32", torch.bfloat16, None)]:
+        objective = DistillationObjective(teacher, schedule, 2, (1.0, 3.0), "ddim", teacher_precision=precision)
+        seen.clear()
+        with torch.autocast("cpu", dtype=outer or torch.bfloat16, enabled=outer is not None):
+            objective.losses(student, torch.zeros(2, 1, 4, 4), None, objective.draw((2, 1, 4, 4), generator,
+                                                                                   torch.device("cpu")))
+        assert seen == [("teacher", want), ("teacher", want), ("student", outer)], precision
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distill_module, "_cpu_flags", lambda: "flags : fpu avx2 avx512f avx512_bf16 sse")
+    assert distill_module.resolve_teacher_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(distill_module, "_cpu_flags", lambda: "flags : fpu avx2 avx512f sse")
+    assert distill_module.resolve_teacher_precision("auto", cpu) == "fp32"
+    assert distill_module.resolve_teacher_precision("bf16", cpu) == "bf16"
 
 
 def test_round_one_takes_its_teachers_steps_with_dpm_solver_2s_by_default(teacher_run, tmp_path, monkeypatch):
@@ -513,8 +585,8 @@ def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkey
     (["distill", "{teacher}", "--guide-weight", "5"], "outside --weight-range 1 4"),
     (["distill", "{teacher}", "--spacing", "logsnr", "--start-steps", "64"], "two steps fall on one index"),
     (["distill", "{teacher}", "--final-weight", "0.5"], "must be from 1"),
-    (["distill", "{teacher}", "--student-ema", "1"], "must be from 0"),
-    (["distill", "{teacher}", "--student-ema", "0,0.9"], "takes 3 rounds"),
+    (["distill", "{teacher}", "--student-average", "1"], "half .* last .* or an exponential decay"),
+    (["distill", "{teacher}", "--student-average", "last,0.9"], "takes 3 rounds"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teacher_run, tmp_path, capsys):
     import re
@@ -545,7 +617,7 @@ def test_round_one_gets_300_steps_and_each_later_round_200_by_default():
 
 
 @pytest.mark.parametrize("flag, value, expected", [("--round-steps", "100,x", "'100,x' is not a number of steps"),
-                                                    ("--student-ema", "0,y", "'0,y' is not a decay")])
+                                                    ("--student-average", "0,y", "'0,y' is not half, last or a decay")])
 def test_round_steps_and_decays_that_are_no_numbers_are_one_line(capsys, flag, value, expected):
     from ddpm.cli import main
 
@@ -618,18 +690,20 @@ def test_every_distill_flag_runs(teacher_run, tmp_path, capsys):
                  "--weight-range", "1", "3", "--lr", "1e-3", "--out", str(cfg), "--resume", *small]) == 0
     g = tmp_path / "g"
     g_flags = ["--guide-weight", "2.2", "--spacing", "trailing", "--out", str(g), *small]
-    assert main(["distill", str(teacher_run), "--final-weight", "2", "--student-ema", "0.9", *g_flags]) == 0
+    assert main(["distill", str(teacher_run), "--final-weight", "2", "--student-average", "0.9",
+                 "--teacher-precision", "bf16", *g_flags]) == 0
     record = json.loads((g / "steps_1" / "config.json").read_text())["student"]
     assert record["default_weight"] == 2.2 and record["spacing"] == "trailing"
     settings = json.loads((g / "distill.json").read_text())
-    assert settings["final_weight"] == 2.0 and settings["student_ema"] == 0.9
-    assert json.loads((g / "config.json").read_text())["train"]["ema_decay"] == 0.9
-    # as written before the draw and the average had a choice: uniform (--final-weight 1), the last weights (0)
-    del settings["final_weight"], settings["student_ema"]
-    (g / "distill.json").write_text(json.dumps(settings))
+    assert settings["final_weight"] == 2.0 and settings["student_average"] == 0.9
+    assert settings["teacher_precision"] == "bf16"
+    # as written before the draw, the average and the precision had a choice: uniform (--final-weight 1), the last
+    # weights (stop 45 wrote them as --student-ema 0), fp32
+    del settings["final_weight"], settings["student_average"], settings["teacher_precision"]
+    (g / "distill.json").write_text(json.dumps({**settings, "student_ema": 0.0}))
     assert main(["distill", str(teacher_run), "--resume-if-exists", *g_flags]) == 2  # the default 3 is another run
-    assert main(["distill", str(teacher_run), "--final-weight", "1", "--student-ema", "0", "--resume-if-exists",
-                 *g_flags]) == 0
+    assert main(["distill", str(teacher_run), "--final-weight", "1", "--student-average", "last",
+                 "--teacher-precision", "fp32", "--resume-if-exists", *g_flags]) == 0
     raw = tmp_path / "raw"  # --no-ema: the teacher is the latest checkpoint's raw weights, and says so
     assert main(["distill", str(teacher_run), "--no-ema", "--out", str(raw), *small]) == 0
     assert json.loads((raw / "distill.json").read_text())["teacher"]["raw_weights"] is True

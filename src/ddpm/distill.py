@@ -59,11 +59,16 @@ FIRST_ROUND_STEPS, ROUND_STEPS = 300, 200
 # how many times as often the round that makes the 2-step student draws its step to the image as its first
 # (benchmarks/RESULTS.md, "Distillation", stop 44: the 2-step student loses its distance to the digits in that step)
 FINAL_STEP_WEIGHT = 3.0
-# the decay of each round's exponential average of the student, the student it writes (0: its last weights, the
-# paper's). A round's last weights are a noisy draw (round 3 with four training seeds: 2-call students 0.35x of the
-# floor apart, averaged ones 0.05x), but whole distillations averaged with 0.98 came out no nearer, their 4-call
-# students further (benchmarks/RESULTS.md, "Distillation", stop 45): the default stays the paper's
-STUDENT_EMA = 0.0
+# the student each round writes: "half", the plain mean of its weights over the round's second half; "last", its last
+# weights (the paper's); or a decay D, their exponential average. A round's last weights are a noisy draw (round 1
+# re-run with two training seeds: 8-call students 1.53x and 2.20x of the floor; round 3 with four: 1.66x-2.02x),
+# its second half's mean is not (1.55x and 1.53x; 1.73x-1.77x) (benchmarks/RESULTS.md, "Distillation", stop 46)
+STUDENT_AVERAGES = ("half", "last")
+STUDENT_AVERAGE = "half"
+# the precision of the teacher's calls (no gradient: they only make targets): "auto" = bf16 where the device computes
+# it natively (CUDA, and CPUs with AVX512-BF16 or AMX), else fp32. On this project's CPU a round-1 step takes 0.50 s
+# instead of 0.67 s, and its averaged students came out no further (benchmarks/RESULTS.md, "Distillation", stop 46)
+TEACHER_PRECISIONS = ("auto", "bf16", "fp32")
 
 # -- teachers ----------------------------------------------------------------------------------------------------
 def denoiser_teacher(model: torch.nn.Module, schedule: NoiseSchedule, sampling: SamplingConfig, guide=None,
@@ -135,20 +140,48 @@ def check_final_weight(weight: float) -> None:
         raise ConfigError(f"--final-weight {weight:g} must be from 1 (every step drawn alike) to 100")
 
 
-def round_decays(student_ema: float | list[float], rounds: int) -> list[float]:
-    """Each round's average decay: `student_ema` for all, or one number per round."""
-    return list(student_ema) if isinstance(student_ema, (list, tuple)) else [student_ema] * rounds
+def round_averages(student_average, rounds: int) -> list:
+    """Each round's average ("half", "last" or a decay): `student_average` for all, or one per round."""
+    return list(student_average) if isinstance(student_average, (list, tuple)) else [student_average] * rounds
 
 
-def check_student_ema(student_ema: float | list[float], rounds: int | None = None) -> None:
-    """One line unless every decay is in [0, 1) and, given `rounds`, there is one for all or one per round."""
-    decays = round_decays(student_ema, rounds or 1)
-    text = ",".join(f"{d:g}" for d in decays)
-    if not all(0 <= d < 1 for d in decays):
-        raise ConfigError(f"--student-ema {text} must be from 0 (the last weights) to below 1, e.g. 0.98")
-    if rounds is not None and len(decays) != rounds:
-        raise ConfigError(f"--student-ema {text}: this distillation takes {rounds} rounds, so give one number for all "
-                          f"or {rounds} numbers")
+def check_student_average(student_average, rounds: int | None = None) -> None:
+    """One line unless each is "half", "last" or a decay in (0, 1) and, given `rounds`, there is one for all or one
+    per round."""
+    averages = round_averages(student_average, rounds or 1)
+    text = ",".join(a if isinstance(a, str) else f"{a:g}" for a in averages)
+    if not all(a in STUDENT_AVERAGES if isinstance(a, str) else 0 < a < 1 for a in averages):
+        raise ConfigError(f"--student-average {text}: each is half (the mean of the round's second half), last (its "
+                          "last weights) or an exponential decay between 0 and 1, e.g. 0.98")
+    if rounds is not None and len(averages) != rounds:
+        raise ConfigError(f"--student-average {text}: this distillation takes {rounds} rounds, so give one for all "
+                          f"or {rounds}")
+
+
+def check_teacher_precision(precision: str) -> None:
+    if precision not in TEACHER_PRECISIONS:
+        raise ConfigError(f"--teacher-precision {precision}: choose one of {', '.join(TEACHER_PRECISIONS)}")
+
+
+def resolve_teacher_precision(precision: str, device: torch.device) -> str:
+    """"bf16" or "fp32" for `precision` on `device`: auto is bf16 on CUDA and on a CPU that lists AVX512-BF16 or AMX
+    (Linux's /proc/cpuinfo; elsewhere fp32), where bf16 runs natively; elsewhere it is emulated and slower."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type != "cpu":
+        return "fp32"
+    flags = _cpu_flags().split()
+    return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags as Linux lists them; empty elsewhere."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def resolve_spacing(spacing: str, start_steps: int, schedule) -> str:
@@ -182,8 +215,9 @@ class DistillSettings:
     teacher_solver: str = TEACHER_SOLVERS[0]  # how round 1's teacher steps (later rounds: DDIM)
     spacing: str = "trailing"  # the students' nested grids (samplers.STUDENT_SPACINGS)
     final_weight: float = 1.0  # the 2-step student's step to the image drawn this many times as often as its first
-    # each round writes this exponential average of its student (0: its last weights), for all or one per round
-    student_ema: float | list[float] = 0.0
+    # what each round writes of its student ("half", "last" or an exponential decay), for all or one per round
+    student_average: str | float | list = "last"
+    teacher_precision: str = "fp32"  # of the teacher's calls (TEACHER_PRECISIONS)
 
     def __post_init__(self) -> None:
         if self.round_steps is None:  # written out, so that distill.json says what ran
@@ -197,9 +231,8 @@ class DistillSettings:
         check_teacher_solver(self.teacher_solver)
         check_spacing(self.spacing)
         check_final_weight(self.final_weight)
-        if isinstance(self.student_ema, (list, tuple)):
-            self.student_ema = [float(d) for d in self.student_ema]
-        check_student_ema(self.student_ema, len(self.rounds))
+        check_student_average(self.student_average, len(self.rounds))
+        check_teacher_precision(self.teacher_precision)
         if self.weight_range is not None:
             lo, hi = self.weight_range
             if not 0 <= lo <= hi <= 100:
@@ -219,9 +252,14 @@ class DistillSettings:
         return counts
 
     @property
-    def decays(self) -> list[float]:
-        """Each round's average decay (0: the round writes its last weights)."""
-        return round_decays(self.student_ema, len(self.rounds))
+    def averages(self) -> list:
+        """What each round writes of its student: "half", "last" or an exponential decay."""
+        return round_averages(self.student_average, len(self.rounds))
+
+    @classmethod
+    def from_record(cls, saved: dict) -> "DistillSettings":
+        """The settings of a distill.json, older ones included (upgrade_record)."""
+        return cls(**upgrade_record(saved))
 
     @property
     def round_ends(self) -> list[int]:
@@ -237,6 +275,20 @@ class DistillSettings:
                  and k != self.weight}
         return Student(steps, 2 * steps, self.weight, self.weight_range, self.default_weight, fixed,
                        teacher_text, data, self.spacing).to_record()
+
+
+def upgrade_record(saved: dict) -> dict:
+    """A distill.json's settings with what older versions left out written as they ran."""
+    saved = dict(saved)
+    saved.setdefault("teacher_solver", "ddim")  # written before round 1 had a choice: DDIM
+    saved.setdefault("spacing", "trailing")  # written before the grid had a choice: trailing
+    saved.setdefault("final_weight", 1.0)  # written before the draw had a choice: uniform
+    if "student_ema" in saved:  # stop 45's exponential decays, 0 for the last weights
+        decays = saved.pop("student_ema")
+        saved["student_average"] = [d or "last" for d in decays] if isinstance(decays, list) else decays or "last"
+    saved.setdefault("student_average", "last")  # written before the average had a choice: the last weights
+    saved.setdefault("teacher_precision", "fp32")  # written before the teacher's calls had a choice: fp32
+    return saved
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
@@ -278,7 +330,7 @@ def _run_config(run: Path) -> RunConfig:
 def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
             round_steps: int | list[int] | None = None, teacher_solver: str = TEACHER_SOLVERS[0],
             spacing: str = "auto", final_weight: float = FINAL_STEP_WEIGHT,
-            student_ema: float | list[float] = STUDENT_EMA,
+            student_average: str | float | list = STUDENT_AVERAGE, teacher_precision: str = "auto",
             weight_range: tuple[float, float] | None = None, batch_size: int | None = None,
             lr: float = 3e-4, data: str | None = None, out: Path | str | None = None, device: str | None = None,
             seed: int = 0, resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
@@ -297,7 +349,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     if data is not None and not data.strip():
         raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
     rounds = check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild writes its cache)
-    check_student_ema(student_ema, rounds)
+    check_student_average(student_average, rounds)
+    check_teacher_precision(teacher_precision)
     _check_options(teacher_solver, spacing, final_weight, eval_n, checkpoint_every)
     opened = open_model(run, device, warn=warn, **source_flags)
     if start_steps > len(opened.schedule):
@@ -308,7 +361,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     if source_flags.get("raw_weights"):  # --no-ema: the same folder's raw weights are another teacher
         record["raw_weights"] = True
     settings = DistillSettings(record, weight, weights, default_weight, start_steps, steps, round_steps,
-                               teacher_solver, spacing, final_weight, student_ema)
+                               teacher_solver, spacing, final_weight, student_average, teacher_precision)
     folder = Path(out) if out is not None else ckpt.RunFolder(run_folder(run)).distilled
     state = _existing(folder, settings, resume, if_exists)
     config = student_run_config(opened, run, folder, settings, data=data, batch_size=batch_size, lr=lr, seed=seed,
@@ -359,7 +412,7 @@ def student_run_config(opened, run: Path, folder: Path, settings: DistillSetting
         train=TrainConfig(data=data or trained.train.data, conditional=model.num_classes is not None,
                           channels=model.in_channels, hflip=None if trained is None else trained.train.hflip,
                           batch_size=batch_size or (64 if trained is None else trained.train.batch_size), lr=lr,
-                          ema_decay=settings.decays[0], ema_warmup=0, p_uncond=0.0, seed=seed, ema_lengths=()),
+                          ema_decay=0.0, ema_warmup=0, p_uncond=0.0, seed=seed, ema_lengths=()),
         runtime=RuntimeConfig(out_dir=str(folder), steps=settings.last_step, device=device, amp=amp,
                               log_every=log_every, checkpoint_every=checkpoint_every or math.gcd(*settings.round_ends),
                               sample_every=0, val_every=0, guide_fraction=0.0, time_limit=time_limit,
@@ -382,10 +435,11 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
         if previous is not None and trainer.step_count == settings.round_ends[number - 1]:
             _start_from(trainer, previous[0])
         if trainer.ema is not None:  # rank 0's; resumed mid-round too
-            trainer.ema.decay = settings.decays[number]
+            _set_average(trainer.ema, settings, number, trainer.step_count)
         solver = settings.teacher_solver if number == 0 else "ddim"  # a student is exact under DDIM
-        trainer.objective = DistillationObjective(teacher, trainer.schedule, steps, settings.weight_range, solver,
-                                                  settings.spacing, settings.final_weight)
+        trainer.objective = DistillationObjective(
+            teacher, trainer.schedule, steps, settings.weight_range, solver, settings.spacing, settings.final_weight,
+            resolve_teacher_precision(settings.teacher_precision, trainer.device))
         stopped = fit(trainer, end, monitor, stop)
         if stopped:
             return written, stopped
@@ -393,6 +447,21 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
             written.append(_write_student(trainer, settings, folder, steps, run, monitor, info, quality))
         trainer.ctx.barrier()
     return written, 0
+
+
+def _set_average(ema, settings: DistillSettings, number: int, step: int) -> None:
+    """Round `number`'s average of its student in the Trainer's classic EMA: "last" copies every step; a decay D
+    averages from the round's first weights (the EMA's copy, which the previous round wrote and this one starts
+    from); "half" copies until the round's middle, then keeps the plain mean (EMA.uniform). Restarted at the round's
+    first step; a round resumed in its middle keeps the count its checkpoint saved."""
+    start = settings.round_ends[number - 1] if number else 0
+    length = settings.round_ends[number] - start
+    if step == start:
+        ema.num_updates = 0
+    average = settings.averages[number]
+    ema.uniform = average == "half"
+    ema.decay = 0.0 if isinstance(average, str) else average
+    ema.warmup_steps = max(1, length // 2) if average == "half" else 0
 
 
 def _start_from(trainer, model: torch.nn.Module) -> None:
@@ -422,10 +491,7 @@ def _existing(folder: Path, settings: DistillSettings, resume: bool, if_exists: 
     except (OSError, ValueError):
         saved = None
     if saved is not None:
-        saved.setdefault("teacher_solver", "ddim")  # written before round 1 had a choice: DDIM
-        saved.setdefault("spacing", "trailing")  # written before the grid had a choice: trailing
-        saved.setdefault("final_weight", 1.0)  # written before the draw had a choice: uniform
-        saved.setdefault("student_ema", 0.0)  # written before the average had a choice: the last weights
+        saved = upgrade_record(saved)
     if saved != json.loads(json.dumps(dataclasses.asdict(settings))):  # compared as written (tuples are lists)
         what = "another teacher or other settings" if saved is not None else f"no {SETTINGS}"
         raise ConfigError(f"{folder} holds a distillation of {what}; give another --out (or the same flags as "

@@ -18,7 +18,9 @@ keep DDIM. The loss is the x-space MSE weighted by the truncated SNR max(alpha_s
 choice, sec. 4); the 2-step student's second step is drawn three times as often as its first by default
 (`final_weight`, DistillationObjective._positions), the paper's draw is uniform. No clipping of the teacher's
 x0 and no t off the student's grid: each costs quality (DESIGN.md's traps). The student a round writes is its last
-weights, as in the paper, unless distill's --student-ema asks for their average (distill.STUDENT_EMA).
+weights (the paper's) or, by default, the mean of its second half (distill.STUDENT_AVERAGE). The teacher's calls
+may run in bf16 (`teacher_precision`, distill.TEACHER_PRECISIONS): they make targets, take no gradient, and on a CPU
+with native bf16 cost a quarter less of a round-1 step.
 
 Grids (samplers.student_timesteps) are diffusers' "trailing" spacing, round(T k / K) - 1 for k = K..1, uniform in t,
 or "logsnr", uniform in log-SNR from lambda(T-1) towards lambda(0) with the image as the end. Both start at T-1 and
@@ -163,16 +165,19 @@ class DistillationObjective:
     learns two steps of `teacher` (eps of (z, t, labels, weight)) on the nested grid of `spacing`, taken with
     `solver` (one of TEACHER_SOLVERS), each sample at a weight drawn uniformly from `weight_range` (None: a student
     without a weight input). A 2-step student's step to the image is drawn `final_weight` times as often as its
-    first (1: alike, the paper's; _positions)."""
+    first (1: alike, the paper's; _positions). The teacher's calls run in `teacher_precision`: "bf16" under
+    autocast, "fp32" with autocast off (whatever the training step's)."""
 
     draw_names = ("position", "noise", "weight")
 
     def __init__(self, teacher: Teacher, schedule: NoiseSchedule, steps: int,
                  weight_range: tuple[float, float] | None, solver: str = "ddim", spacing: str = "trailing",
-                 final_weight: float = 1.0):
+                 final_weight: float = 1.0, teacher_precision: str = "fp32"):
         check_teacher_solver(solver)
+        if teacher_precision not in ("bf16", "fp32"):
+            raise ConfigError(f"teacher precision {teacher_precision}: bf16 or fp32")
         self.teacher, self.schedule, self.steps, self.weight_range = teacher, schedule, steps, weight_range
-        self.solver, self.final_weight = solver, final_weight
+        self.solver, self.final_weight, self.teacher_precision = solver, final_weight, teacher_precision
         self.grid = nested_grid(schedule, steps, spacing)
         alpha, sigma = alphas_sigmas(schedule)
         device = schedule.betas.device
@@ -210,7 +215,8 @@ class DistillationObjective:
         a_m, s_m = self._coefficients(middle, x0.ndim)
         a_t, s_t = self._coefficients(end, x0.ndim)
         z_s = a_s * x0 + s_s * draws["noise"].to(x0.dtype)
-        with torch.no_grad():
+        bf16 = self.teacher_precision == "bf16"
+        with torch.no_grad(), torch.autocast(x0.device.type, dtype=torch.bfloat16 if bf16 else None, enabled=bf16):
             if self.solver == "dpmpp2s":
                 def eps(z, index):
                     return self.teacher(z, index, labels, weight).float()

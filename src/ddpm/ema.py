@@ -24,20 +24,25 @@ class EMA:
     weights and the update count, so a resumed run continues the same average.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.995, warmup_steps: int = 0):
+    def __init__(self, model: nn.Module, decay: float = 0.995, warmup_steps: int = 0, uniform: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup_steps = warmup_steps
+        self.uniform = uniform  # after the warm-up, the plain mean of the weights instead of decaying
         self.num_updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self._source: nn.Module | None = None
         self._tensors: tuple[list[torch.Tensor], ...] = ()
 
     def next_weight(self) -> float:
-        """Count one update and return its interpolation weight: 1 (a copy) during the warm-up, then 1 - decay."""
+        """Count one update and return its interpolation weight: 1 (a copy) during the warm-up, then 1 - decay; or,
+        `uniform`, 1 / (k + 1) for the k-th update after the warm-up, which makes the copy the plain mean of the
+        weights from the warm-up's last one on (distill.py's average of a round's second half)."""
         self.num_updates += 1
-        return 1.0 if self.num_updates <= self.warmup_steps else 1.0 - self.decay
+        if self.num_updates <= self.warmup_steps:
+            return 1.0
+        return 1.0 / (self.num_updates - self.warmup_steps + 1) if self.uniform else 1.0 - self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

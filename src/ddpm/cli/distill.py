@@ -50,7 +50,15 @@ def add_distill_parser(sub) -> None:
 
 def _add_round_flags(a) -> None:
     """The flags of the rounds: how many, how long, their teacher's solver, grids, draw and average."""
-    from ..distill import FINAL_STEP_WEIGHT, FIRST_ROUND_STEPS, ROUND_STEPS, START_STEPS, STUDENT_EMA, TEACHER_SOLVERS
+    from ..distill import (
+        FINAL_STEP_WEIGHT,
+        FIRST_ROUND_STEPS,
+        ROUND_STEPS,
+        START_STEPS,
+        STUDENT_AVERAGE,
+        TEACHER_PRECISIONS,
+        TEACHER_SOLVERS,
+    )
     from ..samplers import STUDENT_SPACINGS
 
     a("--steps", type=int, default=2, help="the last student's calls per image: 1, 2 or 4")
@@ -67,10 +75,12 @@ def _add_round_flags(a) -> None:
     a("--final-weight", type=float, default=FINAL_STEP_WEIGHT, metavar="W", help="how many times as often the "
       "2-step student trains its step to the image as its first; 1 = alike, the paper's (other students: alike) "
       "(measured: benchmarks/RESULTS.md, \"Distillation\")")
-    a("--student-ema", type=_decays, default=STUDENT_EMA, metavar="D[,D...]", help="each round writes this "
-      "exponential average of its student's weights, and the next round starts from it: one decay for every round "
-      "or one per round (e.g. 0,0,0.99); 0 = its last weights, the paper's (measured: benchmarks/RESULTS.md, "
-      "\"Distillation\")")
+    a("--student-average", type=_averages, default=STUDENT_AVERAGE, metavar="A[,A...]", help="what each round "
+      "writes of its student, the next round's start: half = the mean of its weights over the round's second half, "
+      "last = its last weights (the paper's), or a decay D = their exponential average; one for every round or one "
+      "per round (e.g. last,last,half) (default: half; measured: benchmarks/RESULTS.md, \"Distillation\")")
+    a("--teacher-precision", choices=TEACHER_PRECISIONS, default="auto", help="the teacher's calls (targets, no "
+      "gradient) in bf16 or fp32; auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
 
 
 def _per_round(kind, what: str, example: str):
@@ -87,7 +97,16 @@ def _per_round(kind, what: str, example: str):
 
 
 _round_steps = _per_round(int, "a number of steps", "200 or 100,200,400")
-_decays = _per_round(float, "a decay", "0.98 or 0,0,0.99")
+
+
+def _average(text: str):
+    """half, last, or a decay (0 is the last weights)."""
+    if text in ("half", "last"):
+        return text
+    return float(text) or "last"
+
+
+_averages = _per_round(_average, "half, last or a decay", "half or last,last,0.99")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -100,7 +119,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     with stop_on_signals(stop):
         result = distill(Path(args.model), steps=args.steps, start_steps=args.start_steps,
                          round_steps=args.round_steps, teacher_solver=args.teacher_solver, spacing=args.spacing,
-                         final_weight=args.final_weight, student_ema=args.student_ema,
+                         final_weight=args.final_weight, student_average=args.student_average,
+                         teacher_precision=args.teacher_precision,
                          weight_range=args.weight_range, batch_size=args.batch_size,
                          lr=args.lr, data=args.data, out=args.out, device=args.device, seed=args.seed,
                          resume=args.resume, if_exists=args.resume_if_exists, progress=not args.quiet, stop=stop,
