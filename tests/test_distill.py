@@ -431,6 +431,7 @@ def test_by_default_each_round_writes_the_mean_of_its_second_half(teacher_run, t
     distill(teacher_run, out=out, steps=1, start_steps=4, round_steps=[4, 2], batch_size=8, progress=False,
             device="cpu")
     assert json.loads((out / "distill.json").read_text())["student_average"] == "half"
+    assert json.loads((out / "config.json").read_text())["train"]["lr"] == 6e-4  # and (bug caught) the old 3e-4
     assert len(raw) == 6 and precisions == {"bf16"}  # the raw weights after each of the 4 + 2 steps
 
     def mean(weights):

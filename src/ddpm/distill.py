@@ -65,6 +65,11 @@ FINAL_STEP_WEIGHT = 3.0
 # its second half's mean is not (1.55x and 1.53x; 1.73x-1.77x) (benchmarks/RESULTS.md, "Distillation", stop 46)
 STUDENT_AVERAGES = ("half", "last")
 STUDENT_AVERAGE = "half"
+# AdamW's rate in every round. With the mean as the student, twice the earlier 3e-4 came out nearer at 4 and 2 calls
+# with one training seed (0.04x and 0.09x of the floor) and level with the other, at the same cost (with last weights
+# 3e-4 had beaten 1e-4 and 1e-3: their noise grows with the rate, and the mean takes it out) (benchmarks/RESULTS.md,
+# "Distillation", stop 46)
+LEARNING_RATE = 6e-4
 # the precision of the teacher's calls (no gradient: they only make targets): "auto" = bf16 where the device computes
 # it natively (CUDA, and CPUs with AVX512-BF16 or AMX), else fp32. On this project's CPU a round-1 step takes 0.50 s
 # instead of 0.67 s, and its averaged students came out no further (benchmarks/RESULTS.md, "Distillation", stop 46)
@@ -331,8 +336,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
             round_steps: int | list[int] | None = None, teacher_solver: str = TEACHER_SOLVERS[0],
             spacing: str = "auto", final_weight: float = FINAL_STEP_WEIGHT,
             student_average: str | float | list = STUDENT_AVERAGE, teacher_precision: str = "auto",
-            weight_range: tuple[float, float] | None = None, batch_size: int | None = None,
-            lr: float = 3e-4, data: str | None = None, out: Path | str | None = None, device: str | None = None,
+            weight_range: tuple[float, float] | None = None, batch_size: int | None = None, lr: float = LEARNING_RATE,
+            data: str | None = None, out: Path | str | None = None, device: str | None = None,
             seed: int = 0, resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
             time_limit: float | None = None, checkpoint_every: int | None = None, log_every: int = 25,
             trackers: tuple[str, ...] = ("tensorboard",), amp: str = "auto", warn=None,

@@ -10,7 +10,7 @@ from . import common
 
 
 def add_distill_parser(sub) -> None:
-    from ..distill import WEIGHT_RANGES
+    from ..distill import LEARNING_RATE, WEIGHT_RANGES
 
     d = sub.add_parser("distill", formatter_class=common.HelpFormatter,
                        help="distil a run into a student that draws in 1, 2 or 4 calls (progressive distillation)",
@@ -33,7 +33,8 @@ def add_distill_parser(sub) -> None:
     common.add_source_flags(d)  # the teacher, chosen as ddpm sample chooses it
     a("--data", help="the images to distil on (default: the run's training data)")
     common.add_batch_size_flag(a, "images per step (default: the run's)", None)
-    a("--lr", type=float, default=3e-4, help="AdamW learning rate (measured: benchmarks/RESULTS.md, \"Distillation\")")
+    a("--lr", type=float, default=LEARNING_RATE, help="AdamW learning rate of every round (measured: "
+      "benchmarks/RESULTS.md, \"Distillation\")")
     common.add_out_flag(a, "the distillation's folder (default RUN/distilled)", required=False)
     common.add_seed_flag(a)
     a("--resume", action="store_true", help="continue the distillation in its folder from its latest checkpoint")
