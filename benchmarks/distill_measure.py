@@ -6,7 +6,8 @@ same number of calls.
     python benchmarks/distill_measure.py [RUN] [--n 500] [--seeds 0 1] [--weight 2.6]
 
 Prints a Markdown table (means over the seeds; images/s = the sampling and scoring of the row's images, on this
-machine); the rows land in RUN/distilled/eval/ and RUN/eval/. Run `ddpm distill RUN --steps 1 --start-steps 16`
+machine, "(cached)" for a row read back from an earlier run's images); the rows land in RUN/distilled/eval/
+and RUN/eval/. Run `ddpm distill RUN --steps 1 --start-steps 16`
 first (benchmarks/RESULTS.md, "Distillation").
 """
 from __future__ import annotations
@@ -34,9 +35,11 @@ def table_row(name: str, per_seed: list[dict], floor: dict, n: int) -> str:
     def mean(key):
         return statistics.mean(row[key] for row in per_seed)
 
+    # a row read back from the sample cache timed only its scoring: no images/s to give
+    fresh = all(row.get("generated_now", n) >= n for row in per_seed)
+    speed = f"{n / mean('seconds'):.0f}" if fresh else "(cached)"
     return (f"| {name} | {per_seed[0]['model_calls']} | {mean('accuracy'):.3f} | "
-            f"{mean('classifier_fd') / floor['classifier_fd']:.2f}x | {mean('saturated'):.4f} | "
-            f"{n / mean('seconds'):.0f} |")
+            f"{mean('classifier_fd') / floor['classifier_fd']:.2f}x | {mean('saturated'):.4f} | {speed} |")
 
 
 def main() -> None:
