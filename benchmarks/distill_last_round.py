@@ -21,7 +21,7 @@ import torch
 
 from ddpm import checkpoint as ckpt
 from ddpm.data import mnist
-from ddpm.distill import DistillSettings, _diffusion, _round_teacher, frozen
+from ddpm.distill import DistillSettings, _diffusion, _round_teacher, frozen, resolve_teacher_precision
 from ddpm.distill_target import DistillationObjective
 from ddpm.ema import EMA
 from ddpm.training import make_optimizer
@@ -46,11 +46,15 @@ def main() -> None:
     teacher = _round_teacher(settings, None, (model, schedule))
     student = copy.deepcopy(model).train().requires_grad_(True)
     objective = DistillationObjective(teacher, schedule, 2, settings.weight_range, "ddim", settings.spacing,
-                                      args.final_weight)
+                                      args.final_weight,  # the teacher's calls in the precision the distillation used
+                                      resolve_teacher_precision(settings.teacher_precision, torch.device("cpu")))
     images, labels = mnist(model.config.image_size, model.config.in_channels).dataset.tensors
     optimizer = make_optimizer(student, args.lr, 0.01)
     generator = torch.Generator().manual_seed(1000 + args.seed)
-    average, count, start = None, 0, time.perf_counter()
+    # the uniform mean of the weights after steps avg_from * steps + 1 .. steps, or an exponential average
+    average = (EMA(student, 0.0, int(args.avg_from * args.steps) + 1, uniform=True) if args.avg_from is not None
+               else EMA(model, args.ema) if args.ema is not None else None)
+    start = time.perf_counter()
     for step in range(args.steps):
         if args.lr_end is not None:
             for group in optimizer.param_groups:
@@ -63,12 +67,7 @@ def main() -> None:
         per_sample.mean().backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
-        if args.avg_from is not None and step >= int(args.avg_from * args.steps):
-            count += 1  # the uniform average: the first kept step copies, the k-th weighs 1/k
-            average = average or EMA(student)
-            average.average(student, 1.0 / count)
-        elif args.ema is not None:
-            average = average or EMA(model, args.ema)
+        if average is not None:
             average.update(student)
         if step % 50 == 0:
             print(step, f"loss {per_sample.mean().item():.4f}", f"{time.perf_counter() - start:.0f}s", flush=True)
