@@ -421,18 +421,20 @@ def test_by_default_each_round_writes_the_mean_of_its_second_half(teacher_run, t
     def recording_step(self, *args):
         stats = real_step(self, *args)
         raw.append({k: v.detach().clone().double() for k, v in self.model.state_dict().items()})
-        precisions.add(self.objective.teacher_precision)
+        precisions.add((self.objective.teacher_precision, self.amp_dtype))
         return stats
 
     monkeypatch.setattr(Trainer, "step", recording_step)
-    # and (bug caught) --teacher-precision auto not reaching the rounds' objectives on a CPU with native bf16
+    # and (bugs caught) --teacher-precision auto not reaching the rounds' objectives on a CPU with native bf16, or
+    # --amp auto leaving the student's training step in fp32 there
     monkeypatch.setattr(importlib.import_module("ddpm.distill"), "_cpu_flags", lambda: "flags : avx2 avx512_bf16")
     out = tmp_path / "half"
     distill(teacher_run, out=out, steps=1, start_steps=4, round_steps=[4, 2], batch_size=8, progress=False,
             device="cpu")
     assert json.loads((out / "distill.json").read_text())["student_average"] == "half"
     assert json.loads((out / "config.json").read_text())["train"]["lr"] == 6e-4  # and (bug caught) the old 3e-4
-    assert len(raw) == 6 and precisions == {"bf16"}  # the raw weights after each of the 4 + 2 steps
+    assert len(raw) == 6 and precisions == {("bf16", torch.bfloat16)}  # the raw weights after each of the 4 + 2 steps
+    assert json.loads((out / "config.json").read_text())["runtime"]["amp"] == "bf16"  # what --resume reads
 
     def mean(weights):
         return {k: sum(w[k] for w in weights) / len(weights) for k in weights[0]}
@@ -479,6 +481,10 @@ def test_the_teachers_calls_run_in_the_precision_asked_and_the_students_in_the_s
     monkeypatch.setattr(distill_module, "_cpu_flags", lambda: "flags : fpu avx2 avx512f sse")
     assert distill_module.resolve_teacher_precision("auto", cpu) == "fp32"
     assert distill_module.resolve_teacher_precision("bf16", cpu) == "bf16"
+    # the student's step: auto is left to the Trainer (fp32 on a CPU) without native bf16, bf16 with it
+    assert [distill_module.resolve_student_amp(amp, cpu) for amp in ("auto", "none")] == ["auto", "none"]
+    monkeypatch.setattr(distill_module, "_cpu_flags", lambda: "flags : fpu amx_bf16 avx2")
+    assert [distill_module.resolve_student_amp(amp, cpu) for amp in ("auto", "none")] == ["bf16", "none"]
 
 
 def test_round_one_takes_its_teachers_steps_with_dpm_solver_2s_by_default(teacher_run, tmp_path, monkeypatch):
@@ -692,7 +698,8 @@ def test_every_distill_flag_runs(teacher_run, tmp_path, capsys):
     g = tmp_path / "g"
     g_flags = ["--guide-weight", "2.2", "--spacing", "trailing", "--out", str(g), *small]
     assert main(["distill", str(teacher_run), "--final-weight", "2", "--student-average", "0.9",
-                 "--teacher-precision", "bf16", *g_flags]) == 0
+                 "--teacher-precision", "bf16", "--amp", "none", *g_flags]) == 0
+    assert json.loads((g / "config.json").read_text())["runtime"]["amp"] == "none"
     record = json.loads((g / "steps_1" / "config.json").read_text())["student"]
     assert record["default_weight"] == 2.2 and record["spacing"] == "trailing"
     settings = json.loads((g / "distill.json").read_text())

@@ -10,7 +10,7 @@ from . import common
 
 
 def add_distill_parser(sub) -> None:
-    from ..distill import LEARNING_RATE, WEIGHT_RANGES
+    from ..distill import LEARNING_RATE, STUDENT_AMPS, WEIGHT_RANGES
 
     d = sub.add_parser("distill", formatter_class=common.HelpFormatter,
                        help="distil a run into a student that draws in 1, 2 or 4 calls (progressive distillation)",
@@ -46,6 +46,9 @@ def add_distill_parser(sub) -> None:
     a("--eval-n", type=int, metavar="N", help="at each round's end, score N images of the new student as ddpm eval "
       "does, into the log; 0 = never (default: the teacher run's --eval-n when it evaluated while training)")
     common.add_device_flag(a)
+    a("--amp", choices=STUDENT_AMPS, default="auto", help="mixed precision of the student's training step; auto = "
+      "bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else as ddpm train (measured: "
+      "benchmarks/RESULTS.md, \"Distillation\")")
     common.add_quiet_flag(a)
 
 
@@ -121,7 +124,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         result = distill(Path(args.model), steps=args.steps, start_steps=args.start_steps,
                          round_steps=args.round_steps, teacher_solver=args.teacher_solver, spacing=args.spacing,
                          final_weight=args.final_weight, student_average=args.student_average,
-                         teacher_precision=args.teacher_precision,
+                         teacher_precision=args.teacher_precision, amp=args.amp,
                          weight_range=args.weight_range, batch_size=args.batch_size,
                          lr=args.lr, data=args.data, out=args.out, device=args.device, seed=args.seed,
                          resume=args.resume, if_exists=args.resume_if_exists, progress=not args.quiet, stop=stop,
