@@ -612,6 +612,17 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teac
     assert not (tmp_path / "o").exists() and not (teacher_run / "distilled").exists()
 
 
+def test_an_unknown_amp_is_one_line_naming_the_flag_before_anything_is_opened(teacher_run, tmp_path):
+    # bug caught: the API's amp unchecked until the Trainer's config (a message naming no flag, after the teacher's
+    # post-hoc average was opened)
+    from ddpm.config import ConfigError
+
+    before = sorted(teacher_run.rglob("*"))
+    with pytest.raises(ConfigError, match=r"^--amp fp8: choose one of auto, bf16, fp16, none$"):
+        distill(teacher_run, amp="fp8", out=tmp_path / "o", progress=False, device="cpu")
+    assert sorted(teacher_run.rglob("*")) == before and not (tmp_path / "o").exists()
+
+
 def test_round_one_gets_300_steps_and_each_later_round_200_by_default():
     # bugs caught: the default lengths saved as None in distill.json (a resume could not tell what ran), every round
     # at one length, or round 1's length given to the last round

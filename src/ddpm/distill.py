@@ -182,11 +182,14 @@ def resolve_teacher_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def check_student_amp(amp: str) -> None:
+    if amp not in STUDENT_AMPS:
+        raise ConfigError(f"--amp {amp}: choose one of {', '.join(STUDENT_AMPS)}")
+
+
 def resolve_student_amp(amp: str, device: torch.device) -> str:
     """The student's training step's --amp for `device`: auto is bf16 where native_bf16, else left to the Trainer
     (devices.resolve_amp: bf16 or fp16 on CUDA, none on CPUs without native bf16)."""
-    if amp not in STUDENT_AMPS:
-        raise ConfigError(f"--amp {amp}: choose one of {', '.join(STUDENT_AMPS)}")
     return "bf16" if amp == "auto" and native_bf16(device) else amp
 
 
@@ -376,6 +379,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     rounds = check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild writes its cache)
     check_student_average(student_average, rounds)
     check_teacher_precision(teacher_precision)
+    check_student_amp(amp)
     _check_options(teacher_solver, spacing, final_weight, eval_n, checkpoint_every)
     opened = open_model(run, device, warn=warn, **source_flags)
     if start_steps > len(opened.schedule):
