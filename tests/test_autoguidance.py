@@ -132,8 +132,8 @@ def test_cfg_and_autoguidance_together_are_the_sum_of_both_extrapolations(tiny_c
 def test_interval_and_rescale_apply_to_the_whole_guidance(tiny_config):
     """Outside the interval one main call and the plain conditional output; inside, the formula rescaled
     (Lin et al. 2024 eq. 15-16 on x0, against the main conditional prediction); mixed timesteps blend per
-    sample, the path accelerators always take. Catches the interval applied to CFG only, and the rescale's
-    reference taken from the guide."""
+    sample, the path accelerators always take. Catches the interval applied to CFG only, the rescale's
+    reference taken from the guide, and the guide called on a mixed batch's samples outside."""
     w, g, phi = 2.0, 2.5, 0.6
     main, guide = unet(tiny_config, 0, num_classes=3), unet(tiny_config, 1, num_classes=3)
     sampling = SamplingConfig(guidance=w, guide_weight=g, guidance_rescale=phi, guidance_interval=(0.5, 1.0))
@@ -156,8 +156,11 @@ def test_interval_and_rescale_apply_to_the_whole_guidance(tiny_config):
     mixed = torch.tensor([80, 20, 90])
     inside = expected(mixed)
     plain = main(X, mixed, LABELS).double().numpy()
+    calls[1].sizes.clear()
     np.testing.assert_allclose(den(X, mixed).double().numpy(), np.stack([inside[0], plain[1], inside[2]]),
                                rtol=1e-4, atol=1e-5)
+    # on the CPU the guide sees only the samples inside (bug caught: all three; distillation's round 1 mixes levels)
+    assert calls[1].sizes == [2]
 
 
 @torch.no_grad()

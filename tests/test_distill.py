@@ -427,7 +427,7 @@ def test_by_default_each_round_writes_the_mean_of_its_second_half(teacher_run, t
     monkeypatch.setattr(Trainer, "step", recording_step)
     # and (bugs caught) --teacher-precision auto not reaching the rounds' objectives on a CPU with native bf16, or
     # --amp auto leaving the student's training step in fp32 there
-    monkeypatch.setattr(importlib.import_module("ddpm.distill"), "_cpu_flags", lambda: "flags : avx2 avx512_bf16")
+    monkeypatch.setattr(importlib.import_module("ddpm.devices"), "cpu_flags", lambda: "flags : avx2 avx512_bf16")
     out = tmp_path / "half"
     distill(teacher_run, out=out, steps=1, start_steps=4, round_steps=[4, 2], batch_size=8, progress=False,
             device="cpu")
@@ -476,14 +476,15 @@ def test_the_teachers_calls_run_in_the_precision_asked_and_the_students_in_the_s
                                                                                    torch.device("cpu")))
         assert seen == [("teacher", want), ("teacher", want), ("student", outer)], precision
     cpu = torch.device("cpu")
-    monkeypatch.setattr(distill_module, "_cpu_flags", lambda: "flags : fpu avx2 avx512f avx512_bf16 sse")
+    devices = importlib.import_module("ddpm.devices")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: "flags : fpu avx2 avx512f avx512_bf16 sse")
     assert distill_module.resolve_teacher_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(distill_module, "_cpu_flags", lambda: "flags : fpu avx2 avx512f sse")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: "flags : fpu avx2 avx512f sse")
     assert distill_module.resolve_teacher_precision("auto", cpu) == "fp32"
     assert distill_module.resolve_teacher_precision("bf16", cpu) == "bf16"
     # the student's step: auto is left to the Trainer (fp32 on a CPU) without native bf16, bf16 with it
     assert [distill_module.resolve_student_amp(amp, cpu) for amp in ("auto", "none")] == ["auto", "none"]
-    monkeypatch.setattr(distill_module, "_cpu_flags", lambda: "flags : fpu amx_bf16 avx2")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: "flags : fpu amx_bf16 avx2")
     assert [distill_module.resolve_student_amp(amp, cpu) for amp in ("auto", "none")] == ["bf16", "none"]
 
 

@@ -72,3 +72,22 @@ def compile_for_training(net: torch.nn.Module) -> torch.nn.Module:
     recompile makes slower kernels), with the compile cache kept between runs (`compile_cache_dir`)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
     return torch.compile(net, dynamic=False)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: CUDA with bf16, or a CPU whose flags (Linux's /proc/cpuinfo) list
+    AVX512-BF16 or AMX; elsewhere it is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    flags = cpu_flags().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags as Linux lists them; empty elsewhere."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""

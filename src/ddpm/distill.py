@@ -28,7 +28,7 @@ from .config import (
     from_dict,
     sampling_defaults,
 )
-from .devices import configure_for_speed
+from .devices import configure_for_speed, native_bf16
 from .distill_target import TEACHER_SOLVERS, DistillationObjective, Teacher, check_teacher_solver
 from .distributed import StopRequest, distributed_context, setup_device
 from .errors import DdpmError
@@ -191,25 +191,6 @@ def resolve_student_amp(amp: str, device: torch.device) -> str:
     """The student's training step's --amp for `device`: auto is bf16 where native_bf16, else left to the Trainer
     (devices.resolve_amp: bf16 or fp16 on CUDA, none on CPUs without native bf16)."""
     return "bf16" if amp == "auto" and native_bf16(device) else amp
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 natively: CUDA with bf16, or a CPU whose flags (Linux's /proc/cpuinfo) list
-    AVX512-BF16 or AMX; elsewhere it is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    flags = _cpu_flags().split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags as Linux lists them; empty elsewhere."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
 
 
 def resolve_spacing(spacing: str, start_steps: int, schedule) -> str:

@@ -118,10 +118,23 @@ class GuidedDenoiser:
             eps = eps_null + _per_sample(w, x) * (eps_cond - eps_null)
         if not _is(g, 1.0):
             # (g - 1) times a difference, not g D_1 + (1 - g) D_0: a guide equal to the main model adds exactly 0
-            eps = eps + (_per_sample(g, x) - 1.0) * (eps_cond - self.guide(x, t, self.labels))
+            eps = eps + (_per_sample(g, x) - 1.0) * (eps_cond - self._guide_where_it_counts(x, t, inside, eps_cond))
         if self.rescale > 0:
             eps = self._rescaled(eps, eps_cond, x, t)
         return eps
+
+    def _guide_where_it_counts(self, x: torch.Tensor, t: torch.Tensor, inside, eps_cond: torch.Tensor):
+        """The guide's eps. With samples on both sides of the interval (`_inside`'s tensor, on the CPU only) it is
+        called on those inside alone, and the others get eps_cond: their g is 1, so their guide term is 0 either way.
+        Samplers never mix noise levels in a batch; distillation's round 1 does, and skips a quarter of its guide
+        calls this way (benchmarks/RESULTS.md, "Distillation", stop 47)."""
+        if not isinstance(inside, torch.Tensor) or x.device.type != "cpu":
+            return self.guide(x, t, self.labels)
+        rows = inside.nonzero().squeeze(1)
+        guided = eps_cond.clone()
+        guided[rows] = self.guide(x[rows], t[rows], None if self.labels is None else self.labels[rows]).to(
+            guided.dtype)
+        return guided
 
     def _main_branches(self, x: torch.Tensor, t: torch.Tensor, with_null: bool):
         """(eps(x, t, y), eps(x, t, null) or None): one call of 2N when batched, else one or two of N."""
