@@ -46,7 +46,8 @@ class GuidedDenoiser:
 
     Model calls per step: w == g == 1, or a step outside the interval: one main call of N; w == 0 and g == 1: one
     null call of N. Otherwise the main model's conditional (and, if w != 1, null) branch as one call of 2N
-    (`batched`) or two of N, plus one guide call of N when g != 1. The guide is another network with other
+    (`batched`) or two of N, plus one guide call of N when g != 1 (on the CPU, of only the samples inside the
+    interval when a batch mixes noise levels: `_guide_where_it_counts`). The guide is another network with other
     weights, so it can never share the main model's batch: on accelerators it is one more launch, with no host
     sync. `batched=None` picks by device (`default_batched`). The rescale costs no model call.
     """
