@@ -56,27 +56,6 @@ def test_training_step_in_channels_last_matches_the_plain_layout(tiny_config):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_a_cpu_trainer_takes_channels_last_for_a_bf16_step_only():
-    # bugs caught: channels_last kept for CUDA alone (a CPU's bf16 step is 8% faster in it: distillation's student),
-    # or given to a CPU's fp32 step, which it does not speed up
-    from torch.utils.data import TensorDataset
-
-    from ddpm import RunConfig, RuntimeConfig, TrainConfig
-    from ddpm.data import DataInfo
-    from ddpm.training import Trainer
-    from helpers import tiny_model_config
-
-    data = TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
-    layouts = {}
-    for amp in ("bf16", "none"):
-        config = RunConfig(model=tiny_model_config(num_classes=3, in_channels=3), train=TrainConfig(batch_size=4),
-                           runtime=RuntimeConfig(device="cpu", amp=amp))
-        trainer = Trainer(config, DataInfo(data, 3, 3, None, "random"), torch.device("cpu"))
-        weight = trainer.model.inc.block[3].weight
-        layouts[amp] = (trainer.channels_last, weight.is_contiguous(memory_format=torch.channels_last))
-    assert layouts == {"bf16": (True, True), "none": (False, False)}
-
-
 def test_the_rate_as_a_tensor_moves_the_weights_exactly_as_the_rate_as_a_number(tiny_config):
     # The bug it catches: the graph-ready optimizer (fused, capturable, its rate a device tensor) changing the
     # bits of CPU training. A float32 rate did: at 8e-5 (step 4 of the quickstart's warm-up) it moved weights by

@@ -57,7 +57,7 @@ class RunBatches:
 
     def __init__(self, config: RunConfig, info: DataInfo, device: torch.device, ctx: DistributedContext):
         self.config, self.info, self.device, self.ctx = config, info, device, ctx
-        self.channels_last = device.type == "cuda"  # cuDNN's layout; a CPU's first convolution converts its input
+        self.channels_last = device.type == "cuda"  # the layout the Trainer's model uses there
 
     @property
     def steps_per_epoch(self) -> int:

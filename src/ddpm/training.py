@@ -144,16 +144,14 @@ class Trainer:
         t = config.train
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = (model or UNet(config.model)).to(device)
-        self.amp_dtype = resolve_amp(config.runtime.amp, device)
-        # channels_last: a cuDNN win, and a CPU's bf16 step's (8% faster, e.g. distillation's student), none for a
-        # CPU's fp32 step (benchmarks/RESULTS.md, "Targets of the performance issue" and "Distillation", stop 47)
-        self.channels_last = device.type == "cuda" or self.amp_dtype == torch.bfloat16
+        self.channels_last = device.type == "cuda"  # a cuDNN win, none for CPU training (benchmarks/RESULTS.md)
         if self.channels_last:
             self.model, _ = configure_for_speed(self.model)
         self.schedule = NoiseSchedule.from_config(config.diffusion).to(device)
         self.objective = objective or DenoisingObjective(config, self.schedule, self.model.null_class)
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay)
         self.params = list(self.model.parameters())  # listed once: a walk of the module tree costs host time each step
+        self.amp_dtype = resolve_amp(config.runtime.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         # rank 0's averages of the weights, one list with one code path: the classic EMA first (RUN/model), then the
         # post-hoc EMA's power-function tracks (phema.py); each with its interpolation weight on the device
