@@ -169,9 +169,13 @@ def check_student_average(student_average, rounds: int | None = None) -> None:
                           f"or {rounds}")
 
 
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{flag} {value}: choose one of {', '.join(choices)}")
+
+
 def check_teacher_precision(precision: str) -> None:
-    if precision not in TEACHER_PRECISIONS:
-        raise ConfigError(f"--teacher-precision {precision}: choose one of {', '.join(TEACHER_PRECISIONS)}")
+    _check_choice("--teacher-precision", precision, TEACHER_PRECISIONS)
 
 
 def resolve_teacher_precision(precision: str, device: torch.device) -> str:
@@ -183,8 +187,7 @@ def resolve_teacher_precision(precision: str, device: torch.device) -> str:
 
 
 def check_student_amp(amp: str) -> None:
-    if amp not in STUDENT_AMPS:
-        raise ConfigError(f"--amp {amp}: choose one of {', '.join(STUDENT_AMPS)}")
+    _check_choice("--amp", amp, STUDENT_AMPS)
 
 
 def resolve_student_amp(amp: str, device: torch.device) -> str:

@@ -105,7 +105,9 @@ _round_steps = _per_round(int, "a number of steps", "200 or 100,200,400")
 
 def _average(text: str):
     """half, last, or a decay (0 is the last weights)."""
-    if text in ("half", "last"):
+    from ..distill import STUDENT_AVERAGES
+
+    if text in STUDENT_AVERAGES:
         return text
     return float(text) or "last"
 
