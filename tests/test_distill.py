@@ -689,9 +689,10 @@ def test_ddpm_edit_inpaints_on_the_students_grid(students, tmp_path, monkeypatch
     assert "(student, 2 steps, g=2.6, a 2-call student (g 1-4))" in capsys.readouterr().out
 
 
-def test_every_distill_flag_runs(teacher_run, tmp_path, capsys):
+def test_every_distill_flag_runs(teacher_run, tmp_path, capsys, monkeypatch):
     # bugs caught: a flag parsed but not passed on (the teacher's w, the student's default g, the data, the seed), a
-    # --time-limit that never stops (exit 75), and --resume from the command line
+    # --time-limit that never stops (exit 75), --resume from the command line, and an explicit --teacher-precision
+    # bf16 on a CPU that only emulates it (several times slower) without a word
     import json
 
     from ddpm.cli import main
@@ -709,8 +710,14 @@ def test_every_distill_flag_runs(teacher_run, tmp_path, capsys):
                  "--weight-range", "1", "3", "--lr", "1e-3", "--out", str(cfg), "--resume", *small]) == 0
     g = tmp_path / "g"
     g_flags = ["--guide-weight", "2.2", "--spacing", "trailing", "--out", str(g), *small]
+    monkeypatch.setattr(importlib.import_module("ddpm.devices"), "cpu_flags", lambda: "flags : fpu sse2 avx2 fma")
+    capsys.readouterr()
     assert main(["distill", str(teacher_run), "--final-weight", "2", "--student-average", "0.9",
                  "--teacher-precision", "bf16", "--amp", "none", *g_flags]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "emulated" in line]
+    assert warned == ["ddpm distill: warning: the teacher's calls: bf16 is emulated on this CPU (its flags list "
+                      "neither avx512_bf16 nor amx_bf16): expect each step to take several times as long as in fp32; "
+                      "--teacher-precision fp32 keeps fp32"]
     assert json.loads((g / "config.json").read_text())["runtime"]["amp"] == "none"
     record = json.loads((g / "steps_1" / "config.json").read_text())["student"]
     assert record["default_weight"] == 2.2 and record["spacing"] == "trailing"

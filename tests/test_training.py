@@ -78,3 +78,45 @@ def test_the_rate_as_a_tensor_moves_the_weights_exactly_as_the_rate_as_a_number(
         graph_ready.step()
         by_number.step()
     assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+def test_an_emulated_bf16_or_fp16_on_the_cpu_is_one_warning_naming_the_fp32_flag(monkeypatch, tiny_config):
+    # bug caught: an explicit --amp bf16 on a CPU without native bf16 (an AVX2-only EPYC: a training step 12x as long
+    # as in fp32, benchmarks/RESULTS.md "Distillation" stop 48) trains without a word; and the opposite, a notice
+    # where bf16 is native, for --amp auto's fp32 or on a CPU whose flags are unknown
+    import warnings
+
+    import pytest
+    from torch.utils.data import TensorDataset
+
+    from ddpm import devices
+    from ddpm.config import RunConfig, RuntimeConfig, TrainConfig
+    from ddpm.data import DataInfo
+    from ddpm.errors import DdpmWarning
+    from ddpm.training import Trainer
+
+    cpu = torch.device("cpu")
+    avx2 = "flags : fpu sse2 avx2 fma"
+    monkeypatch.setattr(devices, "cpu_flags", lambda: avx2)
+    assert devices.emulated_precision(torch.bfloat16, cpu, "--amp none") == (
+        "bf16 is emulated on this CPU (its flags list neither avx512_bf16 nor amx_bf16): expect each step to take "
+        "several times as long as in fp32; --amp none keeps fp32")
+    assert devices.emulated_precision(torch.float16, cpu, "--amp none").startswith("fp16 is emulated")
+    assert devices.emulated_precision(None, cpu, "--amp none") is None
+    assert devices.emulated_precision(torch.bfloat16, torch.device("cuda"), "--amp none") is None
+    for flags in ("flags : fpu sse2 avx2 avx512_bf16", "flags : sse2 amx_bf16", "", "Features : fp asimd bf16"):
+        monkeypatch.setattr(devices, "cpu_flags", lambda flags=flags: flags)
+        assert devices.emulated_precision(torch.bfloat16, cpu, "--amp none") is None, flags
+    monkeypatch.setattr(devices, "cpu_flags", lambda: avx2)
+
+    def trainer(amp):
+        config = RunConfig(model=tiny_config(), train=TrainConfig(batch_size=2, channels=3),
+                           runtime=RuntimeConfig(device="cpu", amp=amp))
+        data = TensorDataset(torch.zeros(2, 3, 8, 8))
+        return Trainer(config, DataInfo(data, 3, 3, None, "random"), cpu)
+
+    with pytest.warns(DdpmWarning, match=r"^bf16 is emulated on this CPU .* --amp none keeps fp32$"):
+        trainer("bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DdpmWarning)
+        assert trainer("auto").amp_dtype is None and trainer("none").amp_dtype is None

@@ -85,6 +85,26 @@ def native_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# The x86 flags of native low-precision arithmetic, by autocast dtype (Linux's /proc/cpuinfo names)
+_NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def emulated_precision(dtype: torch.dtype | None, device: torch.device, fix: str) -> str | None:
+    """A one-line notice when autocast `dtype` is only emulated on `device`: an x86 CPU whose flags list none of
+    its native instructions. There a bf16 training step of the quickstart's UNet took 12x as long as in fp32 and a
+    no-grad call 7x (an AVX2-only EPYC; benchmarks/RESULTS.md, "Distillation", stop 48). None elsewhere (CUDA, a
+    CPU with the flags, or one whose flags are unknown or not x86's). `fix`: the flag that keeps fp32."""
+    if dtype is None or device.type != "cpu" or dtype not in _NATIVE_FLAGS:
+        return None
+    flags = cpu_flags().split()
+    native = _NATIVE_FLAGS[dtype]
+    if "sse2" not in flags or any(flag in flags for flag in native):
+        return None
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    return (f"{name} is emulated on this CPU (its flags list neither {' nor '.join(native)}): expect each step to "
+            f"take several times as long as in fp32; {fix} keeps fp32")
+
+
 def cpu_flags() -> str:
     """The CPU's feature flags as Linux lists them; empty elsewhere."""
     try:

@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,10 @@ from .config import (
     from_dict,
     sampling_defaults,
 )
-from .devices import configure_for_speed, native_bf16
+from .devices import configure_for_speed, emulated_precision, native_bf16
 from .distill_target import TEACHER_SOLVERS, DistillationObjective, Teacher, check_teacher_solver
 from .distributed import StopRequest, distributed_context, setup_device
-from .errors import DdpmError
+from .errors import DdpmError, DdpmWarning
 from .files import atomic_write_bytes, atomic_write_json, make_grid, png_bytes
 from .guidance import make_denoiser
 from .periodic_eval import PeriodicEvaluation
@@ -369,6 +370,10 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     if start_steps > len(opened.schedule):
         raise ConfigError(f"--start-steps {start_steps} is more than the model's {len(opened.schedule)} timesteps")
     spacing = resolve_spacing(spacing, start_steps, opened.schedule)
+    bf16 = resolve_teacher_precision(teacher_precision, opened.device) == "bf16"
+    slow = emulated_precision(torch.bfloat16 if bf16 else None, opened.device, "--teacher-precision fp32")
+    if slow:  # only an explicit bf16 gets here (auto picks fp32 on such a CPU)
+        warnings.warn(f"the teacher's calls: {slow}", DdpmWarning, stacklevel=2)
     record, weight, weights, default_weight = teacher_settings(
         opened, {"guidance": guidance, "guide_weight": guide_weight}, weight_range, start_steps)
     if source_flags.get("raw_weights"):  # --no-ema: the same folder's raw weights are another teacher

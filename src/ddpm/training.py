@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from .batches import RunBatches, random_hflip
 from .config import ConfigError, RunConfig, RuntimeConfig
 from .data import DataInfo
-from .devices import autocast, compile_for_training, configure_for_speed, resolve_amp
+from .devices import autocast, compile_for_training, configure_for_speed, emulated_precision, resolve_amp
 from .diffusion import TrainingDraws, draw_training_inputs, training_losses
 from .distributed import (
     AGREE_EVERY_CUDA,
@@ -152,6 +152,9 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay)
         self.params = list(self.model.parameters())  # listed once: a walk of the module tree costs host time each step
         self.amp_dtype = resolve_amp(config.runtime.amp, device)
+        slow = emulated_precision(self.amp_dtype, device, "--amp none")  # only an explicit --amp gets here on a CPU
+        if slow and self.ctx.is_main:
+            warnings.warn(slow, DdpmWarning, stacklevel=2)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         # rank 0's averages of the weights, one list with one code path: the classic EMA first (RUN/model), then the
         # post-hoc EMA's power-function tracks (phema.py); each with its interpolation weight on the device
