@@ -187,6 +187,14 @@ def resolve_teacher_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def _warn_if_emulated(precision: str, device: torch.device) -> None:
+    """One warning for an explicit bf16 teacher on a CPU that only emulates it (auto picks fp32 there)."""
+    bf16 = resolve_teacher_precision(precision, device) == "bf16"
+    slow = emulated_precision(torch.bfloat16 if bf16 else None, device, "--teacher-precision fp32")
+    if slow:
+        warnings.warn(f"the teacher's calls: {slow}", DdpmWarning, stacklevel=3)
+
+
 def check_student_amp(amp: str) -> None:
     _check_choice("--amp", amp, STUDENT_AMPS)
 
@@ -370,10 +378,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     if start_steps > len(opened.schedule):
         raise ConfigError(f"--start-steps {start_steps} is more than the model's {len(opened.schedule)} timesteps")
     spacing = resolve_spacing(spacing, start_steps, opened.schedule)
-    bf16 = resolve_teacher_precision(teacher_precision, opened.device) == "bf16"
-    slow = emulated_precision(torch.bfloat16 if bf16 else None, opened.device, "--teacher-precision fp32")
-    if slow:  # only an explicit bf16 gets here (auto picks fp32 on such a CPU)
-        warnings.warn(f"the teacher's calls: {slow}", DdpmWarning, stacklevel=2)
+    _warn_if_emulated(teacher_precision, opened.device)
     record, weight, weights, default_weight = teacher_settings(
         opened, {"guidance": guidance, "guide_weight": guide_weight}, weight_range, start_steps)
     if source_flags.get("raw_weights"):  # --no-ema: the same folder's raw weights are another teacher
