@@ -52,6 +52,31 @@ def test_frechet_distance_of_few_samples_in_many_dimensions():
         feature_statistics(features[:1])
 
 
+def test_features_fewer_than_their_dimensions_take_the_sample_space_route_to_the_same_distance(monkeypatch):
+    # bugs caught in the N < D route (an SVD of the N1 x N2 cross product instead of two D x D eigendecompositions):
+    # a biased covariance (N instead of N - 1), the mean term dropped, squared singular values summed, the sets
+    # swapped in the scale; and the route not taken where it applies (the slow path silently kept)
+    from scipy.linalg import sqrtm
+
+    import ddpm.metrics as metrics
+
+    rng = np.random.default_rng(3)
+    for n1, n2, d in ((7, 12, 40), (12, 5, 40), (50, 60, 40), (3, 30, 20)):
+        f1 = rng.normal(size=(n1, d)) * rng.uniform(0.5, 2.0, size=d)
+        f2 = rng.normal(size=(n2, d)) + rng.normal(size=d) * 0.3
+        mu1, mu2, s1, s2 = f1.mean(0), f2.mean(0), np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+        root = sqrtm(s1 @ s2)  # the textbook formula in float64, independent of both routes
+        expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real
+        assert frechet_distance_of_features(f1, f2) == pytest.approx(expected, rel=1e-7), (n1, n2, d)
+        assert frechet_distance_of_features(f2, f1) == pytest.approx(expected, rel=1e-7), (n1, n2, d)
+    covariance_route = []
+    monkeypatch.setattr(metrics, "frechet_distance", lambda *a: covariance_route.append(1) or 0.0)
+    metrics.frechet_distance_of_features(rng.normal(size=(9, 64)), rng.normal(size=(500, 64)))
+    assert covariance_route == []  # 9 < 64: the sample space
+    metrics.frechet_distance_of_features(rng.normal(size=(70, 64)), rng.normal(size=(80, 64)))
+    assert covariance_route == [1]  # more vectors than dimensions in both: the covariances
+
+
 def brute_force_precision_recall(real, fake, k):
     """Kynkaanniemi et al. 2019 eq. 1-3 written out with plain loops and math.dist (no numpy broadcasting)."""
     import math
@@ -168,7 +193,7 @@ def test_fid_is_zero_for_a_set_against_itself_and_grows_with_blur_and_noise(ince
     assert abs(frechet_distance(*reference, *feature_statistics(again))) < 1e-6
 
     def fid(images):
-        return frechet_distance(*reference, *feature_statistics(inception(images)))
+        return frechet_distance_of_features(features, inception(images))
 
     blurred = [fid(gaussian_blur(digits, s)) for s in (0.7, 1.5)]
     noisy = [fid(add_noise(digits, s)) for s in (20.0, 60.0)]

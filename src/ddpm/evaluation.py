@@ -47,9 +47,8 @@ from .metrics import (
     cached_features,
     class_accuracy,
     default_inception_path,
-    feature_statistics,
     file_sha1,
-    frechet_distance,
+    frechet_distance_of_features,
     precision_recall,
 )
 from .pipeline import balanced_labels, sample_all, sample_batches
@@ -192,14 +191,13 @@ class Evaluator:
                  cache_dir: Path | None = None, progress: bool = False):
         self.real, self.inception, self.classifier = real, inception, classifier
         self.cache_dir, self.progress = cache_dir, progress
-        self.reference_inception = None
+        self.reference_inception = None  # the reference set's Inception features
         if inception is not None:
             features = cached_features(inception, real.reference, cache_dir, "reference", progress)
-            self.reference_inception = feature_statistics(features)
-        self.reference_classifier = self.reference_classifier_features = None
+            self.reference_inception = features
+        self.reference_classifier_features = None
         if classifier is not None:
             self.reference_classifier_features = predict(classifier, real.reference)[1]
-            self.reference_classifier = feature_statistics(self.reference_classifier_features)
 
     def score(
         self, images: torch.Tensor, labels: torch.Tensor | None = None, cache_label: str | None = "samples"
@@ -211,12 +209,12 @@ class Evaluator:
         if self.inception is not None:
             cache = self.cache_dir if cache_label else None
             features = cached_features(self.inception, images, cache, cache_label or "samples", self.progress)
-            result["fid"] = frechet_distance(*feature_statistics(features), *self.reference_inception)
+            result["fid"] = frechet_distance_of_features(features, self.reference_inception)
         if self.classifier is not None:  # without labels (an unconditional model's samples): all but the accuracy
             logits, features = predict(self.classifier, images)
             if labels is not None:
                 result["accuracy"] = class_accuracy(logits, labels.cpu())
-            result["classifier_fd"] = frechet_distance(*feature_statistics(features), *self.reference_classifier)
+            result["classifier_fd"] = frechet_distance_of_features(features, self.reference_classifier_features)
             if min(len(features), len(self.reference_classifier_features)) > PR_NEIGHBOURS:
                 result["precision"], result["recall"] = precision_recall(self.reference_classifier_features, features,
                                                                          k=PR_NEIGHBOURS)

@@ -149,7 +149,22 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def frechet_distance_of_features(features1: np.ndarray, features2: np.ndarray) -> float:
-    return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+    """`frechet_distance` of two sets of features [N1, D] and [N2, D] (their means and unbiased covariances).
+
+    With fewer vectors than dimensions in a set (500 samples of Inception's 2,048), the trace term is taken in the
+    sample space, exactly: with A1, A2 the centred features and c = (N1 - 1)(N2 - 1), sigma1 sigma2 = A1^T (A1 A2^T
+    A2) / c has the nonzero eigenvalues of M M^T for M = A1 A2^T / sqrt(c) (XY and YX share them), so
+    tr((sigma1 sigma2)^(1/2)) is the sum of M's singular values: an SVD of N1 x N2 instead of two eigendecompositions
+    of D x D (4.5 s each at D = 2,048 on one core)."""
+    statistics = [feature_statistics(features1), feature_statistics(features2)]
+    a1, a2 = (np.asarray(f, np.float64) - mean for f, (mean, _) in zip((features1, features2), statistics))
+    if a1.shape[1] != a2.shape[1] or min(len(a1), len(a2)) >= a1.shape[1]:
+        return frechet_distance(*statistics[0], *statistics[1])
+    scale = np.sqrt((len(a1) - 1) * (len(a2) - 1))
+    trace_sqrt = np.linalg.svd(a1 @ a2.T / scale, compute_uv=False).sum()
+    diff = statistics[0][0] - statistics[1][0]
+    traces = (a1 * a1).sum() / (len(a1) - 1) + (a2 * a2).sum() / (len(a2) - 1)
+    return float(max(diff @ diff + traces - 2 * trace_sqrt, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
