@@ -50,6 +50,8 @@ def test_frechet_distance_of_few_samples_in_many_dimensions():
     assert frechet_distance_of_features(features, other) == pytest.approx(64 * 0.25, rel=1e-6)  # a pure shift: ||d||^2
     with pytest.raises(MetricsError, match="at least 2"):
         feature_statistics(features[:1])
+    with pytest.raises(MetricsError, match="at least 2"):  # the sample-space route too (1 < 64 dimensions)
+        frechet_distance_of_features(features[:1], features)
 
 
 def test_features_fewer_than_their_dimensions_take_the_sample_space_route_to_the_same_distance(monkeypatch):
