@@ -74,6 +74,10 @@ def compile_for_training(net: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(net, dynamic=False)
 
 
+# The x86 flags of native low-precision arithmetic, by autocast dtype (Linux's /proc/cpuinfo names)
+_NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 natively: CUDA with bf16, or a CPU whose flags (Linux's /proc/cpuinfo) list
     AVX512-BF16 or AMX; elsewhere it is emulated and slower than fp32."""
@@ -82,11 +86,7 @@ def native_bf16(device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     flags = cpu_flags().split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-# The x86 flags of native low-precision arithmetic, by autocast dtype (Linux's /proc/cpuinfo names)
-_NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+    return any(flag in flags for flag in _NATIVE_FLAGS[torch.bfloat16])
 
 
 def emulated_precision(dtype: torch.dtype | None, device: torch.device, fix: str) -> str | None:

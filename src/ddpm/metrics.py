@@ -161,10 +161,11 @@ def frechet_distance_of_features(features1: np.ndarray, features2: np.ndarray) -
         return frechet_distance(*feature_statistics(f1), *feature_statistics(f2))  # its checks, its shapes' errors
     if min(len(f1), len(f2)) < 2:
         raise MetricsError(f"need at least 2 feature vectors for a covariance, got shapes {f1.shape} and {f2.shape}")
-    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)  # no D x D covariance is formed on this route
+    mean1, mean2 = f1.mean(0), f2.mean(0)
+    a1, a2 = f1 - mean1, f2 - mean2  # no D x D covariance is formed on this route
     scale = np.sqrt((len(a1) - 1) * (len(a2) - 1))
     trace_sqrt = np.linalg.svd(a1 @ a2.T / scale, compute_uv=False).sum()
-    diff = f1.mean(0) - f2.mean(0)
+    diff = mean1 - mean2
     traces = (a1 * a1).sum() / (len(a1) - 1) + (a2 * a2).sum() / (len(a2) - 1)
     return float(max(diff @ diff + traces - 2 * trace_sqrt, 0.0))
 
