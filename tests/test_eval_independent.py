@@ -9,16 +9,18 @@ from ddpm.cli import main
 
 
 def fid_by_eigenvalues(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 sum sqrt(eig(S_a S_b)): numpy's general eigenvalues of the product,
-    not the symmetric square roots the library uses; covariances written out as sums of outer products / (N - 1)."""
+    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 sum sqrt(eig(S_a S_b)): numpy's general eigenvalues, not the
+    symmetric square roots or singular values the library uses; covariances written out as sums of outer products
+    / (N - 1). With S_a = C_a^T C_a / (N_a - 1) (C_a: the centred rows), the nonzero eigenvalues of S_a S_b are
+    those of the N_a x N_a matrix C_a S_b C_a^T / (N_a - 1) (XY and YX share them): no 2,048 x 2,048 eigenproblem."""
     def moments(x):
         x = x.astype(np.float64)
         mu = x.sum(0) / len(x)
         centred = x - mu
-        return mu, centred.T @ centred / (len(x) - 1)
+        return mu, centred, centred.T @ centred / (len(x) - 1)
 
-    (mu_a, s_a), (mu_b, s_b) = moments(a), moments(b)
-    eigenvalues = np.linalg.eigvals(s_a @ s_b)
+    (mu_a, c_a, s_a), (mu_b, _, s_b) = moments(a), moments(b)
+    eigenvalues = np.linalg.eigvals(c_a @ s_b @ c_a.T / (len(a) - 1))
     trace_sqrt = np.sqrt(np.clip(eigenvalues.real, 0, None)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * trace_sqrt)
 
