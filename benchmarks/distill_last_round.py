@@ -21,7 +21,8 @@ import torch
 
 from ddpm import checkpoint as ckpt
 from ddpm.data import mnist
-from ddpm.distill import DistillSettings, _diffusion, _round_teacher, frozen, resolve_teacher_precision
+from ddpm.distill import _diffusion, _round_teacher, frozen
+from ddpm.distill_settings import DistillSettings, resolve_teacher_precision
 from ddpm.distill_target import DistillationObjective
 from ddpm.ema import EMA
 from ddpm.training import make_optimizer

@@ -82,7 +82,7 @@ def test_spacing_auto_is_the_log_snr_grid_where_it_fits_and_else_trailing():
     # bugs caught: "auto" refusing a short schedule (a model of few timesteps could not be distilled without a flag),
     # or a grid named by hand silently replaced
     from ddpm.config import ConfigError
-    from ddpm.distill import resolve_spacing
+    from ddpm.distill_settings import resolve_spacing
 
     assert resolve_spacing("auto", 16, schedule_of()) == "logsnr"
     assert resolve_spacing("auto", 16, schedule_of(37)) == "trailing"
@@ -628,7 +628,7 @@ def test_an_unknown_amp_is_one_line_naming_the_flag_before_anything_is_opened(te
 def test_round_one_gets_300_steps_and_each_later_round_200_by_default():
     # bugs caught: the default lengths saved as None in distill.json (a resume could not tell what ran), every round
     # at one length, or round 1's length given to the last round
-    from ddpm.distill import DistillSettings
+    from ddpm.distill_settings import DistillSettings
 
     two = DistillSettings({}, None, None, None, start_steps=16, steps=2)
     assert two.round_steps == [300, 200, 200] and two.round_ends == [300, 500, 700]

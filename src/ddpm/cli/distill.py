@@ -10,7 +10,7 @@ from . import common
 
 
 def add_distill_parser(sub) -> None:
-    from ..distill import LEARNING_RATE, STUDENT_AMPS, WEIGHT_RANGES
+    from ..distill_settings import LEARNING_RATE, STUDENT_AMPS, WEIGHT_RANGES
 
     d = sub.add_parser("distill", formatter_class=common.HelpFormatter,
                        help="distil a run into a student that draws in 1, 2 or 4 calls (progressive distillation)",
@@ -54,15 +54,15 @@ def add_distill_parser(sub) -> None:
 
 def _add_round_flags(a) -> None:
     """The flags of the rounds: how many, how long, their teacher's solver, grids, draw and average."""
-    from ..distill import (
+    from ..distill_settings import (
         FINAL_STEP_WEIGHT,
         FIRST_ROUND_STEPS,
         ROUND_STEPS,
         START_STEPS,
         STUDENT_AVERAGE,
         TEACHER_PRECISIONS,
-        TEACHER_SOLVERS,
     )
+    from ..distill_target import TEACHER_SOLVERS
     from ..samplers import STUDENT_SPACINGS
 
     a("--steps", type=int, default=2, help="the last student's calls per image: 1, 2 or 4")
@@ -105,7 +105,7 @@ _round_steps = _per_round(int, "a number of steps", "200 or 100,200,400")
 
 def _average(text: str):
     """half, last, or a decay (0 is the last weights)."""
-    from ..distill import STUDENT_AVERAGES
+    from ..distill_settings import STUDENT_AVERAGES
 
     if text in STUDENT_AVERAGES:
         return text
