@@ -232,6 +232,13 @@ def test_the_command_line_trains_tracks_samples_exports_and_evaluates_a_rebuilt_
                         (["sample", str(run), "--out", str(tmp_path / "x"), "--ema-length", "0.1", "--no-ema"],
                          "cannot go with --ema-length"),
                         (["export", str(run), "--out", str(tmp_path / "y")], "give --ema-length"),
+                        # the run's model/ folder names that folder, not a model/ inside it
+                        (["export", str(run / "model"), "--out", str(tmp_path / "y")],
+                         f"already a model folder: {run / 'model'}"),
+                        # a model folder (an export's, a student's) has no snapshots: it is drawn as it is
+                        (["export", str(tmp_path / "exported"), "--ema-length", "0.1", "--out", str(tmp_path / "y")],
+                         "is a model folder, which ddpm sample, eval and serve read as it is"),
+                        (["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "y")], "is not a run folder"),
                         (["sample", str(run), "--out", str(tmp_path / "x"), "--guide-ema-fraction", "0.5"],
                          "needs --guide-ema-length"),
                         (["sample", str(run), "--out", str(tmp_path / "x"), "--guide-ema-length", "0.1", "--guide",
@@ -240,7 +247,8 @@ def test_the_command_line_trains_tracks_samples_exports_and_evaluates_a_rebuilt_
                           "--guide-ema-fraction", "2"], "must be in (0, 1]")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and words in err
+        assert len(err.splitlines()) == 1 and words in err and "model/model" not in err
+    assert not (tmp_path / "y").exists()
     none = tmp_path / "none"
     assert main(["train", "mnist", "--out", str(none), "--steps", "2", "--ema-lengths", "none", *TINY_TRAIN_ARGS]) == 0
     assert not (none / SNAPSHOT_DIR).exists()
