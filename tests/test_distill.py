@@ -542,6 +542,26 @@ def test_ddpm_sample_draws_a_student_in_k_calls_and_names_it(students, tmp_path,
     assert f"(student, {calls} steps = {calls} calls of a {calls}-call student (g 1-4)" in out and "g=2.6" in out
 
 
+def test_a_distillations_folder_draws_as_its_student_of_fewest_calls(students, tmp_path, monkeypatch, capsys):
+    # bug caught: RUN/distilled (and its model/, the last round's weights without the student's record) drawn as a
+    # plain model: 20 DPM-Solver++ steps with classifier-free guidance, of a network that takes the weight as input
+    import shutil
+
+    from ddpm.cli import main
+
+    for folder in (students, students / "model"):
+        counted = count_calls(monkeypatch)
+        assert main(["sample", str(folder), "--labels", "0,1,2", "--out", str(tmp_path / folder.name), "--quiet"]) == 0
+        assert counted == [3]  # steps_1, the last round's
+        assert "(student, 1 steps = 1 calls of a 1-call student (g 1-4)" in capsys.readouterr().out
+    started = tmp_path / "started"  # a distillation whose first round has not ended
+    started.mkdir()
+    shutil.copy(students / "distill.json", started / "distill.json")
+    assert main(["sample", str(started), "--out", str(tmp_path / "none"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has written no student yet" in err[0] and not (tmp_path / "none").exists()
+
+
 def test_a_student_draws_on_the_grid_it_was_distilled_on_and_an_older_record_on_the_trailing_one(
         students, tmp_path, monkeypatch):
     # bugs caught: a log-SNR student drawn at t = 499 (the trailing grid) instead of 302 by ddpm sample or the page,
@@ -596,6 +616,14 @@ def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkey
     (["distill", "{teacher}", "--final-weight", "0.5"], "must be from 1"),
     (["distill", "{teacher}", "--student-average", "1"], "half .* last .* or an exponential decay"),
     (["distill", "{teacher}", "--student-average", "last,0.9"], "takes 3 rounds"),
+    # a distillation is no training run: neither distilled again nor trained on as a diffusion model
+    (["distill", "{students}"], "is a distillation's folder, not a training run"),
+    (["distill", "{student}", "--data", "mnist"], "is in the distillation .*, not a training run"),
+    (["train", "--resume", "{students}"], "holds a distillation, not a training run: continue it with `ddpm distill"),
+    (["train", "mnist", "--out", "{students}", "--resume-if-exists"], "holds a distillation, not a training run"),
+    # a student of an autoguided teacher has w = 1 built in: --guidance would be dropped silently
+    (["sample", "{student}", "--guidance", "3"], "teacher's --guidance 1 built in and takes --guide-weight from 1"),
+    (["sample", "{student}", "--ema-length", "0.1"], "is a model folder, with no post-hoc EMA snapshots to average"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teacher_run, tmp_path, capsys):
     import re

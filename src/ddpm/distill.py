@@ -57,12 +57,11 @@ from .pipeline import balanced_labels, sample_all
 from .run_setup import load_latest_state, prepare
 from .schedule import NoiseSchedule
 from .sources import open_model, run_folder
-from .students import Student
+from .students import SETTINGS, Student, is_distillation, student_dir
 from .training import Trainer, closing_run, fit, monitor_for
 from .unet import UNet
 
 STUDENT = "student"  # the student's record in its model folder's config.json
-SETTINGS = "distill.json"  # the distillation's settings, in its folder beside config.json and the checkpoints
 # -- teachers ----------------------------------------------------------------------------------------------------
 def denoiser_teacher(model: torch.nn.Module, schedule: NoiseSchedule, sampling: SamplingConfig, guide=None,
                      weight_name: str | None = None) -> Teacher:
@@ -100,10 +99,6 @@ class DistillResult:
     stopped: int = 0  # 0: every round done; else why it saved and stopped early (distributed.stop_code)
 
 
-def student_dir(folder: Path, steps: int) -> Path:
-    return Path(folder) / f"steps_{steps}"
-
-
 def _run_config(run: Path) -> RunConfig:
     """The config of the run that `run` is (or whose model/ or best/ folder it is): its data and flips."""
     path = run_folder(run) / ckpt.CONFIG
@@ -135,6 +130,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     run = Path(run)
     if data is not None and not data.strip():
         raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
+    _check_not_a_distillation(run)
     rounds = check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild writes its cache)
     check_student_average(student_average, rounds)
     check_teacher_precision(teacher_precision)
@@ -173,6 +169,17 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
         written, stopped = run_rounds(trainer, settings, opened, folder, monitor, stop, run, info,
                                       _round_evaluation(trainer, run, eval_n))
     return DistillResult(folder, written, stopped)
+
+
+def _check_not_a_distillation(run: Path) -> None:
+    """One line for a distillation's own folder (or a student in it) given as the run: its students are drawn, and a
+    distillation continues from its teacher's run (--out FOLDER --resume)."""
+    folder = next((f for f in (run, run.parent) if is_distillation(f)), None)
+    if folder is not None:
+        where = "a distillation's folder" if folder == run else f"in the distillation {folder}"
+        raise ConfigError(f"{run} is {where}, not a training run: draw its students (ddpm sample "
+                          f"{folder}/steps_K), or continue it from its teacher's run (ddpm distill RUN --out {folder} "
+                          "--resume)")
 
 
 def _check_options(teacher_solver: str, spacing: str, final_weight: float, eval_n: int | None,

@@ -10,6 +10,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig
 from .data import DataInfo, load_dataset
 from .errors import DdpmWarning
+from .students import is_distillation
 
 
 def load_latest_state(run_dir: Path) -> dict:
@@ -45,6 +46,14 @@ def resume_config(run_dir: Path, **runtime_changes) -> RunConfig:
 
 def holds_run(run_dir: Path) -> bool:
     return ckpt.RunFolder(Path(run_dir)).holds_checkpoints()
+
+
+def check_not_a_distillation(run_dir: Path) -> None:
+    """One line for `ddpm train` on a distillation's folder (RUN/distilled): resumed, its checkpoints would train the
+    student as a plain diffusion model."""
+    if is_distillation(run_dir):
+        raise ConfigError(f"{run_dir} holds a distillation, not a training run: continue it with `ddpm distill RUN "
+                          f"--out {run_dir} --resume` (RUN: its teacher's run), or give another --out")
 
 
 def check_new_run_dir(run_dir: Path) -> None:

@@ -77,6 +77,9 @@ def list_snapshots(run_dir: Path) -> list[Snapshot]:
 def run_snapshots(run_dir: Path) -> list[Snapshot]:
     """list_snapshots, or a one-line CheckpointError for a run that kept none."""
     snapshots = list_snapshots(run_dir)
+    if not snapshots and (run_dir / WEIGHTS).is_file() and not (run_dir / MODEL_DIR).is_dir():
+        raise CheckpointError(f"{run_dir} is a model folder, with no post-hoc EMA snapshots to average (only runs "
+                              "trained with --ema-lengths keep them); leave --ema-length out to draw it as it is")
     if not snapshots:
         raise CheckpointError(f"{run_dir} has no post-hoc EMA snapshots ({SNAPSHOT_DIR}/); only runs trained with "
                               "--ema-lengths keep them (the run's own EMA is in its model/ folder)")

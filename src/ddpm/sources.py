@@ -5,7 +5,8 @@ A run folder that kept post-hoc EMA snapshots is drawn, by default, with the ave
 length (config.POSTHOC_DEFAULT), guided by the average rebuilt at the measured fraction of the run with the guide's
 measured length (benchmarks/RESULTS.md, "Post-hoc EMA"). Anything else is drawn as it is: RUN/model (the classic
 EMA), RUN/best, a model folder, and runs without snapshots (written before post-hoc EMA, or trained with
-`--ema-lengths none`), each guided by the run's own guide/ snapshot when it has one, as before.
+`--ema-lengths none`), each guided by the run's own guide/ snapshot when it has one, as before. A distillation's
+folder (RUN/distilled, or its model/) is drawn as the student of fewest calls it has written.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from .errors import DdpmError
 from .guidance import Guide, check_guide_schedule
 from .schedule import NoiseSchedule
 from .snapshots import WELL_REBUILT, Rebuild, list_snapshots, plan_rebuild, rebuilt_model_dir, step_at_fraction
-from .students import Student
+from .students import Student, is_distillation, last_student
 from .unet import UNet
 
 NO_GUIDE = "none"  # --guide none: no autoguidance, whatever the run holds
@@ -167,7 +168,7 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
     default that cannot be rebuilt, and a run outside what the default was measured on. Guides rebuilt by length
     sit at a fraction of the main model's step (`--ema-step`, else the run's end). Contradicting flags are one-line
     DdpmErrors."""
-    model = Path(model)
+    model = _student_of_distillation(Path(model))
     if ema_length is None and ema_step is not None:
         raise DdpmError("--ema-step needs --ema-length (the average's length)")
     if raw_weights and ema_length is not None:
@@ -211,6 +212,20 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
     else:
         guide_path = find_run_guide(model)
     return Sources(weights, guide_path, default is not None)
+
+
+def _student_of_distillation(model: Path) -> Path:
+    """`model` itself, or for a distillation's folder (or its model/, the last round's weights without the record
+    that makes them a student) the student of fewest calls written there: RUN/distilled draws as
+    RUN/distilled/steps_2 would, not as a plain model of 20 steps."""
+    folder = model.parent if model.name == MODEL_DIR and is_distillation(model.parent) else model
+    if not is_distillation(folder):
+        return model
+    student = last_student(folder)
+    if student is None:
+        raise DdpmError(f"{folder} is a distillation that has written no student yet (its first round has not "
+                        "ended); continue it with ddpm distill RUN --out FOLDER --resume")
+    return student
 
 
 def default_sources(model: Path | str) -> Sources:

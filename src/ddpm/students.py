@@ -5,12 +5,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import SamplingConfig
 from .errors import DdpmError
 
 RECORD = "student"  # the key of the record in a model folder's config.json
 SAMPLER = "student"  # samplers.run_sampler's name for DDIM on a student's grid
+SETTINGS = "distill.json"  # a distillation's settings, in its folder (RUN/distilled) beside config.json
+
+
+def student_dir(folder: Path, steps: int) -> Path:
+    """Where a distillation in `folder` writes its `steps`-call student."""
+    return Path(folder) / f"steps_{steps}"
+
+
+def is_distillation(folder: Path) -> bool:
+    """Whether `folder` is a distillation's own folder (RUN/distilled: its checkpoints, distill.json, steps_K/)."""
+    return (Path(folder) / SETTINGS).is_file()
+
+
+def last_student(folder: Path) -> Path | None:
+    """The student of fewest calls that the distillation in `folder` has written (its last round's), or None."""
+    written = [student_dir(folder, k) for k in (1, 2, 4, 8, 16, 32, 64, 128)
+               if (student_dir(folder, k) / "config.json").is_file()]
+    return written[0] if written else None
 
 
 @dataclass(frozen=True)

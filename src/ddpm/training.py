@@ -37,7 +37,14 @@ from .distributed import (
 from .ema import EMA, PowerEMA, sized_warmup
 from .errors import DdpmError, DdpmWarning
 from .monitor import Monitor, RankZeroMonitor
-from .run_setup import check_new_run_dir, continued_config, holds_run, load_latest_state, prepare
+from .run_setup import (
+    check_new_run_dir,
+    check_not_a_distillation,
+    continued_config,
+    holds_run,
+    load_latest_state,
+    prepare,
+)
 from .schedule import NoiseSchedule
 from .step_graph import StaticInputs, StepRunner, graphs_decision
 from .unet import UNet
@@ -435,6 +442,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True, stop: 
     resumes from the same file and all stop at the same step."""
     ctx = distributed_context()
     run_dir = Path(config.runtime.out_dir)
+    check_not_a_distillation(run_dir)
     state = load_latest_state(run_dir) if resume or (if_exists and holds_run(run_dir)) else None
     if resume:
         config = dataclasses.replace(RunConfig.from_dict(state["config"]), runtime=config.runtime)

@@ -223,11 +223,25 @@ def _student_sampling(args: argparse.Namespace, student, config: SamplingConfig)
     """`config` (one of the flags' combinations) as the student draws it: what was given by hand is kept."""
     flags = {"sampler": "sampler", "steps": "sampling_steps", "guidance": "guidance", "guide_weight": "guide_weight"}
     given = {name: getattr(config, name) for name, flag in flags.items() if getattr(args, flag, None) is not None}
+    _check_built_in(student, given)
     drawn = student.sampling(config, given)
     note = student.off_grid_note(drawn.sampler, drawn.steps)
     if note is not None:
         warn_one_line(note)
     return drawn
+
+
+def _check_built_in(student, given: dict) -> None:
+    """One line for a guidance flag given by hand that the student has built in at another value (its teacher's:
+    an autoguided teacher's w, say), which it would otherwise draw at silently."""
+    for name, flag in (("guidance", "--guidance"), ("guide_weight", "--guide-weight")):
+        built_in = student.fixed.get(name)
+        if name != student.weight and name in given and built_in is not None and given[name] != built_in:
+            takes = "takes no weight"
+            if student.weight is not None:
+                takes = f"takes {student.flag} from {student.weight_range[0]:g} to {student.weight_range[1]:g}"
+            raise DdpmError(f"{flag} {given[name]:g}: this student has its teacher's {flag} {built_in:g} built in "
+                            f"and {takes}; leave {flag} out")
 
 
 def _unique(configs: list[SamplingConfig]) -> list[SamplingConfig]:
