@@ -61,7 +61,7 @@ from .students import SETTINGS, Student, is_distillation, student_dir
 from .training import Trainer, closing_run, fit, monitor_for
 from .unet import UNet
 
-STUDENT = "student"  # the student's record in its model folder's config.json
+
 # -- teachers ----------------------------------------------------------------------------------------------------
 def denoiser_teacher(model: torch.nn.Module, schedule: NoiseSchedule, sampling: SamplingConfig, guide=None,
                      weight_name: str | None = None) -> Teacher:
