@@ -604,6 +604,20 @@ def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkey
         request_from_fields(served, {**defaults, "seed": "0", "guide_weight": 4.5})
 
 
+def test_the_pages_w_slider_of_a_student_of_g_shows_its_built_in_w_and_cannot_move(students):
+    # bug caught: a live w slider on a student of an autoguided teacher, whose moves the student drops silently (it
+    # draws at its teacher's w = 1 whatever the slider says)
+    from ddpm import serve
+
+    app = serve.build_app(None, served=serve.load_served_model(students / "steps_2", "cpu"))
+    by_id = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
+    for elem_id in ("guidance", "edit-guidance"):
+        slider = by_id[elem_id]
+        assert slider.interactive is False and slider.value == 1.0 and "w 1 is built in" in slider.info, elem_id
+    assert by_id["guide-weight"].interactive is not False and (by_id["guide-weight"].minimum,
+                                                               by_id["guide-weight"].maximum) == (1, 4)
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["sample", "{student}", "--guide", "{teacher}"], "takes no --guide"),
     (["sample", "{student}", "--guide-weight", "9"], "outside the weights this student was trained on"),

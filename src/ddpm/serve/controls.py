@@ -24,6 +24,11 @@ def class_dropdown(gr, served: ServedModel, value, elem_id: str):
 def guidance_slider(gr, served: ServedModel, value: float, elem_id: str):
     """Classifier-free guidance w: 0 to MAX_GUIDANCE, or the weights a student of w was trained on."""
     student = served.student
+    if student is not None and student.weight != "guidance" and student.fixed.get("guidance") is not None:
+        built_in = student.fixed["guidance"]  # a student of g (or of no weight) draws at its teacher's w alone
+        return gr.Slider(0.0, MAX_GUIDANCE, value=built_in, step=0.1, label="Classifier-free guidance w",
+                         info=f"{student.describe()}: its teacher's w {built_in:g} is built in", interactive=False,
+                         visible=bool(served.num_classes), elem_id=elem_id)
     lo, hi = student.weight_range if student is not None and student.weight == "guidance" else (0.0, MAX_GUIDANCE)
     return gr.Slider(lo, hi, value=value, step=0.1, label="Classifier-free guidance w",
                      info="0 unconditional, 1 conditional, >1 guided", visible=bool(served.num_classes),
