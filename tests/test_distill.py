@@ -605,8 +605,8 @@ def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkey
 
 
 def test_the_pages_w_slider_of_a_student_of_g_shows_its_built_in_w_and_cannot_move(students):
-    # bug caught: a live w slider on a student of an autoguided teacher, whose moves the student drops silently (it
-    # draws at its teacher's w = 1 whatever the slider says)
+    # bugs caught: a live w slider on a student of an autoguided teacher, whose moves the student drops silently (it
+    # draws at its teacher's w = 1 whatever the slider says); live interval and rescale sliders, dropped alike
     from ddpm import serve
 
     app = serve.build_app(None, served=serve.load_served_model(students / "steps_2", "cpu"))
@@ -616,6 +616,9 @@ def test_the_pages_w_slider_of_a_student_of_g_shows_its_built_in_w_and_cannot_mo
         assert slider.interactive is False and slider.value == 1.0 and "w 1 is built in" in slider.info, elem_id
     assert by_id["guide-weight"].interactive is not False and (by_id["guide-weight"].minimum,
                                                                by_id["guide-weight"].maximum) == (1, 4)
+    # nor does the page offer the options that shape a combination of guided calls, which a student does not make
+    assert not any(by_id[elem_id].visible for elem_id in ("interval-lo", "interval-hi", "rescale"))
+    assert by_id["threshold"].visible
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -638,6 +641,9 @@ def test_the_pages_w_slider_of_a_student_of_g_shows_its_built_in_w_and_cannot_mo
     # a student of an autoguided teacher has w = 1 built in: --guidance would be dropped silently
     (["sample", "{student}", "--guidance", "3"], "teacher's --guidance 1 built in and takes --guide-weight from 1"),
     (["sample", "{student}", "--ema-length", "0.1"], "is a model folder, with no post-hoc EMA snapshots to average"),
+    # a student is guided in its one call: these shape a combination of calls it does not make (both were dropped)
+    (["sample", "{student}", "--guidance-interval", "0.3", "0.8"], "--guidance-interval: a distilled student draws"),
+    (["sample", "{student}", "--guidance-rescale", "0.7"], "--guidance-rescale: a distilled student draws"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teacher_run, tmp_path, capsys):
     import re

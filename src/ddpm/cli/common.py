@@ -223,7 +223,7 @@ def _student_sampling(args: argparse.Namespace, student, config: SamplingConfig)
     """`config` (one of the flags' combinations) as the student draws it: what was given by hand is kept."""
     flags = {"sampler": "sampler", "steps": "sampling_steps", "guidance": "guidance", "guide_weight": "guide_weight"}
     given = {name: getattr(config, name) for name, flag in flags.items() if getattr(args, flag, None) is not None}
-    _check_built_in(student, given)
+    _check_student_flags(args, student, given)
     drawn = student.sampling(config, given)
     note = student.off_grid_note(drawn.sampler, drawn.steps)
     if note is not None:
@@ -231,9 +231,15 @@ def _student_sampling(args: argparse.Namespace, student, config: SamplingConfig)
     return drawn
 
 
-def _check_built_in(student, given: dict) -> None:
-    """One line for a guidance flag given by hand that the student has built in at another value (its teacher's:
-    an autoguided teacher's w, say), which it would otherwise draw at silently."""
+def _check_student_flags(args: argparse.Namespace, student, given: dict) -> None:
+    """One line for a guidance flag given by hand that a student would drop silently: one it has built in at another
+    value (its teacher's: an autoguided teacher's w, say), or one that shapes how a guide's calls combine, which a
+    student, guided in its one call, does not make."""
+    for flag, unused in (("--guidance-interval", getattr(args, "guidance_interval", None) is not None),
+                         ("--guidance-rescale", bool(getattr(args, "guidance_rescale", None)))):
+        if unused:
+            raise DdpmError(f"{flag}: a distilled student draws its guidance in its one call a step, so there is no "
+                            f"guided combination for it to shape; leave {flag} out")
     for name, flag in (("guidance", "--guidance"), ("guide_weight", "--guide-weight")):
         built_in = student.fixed.get(name)
         if name != student.weight and name in given and built_in is not None and given[name] != built_in:

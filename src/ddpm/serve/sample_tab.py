@@ -48,8 +48,8 @@ def build_sample_tab(gr, served: ServedModel, new_folder, max_steps: int, max_im
 
 def _guidance_options(gr, served: ServedModel, start: dict[str, Any]) -> dict[str, Any]:
     """The collapsed options: where and how strongly to guide (shown when there is guidance: a conditional model
-    or a guide), and dynamic thresholding (any model)."""
-    guided = bool(served.num_classes) or served.guide is not None
+    or a guide, but not a student, guided in its one call), and dynamic thresholding (any model)."""
+    guided = (bool(served.num_classes) or served.guide is not None) and served.student is None
     return {
         "interval_lo": gr.Slider(0, 1, value=start["interval_lo"], step=0.05, label="Guide from t/(T-1) =",
                                  visible=guided, elem_id="interval-lo",
