@@ -644,6 +644,9 @@ def test_the_pages_w_slider_of_a_student_of_g_shows_its_built_in_w_and_cannot_mo
     # a student is guided in its one call: these shape a combination of calls it does not make (both were dropped)
     (["sample", "{student}", "--guidance-interval", "0.3", "0.8"], "--guidance-interval: a distilled student draws"),
     (["sample", "{student}", "--guidance-rescale", "0.7"], "--guidance-rescale: a distilled student draws"),
+    # its sampler is DDIM on its own grid: no eta, no other spacing (both were dropped)
+    (["sample", "{student}", "--eta", "0.3"], "--eta: the student sampler does not read it"),
+    (["sample", "{student}", "--spacing", "trailing"], "--spacing: the student sampler .* the grid it was distilled"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, expected, students, teacher_run, tmp_path, capsys):
     import re

@@ -145,6 +145,15 @@ def test_errors_are_one_line_and_lose_nothing(tmp_path, capsys):
     assert "multiple of 8" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing"), "--quiet"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    # a sampling flag that no chosen sampler reads was dropped silently (ddpm took all T steps, DPM-Solver++ no eta,
+    # DDIM no spacing); each is one line now, and a sweep in which some sampler reads it goes on
+    for flags, words in ((["--sampler", "ddpm", "--sampling-steps", "10"], "--sampling-steps: the ddpm sampler"),
+                         (["--eta", "0.5"], "--eta: the dpmpp2m sampler does not read it"),
+                         (["--sampler", "ddim", "--spacing", "logsnr"], "--spacing: the ddim sampler")):
+        assert main(["sample", str(run), "--out", str(tmp_path / "s"), "--n", "1", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and "it is for --sampler" in err[0]
+    assert not (tmp_path / "s").exists()
 
 
 def test_python_dash_m_help_shows_real_defaults_only(tmp_path):

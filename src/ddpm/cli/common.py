@@ -190,8 +190,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser, many: bool = False) -> N
       + ("every step" if AUTOGUIDED["guidance_interval"] is None
          else " ".join(f"{v:g}" for v in AUTOGUIDED["guidance_interval"]))
       + ")")
-    a("--spacing", choices=("trailing", "logsnr"), default=d.spacing,
-      help="dpmpp2m timesteps: uniform in t, or uniform in log-SNR")
+    a("--spacing", choices=("trailing", "logsnr"),
+      help=f"dpmpp2m timesteps: uniform in t, or uniform in log-SNR (default {d.spacing})")
 
 
 def sampling_configs(args: argparse.Namespace, guided: bool = False, student=None) -> list[SamplingConfig]:
@@ -199,9 +199,32 @@ def sampling_configs(args: argparse.Namespace, guided: bool = False, student=Non
     `guided`: a guide model is in use, so the measured autoguidance defaults (config.AUTOGUIDED) replace the
     classifier-free ones wherever a flag is not given. `student` (students.Student): a distilled student's grid and
     weight replace them instead, and a draw off its grid is said in one line."""
+    _check_read(args, default_sampler="student" if student is not None else SamplingConfig.sampler)
     if student is not None:
-        return _unique([_student_sampling(args, student, config)
-                        for config in sampling_configs(args, guided=False)])
+        return _unique([_student_sampling(args, student, config) for config in _flag_configs(args, False)])
+    return _flag_configs(args, guided)
+
+
+# which samplers read each sampling flag (samplers.run_sampler): given to none of the chosen ones, it would be dropped
+FLAG_READERS = {"--sampling-steps": ("ddim", "dpmpp2m", "student"), "--eta": ("ddim",), "--spacing": ("dpmpp2m",)}
+
+
+def _check_read(args: argparse.Namespace, default_sampler: str) -> None:
+    """One line for a flag given by hand that none of the chosen samplers reads (a student draws on its own grid,
+    so its sampler takes no --spacing)."""
+    chosen = args.sampler or [default_sampler]
+    chosen = [chosen] if isinstance(chosen, str) else chosen
+    given = {"--sampling-steps": args.sampling_steps is not None, "--eta": bool(args.eta),
+             "--spacing": args.spacing is not None}
+    for flag, readers in FLAG_READERS.items():
+        if given[flag] and not set(chosen) & set(readers):
+            own = " (a student draws on the grid it was distilled on)" if chosen == ["student"] else ""
+            raise DdpmError(f"{flag}: the {'/'.join(chosen)} sampler does not read it, so it would be dropped{own}; "
+                            f"it is for --sampler {' or '.join(r for r in readers if r != 'student')}")
+
+
+def _flag_configs(args: argparse.Namespace, guided: bool) -> list[SamplingConfig]:
+    """Every combination of the flags' samplers, steps and weights, with the defaults of `guided`."""
     def listed(value, default):
         return [default] if value is None else (value if isinstance(value, list) else [value])
 
@@ -215,7 +238,7 @@ def sampling_configs(args: argparse.Namespace, guided: bool = False, student=Non
         configs.append(SamplingConfig(sampler=sampler, steps=steps, eta=args.eta, guidance=w, guide_weight=g,
                                       clip_x0=args.clip_x0, dynamic_threshold=args.dynamic_threshold,
                                       guidance_rescale=args.guidance_rescale, guidance_interval=interval,
-                                      spacing=args.spacing))
+                                      spacing=args.spacing or SamplingConfig.spacing))
     return _unique(configs)
 
 
