@@ -224,7 +224,7 @@ def _student_of_distillation(model: Path) -> Path:
     student = last_student(folder)
     if student is None:
         raise DdpmError(f"{folder} is a distillation that has written no student yet (its first round has not "
-                        "ended); continue it with ddpm distill RUN --out FOLDER --resume")
+                        f"ended); continue it with ddpm distill RUN --out {folder} --resume (RUN: its teacher's run)")
     return student
 
 
