@@ -156,6 +156,28 @@ def test_errors_are_one_line_and_lose_nothing(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_bad_value_is_one_line_before_any_note_on_the_weights(tmp_path, capsys):
+    # bug caught: values checked only once the model was opened, after the note that a young run's post-hoc default
+    # cannot be rebuilt: two lines for one bad value (benchmarks/flag_fuzz.py counted 133 such cases)
+    import warnings
+
+    run = tmp_path / "run"
+    assert main(["train", "mnist", "--conditional", "--out", str(run), "--steps", "1", *TINY]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")  # every note is kept, not only the first from each place
+        assert main(["sample", str(run), "--out", str(tmp_path / "ok"), "--n", "1", "--quiet"]) == 0
+        assert any("cannot be rebuilt well" in str(note.message) for note in notes)  # what a bad value must not follow
+        for flags in (["--device", "nonsense"], ["--eta", "-1"], ["--dynamic-threshold", "2"], ["--n", "0"],
+                      ["--per-class", "0"], ["--guide", str(tmp_path / "nothing")], ["--guide-ema-length", "0"],
+                      ["--ema-length", "0.5"]):
+            notes.clear()
+            capsys.readouterr()
+            assert main(["sample", str(run), "--out", str(tmp_path / "s"), *flags]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("ddpm sample: error:") and not notes, (flags, err, notes)
+
+
 def test_python_dash_m_help_shows_real_defaults_only(tmp_path):
     # one interpreter runs `python -m ddpm COMMAND --help` for each command (runpy is what -m does): an import of
     # torch per command cost 5 s each

@@ -34,6 +34,7 @@ from .config import POSTHOC_DEFAULT, DiffusionConfig, ModelConfig, RunConfig, fr
 from .devices import configure_for_speed, pick_device
 from .errors import DdpmError
 from .guidance import Guide, check_guide_schedule
+from .phema import gamma_of
 from .schedule import NoiseSchedule
 from .snapshots import WELL_REBUILT, Rebuild, list_snapshots, plan_rebuild, rebuilt_model_dir, step_at_fraction
 from .students import Student, is_distillation, last_student
@@ -177,6 +178,7 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
         raise DdpmError("--guide-ema-fraction needs --guide-ema-length (the guide's averaging length)")
     if guide is not None and guide_ema_length is not None:
         raise DdpmError("--guide PATH and --guide-ema-length both give a guide; keep one")
+    _check_values(guide, ema_length, guide_ema_length)
     run = run_folder(model)
     snapshots = list_snapshots(run)  # once: each listing opens every snapshot's header
     # the defaults apply to a run folder given as itself: RUN/model asks for the classic EMA by name
@@ -212,6 +214,18 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
     else:
         guide_path = find_run_guide(model)
     return Sources(weights, guide_path, default is not None)
+
+
+def _check_values(guide: str | None, ema_length: float | None, guide_ema_length: float | None) -> None:
+    """The flags' values that need no snapshot, checked before any note on the weights: a bad one is one line."""
+    if guide is not None and guide.strip().lower() != NO_GUIDE and not Path(guide).exists():
+        raise CheckpointError(_not_a_guide(Path(guide), "does not exist"))
+    for length in (ema_length, guide_ema_length):
+        if length is not None:
+            try:
+                gamma_of(length)
+            except ValueError as error:
+                raise CheckpointError(str(error)) from None
 
 
 def _student_of_distillation(model: Path) -> Path:
@@ -250,8 +264,8 @@ def open_model(model: Path | str, device: str | None = None, *, warn=None, **fla
     """The one way in: resolve the weights and the guide once (`resolve_sources`, whose keyword flags these are),
     load both, and make the model fast to sample (configure_for_speed). The CLI's commands, the page and the API
     open models through here."""
+    torch_device = pick_device(device)  # first: a bad --device is one line before any note on the weights
     found = resolve_sources(model, warn=warn, **flags)
-    torch_device = pick_device(device)
     net, schedule, config = from_pretrained(found.weights, torch_device)
     student = Student.from_config(config)
     if student is not None and found.guide is not None:
@@ -304,9 +318,12 @@ def _guide_folder(path: Path) -> Path:
                               f"the run); give a model folder or one of its {CHECKPOINT_DIR}/step_*.pt as the guide")
     if (path / CONFIG).is_file():
         return path  # from_pretrained says what is missing
-    what = "does not exist" if not path.exists() else "is not a guide"
-    raise CheckpointError(f"{path} {what}: give a model folder ({WEIGHTS} + {CONFIG}), a run folder with a "
-                          f"{GUIDE_DIR}/ snapshot, or a training checkpoint {CHECKPOINT_DIR}/step_*.pt")
+    raise CheckpointError(_not_a_guide(path, "does not exist" if not path.exists() else "is not a guide"))
+
+
+def _not_a_guide(path: Path, what: str) -> str:
+    return (f"{path} {what}: give a model folder ({WEIGHTS} + {CONFIG}), a run folder with a {GUIDE_DIR}/ snapshot, "
+            f"or a training checkpoint {CHECKPOINT_DIR}/step_*.pt")
 
 
 def _guide_from_checkpoint(path: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import warnings
 
@@ -106,8 +107,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The process's entry (`ddpm`, `python -m ddpm`): main's status as the exit status. After a lost torchrun peer
+    the process leaves at once, without the interpreter's teardown, in which the broken process group's threads can
+    abort it (torchrun then reported SIGABRT instead of EXIT_PEER_LOST, once in the suite's two-node test)."""
+    code = main()
+    if code == EXIT_PEER_LOST:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
 
 
 __all__ = ["main", "build_parser", "train_config_from_args", "sampling_configs", "one_line_warnings", "TRAIN_FLAGS"]

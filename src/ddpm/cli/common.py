@@ -294,6 +294,8 @@ def open_model(args: argparse.Namespace) -> Opened:
     --compile; a run without a guide is said in one line (missing_guide)."""
     import torch
 
+    if hasattr(args, "sampler"):
+        _flag_configs(args, guided=False)  # the sampling values, checked before any note on the weights
     opened = open_model_for_use(Path(args.model), args.device, warn=warn_one_line, **source_flags(args))
     if getattr(args, "compile", False):
         opened.model = torch.compile(opened.model)  # attribute access (config, null_class) passes through

@@ -41,10 +41,7 @@ def add_sample_parser(sub) -> None:
 
 
 def _labels_and_rows(args: argparse.Namespace, num_classes: int | None):
-    """(labels or None, n, images per grid row) from --n / --labels / --per-class."""
-
-    if args.n is not None and args.n < 1:
-        raise DdpmError(f"nothing to sample: --n must be >= 1, got {args.n}")
+    """(labels or None, n, images per grid row) from --n / --labels / --per-class (_check_counts checked them)."""
     count = max(args.n or 0, (args.per_class or 0) * (num_classes or 1))
     if count > common.MAX_SAMPLES:
         raise DdpmError(f"{count:,} images asked for, more than the {common.MAX_SAMPLES:,} one command draws; "
@@ -65,9 +62,18 @@ def _labels_and_rows(args: argparse.Namespace, num_classes: int | None):
     if args.n is not None and args.per_class is None:
         return balanced_labels(args.n, num_classes), args.n, num_classes
     k = 8 if args.per_class is None else args.per_class
-    if k < 1:
-        raise DdpmError(f"--per-class must be >= 1, got {k}")
     return per_class_labels(k, num_classes), k * num_classes, k
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """The counts that need no model, checked before it is opened (a bad one is then one line, before any note)."""
+    if args.n is not None and args.n < 1:
+        raise DdpmError(f"nothing to sample: --n must be >= 1, got {args.n}")
+    if args.per_class is not None and args.per_class < 1:
+        raise DdpmError(f"--per-class must be >= 1, got {args.per_class}")
+    if max(args.n or 0, args.per_class or 0) > common.MAX_SAMPLES:
+        raise DdpmError(f"{max(args.n or 0, args.per_class or 0):,} images asked for, more than the "
+                        f"{common.MAX_SAMPLES:,} one command draws; split the job over several seeds")
 
 
 
@@ -78,6 +84,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DdpmError(f"--out {out} is a file; give a folder for the images")
     if not 1 <= args.batch_size <= common.MAX_SAMPLES:
         raise DdpmError(f"--batch-size must be from 1 to {common.MAX_SAMPLES:,}, got {args.batch_size}")
+    _check_counts(args)
     opened = common.open_model(args)
     model, schedule, config, device = opened.model, opened.schedule, opened.config, opened.device
     labels, n, nrow = _labels_and_rows(args, model.config.num_classes)
