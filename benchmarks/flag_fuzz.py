@@ -51,6 +51,7 @@ ALLOWED: dict[tuple[str, str], dict[str, str]] = {
     **{(command, "--guidance-interval"): {"zero": "[LO, HI]"} for command in ("sample", "eval", "edit")},
     ("prepare", "--num-workers"): {"zero": "0 = "}, ("prepare", "--max-bad-fraction"): {"zero": "0 = "},
     ("distill", "--guidance"): {"zero": "0 = "}, ("distill", "--guide-weight"): {"zero": "0 = "},
+    ("distill", "--eval-n"): {"zero": "0 = never"}, ("distill", "--student-average"): {"zero": "(0 = last)"},
 }
 
 

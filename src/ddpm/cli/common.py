@@ -96,10 +96,10 @@ def add_source_flags(parser: argparse.ArgumentParser, many: bool = False) -> Non
     flags. Every command that samples a model takes these. `many`: several lengths, for eval's sweep, and no
     --no-ema (eval/ keeps its samples by setting beside the run's EMA's, so raw weights' rows would mix with them)."""
     a = parser.add_argument
-    a("--guide", metavar="PATH", help="autoguidance (Karras et al. 2024): guide the model with a weaker version of "
-      "itself, a model folder, a run folder (its guide/ snapshot) or a checkpoint .pt (its EMA weights); 'none' = "
-      "off (default: a run's rebuilt half-way average when it keeps post-hoc EMA snapshots, else its guide/ when it "
-      "has one)")
+    a("--guide", metavar="PATH", type=folder_path, help="autoguidance (Karras et al. 2024): guide the model with a "
+      "weaker version of itself, a model folder, a run folder (its guide/ snapshot) or a checkpoint .pt (its EMA "
+      "weights); 'none' = off (default: a run's rebuilt half-way average when it keeps post-hoc EMA snapshots, else "
+      "its guide/ when it has one)")
     if not many:
         a("--ema", action=argparse.BooleanOptionalAction, default=True,
           help="EMA weights (--no-ema: the raw weights of the latest checkpoint)")

@@ -81,7 +81,8 @@ def _add_round_flags(a) -> None:
       "(measured: benchmarks/RESULTS.md, \"Distillation\")")
     a("--student-average", type=_averages, default=STUDENT_AVERAGE, metavar="A[,A...]", help="what each round "
       "writes of its student, the next round's start: half = the mean of its weights over the round's second half, "
-      "last = its last weights (the paper's), or a decay D = their exponential average; one for every round or one "
+      "last = its last weights (the paper's), or a decay D = their exponential average (0 = last); one for every "
+      "round or one "
       "per round (e.g. last,last,half) (default: half; measured: benchmarks/RESULTS.md, \"Distillation\")")
     a("--teacher-precision", choices=TEACHER_PRECISIONS, default="auto", help="the teacher's calls (targets, no "
       "gradient) in bf16 or fp32; auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
