@@ -57,7 +57,7 @@ from .pipeline import balanced_labels, sample_all
 from .run_setup import load_latest_state, prepare
 from .schedule import NoiseSchedule
 from .sources import open_model, run_folder
-from .students import SETTINGS, Student, is_distillation, student_dir
+from .students import SETTINGS, Student, distillation_of, student_dir
 from .training import Trainer, closing_run, fit, monitor_for
 from .unet import UNet
 
@@ -174,7 +174,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
 def _check_not_a_distillation(run: Path) -> None:
     """One line for a distillation's own folder (or a student in it) given as the run: its students are drawn, and a
     distillation continues from its teacher's run (--out FOLDER --resume)."""
-    folder = next((f for f in (run, run.parent) if is_distillation(f)), None)
+    folder = distillation_of(run)
     if folder is not None:
         where = "a distillation's folder" if folder == run else f"in the distillation {folder}"
         raise ConfigError(f"{run} is {where}, not a training run: draw its students (ddpm sample "

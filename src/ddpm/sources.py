@@ -37,7 +37,7 @@ from .guidance import Guide, check_guide_schedule
 from .phema import gamma_of
 from .schedule import NoiseSchedule
 from .snapshots import WELL_REBUILT, Rebuild, list_snapshots, plan_rebuild, rebuilt_model_dir, step_at_fraction
-from .students import Student, is_distillation, last_student
+from .students import Student, distillation_of, last_student
 from .unet import UNet
 
 NO_GUIDE = "none"  # --guide none: no autoguidance, whatever the run holds
@@ -232,8 +232,8 @@ def _student_of_distillation(model: Path) -> Path:
     """`model` itself, or for a distillation's folder (or its model/, the last round's weights without the record
     that makes them a student) the student of fewest calls written there: RUN/distilled draws as
     RUN/distilled/steps_2 would, not as a plain model of 20 steps."""
-    folder = model.parent if model.name == MODEL_DIR and is_distillation(model.parent) else model
-    if not is_distillation(folder):
+    folder = distillation_of(model)
+    if folder is None or model not in (folder, folder / MODEL_DIR):  # a student's own folder draws as itself
         return model
     student = last_student(folder)
     if student is None:

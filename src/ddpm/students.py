@@ -25,6 +25,12 @@ def is_distillation(folder: Path) -> bool:
     return (Path(folder) / SETTINGS).is_file()
 
 
+def distillation_of(path: Path) -> Path | None:
+    """The distillation folder that `path` is, or is inside (its model/, a steps_K/), else None."""
+    path = Path(path)
+    return next((folder for folder in (path, path.parent) if is_distillation(folder)), None)
+
+
 def last_student(folder: Path) -> Path | None:
     """The student of fewest calls that the distillation in `folder` has written (its last round's), or None."""
     written = [student_dir(folder, k) for k in (1, 2, 4, 8, 16, 32, 64, 128)
