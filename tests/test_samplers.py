@@ -85,9 +85,10 @@ def test_last_ddpm_step_adds_no_noise():
 @pytest.mark.parametrize("clip, percentile", [(False, None), (True, None), (False, 0.8)])
 def test_ddim_steps_are_eq12_written_out(clip, percentile):
     """Song et al. 2021 eq. 12 with sigma from eq. 16 (eta = 0.7), at an intermediate step (index 10 -> 5, noise
-    added) and at the last one (index 0 -> x0, no noise); with processing, eps is recomputed from the processed x0.
-    Catches a wrong sigma, a wrong sqrt(1 - abar_prev - sigma^2) term, the clip or threshold branch not making eps
-    consistent, a last step that does not end at abar = 1."""
+    added), the step into index 0 (abar_0 < 1, noise added) and the last one (index 0 -> x0, no noise); with
+    processing, eps is recomputed from the processed x0. Catches a wrong sigma, a wrong sqrt(1 - abar_prev - sigma^2)
+    term, the clip or threshold branch not making eps consistent, a last step that does not end at abar = 1, the step
+    into index 0 treated as the step to the image (abar 1, or no noise)."""
     shape, eta = (2, 1, 3, 3), 0.7
     x_T = 2 * torch.randn(shape, generator=torch.Generator().manual_seed(5))
     record, states = Recorder(affine_denoiser), []
@@ -95,7 +96,7 @@ def test_ddim_steps_are_eq12_written_out(clip, percentile):
                 generator=torch.Generator().manual_seed(6),
                 callback=lambda i, index, x, x0: states.append(x.double().numpy()))
     assert [index for _, index, _ in record.calls] == [19, 14, 10, 5, 0]  # round(linspace(19, 0, 5)), ties to even
-    for step, prev in ((2, 5), (4, None)):
+    for step, prev in ((2, 5), (3, 0), (4, None)):
         x_t, t, eps = record.calls[step]
         abar = ABAR[t]
         abar_prev = ABAR[prev] if prev is not None else 1.0
