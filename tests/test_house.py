@@ -95,3 +95,22 @@ def test_no_module_over_600_lines_and_no_class_over_200():
     # The bug it catches (issue 34): features piling into a few rooms (data.py had 676 lines, the Trainer 296).
     assert not oversized(), oversized()
     assert oversized(limit_module=500, limit_class=150)  # the check itself can fail: training.py, the Trainer
+
+
+def test_plant_bug_reports_a_caught_bug_and_puts_the_file_back(tmp_path):
+    # bugs caught: the planted file left broken after the run, a bug the tests caught reported as one that lived
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plant_bug.py"
+    (tmp_path / "mod.py").write_text("VALUE = 1\n")
+    (tmp_path / "test_mod.py").write_text("from mod import VALUE\n\n\ndef test_value():\n    assert VALUE == 1\n")
+
+    def plant(new):
+        return subprocess.run([sys.executable, str(script), "mod.py", "VALUE = 1", new, "--", "test_mod.py"],
+                              cwd=tmp_path, capture_output=True, text=True)
+
+    caught, lived = plant("VALUE = 2"), plant("VALUE = 1  # the same")
+    assert caught.returncode == 0 and caught.stdout.startswith("CAUGHT"), caught.stdout + caught.stderr
+    assert lived.returncode == 1 and lived.stdout.startswith("LIVED"), lived.stdout + lived.stderr
+    assert (tmp_path / "mod.py").read_text() == "VALUE = 1\n"
