@@ -299,3 +299,29 @@ def test_importing_the_data_module_leaves_torchvision_unloaded_and_its_extension
     code = "import sys, ddpm.training, ddpm.data; print('torchvision' in sys.modules)"
     child = run_child([sys.executable, "-c", code], tmp_path, "imports")
     assert child.returncode == 0 and child.stdout() == "False\n", child.tail()
+
+
+def test_to_uint8_rounds_and_clamps_values_past_the_range():
+    # bug caught: no clamp before the cast (a sampler's overshoot past +-1 wraps around: 1.5 -> 63, white specks
+    # turned dark in every PNG and score), truncation instead of rounding; the reference is numpy written out
+    from ddpm.files import to_uint8
+
+    x = torch.tensor([-3.0, -1.5, -1.0, 0.0, 0.999, 1.0, 1.5, 3.0])
+    assert to_uint8(x).tolist() == [0, 0, 0, 128, 255, 255, 255, 255]
+    rand = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 6 - 3
+    expected = np.round((np.clip(rand.double().numpy(), -1, 1) + 1) * 127.5).astype(np.uint8)
+    assert np.array_equal(to_uint8(rand).numpy(), expected)
+
+
+def test_files_written_atomically_get_the_mode_that_open_gives(tmp_path):
+    # bug caught: the temporary file's 0600 kept (mkstemp's): every checkpoint, PNG and record unreadable by the
+    # group on a shared machine; the reference is a file made by open() under the same umask
+    from ddpm.files import atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "written.bin", b"x")
+    with open(tmp_path / "opened.bin", "wb") as handle:
+        handle.write(b"x")
+    mode = os.stat(tmp_path / "opened.bin").st_mode & 0o777
+    if mode == 0o600:
+        pytest.skip("umask 077: open() and mkstemp() make the same mode here, nothing to tell apart")
+    assert os.stat(tmp_path / "written.bin").st_mode & 0o777 == mode

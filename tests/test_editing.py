@@ -285,3 +285,37 @@ def test_edits_refuse_bad_settings_in_one_line(tiny_config):
         with pytest.raises(DdpmError, match=None) as raised:
             call()
         assert words in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("strength, steps, expected", [(0.29, 100, 29), (0.3, 25, 8), (0.7, 10, 7), (0.04, 25, 1)])
+def test_image_to_image_runs_the_rounded_share_of_the_samplers_steps(strength, steps, expected):
+    # bug caught: the share truncated (0.29 x 100 is 28.999... in floats: one step fewer than asked, a weaker edit;
+    # 0.3 x 25 = 7.5 -> 7); the counts are worked out by hand
+    from ddpm.editing import steps_left
+
+    schedule = NoiseSchedule.from_config(DiffusionConfig(timesteps=1000))
+    assert len(steps_left(SamplingConfig(sampler="ddim", steps=steps), schedule, strength)) == expected
+
+
+def test_an_interpolations_two_labels_split_the_frames_at_the_middle_frame_going_to_b():
+    # bug caught: the middle frame of an odd count (alpha exactly 0.5) given A's class, against the docstring
+    from ddpm.editing import _frame_labels
+
+    assert _frame_labels([3, 7], 5, "cpu").tolist() == [3, 3, 7, 7, 7]
+    assert _frame_labels([3, 7], 4, "cpu").tolist() == [3, 3, 7, 7]
+    assert _frame_labels([3], 3, "cpu").tolist() == [3, 3, 3]
+
+
+def test_a_mask_pixel_at_the_threshold_grey_is_regenerated(tmp_path):
+    # bug caught: the threshold exclusive (a mask painted in 50% grey, or an antialiased edge at 128, kept instead
+    # of redrawn, against "at least MASK_THRESHOLD"); a mask at the image's size, so no resize blurs the columns
+    from PIL import Image
+
+    from ddpm.images import MASK_THRESHOLD, read_mask
+
+    assert MASK_THRESHOLD == 128
+    columns = np.array([0, 127, 128, 129, 255, 128, 127, 255], dtype=np.uint8)
+    Image.fromarray(np.tile(columns, (8, 1))).save(tmp_path / "mask.png")
+    mask, grey = read_mask(tmp_path / "mask.png", 8, (8, 8))
+    assert grey and mask.shape == (1, 8, 8)
+    assert mask[0, 0].tolist() == [False, False, True, True, True, True, False, True]

@@ -383,3 +383,49 @@ def test_format_table_puts_the_floor_first():
     assert "FID" in lines[0] and "class acc" in lines[0] and "classifier FD" not in lines[0]
     assert lines[2].split()[:3] == ["real", "2.00", "0.950"]
     assert lines[4].split() == ["dpmpp2m", "20", "40", "3", "dt=0.995", "interval=0.2-0.8", "12.50", "0.900"]
+
+
+@pytest.mark.parametrize("data, channels, classes, hflip", [("mnist", 1, 10, False), ("photos", 3, 7, True)])
+def test_the_judging_classifier_learns_mirrored_images_except_for_digits(tmp_path, monkeypatch, data, channels, classes,
+                                                                          hflip):
+    # bug caught: digits mirrored in the classifier's training (it then reads a mirrored 3 as a 3: a model drawing
+    # mirrored digits keeps its class accuracy and feature distance), or photos not (a classifier that overfits)
+    from ddpm import evaluation
+
+    class Stop(Exception):
+        pass
+
+    asked = {}
+
+    def classifier_for(*args, **kwargs):
+        asked.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(evaluation, "classifier_for", classifier_for)
+    with pytest.raises(Stop):
+        evaluation.prepare_evaluator(data, 16, channels, classes, tmp_path, n=8, ref_n=16, fid=False)
+    assert asked["hflip"] is hflip
+
+
+def test_a_classifier_of_other_training_steps_is_trained_anew_not_read_from_the_cache(tmp_path):
+    # bug caught: the step count left out of the cache's key (`ddpm eval --classifier-steps 200` after a run at
+    # 800 silently judges with the 800-step classifier, and eval.json names the wrong one)
+    images, labels = load_dataset("mnist", 8, split="holdout", conditional=True).dataset.tensors
+    images, labels = to_uint8(images[:32]), labels[:32]
+    _, first, stem_2 = classifier_for(images, labels, 10, tmp_path, "32 digits", steps=2)
+    _, second, stem_3 = classifier_for(images, labels, 10, tmp_path, "32 digits", steps=3)
+    assert stem_2 != stem_3 and len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_eval_draws_its_samples_from_the_seed_it_is_given(tmp_path, tiny_config):
+    # bug caught: --seed recorded in eval.json but not handed to the sampler (every seed scores seed 0's images,
+    # so a seed-to-seed spread measures nothing); the images of two seeds compared pixel for pixel
+    run = make_run(tmp_path / "run", tiny_config, num_classes=10)
+    images = {}
+    for seed in (0, 3):
+        assert main(["eval", str(run), "--n", "4", "--seed", str(seed), "--guidance", "2", "--no-fid", *EVAL]) == 0
+        (row,) = json.loads((run / "eval" / "eval.json").read_text())["rows"]
+        pngs = sorted(Path(row["samples"]).glob("*.png"))
+        assert len(pngs) == 4 and f"_seed{seed}_" in Path(row["samples"]).parent.name
+        images[seed] = np.stack([np.asarray(Image.open(png)) for png in pngs])
+    assert not np.array_equal(images[0], images[3])

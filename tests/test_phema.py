@@ -594,3 +594,22 @@ def test_a_checkpoint_in_the_layout_before_one_ema_list_resumes_bit_identically(
     for a, b in zip(resumed["emas"], straight["emas"], strict=True):
         assert a.get("sigma_rel") == b.get("sigma_rel") and a["num_updates"] == b["num_updates"]
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+
+
+def test_a_guide_rebuilt_by_length_sits_at_half_the_run_unless_told_and_ties_go_to_the_earlier_snapshot(tmp_path):
+    # bugs caught: --guide-ema-length without a fraction rebuilt at another fraction than the documented 0.5 (the
+    # guided images change with no word), the default guide's tie between two snapshots going to the later one
+    # (documented: the earlier)
+    from types import SimpleNamespace
+
+    from ddpm.config import POSTHOC_DEFAULT
+    from ddpm.sources import default_guide_step, resolve_sources
+
+    assert POSTHOC_DEFAULT["guide_ema_fraction"] == 0.5
+    assert default_guide_step(100, [SimpleNamespace(step=s) for s in (40, 60, 100)]) == 40  # 50: a tie
+    assert default_guide_step(100, [SimpleNamespace(step=s) for s in (40, 58, 100)]) == 58
+    run = fake_run(tmp_path / "run", list(range(50, 2001, 50)))
+    guides = {fraction: resolve_sources(run, guide_ema_length=0.05, guide_ema_fraction=fraction).guide
+              for fraction in (None, 0.5, 0.25)}
+    assert guides[None] == guides[0.5] != guides[0.25]
+    assert "step00001000" in guides[None].name

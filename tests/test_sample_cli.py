@@ -112,3 +112,25 @@ def test_only_package_errors_become_one_line_anything_else_keeps_its_traceback(m
     monkeypatch.setattr(cli, "cmd_sample", bad_input)
     assert main(["sample", str(model_dir), "--out", str(tmp_path / "s")]) == 2
     assert json.loads((model_dir / "config.json").read_text())["class_names"] == ["a", "b", "c"]  # only read
+
+
+def test_per_class_labels_give_each_class_its_own_run_of_k():
+    # bug caught: the classes cycled (0, 1, 2, 0, 1, 2) instead of K in a row: a grid of K a row then mixes classes
+    from ddpm.pipeline import per_class_labels
+
+    assert per_class_labels(2, 3).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_each_batch_draws_its_own_noise(tiny_config):
+    # bug caught: the batch index left out of the generator's seed: every batch the same noise, so n > batch size
+    # writes copies (and eval scores duplicates); the images of one run compared with each other
+    from ddpm import NoiseSchedule, SamplingConfig
+    from ddpm.pipeline import batch_generator, sample_all
+
+    draws = [torch.randn(4, generator=batch_generator("cpu", 0, batch)) for batch in (0, 1)]
+    assert not torch.equal(draws[0], draws[1])
+    torch.manual_seed(0)
+    model = UNet(tiny_config()).eval()
+    schedule = NoiseSchedule.from_config(DiffusionConfig(timesteps=20))
+    images = sample_all(model, schedule, n=4, batch_size=2, seed=0, sampling=SamplingConfig(sampler="ddim", steps=2))
+    assert not torch.allclose(images[:2], images[2:])

@@ -120,3 +120,12 @@ def test_an_emulated_bf16_or_fp16_on_the_cpu_is_one_warning_naming_the_fp32_flag
     with warnings.catch_warnings():
         warnings.simplefilter("error", DdpmWarning)
         assert trainer("auto").amp_dtype is None and trainer("none").amp_dtype is None
+
+
+def test_the_warm_up_reaches_the_rate_at_its_last_step_and_starts_above_zero():
+    # bug caught: the warm-up off by one (step 0 at rate 0: a wasted step that still moves AdamW's moments, the
+    # whole ramp one step late); the schedule written out by hand: base * min(1, (step + 1) / W)
+    from ddpm.training import learning_rate
+
+    assert [learning_rate(step, 1.0, 4) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert learning_rate(0, 0.1, 0) == 0.1  # no warm-up: the rate from the first step

@@ -60,7 +60,8 @@ def _start_noise(shape, device, generator: torch.Generator | None) -> torch.Tens
 
 def steps_left(sampling: SamplingConfig, schedule: NoiseSchedule, strength: float) -> list[int]:
     """The sampler's timestep indices that image-to-image runs at `strength`: the last round(strength x steps) of
-    them (none at 0, all at 1), so that strength means the share of the sampler's steps, as in diffusers."""
+    them (none at 0, all at 1), so that strength means the share of the sampler's steps, as in diffusers (which
+    truncates instead: 0.29 x 100 is 28.999... in floats, 28 steps there, 29 here)."""
     if not (0.0 <= strength <= 1.0):
         raise DdpmError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it), got {strength}")
     seq = sampler_timesteps(sampling, schedule)

@@ -199,7 +199,8 @@ def resolve_sources(model: Path | str, *, ema_length: float | None = None, ema_s
         weights, main_step = model, None
 
     if guide_ema_length is not None:
-        fraction = 0.5 if guide_ema_fraction is None else guide_ema_fraction
+        # the default guide's own fraction (0.5, --guide-ema-fraction's documented default)
+        fraction = POSTHOC_DEFAULT["guide_ema_fraction"] if guide_ema_fraction is None else guide_ema_fraction
         step = step_at_fraction(run, fraction, main_step, snapshots)
         guide_path = rebuilt_model_dir(run, guide_ema_length, step, warn=warn, snapshots=snapshots)
     elif guide is not None:
