@@ -382,6 +382,41 @@ def test_a_student_is_called_with_the_sampling_weight_it_was_distilled_on(tiny_c
     assert len(seen) == 1 and torch.equal(seen[0], torch.full((2,), expected))
 
 
+
+def test_a_students_sampling_takes_the_steps_and_weights_given_up_to_both_ends_of_its_range():
+    # bugs caught: the steps asked for (--sampling-steps, the page's slider) replaced by the student's own, the top
+    # of the weight range refused, the student's grid forced on another sampler the user chose
+    from ddpm import SamplingConfig
+    from ddpm.errors import DdpmError
+    from ddpm.students import Student
+
+    student = Student(steps=2, teacher_steps=4, weight="guide_weight", weight_range=(1.0, 4.0), default_weight=2.6,
+                      fixed={"guidance": 1.0}, teacher="t", spacing="logsnr")
+    plain = SamplingConfig()
+    drawn = student.sampling(plain, {})
+    assert (drawn.steps, drawn.guide_weight, drawn.guidance, drawn.spacing) == (2, 2.6, 1.0, "logsnr")
+    assert student.sampling(plain, {"steps": 4}).steps == 4
+    for edge in (1.0, 4.0):
+        assert student.sampling(plain, {"guide_weight": edge}).guide_weight == edge
+    for outside in (0.99, 4.01):
+        with pytest.raises(DdpmError, match="outside the weights"):
+            student.sampling(plain, {"guide_weight": outside})
+    other = student.sampling(SamplingConfig(sampler="dpmpp2m", spacing="trailing"), {"sampler": "dpmpp2m"})
+    assert other.spacing == "trailing"
+
+
+
+def test_an_older_distill_json_reads_as_the_settings_it_ran_with():
+    # bugs caught: a field an older distill.json lacks read as today's default instead of what that version ran
+    # (its --resume refused, or continued on another grid, draw or precision)
+    from ddpm.distill_settings import upgrade_record
+
+    old = upgrade_record({"steps": 2})
+    assert (old["teacher_solver"], old["spacing"], old["final_weight"]) == ("ddim", "trailing", 1.0)
+    assert (old["student_average"], old["teacher_precision"]) == ("last", "fp32")
+    assert upgrade_record({"student_ema": [0.0, 0.98]})["student_average"] == ["last", 0.98]
+
+
 # -- the command, end to end on a tiny run ---------------------------------------------------------------------------
 TEACHER_ARGS = ["--conditional", "--steps", "8", "--lr", "1e-2", "--prediction", "v", "--guide-fraction", "0.5",
                 "--checkpoint-every", "4", "--ema-warmup", "0", "--ema-lengths", "none", "--val-every", "0"]
@@ -631,6 +666,56 @@ def students(teacher_run, tmp_path_factory):
     return out
 
 
+
+def test_each_later_round_learns_from_the_previous_rounds_student_and_checkpoints_at_each_rounds_end(
+        teacher_run, tmp_path, monkeypatch):
+    # bugs caught: every round taught by the guided model instead of the previous round's student (progressive
+    # distillation no longer progressive, every file still looks right), checkpoints by default only at the last
+    # round's end (a kill in round 3 restarts from step 0). Round 2's teacher is called on fixed inputs and compared
+    # with the 2-step student read back from its folder.
+    from ddpm.checkpoint import from_pretrained
+    from ddpm.diffusion import eps_from_output
+
+    distill_module = importlib.import_module("ddpm.distill")
+    teachers = []
+    real = distill_module.DistillationObjective
+
+    def objective(teacher, *args, **kwargs):
+        teachers.append(teacher)
+        return real(teacher, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "DistillationObjective", objective)
+    out = tmp_path / "d"
+    distill(teacher_run, steps=1, start_steps=4, round_steps=[2, 4], out=out, batch_size=8, progress=False)
+    assert len(teachers) == 2
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(3, 1, 16, 16, generator=g), torch.tensor([19, 12, 5])
+    labels, weight = torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.6, 4.0])
+    student, schedule, _ = from_pretrained(out / "steps_2")
+    with torch.no_grad():
+        expected = eps_from_output(schedule, z, t, student(z, t, labels, weight=weight), schedule.prediction)
+        assert torch.allclose(teachers[1](z, t, labels, weight), expected, atol=1e-5)
+        assert not torch.allclose(teachers[0](z, t, labels, weight), expected, atol=1e-3)
+    # by default every gcd of the round ends (the default 300, 200, 200: every 100 steps): here 2, 4 and 6
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*.pt")) == ["step_00000002.pt", "step_00000004.pt",
+                                                                          "step_00000006.pt"]
+    for steps in (2, 1):  # each student records its teacher's steps
+        assert json.loads((out / f"steps_{steps}" / "config.json").read_text())["student"]["teacher_steps"] == 2 * steps
+
+
+def test_a_students_weight_embedding_is_drawn_from_its_seed(tiny_config):
+    # bug caught: --seed not reaching the student's new weight embedding (every seed the same start)
+    teacher = UNet(tiny_config(num_classes=3))
+
+    def embedding(seed):
+        return {k: v for k, v in student_from(teacher, "guidance", seed=seed).state_dict().items()
+                if k.startswith("weight_emb.")}
+
+    first, again, other = embedding(1), embedding(1), embedding(2)
+    assert first and all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
 @pytest.mark.parametrize("calls", [2, 1])
 def test_ddpm_sample_draws_a_student_in_k_calls_and_names_it(students, tmp_path, monkeypatch, capsys, calls):
     # bugs caught: a student drawn with the 20-step default, guided by a second call, or with its guide loaded
@@ -702,6 +787,9 @@ def test_the_page_draws_a_student_in_k_calls_within_its_weights(students, monkey
     counted = count_calls(monkeypatch)
     draw(served, request_from_fields(served, {**defaults, "seed": "0", "count": 2, "guide_weight": 3.5}))
     assert counted == [2, 2]
+    counted.clear()  # the steps slider moved: its steps drawn (off the student's grid, as ddpm sample allows)
+    draw(served, request_from_fields(served, {**defaults, "seed": "0", "count": 2, "steps": 4}))
+    assert counted == [2] * 4
     with pytest.raises(DdpmError, match="outside the weights"):
         request_from_fields(served, {**defaults, "seed": "0", "guide_weight": 4.5})
 
@@ -727,6 +815,8 @@ def test_the_pages_w_slider_of_a_student_of_g_shows_its_built_in_w_and_cannot_mo
     (["sample", "{student}", "--guide", "{teacher}"], "takes no --guide"),
     (["sample", "{student}", "--guide-weight", "9"], "outside the weights this student was trained on"),
     (["distill", "{teacher}", "--steps", "3"], "a student takes 1, 2 or 4 steps"),
+    (["distill", "{teacher}", "--steps", "8"], "a student takes 1, 2 or 4 steps"),
+    (["distill", "{teacher}", "--steps", "4", "--start-steps", "10"], "--start-steps"),
     (["distill", "{teacher}", "--steps", "4", "--round-steps", "100,200,300"], "takes 2 rounds"),
     (["distill", "{empty}"], "does not exist|not a folder|no config.json"),
     (["distill", "{teacher}", "--out", "{students}", "--weight-range", "1", "3"], "holds a distillation of another"),
@@ -859,6 +949,7 @@ def test_every_distill_flag_runs(teacher_run, tmp_path, capsys, monkeypatch):
     record = json.loads((cfg / "steps_1" / "config.json").read_text())["student"]
     assert record["weight"] == "guidance" and record["default_weight"] == 2.0 and record["weight_range"] == [1, 3]
     assert json.loads((cfg / "config.json").read_text())["train"]["seed"] == 3
+    assert json.loads((cfg / "config.json").read_text())["train"]["batch_size"] == 8  # DISTILL's, not the teacher's
     assert len(list((cfg / "checkpoints").glob("step_*.pt"))) == 2  # --checkpoint-every 1: steps 1 and 2
     assert main(["distill", str(teacher_run), "--guide", "none", "--guidance", "2", "--data", "mnist", "--seed", "3",
                  "--weight-range", "1", "3", "--lr", "1e-3", "--out", str(cfg), "--resume", *small]) == 0

@@ -613,3 +613,21 @@ def test_a_guide_rebuilt_by_length_sits_at_half_the_run_unless_told_and_ties_go_
               for fraction in (None, 0.5, 0.25)}
     assert guides[None] == guides[0.5] != guides[0.25]
     assert "step00001000" in guides[None].name
+
+
+def test_export_rebuilds_at_the_step_asked_and_a_fraction_never_lands_before_the_first_snapshot(tmp_path):
+    # bugs caught: `ddpm export --ema-step N` exporting the average at the run's end, a guide's fraction of the run
+    # landing before the first snapshot (no snapshot covers it)
+    import json
+
+    from ddpm.cli import main
+    from ddpm.snapshots import step_at_fraction
+
+    run = fake_run(tmp_path / "run", list(range(50, 2001, 50)))
+    assert step_at_fraction(run, 0.01) == 50 and step_at_fraction(run, 0.5) == 1000
+    for step in (1000, None):
+        out = tmp_path / f"export{step}"
+        flags = ["--ema-step", str(step)] if step else []
+        assert main(["export", str(run), "--ema-length", "0.05", *flags, "--out", str(out)]) == 0
+        written = json.loads((out / "config.json").read_text())
+        assert written["step"] == (step or 2000), written.get("step")

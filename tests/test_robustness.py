@@ -37,8 +37,17 @@ def _ddp_worker(rank, world, port, out, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    result = train(tiny_run(out, device="cpu"), progress=False)
+    result = train(tiny_run(out, device="cpu", log_every=1), progress=False)
     torch.save(result.model.state_dict(), Path(result_dir) / f"rank{rank}.pt")
+
+
+def logged(run: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (run / "tensorboard").iterdir()
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return [event.value for event in accumulator.Scalars(tag)]
 
 
 @pytest.mark.slow
@@ -47,10 +56,23 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
                                 join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # DDP keeps the ranks identical
-    single = train(tiny_run(tmp_path / "single", device="cpu"), progress=False).model.state_dict()
+    single = train(tiny_run(tmp_path / "single", device="cpu", log_every=1), progress=False).model.state_dict()
     for k in single:
         torch.testing.assert_close(rank0[k], single[k], atol=1e-5, rtol=1e-4)
     assert (tmp_path / "ddp" / "latest").is_file()  # rank 0 wrote the checkpoint
+    # the gradient is the global batch's (AdamW would hide a gradient halved by two ranks; --grad-clip would not)
+    norms = logged(tmp_path / "ddp", "train/grad_norm")
+    assert len(norms) == 3 and np.allclose(norms, logged(tmp_path / "single", "train/grad_norm"), rtol=1e-4)
+
+
+def test_only_the_global_rank_0_is_the_main_process():
+    # bug caught: each node's local rank 0 taken as main: two nodes both write the checkpoints, the EMA, model/ and
+    # the trackers of one run folder
+    from ddpm.distributed import DistributedContext
+
+    assert DistributedContext(rank=0, world_size=4, local_rank=0).is_main
+    assert not DistributedContext(rank=2, world_size=4, local_rank=0).is_main
+    assert not DistributedContext(rank=1, world_size=4, local_rank=1).is_main
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
@@ -350,3 +372,19 @@ def test_ddpm_warnings_print_as_one_line_and_other_libraries_keep_their_format()
         theirs = warnings.formatwarning(UserWarning("deprecated"), UserWarning, "/x/lib.py", 7, "src")
     assert ours == "ddpm train: warning: CUDA graphs need a CUDA device\n"
     assert "lib.py:7" in theirs and warnings.formatwarning is default
+
+
+def test_a_folder_with_checkpoints_but_no_latest_pointer_is_a_run_and_its_newest_checkpoint_is_used(tmp_path):
+    # bugs caught: a run whose `latest` file is missing (deleted, or the crash came before it was written) taken for
+    # an empty folder, so a new run overwrites it; without `latest`, the oldest checkpoint used instead of the newest
+    from ddpm.config import ConfigError
+    from ddpm.run_setup import check_new_run_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    check_new_run_dir(run)  # an empty checkpoints/ is no run yet
+    for step in (2, 10, 4):
+        (run / "checkpoints" / f"step_{step:08d}.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_new_run_dir(run)
+    assert latest_checkpoint(run).name == "step_00000010.pt"

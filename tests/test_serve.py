@@ -734,3 +734,18 @@ if __name__ == "__main__":  # python tests/test_serve.py MODEL_DIR OUT.png [CLAS
         print(result["status"])
     finally:
         app.close()
+
+
+def test_the_pages_rescale_and_the_edit_tabs_g_reach_the_sampler(guided, tmp_path):
+    # bugs caught: the rescale slider's value dropped on its way to SamplingConfig, the Edit tab's g slider dropped
+    # (a guided model edited at the default g whatever the slider said)
+    from ddpm.serve.fields import parse_sampling
+
+    _, sampling = parse_sampling(guided, 3, 2.0, "ddim", 4, guide_weight=1.8, rescale=0.7, max_steps=50)
+    assert (sampling.guidance_rescale, sampling.guide_weight, sampling.steps) == (0.7, 1.8, 4)
+    size = guided.model.config.image_size
+    image = np.full((size, size, 3), 128, dtype=np.uint8)
+    request = serve.parse_edit_request(guided, {
+        "image": {"background": image, "layers": []}, "mode": "image-to-image", "class_index": 3, "strength": 0.5,
+        "guidance": 2.0, "guide_weight": 1.8, "sampler": "ddim", "steps": 4, "seed": "5"}, tmp_path, max_steps=50)
+    assert request.sampling.guide_weight == 1.8
