@@ -250,21 +250,25 @@ def test_validation_loss_is_the_same_at_every_call(tiny_config):
         validation_loss(model, schedule, held.images, None)
 
 
+class Predictor(torch.nn.Module):
+    """An unconditional stand-in network whose output is `predict(x, t)` (one parameter, for the device lookup)."""
+
+    null_class = None
+
+    def __init__(self, predict):
+        super().__init__()
+        self.predict = predict
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t, y=None):
+        return self.predict(x, t) * self.weight
+
+
 def test_validation_loss_of_a_zero_predictor_is_the_noise_power():
-    class Zero(torch.nn.Module):
-        null_class = None
-
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, x, t, y=None):
-            return torch.zeros_like(x) * self.weight
-
     images = torch.rand(256, 1, 8, 8) * 2 - 1
-    loss = validation_loss(Zero(), NoiseSchedule.from_config(SHORT), images, seed=3)
+    zero = Predictor(lambda x, t: torch.zeros_like(x))
+    loss = validation_loss(zero, NoiseSchedule.from_config(SHORT), images, seed=3)
     assert loss == pytest.approx(1.0, abs=0.05)  # E[eps^2] = 1 over 16,384 draws
-
 
 
 def test_validation_loss_reads_a_v_model_as_v_and_visits_every_timestep_once():
@@ -275,18 +279,11 @@ def test_validation_loss_reads_a_v_model_as_v_and_visits_every_timestep_once():
     alpha, sigma = schedule.sqrt_alphas_cumprod.double(), schedule.sqrt_one_minus_alphas_cumprod.double()
     seen = []
 
-    class IdealV(torch.nn.Module):
-        null_class = None
+    def ideal_v(x, t):
+        seen.extend(t.tolist())
+        return (alpha[t] / sigma[t]).view(-1, 1, 1, 1).float() * x
 
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.ones(()))
-
-        def forward(self, x, t, y=None):
-            seen.extend(t.tolist())
-            return (alpha[t] / sigma[t]).view(-1, 1, 1, 1).float() * x * self.weight
-
-    loss = validation_loss(IdealV(), schedule, torch.zeros(50, 1, 4, 4), seed=0, batch_size=16)
+    loss = validation_loss(Predictor(ideal_v), schedule, torch.zeros(50, 1, 4, 4), seed=0, batch_size=16)
     assert loss == pytest.approx(0.0, abs=1e-6)
     assert sorted(seen) == list(range(50))  # n = T: each index once
 
