@@ -114,6 +114,9 @@ def test_train_resume_sample(tmp_path, data, extra):
     assert "samples/ema" in acc.Tags()["images"]
     if data == "mnist":  # held-out digits exist: the validation loss is logged, at fixed noise
         assert {"val/loss", "val/loss_ema"} <= scalars
+        # of two networks (bug caught: val/loss_ema computed on the raw weights, a copy of val/loss)
+        raw, ema = ([e.value for e in acc.Scalars(tag)] for tag in ("val/loss", "val/loss_ema"))
+        assert len(raw) == len(ema) >= 1 and raw != ema
 
 
 def test_safetensors_export_round_trips(tmp_path):

@@ -749,3 +749,16 @@ def test_the_pages_rescale_and_the_edit_tabs_g_reach_the_sampler(guided, tmp_pat
         "image": {"background": image, "layers": []}, "mode": "image-to-image", "class_index": 3, "strength": 0.5,
         "guidance": 2.0, "guide_weight": 1.8, "sampler": "ddim", "steps": 4, "seed": "5"}, tmp_path, max_steps=50)
     assert request.sampling.guide_weight == 1.8
+
+
+def test_the_printed_command_of_a_guided_page_keeps_the_guidance_options_without_labels(guided):
+    # bug caught: the interval and rescale left out of the "same images" command when the page's model has a guide
+    # but no classes (autoguidance alone): the command then draws other images than the page
+    from ddpm.serve.fields import sampling_flags
+
+    sampling = SamplingConfig(sampler="ddim", steps=4, guide_weight=2.0, guidance_interval=(0.3, 0.9),
+                              guidance_rescale=0.5)
+    flags = sampling_flags(guided, sampling, labelled=False)
+    assert "--guidance" not in flags  # no classes: no w
+    at = flags.index("--guidance-interval")
+    assert flags[at + 1 : at + 3] == ["0.3", "0.9"] and flags[flags.index("--guidance-rescale") + 1] == "0.5"
