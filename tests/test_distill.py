@@ -703,6 +703,22 @@ def test_each_later_round_learns_from_the_previous_rounds_student_and_checkpoint
         assert json.loads((out / f"steps_{steps}" / "config.json").read_text())["student"]["teacher_steps"] == 2 * steps
 
 
+
+def test_the_teacher_runs_flip_choice_carries_into_its_distillation(teacher_run, tmp_path):
+    # bug caught: the student trained with its data's default flips instead of the teacher run's choice (a teacher
+    # trained with --no-hflip on photos of text, or --hflip on digits as here, distilled on other images than it saw)
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(teacher_run, run)
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["data"] == "mnist" and not config["train"]["hflip"]  # the digits' default: no flips
+    config["train"]["hflip"] = True
+    (run / "config.json").write_text(json.dumps(config))
+    distill(run, steps=1, start_steps=2, round_steps=1, out=tmp_path / "d", batch_size=4, progress=False)
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["train"]["hflip"] is True
+
+
 def test_a_students_weight_embedding_is_drawn_from_its_seed(tiny_config):
     # bug caught: --seed not reaching the student's new weight embedding (every seed the same start)
     teacher = UNet(tiny_config(num_classes=3))
