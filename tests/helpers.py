@@ -48,6 +48,16 @@ def checkpoint_step(run) -> int:
         return 0
 
 
+def logged(run_dir, tag: str) -> dict[int, float]:
+    """The run's TensorBoard scalars of `tag` by step, read back from its event files (a resumed run's purge applied;
+    {} when the tag was never written)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
+
+
 def tiny_model_config(**overrides) -> ModelConfig:
     """TINY_MODEL with `overrides` (num_classes=10, image_size=16, ...) as a validated ModelConfig."""
     return ModelConfig(**{**TINY_MODEL, **overrides})

@@ -1014,7 +1014,7 @@ def test_each_rounds_end_is_scored_in_the_log_as_ddpm_eval_scores_the_student(te
 
     import ddpm.periodic_eval
     from ddpm.cli import main
-    from test_periodic_eval import logged
+    from helpers import logged
 
     monkeypatch.setattr(ddpm.periodic_eval, "CLASSIFIER_STEPS", 30)
     out = tmp_path / "d"

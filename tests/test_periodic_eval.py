@@ -7,18 +7,9 @@ import pytest
 from ddpm.cli import main
 from ddpm.config import AUTOGUIDED
 from ddpm.periodic_eval import best_so_far, is_better
-from helpers import TINY_TRAIN_ARGS
+from helpers import TINY_TRAIN_ARGS, logged
 
 EVAL = ["--eval-every", "7", "--eval-n", "8", "--eval-steps", "2", "--val-every", "0"]
-
-
-def logged(run_dir, tag: str) -> dict[int, float]:
-    """The run's scalars of `tag` by step, read back from its event files (a resumed run's purge applied)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    return {event.step: event.value for event in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
 
 
 LAST = 25  # the run's length, no multiple of --eval-every (README promises an evaluation at the last step), and

@@ -15,7 +15,7 @@ from ddpm.cli import main
 from ddpm.data import DataInfo
 from ddpm.step_graph import WARMUP_STEPS, StepRunner, graphs_decision
 from ddpm.training import Trainer
-from helpers import TracedCapture, run_child, tiny_model_config
+from helpers import TracedCapture, logged, run_child, tiny_model_config
 
 STEPS = WARMUP_STEPS + 5  # the warm-up, the capture, then replays
 REPLAYS = STEPS - WARMUP_STEPS - 1
@@ -173,15 +173,6 @@ def test_compiled_kernels_are_kept_outside_tmp_unless_the_user_says_where(monkey
     assert compile_cache_dir() == tmp_path / "mine" and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
-def logged_losses(run_dir) -> dict[int, float]:
-    """The run's train/loss scalars by step, read back from its event files (a resumed run's purge applied)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    return {event.step: event.value for event in events.Scalars("train/loss")}
-
-
 def test_a_run_of_replayed_steps_resumed_midway_ends_with_the_eager_runs_bits(tmp_path, monkeypatch, capsys):
     # The bug it catches: the loop around the step breaking under a graph: the monitor keeping the graph's output
     # tensors (overwritten by the next replay) or logging nothing from them, previews or validation between
@@ -219,8 +210,8 @@ def test_a_run_of_replayed_steps_resumed_midway_ends_with_the_eager_runs_bits(tm
         assert all(torch.equal(got[name], value) for name, value in want.items()), part
     for key, state in eager["optimizer"]["state"].items():
         assert all(torch.equal(value, graphed["optimizer"]["state"][key][field]) for field, value in state.items())
-    losses = logged_losses(tmp_path / "graphed")
-    assert sorted(losses) == [2, 4, 5, 6, 8, 10, 11] and losses == logged_losses(tmp_path / "eager")
+    losses = logged(tmp_path / "graphed", "train/loss")
+    assert sorted(losses) == [2, 4, 5, 6, 8, 10, 11] and losses == logged(tmp_path / "eager", "train/loss")
     from safetensors.torch import load_file
 
     guides = [load_file(str(tmp_path / name / "guide" / "model.safetensors")) for name in ("eager", "graphed")]
@@ -292,8 +283,8 @@ def test_the_logged_loss_is_the_mean_of_each_windows_losses_computed_by_hand(tmp
                             log_every=4, num_workers=0, guide_fraction=0.0, ema_snapshot_every=100)
     training.train(RunConfig(model=tiny_model_config(), train=recipe, runtime=runtime), progress=False)
     assert capture.replays == ([9 - WARMUP_STEPS - 1] if graphed else [])
-    logged = logged_losses(tmp_path / "run")
+    losses_logged = logged(tmp_path / "run", "train/loss")
     windows = {4: by_hand[0:4], 8: by_hand[4:8], 9: by_hand[8:9]}
-    assert sorted(logged) == sorted(windows)
+    assert sorted(losses_logged) == sorted(windows)
     for at, losses in windows.items():
-        assert logged[at] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5), at
+        assert losses_logged[at] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5), at

@@ -8,21 +8,13 @@ import sys
 import pytest
 
 from ddpm.cli import main
-from helpers import TINY_TRAIN_ARGS
+from helpers import TINY_TRAIN_ARGS, logged
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
 
 TRAIN = ["--steps", "4", "--log-every", "1", "--val-every", "2", "--sample-every", "2", "--sampling-steps", "2",
          "--tracker", "tensorboard,wandb,mlflow"]
-
-
-def tensorboard_scalars(run_dir, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    return {event.step: event.value for event in events.Scalars(tag)}
 
 
 def wandb_records(path):
@@ -94,11 +86,11 @@ def test_every_tracker_logs_the_same_scalars_as_tensorboard(tracked):
     run, ids = tracked
     assert json.loads((run / "trackers.json").read_text()) == ids  # the resumed run continued both tracked runs
     for tag in ("train/loss", "train/lr", "val/loss_ema"):
-        board = tensorboard_scalars(run, tag)
+        board = logged(run, tag)
         assert sorted(board) == ([2, 4, 6] if tag.startswith("val") else list(range(1, 7)))
-        for name, logged in (("wandb", wandb_scalars(run, tag)), ("mlflow", mlflow_scalars(ids["mlflow"], tag))):
-            assert logged.keys() == board.keys(), (name, tag)
-            assert all(logged[s] == pytest.approx(board[s], rel=1e-6) for s in board), (name, tag)
+        for name, other in (("wandb", wandb_scalars(run, tag)), ("mlflow", mlflow_scalars(ids["mlflow"], tag))):
+            assert other.keys() == board.keys(), (name, tag)
+            assert all(other[s] == pytest.approx(board[s], rel=1e-6) for s in board), (name, tag)
 
 
 def test_the_configuration_and_the_preview_grids_reach_every_tracker(tracked):

@@ -33,9 +33,9 @@ def distillation_of(path: Path) -> Path | None:
 
 def last_student(folder: Path) -> Path | None:
     """The student of fewest calls that the distillation in `folder` has written (its last round's), or None."""
-    written = [student_dir(folder, k) for k in (1, 2, 4, 8, 16, 32, 64, 128)
-               if (student_dir(folder, k) / "config.json").is_file()]
-    return written[0] if written else None
+    calls = [int(path.parent.name.removeprefix("steps_")) for path in Path(folder).glob("steps_*/config.json")
+             if path.parent.name.removeprefix("steps_").isdigit()]
+    return student_dir(folder, min(calls)) if calls else None
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,7 @@ def add_sample_parser(sub) -> None:
 
 def _labels_and_rows(args: argparse.Namespace, num_classes: int | None):
     """(labels or None, n, images per grid row) from --n / --labels / --per-class (_check_counts checked them)."""
-    count = max(args.n or 0, (args.per_class or 0) * (num_classes or 1))
-    if count > common.MAX_SAMPLES:
-        raise DdpmError(f"{count:,} images asked for, more than the {common.MAX_SAMPLES:,} one command draws; "
-                        "split the job over several seeds")
+    _check_total(max(args.n or 0, (args.per_class or 0) * (num_classes or 1)))
     if num_classes is None:
         if args.labels is not None or args.per_class is not None:
             raise DdpmError("this model is unconditional: it takes --n, not --labels or --per-class")
@@ -71,9 +68,13 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise DdpmError(f"nothing to sample: --n must be >= 1, got {args.n}")
     if args.per_class is not None and args.per_class < 1:
         raise DdpmError(f"--per-class must be >= 1, got {args.per_class}")
-    if max(args.n or 0, args.per_class or 0) > common.MAX_SAMPLES:
-        raise DdpmError(f"{max(args.n or 0, args.per_class or 0):,} images asked for, more than the "
-                        f"{common.MAX_SAMPLES:,} one command draws; split the job over several seeds")
+    _check_total(max(args.n or 0, args.per_class or 0))  # per class: the model's classes multiply it later
+
+
+def _check_total(count: int) -> None:
+    if count > common.MAX_SAMPLES:
+        raise DdpmError(f"{count:,} images asked for, more than the {common.MAX_SAMPLES:,} one command draws; "
+                        "split the job over several seeds")
 
 
 
