@@ -108,7 +108,7 @@ def test_plant_bug_reports_a_caught_bug_and_puts_the_file_back(tmp_path):
 
     def plant(new):
         return subprocess.run([sys.executable, str(script), "mod.py", "VALUE = 1", new, "--", "test_mod.py"],
-                              cwd=tmp_path, capture_output=True, text=True)
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
     caught, lived = plant("VALUE = 2"), plant("VALUE = 1  # the same")
     assert caught.returncode == 0 and caught.stdout.startswith("CAUGHT"), caught.stdout + caught.stderr
