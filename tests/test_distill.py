@@ -2,6 +2,7 @@
 round's effect, resume, and drawing a student in K calls."""
 from __future__ import annotations
 
+import copy
 import importlib
 import itertools
 import json
@@ -23,6 +24,7 @@ from ddpm.distill_target import (
     truncated_snr_weight,
 )
 from ddpm.errors import DdpmWarning
+from ddpm.samplers import student_timesteps
 from ddpm.schedule import NoiseSchedule
 from ddpm.unet import UNet
 
@@ -91,9 +93,11 @@ def test_spacing_auto_is_the_log_snr_grid_where_it_fits_and_else_trailing():
         resolve_spacing("logsnr", 16, schedule_of(37))
 
 
-def test_one_student_step_equals_two_teacher_ddim_steps_in_float64():
-    # bug caught: a wrong target formula (a sign, sigma ratio inverted, alpha and sigma swapped, the image step
-    # treated as an ordinary index) -- checked by running DDIM written out here, in float64, on a known teacher
+@pytest.mark.parametrize("span", [2, 4])
+def test_one_student_step_equals_two_or_four_teacher_ddim_steps_in_float64(span):
+    # bugs caught: a wrong target formula (a sign, sigma ratio inverted, alpha and sigma swapped, the image step
+    # treated as an ordinary index), a span-4 path that skips or repeats a teacher point -- checked by running DDIM
+    # written out here, in float64, on a known teacher, along the teacher's grid of span x steps
     timesteps = 1000
     schedule = NoiseSchedule.from_config(DiffusionConfig(timesteps=timesteps))
     reference = torch.tensor(reference_abar(timesteps), dtype=torch.float64)
@@ -115,13 +119,18 @@ def test_one_student_step_equals_two_teacher_ddim_steps_in_float64():
         return abar[t] ** 0.5 * x0 + (1 - abar[t]) ** 0.5 * eps
 
     for steps, spacing in itertools.product((1, 2, 4), ("trailing", "logsnr")):
-        grid = nested_grid(schedule, steps, spacing)
-        for s, m, t in zip(grid.start, grid.middle, grid.end):
+        grid = nested_grid(schedule, steps, spacing, span)
+        teacher_grid = student_timesteps(schedule, span * steps, spacing) + [-1]
+        for j, (s, t, path) in enumerate(zip(grid.start, grid.end, grid.path)):
             z_s = torch.randn(3, 4, dtype=torch.float64, generator=g)
-            z_t = ddim(ddim(z_s, s, m), m, t)
-            # the library's pieces: the teacher's two steps, then the target
-            z_m = ddim_step(z_s, teacher_eps(z_s, s), alpha[s], sigma[s], alpha[m], sigma[m])
-            z_t_lib = ddim_step(z_m, teacher_eps(z_m, m), alpha[m], sigma[m], alpha[t], sigma[t])
+            z_t = z_s
+            for k in range(span):  # the teacher's span steps, from its own grid
+                z_t = ddim(z_t, teacher_grid[span * j + k], teacher_grid[span * j + k + 1])
+            # the library's pieces: the teacher's steps along the grid's path, then the target
+            assert path[0] == s and path[-1] == t and len(path) == span + 1
+            z_t_lib = z_s
+            for a, b in zip(path[:-1], path[1:]):
+                z_t_lib = ddim_step(z_t_lib, teacher_eps(z_t_lib, a), alpha[a], sigma[a], alpha[b], sigma[b])
             assert torch.allclose(z_t_lib, z_t, rtol=0, atol=1e-12)
             x_target = student_target(z_s, z_t_lib, alpha[s], sigma[s], alpha[t], sigma[t])
             # one DDIM step of the student whose x0 is the target, with the eps that x0 implies at z_s
@@ -268,17 +277,19 @@ def test_the_loss_is_the_truncated_snr_weighted_x0_error_of_the_students_output(
 
 
 
-def test_the_ddim_teachers_second_call_is_at_the_middle_index_with_each_samples_weight():
+@pytest.mark.parametrize("span", [2, 4])
+def test_the_ddim_teachers_calls_are_at_each_grid_point_between_with_each_samples_weight(span):
     # bugs caught: the teacher's second DDIM step called at the start index instead of the grid point between (every
-    # later round's teacher steps by DDIM), the sample's weight not reaching the teacher. The target is recomputed
-    # from two DDIM steps written out in float64 with a teacher that depends on z, t and the weight.
+    # later round's teacher steps by DDIM), a span-4 round that takes fewer than its four steps, the sample's weight
+    # not reaching the teacher. The target is recomputed from the DDIM steps written out in float64 with a teacher
+    # that depends on z, t and the weight.
     schedule = NoiseSchedule.from_config(DiffusionConfig(prediction="v"))
 
     def teacher_eps(z, t, w):
         return torch.tanh(z) * (1 + t.view(-1, *([1] * (z.ndim - 1))) / 1000) * w.view(-1, *([1] * (z.ndim - 1)))
 
     objective = DistillationObjective(lambda z, t, y, w: teacher_eps(z, t, w), schedule, steps=4,
-                                      weight_range=(1.0, 4.0), solver="ddim", spacing="logsnr")
+                                      weight_range=(1.0, 4.0), solver="ddim", spacing="logsnr", span=span)
     g = torch.Generator().manual_seed(2)
     x0 = torch.rand(8, 1, 4, 4, generator=g) * 2 - 1
     draws = objective.draw(tuple(x0.shape), g, torch.device("cpu"))
@@ -286,10 +297,11 @@ def test_the_ddim_teachers_second_call_is_at_the_middle_index_with_each_samples_
     v_out = torch.randn(8, 1, 4, 4, generator=g)
     per_sample, _ = objective.losses(lambda z, t, y, weight=None: v_out, x0, None, draws)
     abar = reference_abar(1000) + [1.0]
-    grid = nested_grid(schedule_of(), 4, "logsnr")
+    teacher_grid = student_timesteps(schedule_of(), 4 * span, "logsnr") + [-1]
     for i in range(8):
         j = int(draws["position"][i])
-        s, m, e = grid.start[j], grid.middle[j], grid.end[j]
+        points = teacher_grid[span * j:span * (j + 1) + 1]
+        s, e = points[0], points[-1]
         w = draws["weight"][i : i + 1].double()
 
         def ddim(z, a, b):
@@ -298,12 +310,14 @@ def test_the_ddim_teachers_second_call_is_at_the_middle_index_with_each_samples_
             return abar[b] ** 0.5 * x + (1 - abar[b]) ** 0.5 * eps
 
         z = abar[s] ** 0.5 * x0[i].double() + (1 - abar[s]) ** 0.5 * draws["noise"][i].double()
-        z_e = ddim(ddim(z, s, m), m, e)
+        z_e = z
+        for a, b in zip(points[:-1], points[1:]):
+            z_e = ddim(z_e, a, b)
         ratio = (1 - abar[e]) ** 0.5 / (1 - abar[s]) ** 0.5
         target = (z_e - ratio * z) / (abar[e] ** 0.5 - ratio * abar[s] ** 0.5)
         x0_student = abar[s] ** 0.5 * z - (1 - abar[s]) ** 0.5 * v_out[i].double()
         expected = max(abar[s] / (1 - abar[s]), 1.0) * ((x0_student - target) ** 2).mean()
-        assert per_sample[i].item() == pytest.approx(expected.item(), rel=1e-4), (i, s, m, e)
+        assert per_sample[i].item() == pytest.approx(expected.item(), rel=1e-4), (i, points)
 
 
 def test_each_samples_weight_is_drawn_uniformly_in_the_range():
@@ -413,7 +427,7 @@ def test_an_older_distill_json_reads_as_the_settings_it_ran_with():
 
     old = upgrade_record({"steps": 2})
     assert (old["teacher_solver"], old["spacing"], old["final_weight"]) == ("ddim", "trailing", 1.0)
-    assert (old["student_average"], old["teacher_precision"]) == ("last", "fp32")
+    assert (old["student_average"], old["teacher_precision"], old["teacher_span"]) == ("last", "fp32", 2)
     assert upgrade_record({"student_ema": [0.0, 0.98]})["student_average"] == ["last", 0.98]
 
 
@@ -704,6 +718,51 @@ def test_each_later_round_learns_from_the_previous_rounds_student_and_checkpoint
 
 
 
+@pytest.mark.parametrize("span", [4, 2])
+def test_round_three_learns_four_steps_of_the_student_two_rounds_back_by_default(teacher_run, tmp_path, monkeypatch,
+                                                                                 span):
+    # bugs caught: round 3's teacher the previous round's student under the default span 4 (or the student two rounds
+    # back under --teacher-span 2), its target two steps instead of four, round 2 given a span of 4 (its teacher
+    # two rounds back would be the guided model), round 3's student not starting from round 2's. The teachers are
+    # called on fixed inputs and compared with the students read back from their folders.
+    from ddpm.checkpoint import from_pretrained
+    from ddpm.diffusion import eps_from_output
+
+    distill_module = importlib.import_module("ddpm.distill")
+    rounds, starts = [], []
+    real, real_start = distill_module.DistillationObjective, distill_module._start_from
+
+    def objective(teacher, *args, **kwargs):
+        made = real(teacher, *args, **kwargs)
+        rounds.append(made)
+        return made
+
+    monkeypatch.setattr(distill_module, "DistillationObjective", objective)
+    monkeypatch.setattr(distill_module, "_start_from",
+                        lambda trainer, model: starts.append(copy.deepcopy(model)) or real_start(trainer, model))
+    out = tmp_path / "d"
+    distill(teacher_run, steps=1, start_steps=8, round_steps=[1, 1, 2], teacher_span=span, out=out, batch_size=4,
+            progress=False)
+    assert [len(o.grid.path[0]) - 1 for o in rounds] == [2, 2, span]
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(3, 1, 16, 16, generator=g), torch.tensor([19, 12, 5])
+    labels, weight = torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.6, 4.0])
+    students = {k: from_pretrained(out / f"steps_{k}")[:2] for k in (4, 2)}
+    with torch.no_grad():
+        def eps(k):
+            student, schedule = students[k]
+            return eps_from_output(schedule, z, t, student(z, t, labels, weight=weight), schedule.prediction)
+
+        taught, other = (4, 2) if span == 4 else (2, 4)
+        assert torch.allclose(rounds[2].teacher(z, t, labels, weight), eps(taught), atol=1e-5)
+        assert not torch.allclose(rounds[2].teacher(z, t, labels, weight), eps(other), atol=1e-3)
+        assert torch.allclose(rounds[1].teacher(z, t, labels, weight), eps(4), atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(starts[1].state_dict().values(),
+                                                 students[2][0].state_dict().values()))
+    assert json.loads((out / "steps_1" / "config.json").read_text())["student"]["teacher_steps"] == span
+    assert json.loads((out / "distill.json").read_text())["teacher_span"] == span
+
+
 def test_the_teacher_runs_flip_choice_carries_into_its_distillation(teacher_run, tmp_path):
     # bug caught: the student trained with its data's default flips instead of the teacher run's choice (a teacher
     # trained with --no-hflip on photos of text, or --hflip on digits as here, distilled on other images than it saw)
@@ -974,7 +1033,7 @@ def test_every_distill_flag_runs(teacher_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib.import_module("ddpm.devices"), "cpu_flags", lambda: "flags : fpu sse2 avx2 fma")
     with pytest.warns(DdpmWarning) as warned:  # each time, whatever warned before in this process
         assert main(["distill", str(teacher_run), "--final-weight", "2", "--student-average", "0.9",
-                     "--teacher-precision", "bf16", "--amp", "none", *g_flags]) == 0
+                     "--teacher-precision", "bf16", "--teacher-span", "2", "--amp", "none", *g_flags]) == 0
     assert [str(w.message) for w in warned if "emulated" in str(w.message)] == [
         "the teacher's calls: bf16 is emulated on this CPU (its flags list neither avx512_bf16 nor amx_bf16): expect "
         "each step to take several times as long as in fp32; --teacher-precision fp32 keeps fp32"]
@@ -983,14 +1042,14 @@ def test_every_distill_flag_runs(teacher_run, tmp_path, capsys, monkeypatch):
     assert record["default_weight"] == 2.2 and record["spacing"] == "trailing"
     settings = json.loads((g / "distill.json").read_text())
     assert settings["final_weight"] == 2.0 and settings["student_average"] == 0.9
-    assert settings["teacher_precision"] == "bf16"
-    # as written before the draw, the average and the precision had a choice: uniform (--final-weight 1), the last
-    # weights (stop 45 wrote them as --student-ema 0), fp32
-    del settings["final_weight"], settings["student_average"], settings["teacher_precision"]
+    assert settings["teacher_precision"] == "bf16" and settings["teacher_span"] == 2
+    # as written before the draw, the average, the precision and the span had a choice: uniform (--final-weight 1),
+    # the last weights (stop 45 wrote them as --student-ema 0), fp32, 2
+    del settings["final_weight"], settings["student_average"], settings["teacher_precision"], settings["teacher_span"]
     (g / "distill.json").write_text(json.dumps({**settings, "student_ema": 0.0}))
     assert main(["distill", str(teacher_run), "--resume-if-exists", *g_flags]) == 2  # the default 3 is another run
     assert main(["distill", str(teacher_run), "--final-weight", "1", "--student-average", "last",
-                 "--teacher-precision", "fp32", "--resume-if-exists", *g_flags]) == 0
+                 "--teacher-precision", "fp32", "--teacher-span", "2", "--resume-if-exists", *g_flags]) == 0
     raw = tmp_path / "raw"  # --no-ema: the teacher is the latest checkpoint's raw weights, and says so
     assert main(["distill", str(teacher_run), "--no-ema", "--out", str(raw), *small]) == 0
     assert json.loads((raw / "distill.json").read_text())["teacher"]["raw_weights"] is True

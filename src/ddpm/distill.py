@@ -33,6 +33,7 @@ from .distill_settings import (
     LEARNING_RATE,
     START_STEPS,
     STUDENT_AVERAGE,
+    TEACHER_SPAN,
     DistillSettings,
     check_final_weight,
     check_rounds,
@@ -40,6 +41,7 @@ from .distill_settings import (
     check_student_amp,
     check_student_average,
     check_teacher_precision,
+    check_teacher_span,
     resolve_spacing,
     resolve_student_amp,
     resolve_teacher_precision,
@@ -113,7 +115,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
             round_steps: int | list[int] | None = None, teacher_solver: str = TEACHER_SOLVERS[0],
             spacing: str = "auto", final_weight: float = FINAL_STEP_WEIGHT,
             student_average: str | float | list = STUDENT_AVERAGE, teacher_precision: str = "auto",
-            weight_range: tuple[float, float] | None = None, batch_size: int | None = None, lr: float = LEARNING_RATE,
+            teacher_span: int = TEACHER_SPAN, weight_range: tuple[float, float] | None = None,
+            batch_size: int | None = None, lr: float = LEARNING_RATE,
             data: str | None = None, out: Path | str | None = None, device: str | None = None,
             seed: int = 0, resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
             time_limit: float | None = None, checkpoint_every: int | None = None, log_every: int = 25,
@@ -123,7 +126,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     """Distil what `ddpm sample RUN` draws (or what `source_flags`, sources.resolve_sources's, choose) into students
     of start_steps / 2, / 4, ... `steps` steps, `round_steps` optimizer steps a round, on the nested grids of
     `spacing` (resolve_spacing), each written to RUN/distilled/steps_K/ (a model folder with a "student" record,
-    its grid included). Training is the Trainer's: checkpoints, resume,
+    its grid included); the rounds after the second learn `teacher_span` steps of their teacher
+    (DistillSettings.span). Training is the Trainer's: checkpoints, resume,
     the graceful stop, --time-limit, torchrun and the log come with it. `eval_n`: images scored at each round's end
     into the log (see _score_student); None = the teacher run's --eval-n when it evaluated while training, else 0."""
 
@@ -134,6 +138,7 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     rounds = check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild writes its cache)
     check_student_average(student_average, rounds)
     check_teacher_precision(teacher_precision)
+    check_teacher_span(teacher_span)
     check_student_amp(amp)
     _check_options(teacher_solver, spacing, final_weight, eval_n, checkpoint_every)
     opened = open_model(run, device, warn=warn, **source_flags)
@@ -146,7 +151,8 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     if source_flags.get("raw_weights"):  # --no-ema: the same folder's raw weights are another teacher
         record["raw_weights"] = True
     settings = DistillSettings(record, weight, weights, default_weight, start_steps, steps, round_steps,
-                               teacher_solver, spacing, final_weight, student_average, teacher_precision)
+                               teacher_solver, spacing, final_weight, student_average, teacher_precision,
+                               teacher_span)
     folder = Path(out) if out is not None else ckpt.RunFolder(run_folder(run)).distilled
     state = _existing(folder, settings, resume, if_exists)
     config = student_run_config(opened, run, folder, settings, data=data, batch_size=batch_size, lr=lr, seed=seed,
@@ -225,17 +231,16 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
         if trainer.step_count >= end:
             written.append(student_dir(folder, steps))
             continue
-        previous = None if number == 0 else ckpt.from_pretrained(student_dir(folder, settings.rounds[number - 1]),
-                                                                 trainer.device)[:2]
-        teacher = _round_teacher(settings, opened, previous)
-        if previous is not None and trainer.step_count == settings.round_ends[number - 1]:
-            _start_from(trainer, previous[0])
+        span = settings.span(number)
+        teacher = _round_teacher(settings, opened, None if number == 0 else _student(folder, steps * span, trainer))
+        if number and trainer.step_count == settings.round_ends[number - 1]:  # from the previous round's student
+            _start_from(trainer, _student(folder, 2 * steps, trainer)[0])
         if trainer.ema is not None:  # rank 0's; resumed mid-round too
             _set_average(trainer.ema, settings, number, trainer.step_count)
         solver = settings.teacher_solver if number == 0 else "ddim"  # a student is exact under DDIM
         trainer.objective = DistillationObjective(
             teacher, trainer.schedule, steps, settings.weight_range, solver, settings.spacing, settings.final_weight,
-            resolve_teacher_precision(settings.teacher_precision, trainer.device))
+            resolve_teacher_precision(settings.teacher_precision, trainer.device), span)
         stopped = fit(trainer, end, monitor, stop)
         if stopped:
             return written, stopped
@@ -243,6 +248,11 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
             written.append(_write_student(trainer, settings, folder, steps, run, monitor, info, quality))
         trainer.ctx.barrier()
     return written, 0
+
+
+def _student(folder: Path, steps: int, trainer) -> tuple:
+    """(network, schedule) of the `steps`-step student an earlier round wrote, read from its folder by every rank."""
+    return ckpt.from_pretrained(student_dir(folder, steps), trainer.device)[:2]
 
 
 def _set_average(ema, settings: DistillSettings, number: int, step: int) -> None:

@@ -52,6 +52,13 @@ TEACHER_PRECISIONS = ("auto", "bf16", "fp32")
 # steps took 241 s instead of 279 s, and their 4- and 2-call students came out as near the digits (1.57x and 1.74x of
 # the floor on eight seeds, as the fp32 student's) (benchmarks/RESULTS.md, "Distillation", stop 47)
 STUDENT_AMPS = ("auto", "bf16", "fp16", "none")
+# how many of its teacher's DDIM steps one student step learns in the rounds after the second: 2, those of the previous
+# round's student (the paper's), or 4, those of the student two rounds back (its grid holds the new one at every fourth
+# point). Round 2 keeps 2 (two rounds back is the guided model, a worse teacher for it: stop 49). With 4 the 2-call
+# student came out 0.05x and 0.07x of the floor nearer the digits with two training seeds, for 0.03 s more a step
+# (benchmarks/RESULTS.md, "Distillation", stop 51)
+TEACHER_SPANS = (2, 4)
+TEACHER_SPAN = 4
 
 
 # -- the options -------------------------------------------------------------------------------------------------
@@ -119,6 +126,12 @@ def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{flag} {value}: choose one of {', '.join(choices)}")
 
 
+def check_teacher_span(span: int) -> None:
+    if span not in TEACHER_SPANS:
+        raise ConfigError(f"--teacher-span {span}: 2 (the previous round's student) or 4 (the student two rounds "
+                          "back)")
+
+
 def check_teacher_precision(precision: str) -> None:
     _check_choice("--teacher-precision", precision, TEACHER_PRECISIONS)
 
@@ -183,6 +196,7 @@ class DistillSettings:
     # what each round writes of its student ("half", "last" or an exponential decay), for all or one per round
     student_average: str | float | list = "last"
     teacher_precision: str = "fp32"  # of the teacher's calls (TEACHER_PRECISIONS)
+    teacher_span: int = 2  # the teacher's steps a student step learns in the rounds after the second (TEACHER_SPANS)
 
     def __post_init__(self) -> None:
         if self.round_steps is None:  # written out, so that distill.json says what ran
@@ -198,6 +212,7 @@ class DistillSettings:
         check_final_weight(self.final_weight)
         check_student_average(self.student_average, len(self.rounds))
         check_teacher_precision(self.teacher_precision)
+        check_teacher_span(self.teacher_span)
         if self.weight_range is not None:
             lo, hi = self.weight_range
             if not 0 <= lo <= hi <= 100:
@@ -215,6 +230,12 @@ class DistillSettings:
             counts.append(k)
             k //= 2
         return counts
+
+    def span(self, number: int) -> int:
+        """How many teacher steps round `number` (0 first) teaches a student step: 2 in the first two rounds (the
+        guided model's, then the first student's), teacher_span after them; its teacher is the student
+        log2(span) rounds back."""
+        return 2 if number < 2 else self.teacher_span
 
     @property
     def averages(self) -> list:
@@ -238,7 +259,8 @@ class DistillSettings:
     def student(self, steps: int, teacher_text: str, data: str) -> dict:
         fixed = {k: v for k, v in self.teacher["sampling"].items() if k in ("guidance", "guide_weight")
                  and k != self.weight}
-        return Student(steps, 2 * steps, self.weight, self.weight_range, self.default_weight, fixed,
+        span = self.span(self.rounds.index(steps))
+        return Student(steps, span * steps, self.weight, self.weight_range, self.default_weight, fixed,
                        teacher_text, data, self.spacing).to_record()
 
 
@@ -253,6 +275,7 @@ def upgrade_record(saved: dict) -> dict:
         saved["student_average"] = [d or "last" for d in decays] if isinstance(decays, list) else decays or "last"
     saved.setdefault("student_average", "last")  # written before the average had a choice: the last weights
     saved.setdefault("teacher_precision", "fp32")  # written before the teacher's calls had a choice: fp32
+    saved.setdefault("teacher_span", 2)  # written before later rounds had a choice: the previous student's 2 steps
     return saved
 
 

@@ -8,19 +8,21 @@ eq. 12 with eta = 0) from index s to index t
 a round draws z_s on the student's grid, takes two teacher steps s -> m -> t (m: the teacher's grid point between),
 and asks the student for the x0 whose one DDIM step s -> t lands on the same z_t (Algorithm 2):
     x~ = (z_t - (sigma_t / sigma_s) z_s) / (alpha_t - (sigma_t / sigma_s) alpha_s),
-where the step after the grid's last index goes to the image (alpha = 1, sigma = 0, so x~ = z_t). Round 1's teacher
-(the guided model) takes each of its two steps with DPM-Solver++(2S) instead of DDIM by default (`teacher_solver`):
-a second-order step through the log-SNR midpoint, two calls of the guided model instead of one, whose targets make
-every student after it closer to the digits (benchmarks/RESULTS.md, "Distillation"). "dpmpp2s-span" is the cheap
-middle: one 2S step across the student's step through the teacher's grid point, the very calls of DDIM's two steps
-combined to second order. Later rounds' teachers are students, which were trained to be exact under DDIM, so they
-keep DDIM. The loss is the x-space MSE weighted by the truncated SNR max(alpha_s^2 / sigma_s^2, 1) (the paper's
-choice, sec. 4); the 2-step student's second step is drawn three times as often as its first by default
-(`final_weight`, DistillationObjective._positions), the paper's draw is uniform. No clipping of the teacher's
-x0 and no t off the student's grid: each costs quality (DESIGN.md's traps). The student a round writes is its last
-weights (the paper's) or, by default, the mean of its second half (distill.STUDENT_AVERAGE). The teacher's calls
-may run in bf16 (`teacher_precision`, distill.TEACHER_PRECISIONS): they make targets, take no gradient, and on a CPU
-with native bf16 cost a quarter less of a round-1 step.
+where the step after the grid's last index goes to the image (alpha = 1, sigma = 0, so x~ = z_t). A round with a
+teacher span of 4 (the rounds after the second, by default: distill_settings.TEACHER_SPAN) takes four DDIM steps of
+the student two rounds back instead of two of the previous one, and learns the same x~ from where they land. Round
+1's teacher (the guided model) takes each of its two steps with DPM-Solver++(2S) instead of DDIM by default
+(`teacher_solver`): a second-order step through the log-SNR midpoint, two calls of the guided model instead of one,
+whose targets make every student after it closer to the digits (benchmarks/RESULTS.md, "Distillation").
+"dpmpp2s-span" is the cheap middle: one 2S step across the student's step through the teacher's grid point, the very
+calls of DDIM's two steps combined to second order. Later rounds' teachers are students, which were trained to be
+exact under DDIM, so they keep DDIM. The loss is the x-space MSE weighted by the truncated SNR max(alpha_s^2 /
+sigma_s^2, 1) (the paper's choice, sec. 4); the 2-step student's second step is drawn three times as often as its
+first by default (`final_weight`, DistillationObjective._positions), the paper's draw is uniform. No clipping of the
+teacher's x0 and no t off the student's grid: each costs quality (DESIGN.md's traps). The student a round writes is
+its last weights (the paper's) or, by default, the mean of its second half (distill.STUDENT_AVERAGE). The teacher's
+calls may run in bf16 (`teacher_precision`, distill.TEACHER_PRECISIONS): they make targets, take no gradient, and on
+a CPU with native bf16 cost a quarter less of a round-1 step.
 
 Grids (samplers.student_timesteps) are diffusers' "trailing" spacing, round(T k / K) - 1 for k = K..1, uniform in t,
 or "logsnr", uniform in log-SNR from lambda(T-1) towards lambda(0) with the image as the end. Both start at T-1 and
@@ -52,21 +54,25 @@ Teacher = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Te
 # -- the grids and the maths ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Grid:
-    """A K-step student's grid: for position j the index it starts at, the teacher's index between, and the index it
-    ends at (-1: the image)."""
+    """A K-step student's grid: for position j the index it starts at, the teacher's index halfway along its step,
+    the index it ends at (-1: the image), and the teacher's path from start to end (span + 1 indices)."""
 
     start: list[int]
     middle: list[int]
     end: list[int]
+    path: list[list[int]]
 
 
-def nested_grid(schedule: NoiseSchedule, steps: int, spacing: str = "trailing") -> Grid:
-    """The student's `steps`-step grid inside its teacher's 2 * `steps`-step grid, both of `spacing`."""
-    teacher = student_timesteps(schedule, 2 * steps, spacing) + [-1]
+def nested_grid(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", span: int = 2) -> Grid:
+    """The student's `steps`-step grid inside its teacher's `span` * `steps`-step grid, both of `spacing`; `span`
+    is 2 (the previous round's student) or 4 (the student two rounds back, whose grid holds this one at every fourth
+    point)."""
+    teacher = student_timesteps(schedule, span * steps, spacing) + [-1]
     student = student_timesteps(schedule, steps, spacing) + [-1]
-    if teacher[::2] != student:  # exact rational arithmetic makes this hold for every T; a guard, not a branch
-        raise DdpmError(f"the {steps}-step grid is not inside the {2 * steps}-step grid")
-    return Grid(student[:-1], teacher[1::2], student[1:])
+    if teacher[::span] != student:  # exact rational arithmetic makes this hold for every T; a guard, not a branch
+        raise DdpmError(f"the {steps}-step grid is not inside the {span * steps}-step grid")
+    paths = [teacher[j * span:(j + 1) * span + 1] for j in range(steps)]
+    return Grid(student[:-1], teacher[span // 2::span], student[1:], paths)
 
 
 def alphas_sigmas(schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,27 +168,29 @@ def truncated_snr_weight(alpha, sigma):
 
 class DistillationObjective:
     """The Trainer's loss for one round (training.DenoisingObjective's interface): a student of `steps` steps
-    learns two steps of `teacher` (eps of (z, t, labels, weight)) on the nested grid of `spacing`, taken with
-    `solver` (one of TEACHER_SOLVERS), each sample at a weight drawn uniformly from `weight_range` (None: a student
-    without a weight input). A 2-step student's step to the image is drawn `final_weight` times as often as its
-    first (1: alike, the paper's; _positions). The teacher's calls run in `teacher_precision`: "bf16" under
-    autocast, "fp32" with autocast off (whatever the training step's)."""
+    learns `span` steps of `teacher` (eps of (z, t, labels, weight)) on the nested grid of `spacing`, taken with
+    `solver` (one of TEACHER_SOLVERS; a span of 4 steps by DDIM), each sample at a weight drawn uniformly from
+    `weight_range` (None: a student without a weight input). A 2-step student's step to the image is drawn
+    `final_weight` times as often as its first (1: alike, the paper's; _positions). The teacher's calls run in
+    `teacher_precision`: "bf16" under autocast, "fp32" with autocast off (whatever the training step's)."""
 
     draw_names = ("position", "noise", "weight")
 
     def __init__(self, teacher: Teacher, schedule: NoiseSchedule, steps: int,
                  weight_range: tuple[float, float] | None, solver: str = "ddim", spacing: str = "trailing",
-                 final_weight: float = 1.0, teacher_precision: str = "fp32"):
+                 final_weight: float = 1.0, teacher_precision: str = "fp32", span: int = 2):
         check_teacher_solver(solver)
         if teacher_precision not in ("bf16", "fp32"):
             raise ConfigError(f"teacher precision {teacher_precision}: bf16 or fp32")
+        if span not in (2, 4) or (span != 2 and solver != "ddim"):
+            raise ConfigError(f"a teacher span of {span} with {solver}: 2 steps with any solver, or 4 DDIM steps")
         self.teacher, self.schedule, self.steps, self.weight_range = teacher, schedule, steps, weight_range
         self.solver, self.final_weight, self.teacher_precision = solver, final_weight, teacher_precision
-        self.grid = nested_grid(schedule, steps, spacing)
+        self.grid = nested_grid(schedule, steps, spacing, span)
         alpha, sigma = alphas_sigmas(schedule)
         device = schedule.betas.device
         self.index = {name: torch.tensor(getattr(self.grid, name), device=device)
-                      for name in ("start", "middle", "end")}
+                      for name in ("start", "middle", "end", "path")}
         self.alpha = alpha.to(device=device, dtype=torch.float32)
         self.sigma = sigma.to(device=device, dtype=torch.float32)
 
@@ -209,10 +217,9 @@ class DistillationObjective:
         return self.alpha[index].view(shape), self.sigma[index].view(shape)
 
     def losses(self, net, x0: torch.Tensor, labels: torch.Tensor | None, draws: dict[str, torch.Tensor]):
-        start, middle, end = (self.index[name][draws["position"]] for name in ("start", "middle", "end"))
+        start, middle, end, path = (self.index[name][draws["position"]] for name in ("start", "middle", "end", "path"))
         weight = draws["weight"] if self.weight_range is not None else None
         a_s, s_s = self._coefficients(start, x0.ndim)
-        a_m, s_m = self._coefficients(middle, x0.ndim)
         a_t, s_t = self._coefficients(end, x0.ndim)
         z_s = a_s * x0 + s_s * draws["noise"].to(x0.dtype)
         bf16 = self.teacher_precision == "bf16"
@@ -226,9 +233,11 @@ class DistillationObjective:
             elif self.solver == "dpmpp2s-span":
                 z_t = dpmpp_2s_span(lambda z, index: self.teacher(z, index, labels, weight).float(), z_s, start,
                                     middle, end, self.alpha, self.sigma)
-            else:
-                z_m = ddim_step(z_s, self.teacher(z_s, start, labels, weight).float(), a_s, s_s, a_m, s_m)
-                z_t = ddim_step(z_m, self.teacher(z_m, middle, labels, weight).float(), a_m, s_m, a_t, s_t)
+            else:  # DDIM along the teacher's path: start -> middle -> end, or four steps with a span of 4
+                z_t = z_s
+                for i in range(path.shape[1] - 1):
+                    (a_i, s_i), (a_j, s_j) = (self._coefficients(path[:, k], x0.ndim) for k in (i, i + 1))
+                    z_t = ddim_step(z_t, self.teacher(z_t, path[:, i], labels, weight).float(), a_i, s_i, a_j, s_j)
             target = student_target(z_s, z_t, a_s, s_s, a_t, s_t)
         output = net(z_s, start, labels, weight=weight) if weight is not None else net(z_s, start, labels)
         x0_student = predicted_x0(self.schedule.prediction, z_s, output.float(), a_s, s_s)

@@ -61,6 +61,8 @@ def _add_round_flags(a) -> None:
         START_STEPS,
         STUDENT_AVERAGE,
         TEACHER_PRECISIONS,
+        TEACHER_SPAN,
+        TEACHER_SPANS,
     )
     from ..distill_target import TEACHER_SOLVERS
     from ..samplers import STUDENT_SPACINGS
@@ -84,6 +86,10 @@ def _add_round_flags(a) -> None:
       "last = its last weights (the paper's), or a decay D = their exponential average (0 = last); one for every "
       "round or one "
       "per round (e.g. last,last,half) (default: half; measured: benchmarks/RESULTS.md, \"Distillation\")")
+    a("--teacher-span", type=int, choices=TEACHER_SPANS, default=TEACHER_SPAN, help="in the rounds after the "
+      "second, how many DDIM steps of its teacher one student step learns: 4 of the student two rounds back (twice "
+      "the calls of 2, nearer the digits: benchmarks/RESULTS.md, \"Distillation\") or 2 of the previous round's "
+      "student (the paper's)")
     a("--teacher-precision", choices=TEACHER_PRECISIONS, default="auto", help="the teacher's calls (targets, no "
       "gradient) in bf16 or fp32; auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
 
@@ -127,7 +133,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         result = distill(Path(args.model), steps=args.steps, start_steps=args.start_steps,
                          round_steps=args.round_steps, teacher_solver=args.teacher_solver, spacing=args.spacing,
                          final_weight=args.final_weight, student_average=args.student_average,
-                         teacher_precision=args.teacher_precision, amp=args.amp,
+                         teacher_precision=args.teacher_precision, teacher_span=args.teacher_span, amp=args.amp,
                          weight_range=args.weight_range, batch_size=args.batch_size,
                          lr=args.lr, data=args.data, out=args.out, device=args.device, seed=args.seed,
                          resume=args.resume, if_exists=args.resume_if_exists, progress=not args.quiet, stop=stop,
