@@ -31,6 +31,10 @@ def rows_of(model, schedule, settings, evaluator, eval_dir: Path, args, guide=No
     return per_seed
 
 
+def mean_fd(per_seed: list[dict]) -> float:
+    return statistics.mean(row["classifier_fd"] for row in per_seed)
+
+
 def table_row(name: str, per_seed: list[dict], floor: dict, n: int) -> str:
     def mean(key):
         return statistics.mean(row[key] for row in per_seed)
@@ -69,6 +73,8 @@ def main() -> None:
                            run / "eval" / "distill_teacher", args, guide=teacher.guide, guide_id="runguide")
         for i, (name, _) in enumerate(teacher_rows):
             lines.append(table_row(name, [rows[i] for rows in per_seed], floor, args.n))
+        default_fd = mean_fd([rows[0] for rows in per_seed])
+    ratios = []  # the budgets are multiples of the teacher default's distance, to the fourth decimal
     students = Path(args.students) if args.students else run / "distilled"
     for folder in sorted(students.glob("steps_*"), key=lambda p: -int(p.name.split("_")[1])):
         student = open_model(folder, "cpu")
@@ -76,6 +82,10 @@ def main() -> None:
         per_seed = rows_of(student.model, student.schedule, [sampling], evaluator, folder / "eval", args)
         lines.append(table_row(f"student {folder.name} (g={args.weight:g})", [rows[0] for rows in per_seed], floor,
                                args.n))
+        ratios.append(f"{folder.name} {mean_fd([rows[0] for rows in per_seed]) / default_fd:.4f}"
+                      if not args.no_teacher else "")
+    if not args.no_teacher:
+        lines += ["", "classifier FD / the teacher default's: " + ", ".join(ratios)]
     print("\n".join(lines))
 
 

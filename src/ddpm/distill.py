@@ -113,10 +113,9 @@ def _run_config(run: Path) -> RunConfig:
 
 def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
             round_steps: int | list[int] | None = None, teacher_solver: str = TEACHER_SOLVERS[0],
-            spacing: str = "auto", final_weight: float = FINAL_STEP_WEIGHT,
+            spacing: str = "auto", final_weight: float = FINAL_STEP_WEIGHT, teacher_span: int = TEACHER_SPAN,
             student_average: str | float | list = STUDENT_AVERAGE, teacher_precision: str = "auto",
-            teacher_span: int = TEACHER_SPAN, weight_range: tuple[float, float] | None = None,
-            batch_size: int | None = None, lr: float = LEARNING_RATE,
+            weight_range: tuple[float, float] | None = None, batch_size: int | None = None, lr: float = LEARNING_RATE,
             data: str | None = None, out: Path | str | None = None, device: str | None = None,
             seed: int = 0, resume: bool = False, if_exists: bool = False, progress: bool = True, stop=None,
             time_limit: float | None = None, checkpoint_every: int | None = None, log_every: int = 25,
@@ -127,20 +126,16 @@ def distill(run: Path | str, *, steps: int = 2, start_steps: int = START_STEPS,
     of start_steps / 2, / 4, ... `steps` steps, `round_steps` optimizer steps a round, on the nested grids of
     `spacing` (resolve_spacing), each written to RUN/distilled/steps_K/ (a model folder with a "student" record,
     its grid included); the rounds after the second learn `teacher_span` steps of their teacher
-    (DistillSettings.span). Training is the Trainer's: checkpoints, resume,
-    the graceful stop, --time-limit, torchrun and the log come with it. `eval_n`: images scored at each round's end
-    into the log (see _score_student); None = the teacher run's --eval-n when it evaluated while training, else 0."""
+    (DistillSettings.span). Training is the Trainer's: checkpoints, resume, the graceful stop, --time-limit, torchrun
+    and the log come with it. `eval_n`: images scored at each round's end into the log (see _score_student); None =
+    the teacher run's --eval-n when it evaluated while training, else 0."""
 
     run = Path(run)
-    if data is not None and not data.strip():
-        raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
+    _check_options(teacher_solver, spacing, final_weight, eval_n, checkpoint_every, teacher_precision, teacher_span,
+                   amp, data)
     _check_not_a_distillation(run)
     rounds = check_rounds(steps, start_steps, round_steps)  # before anything is opened (a rebuild writes its cache)
     check_student_average(student_average, rounds)
-    check_teacher_precision(teacher_precision)
-    check_teacher_span(teacher_span)
-    check_student_amp(amp)
-    _check_options(teacher_solver, spacing, final_weight, eval_n, checkpoint_every)
     opened = open_model(run, device, warn=warn, **source_flags)
     if start_steps > len(opened.schedule):
         raise ConfigError(f"--start-steps {start_steps} is more than the model's {len(opened.schedule)} timesteps")
@@ -189,9 +184,15 @@ def _check_not_a_distillation(run: Path) -> None:
 
 
 def _check_options(teacher_solver: str, spacing: str, final_weight: float, eval_n: int | None,
-                   checkpoint_every: int | None) -> None:
+                   checkpoint_every: int | None, teacher_precision: str, teacher_span: int, amp: str,
+                   data: str | None) -> None:
     """distill()'s flags that need no model, checked before anything is opened."""
+    if data is not None and not data.strip():
+        raise ConfigError("--data is empty; give an image folder, a CIFAR-10 folder, mnist or photos")
     check_teacher_solver(teacher_solver)
+    check_teacher_precision(teacher_precision)
+    check_teacher_span(teacher_span)
+    check_student_amp(amp)
     check_final_weight(final_weight)
     if spacing != "auto":
         check_spacing(spacing)
