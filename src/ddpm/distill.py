@@ -309,13 +309,14 @@ def _existing(folder: Path, settings: DistillSettings, resume: bool, if_exists: 
     return load_latest_state(folder)
 
 
-def _round_teacher(settings: DistillSettings, opened, previous: tuple | None) -> Teacher:
-    """Round 0's teacher (`previous` None) is the guided model; each later round's is the previous round's student,
-    `previous` = (its network, its schedule) as read from its folder, frozen."""
+def _round_teacher(settings: DistillSettings, opened, student: tuple | None) -> Teacher:
+    """Round 0's teacher (`student` None) is the guided model; each later round's is an earlier round's student (the
+    previous one, or two rounds back with a span of 4: DistillSettings.span), `student` = (its network, its schedule)
+    as read from its folder, frozen."""
     sampling = SamplingConfig(**{**settings.teacher["sampling"], "guidance_interval": _interval(settings)})
-    if previous is None:
+    if student is None:
         return denoiser_teacher(opened.model, opened.schedule, sampling, opened.guide, settings.weight)
-    model, schedule = previous
+    model, schedule = student
     teacher, _ = configure_for_speed(frozen(model))  # channels_last: a tenth faster a call (sampling's layout)
     return denoiser_teacher(teacher, schedule, sampling, None, settings.weight)
 

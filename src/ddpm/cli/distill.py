@@ -15,7 +15,8 @@ def add_distill_parser(sub) -> None:
     d = sub.add_parser("distill", formatter_class=common.HelpFormatter,
                        help="distil a run into a student that draws in 1, 2 or 4 calls (progressive distillation)",
                        description="Guided progressive distillation (Salimans & Ho 2022; Meng et al. 2023): each round "
-                                   "trains a student to take in one DDIM step what its teacher takes in two, with the "
+                                   "trains a student to take in one DDIM step what its teacher takes in two (in the "
+                                   "rounds after the second four, of the student two rounds back), with the "
                                    "guidance weight as its input, and writes RUN/distilled/steps_K. The teacher is "
                                    "what ddpm sample draws with the same source flags; with --guide none the student "
                                    "learns classifier-free guidance's w, with a guide the guide weight g.")
