@@ -96,6 +96,21 @@ def test_bad_sampling_values_get_one_line_and_write_nothing(model_dir, tmp_path,
     assert not list(out.glob("*.png")) if out.exists() else True
 
 
+def test_per_class_under_the_limit_but_over_it_for_the_models_classes_is_one_line(model_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    # bug caught: only --per-class itself checked against the limit (before the model says how many classes it has),
+    # so 4,000,000 per class of 3 classes went on to draw 12 million images instead of one line
+    import ddpm.cli.sample as cli
+
+    def drew(*args, **kwargs):
+        raise AssertionError("it went on to draw the images")
+
+    monkeypatch.setattr(cli, "sample_batches", drew)
+    assert main(["sample", str(model_dir), "--out", str(tmp_path / "s"), "--per-class", "4000000", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "12,000,000 images asked for, more than the 10,000,000" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_only_package_errors_become_one_line_anything_else_keeps_its_traceback(model_dir, tmp_path, monkeypatch):
     import ddpm.cli.sample as cli
 
