@@ -1,5 +1,6 @@
 """Distributed equivalence, crash safety, and bad input: each with a clear error and nothing lost."""
 import errno
+import json
 import os
 import signal
 import sys
@@ -14,6 +15,7 @@ from PIL import Image
 from ddpm import ModelConfig, RunConfig, RuntimeConfig, TrainConfig
 from ddpm.checkpoint import CheckpointError, ema_states, latest_checkpoint, load_training_state
 from ddpm.cli import main
+from ddpm.monitor import LossLogger
 from ddpm.training import TrainingDiverged, train
 from helpers import TINY_TRAIN_ARGS, Child, checkpoint_step, free_port, logged
 
@@ -37,17 +39,33 @@ def _ddp_worker(rank, world, port, out, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    counted = []
+    LossLogger.add = counting_add(counted)  # this process ends with the run
     result = train(tiny_run(out, device="cpu", log_every=1), progress=False)
     torch.save(result.model.state_dict(), Path(result_dir) / f"rank{rank}.pt")
+    (Path(result_dir) / f"images{rank}.json").write_text(json.dumps(counted))
+
+
+def counting_add(counted: list, real_add=LossLogger.add):
+    """LossLogger.add that also appends the images each training step hands the log's images/s to `counted`."""
+    def add(self, per_sample, t, images):
+        counted.append(images)
+        return real_add(self, per_sample, t, images)
+
+    return add
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2,
                                 join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # DDP keeps the ranks identical
+    counted = []
+    monkeypatch.setattr(LossLogger, "add", counting_add(counted))
     single = train(tiny_run(tmp_path / "single", device="cpu", log_every=1), progress=False).model.state_dict()
+    # train/images_per_sec counts the global batch's images: 8 a step on one process and on two (4 each), not 4
+    assert json.loads((tmp_path / "images0.json").read_text()) == counted == [8, 8, 8]
     for k in single:
         torch.testing.assert_close(rank0[k], single[k], atol=1e-5, rtol=1e-4)
     assert (tmp_path / "ddp" / "latest").is_file()  # rank 0 wrote the checkpoint
