@@ -801,7 +801,9 @@ def test_ddpm_sample_draws_a_student_in_k_calls_and_names_it(students, tmp_path,
                  "--quiet"]) == 0
     assert counted == [3] * calls
     out = capsys.readouterr().out
-    assert f"(student, {calls} steps = {calls} calls of a {calls}-call student (g 1-4)" in out and "g=2.6" in out
+    plural = "" if calls == 1 else "s"
+    assert (f"(student, {calls} step{plural} = {calls} call{plural} of a {calls}-call student (g 1-4)" in out
+            and "g=2.6" in out)
 
 
 def test_a_distillations_folder_draws_as_its_student_of_fewest_calls(students, tmp_path, monkeypatch, capsys):
@@ -815,7 +817,7 @@ def test_a_distillations_folder_draws_as_its_student_of_fewest_calls(students, t
         counted = count_calls(monkeypatch)
         assert main(["sample", str(folder), "--labels", "0,1,2", "--out", str(tmp_path / folder.name), "--quiet"]) == 0
         assert counted == [3]  # steps_1, the last round's
-        assert "(student, 1 steps = 1 calls of a 1-call student (g 1-4)" in capsys.readouterr().out
+        assert "(student, 1 step = 1 call of a 1-call student (g 1-4)" in capsys.readouterr().out
     started = tmp_path / "started"  # a distillation whose first round has not ended
     started.mkdir()
     shutil.copy(students / "distill.json", started / "distill.json")

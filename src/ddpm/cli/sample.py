@@ -113,8 +113,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     grid = save_grid(torch.cat(images), out / "grid.png", nrow=nrow, upscale=upscale)
     guided = guide is not None and sampling.guide_weight != 1
     student = opened.student
-    print(f"{n} images ({sampling.sampler}, {steps_total} steps"
-          + (f" = {steps_total} calls of {student.describe()} of {student.teacher}, "
+    print(f"{_count(n, 'image')} ({sampling.sampler}, {_count(steps_total, 'step')}"
+          + (f" = {_count(steps_total, 'call')} of {student.describe()} of {student.teacher}, "
              f"{'g' if student.weight == 'guide_weight' else 'w'}="
              f"{getattr(sampling, student.weight):g}" if student is not None and student.weight else "")
           + (f", classifier-free guidance w={sampling.guidance:g}" if labels is not None and student is None else "")
@@ -126,6 +126,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _save_process(frames, out, upscale)
     print(f"grid: {grid}")
     return 0
+
+
+def _count(k: int, noun: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{k} {noun}{'' if k == 1 else 's'}"
 
 
 def _save_process(frames, out: Path, upscale: int) -> None:
