@@ -41,7 +41,7 @@ def last_student(folder: Path) -> Path | None:
 @dataclass(frozen=True)
 class Student:
     steps: int  # the calls it was distilled to take, on samplers.student_timesteps(schedule, steps, spacing)
-    teacher_steps: int  # its teacher's DDIM steps (2 x steps)
+    teacher_steps: int  # its teacher's DDIM steps (2 or, with a teacher span of 4, 4 x steps)
     weight: str | None  # the guidance weight it takes: "guide_weight" (g), "guidance" (w), or None
     weight_range: tuple[float, float] | None  # the weights it was trained over
     default_weight: float | None  # what it draws at when no flag gives a weight (its teacher's default)
