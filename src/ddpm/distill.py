@@ -233,9 +233,11 @@ def run_rounds(trainer, settings: DistillSettings, opened, folder: Path, monitor
             written.append(student_dir(folder, steps))
             continue
         span = settings.span(number)
-        teacher = _round_teacher(settings, opened, None if number == 0 else _student(folder, steps * span, trainer))
-        if number and trainer.step_count == settings.round_ends[number - 1]:  # from the previous round's student
-            _start_from(trainer, _student(folder, 2 * steps, trainer)[0])
+        previous = _student(folder, 2 * steps, trainer) if number else None  # the student this round starts from
+        taught_by = previous if span == 2 else _student(folder, span * steps, trainer)
+        teacher = _round_teacher(settings, opened, taught_by)
+        if previous is not None and trainer.step_count == settings.round_ends[number - 1]:
+            _start_from(trainer, previous[0])
         if trainer.ema is not None:  # rank 0's; resumed mid-round too
             _set_average(trainer.ema, settings, number, trainer.step_count)
         solver = settings.teacher_solver if number == 0 else "ddim"  # a student is exact under DDIM

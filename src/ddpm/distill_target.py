@@ -54,13 +54,23 @@ Teacher = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Te
 # -- the grids and the maths ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Grid:
-    """A K-step student's grid: for position j the index it starts at, the teacher's index halfway along its step,
-    the index it ends at (-1: the image), and the teacher's path from start to end (span + 1 indices)."""
+    """A K-step student's grid: for each position j the teacher's path from the index the student's step starts at
+    to the index it ends at (-1: the image), span + 1 indices."""
 
-    start: list[int]
-    middle: list[int]
-    end: list[int]
     path: list[list[int]]
+
+    @property
+    def start(self) -> list[int]:
+        return [p[0] for p in self.path]
+
+    @property
+    def middle(self) -> list[int]:
+        """The teacher's index halfway along each step (with a span of 2, the one between)."""
+        return [p[len(p) // 2] for p in self.path]
+
+    @property
+    def end(self) -> list[int]:
+        return [p[-1] for p in self.path]
 
 
 def nested_grid(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", span: int = 2) -> Grid:
@@ -71,8 +81,7 @@ def nested_grid(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", 
     student = student_timesteps(schedule, steps, spacing) + [-1]
     if teacher[::span] != student:  # exact rational arithmetic makes this hold for every T; a guard, not a branch
         raise DdpmError(f"the {steps}-step grid is not inside the {span * steps}-step grid")
-    paths = [teacher[j * span:(j + 1) * span + 1] for j in range(steps)]
-    return Grid(student[:-1], teacher[span // 2::span], student[1:], paths)
+    return Grid([teacher[j * span:(j + 1) * span + 1] for j in range(steps)])
 
 
 def alphas_sigmas(schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
